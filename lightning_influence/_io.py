@@ -1,0 +1,102 @@
+"""Atomic, pickle-free persistence shared by results and factors.
+
+Everything is written as ``safetensors`` (tensors) plus ``meta.json`` (everything else) inside a
+directory that appears under its final name only once complete: a process killed mid-write leaves
+a hidden temporary directory behind, never a half-written result.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, Mapping, Union
+
+import torch
+
+PathLike = Union[str, "os.PathLike[str]"]
+META_FILE = "meta.json"
+TENSOR_FILE = "tensors.safetensors"
+
+
+class FormatError(ValueError):
+    """A file or directory is missing, corrupted, or not what the loader expected."""
+
+
+@contextmanager
+def atomic_directory(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``path`` when the block exits without error."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        for child in tmp.iterdir():  # make the contents durable before the rename publishes them
+            with open(child, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():
+            # Move the old version aside first so the final name never points at a mix of both.
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: PathLike, payload: Mapping[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(payload, fh, indent=2, sort_keys=True, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "item"):  # numpy scalars
+        return value.item()
+    return str(value)
+
+
+def read_meta(directory: PathLike, expected_format: str) -> Dict[str, Any]:
+    """Read ``meta.json`` and check that it describes an object of ``expected_format``."""
+    meta_path = Path(directory) / META_FILE
+    if not Path(directory).is_dir():
+        raise FormatError(f"{directory}: no such directory (expected a saved {expected_format})")
+    if not meta_path.is_file():
+        raise FormatError(f"{directory}: no {META_FILE}; not a saved {expected_format} or incomplete")
+    try:
+        with open(meta_path, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise FormatError(f"{meta_path}: corrupted JSON ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != expected_format:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise FormatError(f"{directory}: holds {found!r}, expected a {expected_format!r}")
+    return meta
+
+
+def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+
+
+def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FormatError(f"{path}: missing tensor file")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FormatError(f"{path}: corrupted or not a safetensors file ({err})") from err
