@@ -1,0 +1,1 @@
+"""Sinks for influence results: plots, files on disk, W&B and other Lightning loggers."""
