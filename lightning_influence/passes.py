@@ -1,0 +1,135 @@
+"""The engine's own forward/backward passes over data: batching, device placement, eval mode, and
+the pseudo-gradients of each Fisher kind. Shared by factor fitting and scoring."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_influence.tasks import Task
+from lightning_influence.tracking import LayerTracker, TrackedLayer
+
+
+def as_loader(data: Any, batch_size: int) -> DataLoader:
+    """A Dataset becomes a sequential DataLoader; a DataLoader is used as given (order must be
+    deterministic for example ids to mean dataset indices)."""
+    if isinstance(data, DataLoader):
+        return data
+    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
+        if not hasattr(data, "__len__"):
+            raise TypeError(f"{type(data).__name__} has no __len__; pass a map-style Dataset or a DataLoader")
+        return DataLoader(data, batch_size=batch_size, shuffle=False)
+    raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
+
+
+def num_examples(data: Any) -> int:
+    loader_or_data = data.dataset if isinstance(data, DataLoader) else data
+    if not hasattr(loader_or_data, "__len__"):
+        raise TypeError(f"{type(loader_or_data).__name__} has no __len__; influence needs a sized dataset")
+    return len(loader_or_data)
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        moved = [to_device(v, device) for v in batch]
+        return type(batch)(moved) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else moved
+    return batch
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for param in model.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode with gradients enabled (even inside ``inference_mode``); restores each module's
+    train flag and every buffer afterwards, so the engine's passes never perturb training."""
+    flags = {m: m.training for m in model.modules()}
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    model.eval()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            yield
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+
+
+def progress(iterable, total: Optional[int], desc: str, enabled: bool):
+    """Wrap in a tqdm bar (the library behind Lightning's own progress bar) when enabled."""
+    if not enabled:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm ships with Lightning
+        return iterable
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def forward(model: nn.Module, task: Task, batch: Any, tracker: LayerTracker) -> Tensor:
+    """Run the task's forward with the tracker recording; returns the model outputs."""
+    with tracker.capture(task.token_mask(batch)):
+        outputs = task.forward(model, batch)
+    tracker.check_single_calls()
+    return outputs
+
+
+def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional[Tensor] = None,
+                    retain_graph: bool = False) -> List[Tensor]:
+    """Gradients of ``target`` w.r.t. each tracked layer's output, as ``[B, T, d_out]`` (masked).
+
+    Uses ``torch.autograd.grad`` on the layer outputs: no parameter gradient is formed and no
+    ``.grad`` attribute is touched. A layer the target does not depend on gets zeros.
+    """
+    outputs = tracker.outputs()
+    grads = torch.autograd.grad(target, outputs, grad_outputs=grad_output, retain_graph=retain_graph,
+                                allow_unused=True)
+    result = []
+    for layer, out, grad in zip(tracker.layers, outputs, grads):
+        grad = torch.zeros_like(out) if grad is None else grad
+        result.append(tracker.masked(layer.output_gradients(grad), tracker.token_mask))
+    return result
+
+
+def fisher_gradients(outputs: Tensor, task: Task, batch: Any, tracker: LayerTracker, fisher: str,
+                     generator: torch.Generator, num_samples: int = 1) -> Iterator[Tuple[float, List[Tensor]]]:
+    """Yield ``(weight, per-layer gradients)`` whose weighted outer products average to the
+    curvature: the empirical Fisher (real targets), the true Fisher (``num_samples`` sampled
+    targets, weight ``1/num_samples``), or the exact Gauss-Newton (one backward per column of the
+    output Hessian's square root)."""
+    if fisher == "empirical":
+        yield 1.0, layer_gradients(task.loss_from_outputs(outputs, batch).sum(), tracker)
+    elif fisher == "true":
+        for sample in range(num_samples):
+            loss = task.sample_loss_from_outputs(outputs, batch, generator).sum()
+            yield 1.0 / num_samples, layer_gradients(loss, tracker, retain_graph=sample < num_samples - 1)
+    else:
+        columns = task.output_hessian_sqrt(outputs, batch)
+        for index, column in enumerate(columns):
+            yield 1.0, layer_gradients(outputs, tracker, grad_output=column.to(outputs.dtype),
+                                       retain_graph=index < len(columns) - 1)
+
+
+def token_count(acts: Tensor, mask: Optional[Tensor]) -> float:
+    """Real tokens in a layer's activations ``[B, T, d]`` (padding excluded when the mask applies)."""
+    if mask is None or mask.shape[1] != acts.shape[1]:
+        return float(acts.shape[0] * acts.shape[1])
+    return float(mask.sum())
+
+
+def layer_activations(tracker: LayerTracker) -> Sequence[Tuple[TrackedLayer, Tensor]]:
+    return [(layer, tracker.activations(layer)) for layer in tracker.layers]

@@ -1,0 +1,266 @@
+"""Pairwise influence scores: precondition the query gradients once, then stream training batches.
+
+For training example ``z`` and query ``q`` (design.md): ``score = ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` with
+the default measurement, computed per layer (block-diagonal ``G``) and summed. Per layer the
+contraction with a batch of training examples is done one of three ways, whichever costs fewer
+FLOPs: materialising per-example gradients ``ΔW_n = Σ_t g_t a_tᵀ`` and taking one matrix product
+with all preconditioned queries, or contracting activations and output gradients directly (with
+the dense or the rank-r preconditioned queries) — the only way that yields per-token scores.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence import passes
+from lightning_influence.factors import Factors, fit_factors, per_example_gradients
+from lightning_influence.results import InfluenceResult
+from lightning_influence.tasks import Task
+from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
+
+# Bound on the elements of one intermediate tensor in the direct contraction.
+_CHUNK_ELEMENTS = 2**24
+Damping = Union[None, float, Dict[str, float]]
+
+
+class PreconditionedQueries:
+    """``(G_ℓ + λ_ℓ I)⁻¹ ∇ℓ(q)`` per layer, dense ``[Q, d_out, d_in]`` or as a rank-r factorisation
+    ``left [Q, d_out, r] @ right [Q, d_in, r]ᵀ`` (truncated SVD in float64, as in the paper)."""
+
+    def __init__(self, dense: Dict[str, Tensor], rank: Optional[int] = None) -> None:
+        self.rank = rank
+        self.dense: Dict[str, Tensor] = {}
+        self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = {}
+        for name, grads in dense.items():
+            if rank is None or rank >= min(grads.shape[1:]):
+                self.dense[name] = grads  # the factorisation would not be smaller: keep it exact
+            else:
+                u, s, vh = torch.linalg.svd(grads.double(), full_matrices=False)
+                left = (u[:, :, :rank] * s[:, None, :rank]).to(grads.dtype)
+                self.low_rank[name] = (left, vh[:, :rank, :].transpose(1, 2).to(grads.dtype))
+
+    @property
+    def num_queries(self) -> int:
+        for grads in self.dense.values():
+            return grads.shape[0]
+        for left, _ in self.low_rank.values():
+            return left.shape[0]
+        return 0
+
+    def dense_for(self, name: str) -> Tensor:
+        if name in self.dense:
+            return self.dense[name]
+        left, right = self.low_rank[name]
+        return left @ right.transpose(1, 2)
+
+
+def _cost_materialised(batch: int, tokens: int, d_out: int, d_in: int, queries: int) -> int:
+    return batch * d_out * d_in * (tokens + queries)
+
+
+def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int, rank: Optional[int]) -> int:
+    if rank is not None:
+        return batch * tokens * queries * rank * (d_out + d_in + 1)
+    return batch * tokens * queries * d_in * (d_out + 1)
+
+
+def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, grads: Tensor,
+             per_token: bool) -> Tensor:
+    """One layer's scores for a batch: ``[Q, B]``, or ``[Q, B, T]`` with ``per_token``."""
+    batch, tokens, d_out = grads.shape
+    d_in = acts.shape[-1]
+    n_query = queries.num_queries
+    low_rank = queries.low_rank.get(layer.name)
+    rank = low_rank[0].shape[-1] if low_rank is not None else None
+    direct = per_token or _cost_direct(batch, tokens, d_out, d_in, n_query, rank) <= _cost_materialised(
+        batch, tokens, d_out, d_in, n_query)
+    if not direct:
+        dense = queries.dense_for(layer.name).to(grads.dtype)
+        example_grads = per_example_gradients(acts, grads)
+        return dense.flatten(1) @ example_grads.flatten(1).T
+    flat_grads = grads.reshape(batch * tokens, d_out)
+    flat_acts = acts.reshape(batch * tokens, d_in)
+    width = (rank if rank is not None else d_in)
+    step = max(1, _CHUNK_ELEMENTS // max(1, batch * tokens * width))
+    chunks = []
+    for start in range(0, n_query, step):
+        stop = min(n_query, start + step)
+        if low_rank is not None:
+            left, right = (t[start:stop].to(grads.dtype) for t in low_rank)
+            # [BT, d_out] @ [d_out, q*r] and [BT, d_in] @ [d_in, q*r]: two GEMMs, then sum over r.
+            projected_g = flat_grads @ left.permute(1, 0, 2).reshape(d_out, -1)
+            projected_a = flat_acts @ right.permute(1, 0, 2).reshape(d_in, -1)
+            token_scores = (projected_g * projected_a).view(batch, tokens, stop - start, -1).sum(-1)
+        else:
+            dense = queries.dense[layer.name][start:stop].to(grads.dtype)
+            projected = flat_grads @ dense.permute(1, 0, 2).reshape(d_out, -1)  # [BT, q*d_in]
+            token_scores = (projected.view(batch * tokens, stop - start, d_in) * flat_acts.unsqueeze(1)).sum(-1)
+            token_scores = token_scores.view(batch, tokens, stop - start)
+        chunks.append(token_scores.permute(2, 0, 1))
+    token_scores = torch.cat(chunks, 0)  # [Q, B, T]
+    return token_scores if per_token else token_scores.sum(-1)
+
+
+def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: LayerTracker, batch_size: int,
+                              use_measurement: bool, desc: str, show_progress: bool
+                              ) -> Iterator[Tuple[Any, List[Tensor], List[Tensor]]]:
+    """Per batch: ``(batch, activations, output gradients)`` per tracked layer, of each example's
+    loss (training data) or of minus its measurement (queries)."""
+    device = passes.model_device(model)
+    loader = passes.as_loader(data, batch_size)
+    for batch in passes.progress(loader, len(loader), desc, show_progress):
+        batch = passes.to_device(batch, device)
+        with passes.evaluation_mode(model), tracker:
+            with tracker.capture(task.token_mask(batch)):
+                target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
+            tracker.check_single_calls()
+            acts = [acts for _, acts in passes.layer_activations(tracker)]
+            grads = passes.layer_gradients(target.sum(), tracker)
+        yield batch, acts, grads
+
+
+def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
+                         layers: Sequence[TrackedLayer], damping: Damping = None, query_rank: Optional[int] = None,
+                         batch_size: int = 32, show_progress: bool = False) -> PreconditionedQueries:
+    """Gradients of minus each query's measurement, preconditioned layer by layer."""
+    tracker = LayerTracker(layers)
+    collected: Dict[str, List[Tensor]] = {layer.name: [] for layer in layers}
+    for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
+                                                    "query gradients", show_progress):
+        for layer, act, grad in zip(layers, acts, grads):
+            collected[layer.name].append(per_example_gradients(act, grad).detach())
+    dense = {name: factors.precondition(name, torch.cat(chunks), damping) for name, chunks in collected.items()}
+    return PreconditionedQueries(dense, query_rank)
+
+
+def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data: Any,
+                      factors: Optional[Factors] = None, damping: Damping = None, *,
+                      per_layer: bool = False, per_token: bool = False, query_rank: Optional[int] = None,
+                      self_influence: bool = False, batch_size: int = 32,
+                      train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
+                      show_progress: bool = False) -> InfluenceResult:
+    """Influence of every training example on every query.
+
+    Args:
+        model: the model whose weights the scores describe.
+        task: per-example loss and query measurement.
+        train_data: candidate pool (Dataset or DataLoader with a deterministic order).
+        query_data: queries (Dataset or DataLoader).
+        factors: from :func:`fit_factors` (default: fitted now on ``train_data`` with EK-FAC).
+        damping: ``None`` for the per-layer heuristic 0.1 × mean eigenvalue, a float for an
+            absolute λ, or a dict ``{layer: λ}``.
+        per_layer: also return ``layer_scores [L, Q, N]`` (they sum to ``scores``).
+        per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
+            with ``Q·N·T``: use on small pools or subsets.
+        query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
+        self_influence: also return ``self_scores [N]`` (each training example on itself).
+        batch_size: batch size for Datasets.
+        train_ids, query_ids: dataset indices to record (default ``0..N-1``).
+        show_progress: show progress bars.
+    """
+    if query_rank is not None and query_rank < 1:
+        raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    timings: Dict[str, float] = {}
+    started = time.perf_counter()
+    if factors is None:
+        factors = fit_factors(model, task, train_data, batch_size=batch_size, show_progress=show_progress)
+        timings["fit_factors"] = time.perf_counter() - started
+    layers = layers_by_name(model, factors.layer_names)
+    lambdas = {layer.name: factors.damping(layer.name, damping) for layer in layers}
+    if any(value < 0 for value in lambdas.values()):
+        raise ValueError(f"damping must be non-negative, got {lambdas}")
+    device = passes.model_device(model)
+    factors = factors.to(device)
+
+    stage = time.perf_counter()
+    queries = precondition_queries(model, task, query_data, factors, layers, lambdas, query_rank, batch_size,
+                                   show_progress)
+    timings["queries"] = time.perf_counter() - stage
+
+    stage = time.perf_counter()
+    layer_chunks: List[Tensor] = []
+    token_chunks: List[Tensor] = []
+    mask_chunks: List[Tensor] = []
+    self_chunks: List[Tensor] = []
+    tracker = LayerTracker(layers)
+    for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
+                                                        "influence", show_progress):
+        with torch.no_grad():
+            per_layer_scores = [contract(queries, layer, act, grad, per_token)
+                                for layer, act, grad in zip(layers, acts, grads)]
+            if per_token:
+                _check_token_axes(layers, acts)
+                token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
+                mask = task.token_mask(batch)
+                mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
+                per_layer_scores = [s.sum(-1) for s in per_layer_scores]
+            layer_chunks.append(torch.stack(per_layer_scores).float().cpu())
+            if self_influence:
+                self_chunks.append(sum(
+                    factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                    for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+    timings["train"] = time.perf_counter() - stage
+
+    layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N]
+    n_train, n_query = layer_scores.shape[2], layer_scores.shape[1]
+    extra: Dict[str, Tensor] = {}
+    if per_layer:
+        extra["layer_scores"] = layer_scores
+    if per_token:
+        extra["token_scores"], extra["token_mask"] = _pad_tokens(token_chunks, mask_chunks)
+    if self_influence:
+        extra["self_scores"] = torch.cat(self_chunks)
+    return InfluenceResult(
+        scores=layer_scores.double().sum(0).float(),
+        train_ids=torch.as_tensor(train_ids).long() if train_ids is not None else torch.arange(n_train),
+        query_ids=torch.as_tensor(query_ids).long() if query_ids is not None else torch.arange(n_query),
+        layer_names=[layer.name for layer in layers],
+        meta={
+            "strategy": factors.strategy,
+            "fisher": factors.meta.get("fisher"),
+            "damping": lambdas,
+            "query_rank": query_rank,
+            "n_train": n_train,
+            "n_query": n_query,
+            "timings": timings,
+        },
+        **extra,
+    )
+
+
+def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Factors, damping: Damping = None,
+                           batch_size: int = 32, show_progress: bool = False) -> Tensor:
+    """``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` for every example of ``data`` -> ``[N]`` (e.g. to find mislabelled
+    examples: they need an unusually large step to be fitted)."""
+    layers = layers_by_name(model, factors.layer_names)
+    lambdas = {layer.name: factors.damping(layer.name, damping) for layer in layers}
+    factors = factors.to(passes.model_device(model))
+    tracker = LayerTracker(layers)
+    chunks = []
+    for _, acts, grads in _example_gradient_batches(model, task, data, tracker, batch_size, False,
+                                                    "self-influence", show_progress):
+        with torch.no_grad():
+            chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                              for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+    return torch.cat(chunks)
+
+
+def _check_token_axes(layers: Sequence[TrackedLayer], acts: Sequence[Tensor]) -> None:
+    lengths = {layer.name: act.shape[1] for layer, act in zip(layers, acts)}
+    if len(set(lengths.values())) > 1:
+        raise ValueError(
+            "per_token scores need every tracked layer to read the same token positions; token axes "
+            f"differ: {lengths}. Track only the sequence layers (layers=...)"
+        )
+
+
+def _pad_tokens(token_chunks: List[Tensor], mask_chunks: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Concatenate per-batch ``[Q, B, T_b]`` token scores whose lengths may differ (dynamic padding)."""
+    length = max(chunk.shape[-1] for chunk in token_chunks)
+    scores = torch.cat([torch.nn.functional.pad(c, (0, length - c.shape[-1])) for c in token_chunks], dim=1)
+    masks = torch.cat([torch.nn.functional.pad(m, (0, length - m.shape[-1])) for m in mask_chunks], dim=0)
+    return scores, masks

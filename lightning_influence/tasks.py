@@ -1,0 +1,193 @@
+"""Tasks: how to get a per-example loss, the query measurement and the output curvature from a batch.
+
+A task is the only place that knows the batch layout and the likelihood. Everything else in the
+engine sees ``loss(...) -> Tensor[B]``: each example's loss **summed over its tokens**.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _unwrap_logits(outputs: Any) -> Tensor:
+    """Models may return a tensor, a tuple (first element) or an object/dict with ``logits``."""
+    if isinstance(outputs, Tensor):
+        return outputs
+    if isinstance(outputs, Mapping) and "logits" in outputs:
+        return outputs["logits"]
+    if hasattr(outputs, "logits"):
+        return outputs.logits
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], Tensor):
+        return outputs[0]
+    raise TypeError(
+        f"cannot find the model's predictions in an output of type {type(outputs).__name__}; "
+        "return a tensor or an object with `.logits`, or override Task.forward"
+    )
+
+
+class Task:
+    """How the engine evaluates a model on a batch. Subclass to support your own batches or losses.
+
+    Override :meth:`forward` and :meth:`loss_from_outputs` (and, for ``fisher="true"`` /
+    ``"exact"``, :meth:`sample_loss_from_outputs` / :meth:`output_hessian_sqrt`). Splitting the
+    forward from the loss lets the true Fisher reuse one forward for several sampled targets.
+    """
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        """The model's predictions for ``batch`` (logits for classification)."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(inputs, Mapping):
+            return _unwrap_logits(model(**inputs))
+        return _unwrap_logits(model(inputs))
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        """Per-example loss ``[B]`` summed over tokens, with the batch's own targets."""
+        raise NotImplementedError
+
+    def sample_loss_from_outputs(self, outputs: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        """Per-example loss ``[B]`` with targets drawn from the model's predictive distribution."""
+        raise NotImplementedError(f"{type(self).__name__} does not support fisher='true'")
+
+    def output_hessian_sqrt(self, outputs: Tensor, batch: Any) -> Tensor:
+        """``[K, *outputs.shape]``: vectors ``v_k`` with ``Σ_k v_k v_kᵀ`` = the Hessian of the summed
+        loss w.r.t. the outputs, per example. Back-propagating each gives the exact Gauss-Newton."""
+        raise NotImplementedError(f"{type(self).__name__} does not support fisher='exact'")
+
+    def loss(self, model: nn.Module, batch: Any, sample: bool = False,
+             generator: Optional[torch.Generator] = None) -> Tensor:
+        """Per-example loss ``[B]`` summed over tokens; ``sample=True`` draws targets from the model."""
+        outputs = self.forward(model, batch)
+        if sample:
+            return self.sample_loss_from_outputs(outputs, batch, generator or torch.Generator(outputs.device))
+        return self.loss_from_outputs(outputs, batch)
+
+    def measurement(self, model: nn.Module, batch: Any) -> Tensor:
+        """The query quantity whose change influence predicts, ``[B]``. Default: log-likelihood."""
+        return -self.loss(model, batch)
+
+    def token_mask(self, batch: Any) -> Optional[Tensor]:
+        """``[B, T]`` bool mask of real (non-padding) input positions, or ``None`` (all real)."""
+        return None
+
+    def batch_size(self, batch: Any) -> int:
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if isinstance(first, Mapping):
+            first = next(iter(first.values()))
+        return int(first.shape[0])
+
+    def targets(self, batch: Any) -> Tensor:
+        if isinstance(batch, Mapping):
+            return batch["labels"] if "labels" in batch else batch["y"]
+        return batch[1]
+
+
+class ClassificationTask(Task):
+    """Softmax cross-entropy on ``(x, y)`` batches (or dicts with ``labels``).
+
+    Logits may have extra dimensions ``[B, ..., C]`` (e.g. per-token classification); the loss is
+    summed over them, ignoring targets equal to ``ignore_index``.
+    """
+
+    def __init__(self, ignore_index: int = -100) -> None:
+        self.ignore_index = ignore_index
+
+    def _per_example(self, logits: Tensor, targets: Tensor) -> Tensor:
+        flat = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+            reduction="none", ignore_index=self.ignore_index,
+        )
+        return flat.view(logits.shape[0], -1).sum(1)
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        return self._per_example(outputs, self.targets(batch))
+
+    def _valid(self, outputs: Tensor, batch: Any) -> Tensor:
+        return (self.targets(batch) != self.ignore_index).reshape(outputs.shape[:-1])
+
+    def sample_loss_from_outputs(self, outputs: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        probs = torch.softmax(outputs.detach().float(), -1).reshape(-1, outputs.shape[-1])
+        sampled = torch.multinomial(probs, 1, generator=generator).view(outputs.shape[:-1])
+        sampled = sampled.masked_fill(~self._valid(outputs, batch), self.ignore_index)
+        return self._per_example(outputs, sampled)
+
+    def output_hessian_sqrt(self, outputs: Tensor, batch: Any) -> Tensor:
+        # Per position, H = diag(p) - p pᵀ = Σ_c p_c (e_c - p)(e_c - p)ᵀ: one vector per (position, class).
+        probs = torch.softmax(outputs.detach(), -1) * self._valid(outputs, batch).unsqueeze(-1)
+        batch_size, num_classes = outputs.shape[0], outputs.shape[-1]
+        flat = probs.reshape(batch_size, -1, num_classes)  # [B, P, C]
+        positions = flat.shape[1]
+        eye = torch.eye(num_classes, dtype=flat.dtype, device=flat.device)
+        # cols[p, c, b, p', c'] = sqrt(p_bpc) (e_c - p_bp)[c'] if p' == p else 0
+        cols = flat.new_zeros(positions, num_classes, batch_size, positions, num_classes)
+        for pos in range(positions):
+            p = flat[:, pos]  # [B, C]
+            cols[pos, :, :, pos] = (p.sqrt().T.unsqueeze(-1)) * (eye.unsqueeze(1) - p.unsqueeze(0))
+        return cols.reshape(positions * num_classes, *outputs.shape)
+
+
+class RegressionTask(Task):
+    """Squared error summed over output dimensions: ``ℓ = Σ (f(x) - y)²`` (``reduction="sum"``).
+
+    This is the negative log-likelihood (up to a constant) of ``y ~ N(f(x), ½ I)``, which is the
+    distribution the true Fisher samples from; its output Hessian is ``2 I``.
+    """
+
+    def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
+        targets = self.targets(batch).reshape(outputs.shape).to(outputs.dtype)
+        return (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+
+    def sample_loss_from_outputs(self, outputs: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
+        noise = torch.randn(outputs.shape, generator=generator, device=outputs.device, dtype=outputs.dtype)
+        sampled = outputs.detach() + noise * (0.5 ** 0.5)
+        return (outputs - sampled).pow(2).reshape(outputs.shape[0], -1).sum(1)
+
+    def output_hessian_sqrt(self, outputs: Tensor, batch: Any) -> Tensor:
+        dims = outputs[0].numel()
+        eye = torch.eye(dims, dtype=outputs.dtype, device=outputs.device) * (2.0 ** 0.5)
+        return eye.unsqueeze(1).expand(dims, outputs.shape[0], dims).reshape(dims, *outputs.shape)
+
+
+class CausalLMTask(ClassificationTask):
+    """Next-token prediction on dict batches with ``input_ids`` (and optional ``labels``,
+    ``attention_mask``), for models returning logits ``[B, T, V]`` or an object with ``.logits``.
+
+    As in Hugging Face, ``labels`` are aligned with ``input_ids`` and shifted inside the loss
+    (position t predicts token t+1); labels equal to ``ignore_index`` and padded positions are
+    skipped. Without ``labels`` the inputs themselves are the labels.
+    """
+
+    def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        kwargs = {"input_ids": batch["input_ids"]}
+        if "attention_mask" in batch and _accepts_attention_mask(model):
+            kwargs["attention_mask"] = batch["attention_mask"]
+        return _unwrap_logits(model(**kwargs))
+
+    def targets(self, batch: Any) -> Tensor:
+        labels = batch["labels"] if "labels" in batch else batch["input_ids"]
+        if "attention_mask" in batch:
+            labels = labels.masked_fill(batch["attention_mask"] == 0, self.ignore_index)
+        shifted = labels.new_full(labels.shape, self.ignore_index)
+        shifted[:, :-1] = labels[:, 1:]  # the logits at t are scored against the token at t+1
+        return shifted
+
+    def token_mask(self, batch: Any) -> Optional[Tensor]:
+        if "attention_mask" in batch:
+            return batch["attention_mask"].bool()
+        return None
+
+    def batch_size(self, batch: Any) -> int:
+        return int(batch["input_ids"].shape[0])
+
+
+def _accepts_attention_mask(model: nn.Module) -> bool:
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return "attention_mask" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())

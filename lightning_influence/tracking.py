@@ -1,0 +1,311 @@
+"""Which modules are tracked, and the hooks that capture their inputs and output gradients.
+
+Every tracked layer is seen as a matrix ``W`` of shape ``[d_out, d_in]`` acting on token vectors,
+with the bias as an extra input column fed by a constant 1. Activations come out as
+``[B, T, d_in]`` and output gradients as ``[B, T, d_out]``, where ``T`` is the token axis: the
+flattened leading dimensions of a linear layer, or the spatial positions of a convolution.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+BYTES_PER_FLOAT = 4
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """GPT-2's ``Conv1D``: a linear layer storing its weight as ``[d_in, d_out]`` (duck-typed)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(weight, Tensor)
+        and weight.dim() == 2
+        and getattr(module, "nf", None) == weight.shape[1]
+    )
+
+
+def _layer_kind(module: nn.Module) -> Optional[str]:
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Conv2d):
+        return "conv2d"
+    if _is_hf_conv1d(module):
+        return "conv1d"
+    return None
+
+
+@dataclass
+class TrackedLayer:
+    """A module whose weight is treated as one Kronecker-factored curvature block."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+    @property
+    def has_bias(self) -> bool:
+        return getattr(self.module, "bias", None) is not None
+
+    @property
+    def d_out(self) -> int:
+        weight = self.module.weight
+        return int(weight.shape[1] if self.kind == "conv1d" else weight.shape[0])
+
+    @property
+    def d_in(self) -> int:
+        """Input dimension including the bias column."""
+        weight = self.module.weight
+        if self.kind == "conv1d":
+            fan_in = weight.shape[0]
+        else:
+            fan_in = weight[0].numel()
+        return int(fan_in) + int(self.has_bias)
+
+    @property
+    def factor_bytes(self) -> int:
+        """Memory of this layer's statistics: A, S and the eigenvalue matrix, in float32."""
+        return BYTES_PER_FLOAT * (self.d_in**2 + self.d_out**2 + self.d_in * self.d_out)
+
+    def activations(self, inputs: Tensor) -> Tensor:
+        """Layer input -> ``[B, T, d_in]`` (unfolded patches for convolutions, bias column last)."""
+        if self.kind == "conv2d":
+            conv = self.module
+            if isinstance(conv.padding, str):
+                raise ValueError(f"layer {self.name!r}: string padding ({conv.padding!r}) is not supported")
+            patches = F.unfold(inputs, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
+            acts = patches.transpose(1, 2)  # [B, L, C*kh*kw]
+        else:
+            acts = inputs.reshape(inputs.shape[0], -1, inputs.shape[-1])
+        if self.has_bias:
+            acts = torch.cat([acts, acts.new_ones(acts.shape[:-1] + (1,))], dim=-1)
+        return acts
+
+    def output_gradients(self, grad_output: Tensor) -> Tensor:
+        """Gradient w.r.t. the layer output -> ``[B, T, d_out]``."""
+        if self.kind == "conv2d":
+            return grad_output.flatten(2).transpose(1, 2)
+        return grad_output.reshape(grad_output.shape[0], -1, grad_output.shape[-1])
+
+
+class TrackingError(ValueError):
+    """The requested set of tracked modules is invalid (unknown names, nothing trackable, ...)."""
+
+
+def select_layers(
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Sequence[str] = (),
+    max_layer_bytes: Optional[int] = None,
+    memory_budget_bytes: Optional[int] = None,
+) -> List[TrackedLayer]:
+    """Choose the layers to track.
+
+    Args:
+        model: the model.
+        include: module names or glob patterns (``"blocks.*.mlp.*"``); default: every trackable
+            module with a trainable weight, except linear layers whose weight is tied to an
+            embedding (the unembedding, which the paper leaves out).
+        exclude: names or patterns removed from the selection.
+        max_layer_bytes: layers whose statistics would exceed this are skipped with a warning.
+        memory_budget_bytes: refuse (``TrackingError``) a selection whose statistics exceed this.
+    """
+    modules = dict(model.named_modules())
+    all_names = [n for n in modules if n]
+    tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
+
+    def trackable(name: str) -> bool:
+        module = modules[name]
+        weight = getattr(module, "weight", None)
+        return (
+            _layer_kind(module) is not None
+            and isinstance(weight, Tensor)
+            and weight.requires_grad
+            and not (isinstance(module, nn.Conv2d) and module.groups != 1)
+        )
+
+    if include is None:
+        names = [n for n in all_names if trackable(n) and id(modules[n].weight) not in tied]
+    else:
+        names = []
+        for pattern in include:
+            matched = [n for n in all_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
+            if not matched:
+                raise TrackingError(_unknown_name_message(pattern, all_names))
+            exact = modules.get(pattern)
+            if exact is not None and not trackable(pattern):
+                raise TrackingError(
+                    f"module {pattern!r} ({type(exact).__name__}) cannot be tracked: supported are nn.Linear, "
+                    "nn.Conv2d (groups=1) and GPT-2 Conv1D layers with a trainable weight"
+                )
+            names.extend(n for n in matched if trackable(n) and n not in names)
+    for pattern in exclude:
+        if not any(n == pattern or fnmatch.fnmatchcase(n, pattern) for n in all_names):
+            raise TrackingError(_unknown_name_message(pattern, all_names, what="exclude"))
+        names = [n for n in names if not (n == pattern or fnmatch.fnmatchcase(n, pattern))]
+
+    layers = [TrackedLayer(n, modules[n], _layer_kind(modules[n])) for n in names]
+    if max_layer_bytes is not None:
+        too_big = [layer for layer in layers if layer.factor_bytes > max_layer_bytes]
+        if too_big:
+            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.1f} MiB)" for l in too_big)
+            warnings.warn(f"skipping layers over the per-layer limit of {max_layer_bytes / 2**20:.1f} MiB: {listing}")
+            layers = [layer for layer in layers if layer.factor_bytes <= max_layer_bytes]
+    if not layers:
+        seen = Counter(type(m).__name__ for m in modules.values() if m is not model)
+        listing = ", ".join(f"{k} x{v}" for k, v in seen.most_common()) or "none"
+        raise TrackingError(
+            "no trackable layer found (tracked: nn.Linear, nn.Conv2d, GPT-2 Conv1D with trainable weights, "
+            f"not tied to an embedding); module types in this model: {listing}"
+        )
+    if memory_budget_bytes is not None:
+        total = sum(layer.factor_bytes for layer in layers)
+        if total > memory_budget_bytes:
+            costly = sorted(layers, key=lambda l: -l.factor_bytes)[:5]
+            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.1f} MiB)" for l in costly)
+            raise TrackingError(
+                f"influence statistics need {total / 2**20:.1f} MiB, over the memory budget of "
+                f"{memory_budget_bytes / 2**20:.1f} MiB; costliest layers: {listing}. Exclude some of them, "
+                "set a per-layer limit, or raise the budget"
+            )
+    return layers
+
+
+def layers_by_name(model: nn.Module, names: Sequence[str]) -> List[TrackedLayer]:
+    """The tracked layers for known module names (e.g. restored from saved statistics)."""
+    modules = dict(model.named_modules())
+    missing = [n for n in names if n not in modules or _layer_kind(modules[n]) is None]
+    if missing:
+        raise TrackingError(f"the model has no trackable modules named {missing[:5]}; "
+                            "the statistics or factors come from a different model")
+    return [TrackedLayer(n, modules[n], _layer_kind(modules[n])) for n in names]
+
+
+def _unknown_name_message(pattern: str, names: Sequence[str], what: str = "include") -> str:
+    close = difflib.get_close_matches(pattern, names, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return f"{what}: no module named or matching {pattern!r} in the model{hint}"
+
+
+GradientCallback = Callable[[TrackedLayer, Tensor, Tensor], None]
+
+
+class LayerTracker:
+    """Forward hooks recording each tracked layer's input and output during a forward pass.
+
+    Two ways to get the output gradients:
+
+    * the engine's own passes call :meth:`capture` around a forward and then differentiate w.r.t.
+      :meth:`outputs` with ``torch.autograd.grad`` (no parameter gradient is formed, ``.grad`` is
+      never touched);
+    * with ``on_gradient`` set, a tensor hook on each output calls
+      ``on_gradient(layer, activations, output_gradients)`` during the user's own backward pass
+      (the callback's way of collecting statistics from training steps).
+    """
+
+    def __init__(self, layers: Sequence[TrackedLayer], on_gradient: Optional[GradientCallback] = None) -> None:
+        self.layers = list(layers)
+        self.on_gradient = on_gradient
+        self.active = False
+        self.token_mask: Optional[Tensor] = None  # [B, T] for the batch being processed
+        self._inputs: Dict[str, List[Tensor]] = {}
+        self._outputs: Dict[str, List[Tensor]] = {}
+        self._handles: list = []
+
+    # -- hook management ----------------------------------------------------------------------
+    def attach(self) -> "LayerTracker":
+        if not self._handles:
+            for layer in self.layers:
+                self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.reset()
+
+    def __enter__(self) -> "LayerTracker":
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        self._inputs = {layer.name: [] for layer in self.layers}
+        self._outputs = {layer.name: [] for layer in self.layers}
+
+    def _make_hook(self, layer: TrackedLayer):
+        def hook(module: nn.Module, inputs, output: Tensor) -> None:
+            if not self.active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
+                return
+            activation = inputs[0].detach()
+            self._inputs[layer.name].append(activation)
+            self._outputs[layer.name].append(output)
+            if self.on_gradient is not None and output.requires_grad:
+                mask = self.token_mask
+
+                def on_grad(grad: Tensor) -> None:
+                    self.on_gradient(layer, self.masked(layer.activations(activation), mask),
+                                     self.masked(layer.output_gradients(grad), mask))
+
+                output.register_hook(on_grad)
+
+        return hook
+
+    @contextmanager
+    def capture(self, token_mask: Optional[Tensor] = None) -> Iterator["LayerTracker"]:
+        """Record the layers' inputs/outputs of the forward passes run inside the block."""
+        self.reset()
+        self.token_mask = token_mask
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active = False
+
+    # -- access to what was recorded ----------------------------------------------------------
+    def call_counts(self) -> Dict[str, int]:
+        return {name: len(calls) for name, calls in self._inputs.items()}
+
+    def check_single_calls(self) -> None:
+        """Raise naming every layer whose hook did not fire exactly once in the last forward."""
+        counts = self.call_counts()
+        never = [n for n, c in counts.items() if c == 0]
+        twice = [f"{n} (x{c})" for n, c in counts.items() if c > 1]
+        problems = []
+        if never:
+            problems.append(
+                f"never called in the forward pass: {', '.join(never)} (e.g. nn.MultiheadAttention.out_proj is "
+                "applied through F.linear and bypasses hooks); exclude them"
+            )
+        if twice:
+            problems.append(
+                f"called more than once per forward pass: {', '.join(twice)} (shared weights or activation "
+                "checkpointing); exclude them or untie them"
+            )
+        if problems:
+            raise TrackingError("cannot track these layers: " + "; ".join(problems))
+
+    def outputs(self) -> List[Tensor]:
+        """The single output of each layer in the last forward (call :meth:`check_single_calls` first)."""
+        return [self._outputs[layer.name][0] for layer in self.layers]
+
+    def activations(self, layer: TrackedLayer) -> Tensor:
+        return self.masked(layer.activations(self._inputs[layer.name][0]), self.token_mask)
+
+    @staticmethod
+    def masked(values: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """Zero padded token positions (when the layer's token axis is the sequence axis)."""
+        if mask is None or values.shape[1] != mask.shape[1]:
+            return values
+        return values * mask.to(values.dtype).unsqueeze(-1)
