@@ -1,0 +1,365 @@
+"""Comparing influence results across checkpoints: rank agreement, top-k churn, distribution shifts.
+
+Pure functions over :class:`~lightning_influence.results.InfluenceResult` objects: results over
+different candidate pools or query sets are matched on their dataset ids before comparison.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from lightning_influence.analysis import _json_ready, concentration, fit_query_tails, layer_shares
+
+RBO_PERSISTENCE = 0.9
+
+
+# -- rank statistics (vectorised over queries) ---------------------------------------------------
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks along the last dimension, ties sharing their average rank (as ``scipy.stats.rankdata``)."""
+    sorted_values, order = values.sort(dim=-1)
+    n = values.shape[-1]
+    new_group = torch.ones_like(sorted_values, dtype=torch.bool)
+    new_group[..., 1:] = sorted_values[..., 1:] != sorted_values[..., :-1]
+    group = new_group.long().cumsum(-1) - 1  # tie-group index of each sorted position
+    positions = torch.arange(1, n + 1, dtype=torch.float64).expand_as(sorted_values)
+    first = torch.zeros_like(positions).scatter_reduce(-1, group, positions, reduce="amin", include_self=False)
+    last = torch.zeros_like(positions).scatter_reduce(-1, group, positions, reduce="amax", include_self=False)
+    average = ((first + last) / 2).gather(-1, group)
+    return torch.empty_like(average).scatter_(-1, order, average)
+
+
+def _pearson(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x = x - x.mean(-1, keepdim=True)
+    y = y - y.mean(-1, keepdim=True)
+    return (x * y).sum(-1) / (x.pow(2).sum(-1) * y.pow(2).sum(-1)).sqrt()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Spearman rank correlation of each row of ``a`` with the same row of ``b`` (NaN if constant)."""
+    return _pearson(_average_ranks(a.double()), _average_ranks(b.double()))
+
+
+def kendall_tau_b(a: torch.Tensor, b: torch.Tensor, *, max_n: int = 2000, seed: int = 0) -> torch.Tensor:
+    """Kendall's tau-b of each row of ``a`` with the same row of ``b``.
+
+    Counts concordant minus discordant pairs over all pairs, so memory grows with ``n^2``; above
+    ``max_n`` columns a random subset of ``max_n`` columns (the same for every row, from a private
+    generator seeded with ``seed``) is used.
+    """
+    a, b = a.double(), b.double()
+    n = a.shape[-1]
+    if n > max_n:
+        keep = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:max_n]
+        a, b = a[..., keep], b[..., keep]
+        n = max_n
+    taus = []
+    rows_per_chunk = max(1, (1 << 22) // (n * n))
+    for lo in range(0, a.shape[0], rows_per_chunk):
+        sign_a = (a[lo : lo + rows_per_chunk, :, None] - a[lo : lo + rows_per_chunk, None, :]).sign()
+        sign_b = (b[lo : lo + rows_per_chunk, :, None] - b[lo : lo + rows_per_chunk, None, :]).sign()
+        # over ordered pairs i != j: each unordered pair counted twice, the diagonal contributes 0
+        net = (sign_a * sign_b).sum((-2, -1))
+        untied_a = sign_a.abs().sum((-2, -1))
+        untied_b = sign_b.abs().sum((-2, -1))
+        taus.append(net / (untied_a * untied_b).sqrt())
+    return torch.cat(taus)
+
+
+def _membership(indices: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.zeros(indices.shape[0], n, dtype=torch.bool).scatter_(1, indices, True)
+
+
+def topk_jaccard(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.Tensor:
+    """Per row, Jaccard overlap of the column sets holding the ``k`` largest values of ``a`` and ``b``."""
+    n = a.shape[-1]
+    in_a = _membership(a.topk(k, dim=-1).indices, n)
+    in_b = _membership(b.topk(k, dim=-1).indices, n)
+    return (in_a & in_b).sum(-1).double() / (in_a | in_b).sum(-1).double()
+
+
+def rank_biased_overlap(a: torch.Tensor, b: torch.Tensor, k: int, p: float = RBO_PERSISTENCE) -> torch.Tensor:
+    """Per row, extrapolated rank-biased overlap of the top-``k`` lists (Webber et al. 2010, eq. 32).
+
+    ``RBO = (X_k / k) p^k + (1 - p) / p * sum_{d<=k} (X_d / d) p^d``, with ``X_d`` the overlap of the
+    two top-``d`` prefixes: 1 for identical lists, 0 for disjoint ones, weighting the top more.
+    """
+    n = a.shape[-1]
+    top_a = a.topk(k, dim=-1).indices  # [Q, k]
+    top_b = b.topk(k, dim=-1).indices
+    rank_in_b = torch.full((a.shape[0], n), k, dtype=torch.long)
+    rank_in_b.scatter_(1, top_b, torch.arange(k).expand_as(top_b))
+    # an item at rank i in a and rank j in b is shared by every prefix of depth > max(i, j)
+    joined = torch.maximum(torch.arange(k).expand_as(top_a), rank_in_b.gather(1, top_a))
+    counts = torch.zeros(a.shape[0], k + 1, dtype=torch.float64).scatter_add_(1, joined, torch.ones_like(joined, dtype=torch.float64))
+    overlap = counts[:, :k].cumsum(1)  # X_d for d = 1..k
+    depth = torch.arange(1, k + 1, dtype=torch.float64)
+    agreement = overlap / depth
+    weights = p**depth
+    return agreement[:, -1] * p**k + (1 - p) / p * (agreement * weights).sum(1)
+
+
+def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen-Shannon divergence in bits between two distributions (normalised here)."""
+    p = p.double() / p.double().sum()
+    q = q.double() / q.double().sum()
+    m = (p + q) / 2
+
+    def kl(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(x > 0, x * (x / m).log2(), torch.zeros_like(x)).sum()
+
+    return float((kl(p) + kl(q)) / 2)
+
+
+# -- matching ------------------------------------------------------------------------------------
+
+
+def _match(a: Any, b: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Positions ``(q_a, q_b, t_a, t_b)`` of the query and train ids both results share, in ``a``'s order."""
+    q_a, q_b = _shared_positions(a.query_ids, b.query_ids, "query", a, b, minimum=1)
+    t_a, t_b = _shared_positions(a.train_ids, b.train_ids, "training", a, b, minimum=2)
+    return q_a, q_b, t_a, t_b
+
+
+def _shared_positions(ids_a: torch.Tensor, ids_b: torch.Tensor, what: str, a: Any, b: Any, minimum: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    position_in_b = {int(i): pos for pos, i in enumerate(ids_b.tolist())}
+    pairs = [(pos, position_in_b[i]) for pos, i in enumerate(ids_a.tolist()) if i in position_in_b]
+    if len(pairs) < minimum:
+        raise ValueError(
+            f"cannot compare step {a.step} with step {b.step}: they share {len(pairs)} {what} ids "
+            f"(need at least {minimum}); a has {len(ids_a)} {what} ids ({_id_range(ids_a)}), "
+            f"b has {len(ids_b)} ({_id_range(ids_b)}). Compare results scored on the same {what} data."
+        )
+    return torch.tensor([p for p, _ in pairs]), torch.tensor([p for _, p in pairs])
+
+
+def _id_range(ids: torch.Tensor) -> str:
+    return f"{int(ids.min())}..{int(ids.max())}" if len(ids) else "none"
+
+
+def _layer_scores_matched(result: Any, query_pos: torch.Tensor, train_pos: torch.Tensor) -> Optional[torch.Tensor]:
+    layer_scores = result.layer_scores
+    return None if layer_scores is None else layer_scores[:, query_pos][:, :, train_pos]
+
+
+def _median_alpha(scores: torch.Tensor) -> Optional[float]:
+    alphas = [fit.alpha for fit in fit_query_tails(scores, compare_alternatives=False) if fit is not None]
+    return float(np.median(alphas)) if alphas else None
+
+
+# -- comparison ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Comparison:
+    """How the influence scores of two checkpoints differ (``b`` relative to ``a``).
+
+    Attributes:
+        steps: ``(a.step, b.step)``.
+        n_query, n_train: queries and training examples both results share (compared on these).
+        spearman, kendall: ``[Q]`` per-query rank correlations of the scores (Kendall tau-b,
+            possibly on a random subset of training examples).
+        topk_jaccard, topk_rbo: ``k ->`` mean over queries of the Jaccard overlap and of the
+            rank-biased overlap (p=0.9) of the two top-k lists (``k`` above ``n_train`` left out).
+        tail_alpha: median power-law exponent over queries for ``a`` and ``b`` (``None``: no fit).
+        concentration: :func:`~lightning_influence.analysis.concentration` of ``a`` and ``b``.
+        layer_js: Jensen-Shannon divergence (bits) between the two mean layer shares, when both
+            results have layer scores for the same layers.
+        entered, left: per query, the train ids that entered / left the top-k from ``a`` to ``b``
+            (in ``b``'s / ``a``'s rank order).
+        query_ids: the shared query ids, in the order of the per-query fields.
+        k_changes: the ``k`` of ``entered`` and ``left``.
+    """
+
+    steps: Tuple[Optional[int], Optional[int]]
+    n_query: int
+    n_train: int
+    spearman: torch.Tensor
+    kendall: torch.Tensor
+    topk_jaccard: Dict[int, float]
+    topk_rbo: Dict[int, float]
+    tail_alpha: Tuple[Optional[float], Optional[float]]
+    concentration: Tuple[Dict[str, float], Dict[str, float]]
+    layer_js: Optional[float]
+    entered: List[List[int]]
+    left: List[List[int]]
+    query_ids: List[int] = field(default_factory=list)
+    k_changes: int = 10
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (non-finite numbers become ``None``), with means of the per-query fields."""
+        return _json_ready(
+            {
+                "steps": list(self.steps),
+                "n_query": self.n_query,
+                "n_train": self.n_train,
+                "spearman_mean": _nanmean(self.spearman),
+                "kendall_mean": _nanmean(self.kendall),
+                "spearman": self.spearman,
+                "kendall": self.kendall,
+                "topk_jaccard": self.topk_jaccard,
+                "topk_rbo": self.topk_rbo,
+                "tail_alpha": list(self.tail_alpha),
+                "concentration": list(self.concentration),
+                "layer_js": self.layer_js,
+                "query_ids": self.query_ids,
+                "k_changes": self.k_changes,
+                "entered": self.entered,
+                "left": self.left,
+            }
+        )
+
+    def format_table(self, max_queries: int = 5) -> str:
+        """A human-readable table for the terminal (top-k changes for the first ``max_queries``)."""
+        step_a, step_b = (f"step {s}" if s is not None else "-" for s in self.steps)
+        lines = [f"Influence comparison: {step_a} -> {step_b} ({self.n_query} queries, {self.n_train} training examples)", ""]
+        lines.append(f"  {'rank correlation':<22}{'mean':>9}{'min':>9}{'max':>9}")
+        for name, values in (("spearman", self.spearman), ("kendall tau-b", self.kendall)):
+            finite = values[torch.isfinite(values)]
+            low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (math.nan, math.nan)
+            lines.append(f"  {name:<22}{_fmt(_nanmean(values))}{_fmt(low)}{_fmt(high)}")
+        if self.topk_jaccard:
+            ks = list(self.topk_jaccard)
+            lines += ["", f"  {'top-k overlap':<22}" + "".join(f"{'k=' + str(k):>9}" for k in ks)]
+            lines.append(f"  {'jaccard':<22}" + "".join(_fmt(self.topk_jaccard[k]) for k in ks))
+            lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_fmt(self.topk_rbo[k]) for k in ks))
+        lines += ["", f"  {'distribution':<22}{step_a:>12}{step_b:>12}"]
+        lines.append(f"  {'tail alpha (median)':<22}" + "".join(_fmt(v, 12) for v in self.tail_alpha))
+        for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction"):
+            lines.append(f"  {key:<22}" + "".join(_fmt(c.get(key), 12) for c in self.concentration))
+        if self.layer_js is not None:
+            lines.append(f"  {'layer shift (JS bits)':<22}{_fmt(self.layer_js, 12)}")
+        shown = min(max_queries, len(self.entered))
+        if shown:
+            lines += ["", f"  top-{self.k_changes} changes (first {shown} of {len(self.entered)} queries):"]
+        for query, entered, left in list(zip(self.query_ids, self.entered, self.left))[:shown]:
+            lines.append(f"    query {query}: entered {_id_list(entered)}; left {_id_list(left)}")
+        return "\n".join(lines)
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else math.nan
+
+
+def _fmt(value: Optional[float], width: int = 9) -> str:
+    text = "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+    return f"{text:>{width}}"
+
+
+def _id_list(ids: List[int], limit: int = 10) -> str:
+    text = ", ".join(map(str, ids[:limit]))
+    return f"[{text}{', ...' if len(ids) > limit else ''}]"
+
+
+def _topk_changes(scores_a: torch.Tensor, scores_b: torch.Tensor, train_ids: torch.Tensor, k: int) -> Tuple[List[List[int]], List[List[int]]]:
+    top_a = scores_a.topk(k, dim=1).indices.tolist()
+    top_b = scores_b.topk(k, dim=1).indices.tolist()
+    ids = train_ids.tolist()
+    entered = [[ids[j] for j in row_b if j not in set(row_a)] for row_a, row_b in zip(top_a, top_b)]
+    left = [[ids[j] for j in row_a if j not in set(row_b)] for row_a, row_b in zip(top_a, top_b)]
+    return entered, left
+
+
+def compare(a: Any, b: Any, *, ks: Sequence[int] = (1, 5, 10, 50), top_k_changes: int = 10, kendall_max_n: int = 2000, seed: int = 0) -> Comparison:
+    """Compare two influence results, typically of two checkpoints of one run.
+
+    Args:
+        a, b: :class:`~lightning_influence.results.InfluenceResult` objects. Queries and training
+            examples are matched on their ids (those of ``a`` that ``b`` also has, in ``a``'s order).
+        ks: top-k sizes for the overlap measures.
+        top_k_changes: ``k`` of the top-k lists whose entries and exits are reported.
+        kendall_max_n: Kendall's tau is computed on at most this many training examples.
+        seed: seed of the subset for Kendall's tau.
+
+    Returns:
+        A :class:`Comparison`.
+
+    Raises:
+        ValueError: if the results share no query, or fewer than two training examples.
+    """
+    q_a, q_b, t_a, t_b = _match(a, b)
+    scores_a = a.scores[q_a][:, t_a].double()
+    scores_b = b.scores[q_b][:, t_b].double()
+    n_train = scores_a.shape[1]
+    valid_ks = [int(k) for k in ks if 1 <= int(k) <= n_train]
+    k_changes = min(int(top_k_changes), n_train)
+    entered, left = _topk_changes(scores_a, scores_b, a.train_ids[t_a], k_changes)
+    layer_js = None
+    if a.layer_scores is not None and b.layer_scores is not None and a.layer_names == b.layer_names:
+        shares_a = layer_shares(_layer_scores_matched(a, q_a, t_a)).nanmean(0)
+        shares_b = layer_shares(_layer_scores_matched(b, q_b, t_b)).nanmean(0)
+        if torch.isfinite(shares_a).all() and torch.isfinite(shares_b).all():
+            layer_js = js_divergence(shares_a, shares_b)
+    return Comparison(
+        steps=(a.step, b.step),
+        n_query=scores_a.shape[0],
+        n_train=n_train,
+        spearman=spearman(scores_a, scores_b),
+        kendall=kendall_tau_b(scores_a, scores_b, max_n=kendall_max_n, seed=seed),
+        topk_jaccard={k: _nanmean(topk_jaccard(scores_a, scores_b, k)) for k in valid_ks},
+        topk_rbo={k: _nanmean(rank_biased_overlap(scores_a, scores_b, k)) for k in valid_ks},
+        tail_alpha=(_median_alpha(scores_a), _median_alpha(scores_b)),
+        concentration=(concentration(scores_a), concentration(scores_b)),
+        layer_js=layer_js,
+        entered=entered,
+        left=left,
+        query_ids=a.query_ids[q_a].tolist(),
+        k_changes=k_changes,
+    )
+
+
+def trajectory(results: Sequence[Any], *, k: int = 10) -> Dict[str, List[Any]]:
+    """Per-checkpoint series over a run, for line plots and the report's trajectory section.
+
+    Args:
+        results: :class:`~lightning_influence.results.InfluenceResult` objects ordered by step.
+        k: top-k size for the churn.
+
+    Returns:
+        Equal-length lists keyed ``"step"``, ``"epoch"``, ``"tail_alpha"`` (median over queries),
+        ``"top1pct_share"``, ``"top10pct_share"``, ``"gini"``, ``"topk_churn"`` (1 - mean top-k
+        Jaccard with the previous checkpoint), ``"spearman_prev"`` (mean Spearman with the
+        previous checkpoint) and ``"layer_share/<name>"``; ``None`` where a value is undefined
+        (first checkpoint, no shared ids, a layer missing at that checkpoint).
+    """
+    keys = ("top1pct_share", "top10pct_share", "gini")
+    series: Dict[str, List[Any]] = {name: [] for name in ("step", "epoch", "tail_alpha", *keys, "topk_churn", "spearman_prev")}
+    layer_series: Dict[str, List[Optional[float]]] = {}
+    for index, result in enumerate(results):
+        scores = result.scores.double()
+        series["step"].append(result.step)
+        series["epoch"].append(result.epoch)
+        series["tail_alpha"].append(_median_alpha(scores))
+        spread = concentration(scores)
+        for key in keys:
+            series[key].append(spread[key] if math.isfinite(spread[key]) else None)
+        churn = rank = None
+        if index > 0:
+            previous = results[index - 1]
+            try:
+                q_a, q_b, t_a, t_b = _match(previous, result)
+            except ValueError:
+                pass
+            else:
+                before, after = previous.scores[q_a][:, t_a].double(), scores[q_b][:, t_b]
+                churn = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
+                rank = _nanmean(spearman(before, after))
+        series["topk_churn"].append(churn)
+        series["spearman_prev"].append(rank if rank is None or math.isfinite(rank) else None)
+        shares = {}
+        if result.layer_scores is not None:
+            shares = dict(zip(result.layer_names, layer_shares(result.layer_scores).nanmean(0).tolist()))
+        for name in result.layer_names:
+            layer_series.setdefault(name, [None] * index)
+        for name, values in layer_series.items():
+            share = shares.get(name)
+            values.append(share if share is not None and math.isfinite(share) else None)
+    series.update({f"layer_share/{name}": values for name, values in layer_series.items()})
+    return series
