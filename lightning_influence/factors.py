@@ -333,9 +333,10 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
             count = task.batch_size(batch)
             for layer, acts in passes.layer_activations(tracker):
                 stats.add_activations(layer.name, acts, passes.token_count(acts, tracker.token_mask))
-            for weight, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator, num_samples):
+            for weight, share, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator,
+                                                                num_samples):
                 for layer, grad in zip(layers, grads):
-                    stats.add_gradients(layer.name, grad, count * weight, weight)
+                    stats.add_gradients(layer.name, grad, count * share, weight)
     return stats
 
 
@@ -357,9 +358,10 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
             outputs = passes.forward(model, task, batch, tracker)
             count = task.batch_size(batch)
             acts = [acts for _, acts in passes.layer_activations(tracker)]
-            for weight, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator, num_samples):
+            for weight, share, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator,
+                                                                num_samples):
                 for layer, act, grad in zip(layers, acts, grads):
-                    correction.add(layer.name, act, grad, count * weight, weight)
+                    correction.add(layer.name, act, grad, count * share, weight)
     return correction
 
 
@@ -399,7 +401,7 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
                 batch_size: int = 32, num_samples: int = 1, max_batches: Optional[int] = None,
                 seed: int = 0, covariances: Optional[CovarianceStatistics] = None,
                 max_layer_bytes: Optional[int] = None, memory_budget_bytes: Optional[int] = None,
-                show_progress: bool = False) -> Factors:
+                dtype: torch.dtype = torch.float32, show_progress: bool = False) -> Factors:
     """Fit the curvature approximation of ``model`` on ``data``.
 
     Args:
@@ -419,6 +421,7 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
         covariances: statistics already accumulated (e.g. during training); skips that pass.
         max_layer_bytes: skip (with a warning) layers whose statistics exceed this.
         memory_budget_bytes: refuse a configuration whose statistics exceed this.
+        dtype: accumulation dtype of the statistics (float32; float64 for exactness checks).
         show_progress: show progress bars.
 
     Returns:
@@ -433,7 +436,7 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     else:
         chosen = select_layers(model, layers, exclude, max_layer_bytes, memory_budget_bytes)
     kwargs = dict(fisher=fisher, num_samples=num_samples, batch_size=batch_size, max_batches=max_batches,
-                  show_progress=show_progress)
+                  dtype=dtype, show_progress=show_progress)
     if strategy in ("kfac", "ekfac") and covariances is None:
         covariances = accumulate_covariances(model, task, data, chosen, seed=seed, **kwargs)
     bases = covariances.eigendecompose() if strategy in ("kfac", "ekfac") else None

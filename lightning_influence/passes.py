@@ -106,22 +106,26 @@ def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional
 
 
 def fisher_gradients(outputs: Tensor, task: Task, batch: Any, tracker: LayerTracker, fisher: str,
-                     generator: torch.Generator, num_samples: int = 1) -> Iterator[Tuple[float, List[Tensor]]]:
-    """Yield ``(weight, per-layer gradients)`` whose weighted outer products average to the
-    curvature: the empirical Fisher (real targets), the true Fisher (``num_samples`` sampled
-    targets, weight ``1/num_samples``), or the exact Gauss-Newton (one backward per column of the
-    output Hessian's square root)."""
+                     generator: torch.Generator, num_samples: int = 1
+                     ) -> Iterator[Tuple[float, float, List[Tensor]]]:
+    """Yield ``(weight, example_share, per-layer gradients)``: weighted outer products of the
+    gradients sum to the batch's curvature, and the shares sum to 1 (so each example is counted
+    once). Kinds: the empirical Fisher (real targets); the true Fisher (``num_samples`` sampled
+    targets, weight ``1/num_samples``); the exact Gauss-Newton (one backward per column of the
+    output Hessian's square root, weight 1)."""
     if fisher == "empirical":
-        yield 1.0, layer_gradients(task.loss_from_outputs(outputs, batch).sum(), tracker)
+        yield 1.0, 1.0, layer_gradients(task.loss_from_outputs(outputs, batch).sum(), tracker)
     elif fisher == "true":
         for sample in range(num_samples):
             loss = task.sample_loss_from_outputs(outputs, batch, generator).sum()
-            yield 1.0 / num_samples, layer_gradients(loss, tracker, retain_graph=sample < num_samples - 1)
+            grads = layer_gradients(loss, tracker, retain_graph=sample < num_samples - 1)
+            yield 1.0 / num_samples, 1.0 / num_samples, grads
     else:
         columns = task.output_hessian_sqrt(outputs, batch)
         for index, column in enumerate(columns):
-            yield 1.0, layer_gradients(outputs, tracker, grad_output=column.to(outputs.dtype),
-                                       retain_graph=index < len(columns) - 1)
+            grads = layer_gradients(outputs, tracker, grad_output=column.to(outputs.dtype),
+                                    retain_graph=index < len(columns) - 1)
+            yield 1.0, 1.0 / len(columns), grads
 
 
 def token_count(acts: Tensor, mask: Optional[Tensor]) -> float:
