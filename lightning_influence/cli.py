@@ -1,0 +1,437 @@
+"""The ``lightning-influence`` command: report on results, compare checkpoints, score new queries.
+
+User errors (missing or corrupted files, bad import paths, mismatched results) are printed as one
+line ``lightning-influence: error: ...`` with exit status 1; usage errors exit with status 2, as
+argparse does. Heavy modules (torch models, plots, the engine) are imported by the commands that
+need them, so ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+PROG = "lightning-influence"
+
+_EPILOG = """\
+examples:
+  lightning-influence report lightning_logs/version_0/influence
+  lightning-influence report runs/influence/step=500 --top-k 5 --html report.html
+  lightning-influence compare runs/influence/step=100 runs/influence/step=500
+  lightning-influence compare A B --json --k 5 20 > comparison.json
+  lightning-influence score --checkpoint last.ckpt --model mypkg.models:Classifier \\
+      --train-data mypkg.data:train_set --query-data mypkg.data:new_queries \\
+      --factors runs/influence/step=500/factors --task classification --out new_scores
+
+A result is a directory written by InfluenceResult.save (meta.json + tensors.safetensors); a run
+directory holds one result per checkpoint as step=<N>/ subdirectories.
+"""
+
+_BUILTIN_TASKS = {
+    "classification": "ClassificationTask",
+    "regression": "RegressionTask",
+    "causal_lm": "CausalLMTask",
+}
+
+
+class CommandError(Exception):
+    """A user error: reported as one line on stderr with exit status 1, never a traceback."""
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the command line.
+
+    Args:
+        argv: the arguments after the program name; ``None`` reads ``sys.argv[1:]``.
+
+    Returns:
+        The exit status: 0 on success, 1 on user errors, 2 on usage errors.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) and usage errors (2): keep main() a plain function
+        return exit_.code if isinstance(exit_.code, int) else 0
+    from lightning_influence._io import FormatError
+
+    try:
+        return args.run(args)
+    except (CommandError, FormatError, OSError, ValueError) as err:
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with its subcommands (``report``, ``compare``, ``score``)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Inspect, compare and compute EK-FAC influence results of Lightning runs.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(title="commands", dest="command", required=True, metavar="COMMAND")
+
+    report = commands.add_parser(
+        "report",
+        help="summarise one result or a whole run directory (optionally as an HTML file)",
+        description="Terminal summary of influence results: the most influential training examples "
+        "per query, the power-law tail fit, layer shares and, for a run, the trajectory over checkpoints.",
+        epilog="examples:\n  lightning-influence report runs/influence\n"
+        "  lightning-influence report runs/influence/step=500 --html report.html --top-k 5",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_argument("path", type=Path, metavar="PATH", help="a result directory or a run directory")
+    report.add_argument("--html", type=Path, metavar="OUT", help="also write a self-contained HTML report")
+    report.add_argument("--top-k", type=_positive_int, default=10, metavar="K",
+                        help="training examples listed per query and direction (default: 10)")
+    report.add_argument("--train-data", metavar="MODULE:CALLABLE",
+                        help="training dataset, shown in the HTML tables (a callable returning a Dataset)")
+    report.add_argument("--query-data", metavar="MODULE:CALLABLE",
+                        help="query dataset, shown in the HTML report above each query")
+    report.set_defaults(run=_cmd_report)
+
+    compare = commands.add_parser(
+        "compare",
+        help="compare two results (e.g. two checkpoints of a run)",
+        description="Per-query rank correlations, top-k overlap, tail and layer shifts between two "
+        "results over the same queries and training examples.",
+        epilog="examples:\n  lightning-influence compare runs/influence/step=100 runs/influence/step=500\n"
+        "  lightning-influence compare A B --json --k 5 20",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("a", type=Path, metavar="A", help="the first result directory (e.g. the earlier checkpoint)")
+    compare.add_argument("b", type=Path, metavar="B", help="the second result directory")
+    compare.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    compare.add_argument("--k", type=_positive_int, nargs="+", default=[1, 5, 10, 50], metavar="K",
+                         help="top-k sizes for the overlap measures (default: 1 5 10 50)")
+    compare.add_argument("--changes", type=_positive_int, default=10, metavar="N",
+                         help="top-k size whose entering/leaving examples are listed (default: 10)")
+    compare.set_defaults(run=_cmd_compare)
+
+    score = commands.add_parser(
+        "score",
+        help="score new queries against a saved checkpoint and its saved factors",
+        description="Load a model from a checkpoint and the EK-FAC factors saved with a result, then "
+        "score a query dataset against a training dataset. Objects are named by import path "
+        "'package.module:Name' (or 'path/to/file.py:Name'); the current directory is importable.",
+        epilog="example:\n  lightning-influence score --checkpoint last.ckpt --model mypkg.models:Classifier \\\n"
+        "      --train-data mypkg.data:train_set --query-data mypkg.data:new_queries \\\n"
+        "      --factors runs/influence/step=500/factors --task classification --out new_scores\n\n"
+        "A LightningModule class is restored with Class.load_from_checkpoint; a plain nn.Module class\n"
+        "is built without arguments and given the checkpoint's state_dict (a 'model.' prefix is stripped).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    score.add_argument("--checkpoint", type=Path, required=True, metavar="CKPT", help="model checkpoint file")
+    score.add_argument("--model", required=True, metavar="MODULE:CLASS",
+                       help="the model class (a LightningModule or an nn.Module constructible without arguments)")
+    score.add_argument("--train-data", required=True, metavar="MODULE:CALLABLE",
+                       help="a callable returning the training Dataset to score")
+    score.add_argument("--query-data", required=True, metavar="MODULE:CALLABLE",
+                       help="a callable returning the query Dataset")
+    score.add_argument("--factors", type=Path, required=True, metavar="DIR", help="saved factors directory")
+    score.add_argument("--task", required=True, metavar="TASK",
+                       help="classification, regression, causal_lm, or MODULE:TaskClass")
+    score.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to save the result")
+    score.add_argument("--damping", type=float, default=None, metavar="F",
+                       help="absolute damping (default: the per-layer heuristic, 0.1 x mean eigenvalue)")
+    score.add_argument("--per-layer", action="store_true", help="also keep per-layer scores")
+    score.add_argument("--per-token", action="store_true", help="also keep dense per-token scores")
+    score.add_argument("--query-rank", type=_positive_int, default=None, metavar="R",
+                       help="compress each query gradient to rank R (default: full rank)")
+    score.add_argument("--self-influence", action="store_true", help="also compute each training example's self-influence")
+    score.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="batch size (default: 32)")
+    score.add_argument("--device", default="cpu", help="device to score on, e.g. cuda:0 (default: cpu)")
+    score.set_defaults(run=_cmd_score)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+# -- report ------------------------------------------------------------------------------------
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from lightning_influence.analysis import summarize
+    from lightning_influence.results import load_results
+
+    results = load_results(args.path)
+    latest = results[-1]
+    summary = summarize(latest)
+    out = sys.stdout
+    steps = ", ".join(str(r.step) for r in results)
+    out.write(f"Influence report: {args.path}\n")
+    out.write(f"{len(results)} checkpoint(s), steps: {steps}\n")
+    described = [f"{latest.num_queries} queries x {latest.num_train} training examples",
+                 f"{len(latest.layer_names)} layers"]
+    described += [f"{key} {latest.meta[key]}" for key in ("strategy", "fisher", "damping")
+                  if _is_scalar(latest.meta.get(key)) and latest.meta.get(key) is not None]
+    out.write(f"Latest: step {latest.step}, epoch {latest.epoch}: {', '.join(described)}\n")
+
+    _section(out, f"Most influential training examples (step {latest.step})")
+    top = latest.top_k(args.top_k)
+    bottom = latest.top_k(args.top_k, largest=False)
+    for q in range(latest.num_queries):
+        out.write(f"query {int(latest.query_ids[q])}\n")
+        rows = [
+            [rank + 1, int(top.indices[q, rank]), _fmt(top.values[q, rank]),
+             int(bottom.indices[q, rank]), _fmt(bottom.values[q, rank])]
+            for rank in range(top.indices.shape[1])
+        ]
+        out.write(_indent(format_table(["rank", "top id", "score", "bottom id", "score"], rows)))
+
+    _section(out, "Tail fit (power law on positive scores)")
+    rows = [[int(latest.query_ids[q])] + ([_fmt(f.alpha), _fmt(f.sigma), _fmt(f.xmin), _fmt(f.ks), f.n_tail]
+                                          if f is not None else ["-"] * 5)
+            for q, f in enumerate(summary.tail_fits)]
+    out.write(format_table(["query", "alpha", "+/- s.e.", "xmin", "KS", "n tail"], rows))
+    scalars = {k: v for k, v in summary.scalars.items() if not k.startswith("layer_share/")}
+    out.write(format_table(["statistic", "value"], [[k, _fmt(v)] for k, v in scalars.items()]))
+
+    _section(out, "Layer shares (mean over queries)")
+    if summary.layer_shares is None or not summary.layer_names:
+        out.write("no per-layer scores in this result (compute with per_layer=True)\n")
+    else:
+        means = [float(x) for x in summary.layer_shares.nanmean(0)]
+        rows = [[name, _fmt(share), "#" * round(40 * share) if math.isfinite(share) else ""]
+                for name, share in zip(summary.layer_names, means)]
+        out.write(format_table(["layer", "share", ""], rows))
+
+    if len(results) > 1:
+        from lightning_influence.compare import trajectory
+
+        _section(out, "Trajectory over checkpoints")
+        traj = trajectory(results, k=args.top_k)
+        columns = [k for k, v in traj.items() if all(_is_scalar(x) for x in v)]
+        rows = [[_fmt(traj[c][i]) for c in columns] for i in range(len(results))]
+        out.write(format_table(columns, rows))
+
+    if args.html is not None:
+        from lightning_influence.reporting.html import write_html_report
+
+        train = _load_dataset(args.train_data) if args.train_data else None
+        query = _load_dataset(args.query_data) if args.query_data else None
+        path = write_html_report(results, args.html, train_dataset=train, query_dataset=query, top_k=args.top_k)
+        out.write(f"\nHTML report written to {path}\n")
+    return 0
+
+
+def _section(out, title: str) -> None:
+    out.write(f"\n== {title} ==\n")
+
+
+# -- compare -----------------------------------------------------------------------------------
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from lightning_influence.compare import compare
+
+    a, b = _load_single(args.a), _load_single(args.b)
+    comparison = compare(a, b, ks=tuple(args.k), top_k_changes=args.changes)
+    if args.json:
+        payload = {"a": str(args.a), "b": str(args.b), **comparison.to_dict()}
+        json.dump(_json_safe(payload), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        sys.stdout.write(f"A: {args.a} (step {a.step})\nB: {args.b} (step {b.step})\n")
+        sys.stdout.write(comparison.format_table().rstrip("\n") + "\n")
+    return 0
+
+
+def _load_single(path: Path):
+    from lightning_influence.results import load_results
+
+    results = load_results(path)
+    if len(results) != 1:
+        steps = ", ".join(str(r.path.name) for r in results)
+        raise CommandError(f"{path} is a run directory with {len(results)} results ({steps}); pass one of them")
+    return results[0]
+
+
+def _json_safe(value: Any) -> Any:
+    """Plain JSON types only: tensors become lists and non-finite floats ``null`` (strict JSON)."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# -- score -------------------------------------------------------------------------------------
+
+
+def _cmd_score(args: argparse.Namespace) -> int:
+    import lightning_influence as li
+
+    for path, what in ((args.checkpoint, "checkpoint"), (args.factors, "factors directory")):
+        if not path.exists():
+            raise CommandError(f"{path}: no such {what}")
+    model = _load_model(args.model, args.checkpoint).to(args.device)
+    task = _load_task(args.task)
+    train = _load_dataset(args.train_data)
+    query = _load_dataset(args.query_data)
+    factors = li.load_factors(args.factors, device=args.device)
+    result = li.compute_influence(
+        model, task, train, query, factors=factors, damping=args.damping,
+        per_layer=args.per_layer, per_token=args.per_token, query_rank=args.query_rank,
+        self_influence=args.self_influence, batch_size=args.batch_size, show_progress=sys.stderr.isatty(),
+    )
+    result.meta.update(checkpoint=str(args.checkpoint), factors=str(args.factors), model=args.model)
+    path = result.save(args.out)
+    print(f"scored {result.num_queries} queries against {result.num_train} training examples; "
+          f"result saved to {path}")
+    return 0
+
+
+def import_object(spec: str) -> Any:
+    """The object named by ``"package.module:Name"`` or ``"path/to/file.py:Name"``.
+
+    The current directory is importable, as with ``python -m``. Raises ``CommandError`` with a
+    one-line explanation when the module or the name cannot be found.
+    """
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise CommandError(f"{spec!r}: expected an import path 'package.module:Name' or 'file.py:Name'")
+    if module_name.endswith(".py"):
+        module = _import_file(Path(module_name))
+    else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise CommandError(f"cannot import {module_name!r} from {spec!r}: {err}") from err
+    obj = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            names = sorted(n for n in dir(module) if not n.startswith("_"))
+            raise CommandError(f"{module_name!r} has no attribute {attr!r}; it defines {names}") from None
+    return obj
+
+
+def _import_file(path: Path) -> Any:
+    if not path.is_file():
+        raise CommandError(f"{path}: no such Python file")
+    name = f"_lightning_influence_user_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses and pickling look modules up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def _load_task(name: str) -> Any:
+    import lightning_influence as li
+
+    if name in _BUILTIN_TASKS:
+        return getattr(li, _BUILTIN_TASKS[name])()
+    if ":" not in name:
+        raise CommandError(f"unknown task {name!r}; use one of {sorted(_BUILTIN_TASKS)} or 'module:TaskClass'")
+    task = import_object(name)
+    return task() if isinstance(task, type) else task
+
+
+def _load_dataset(spec: str) -> Any:
+    """Call the named factory (or take the named object) and check that it is a dataset."""
+    obj = import_object(spec)
+    dataset = obj() if callable(obj) and not hasattr(obj, "__getitem__") and not hasattr(obj, "__iter__") else obj
+    if not (hasattr(dataset, "__getitem__") or hasattr(dataset, "__iter__")):
+        raise CommandError(f"{spec!r} gave a {type(dataset).__name__}, not a Dataset or DataLoader")
+    return dataset
+
+
+def _load_model(spec: str, checkpoint: Path) -> Any:
+    """Restore a model: ``load_from_checkpoint`` for LightningModules, else ``state_dict`` loading."""
+    import pickle
+
+    import torch
+
+    cls = import_object(spec)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
+        raise CommandError(f"{spec!r} is not an nn.Module or LightningModule class")
+    try:
+        if hasattr(cls, "load_from_checkpoint"):
+            model = cls.load_from_checkpoint(checkpoint, map_location="cpu")
+        else:
+            model = cls()
+            model.load_state_dict(_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)))
+    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
+        raise CommandError(f"cannot restore {spec} from {checkpoint}: {err}") from err
+    return model.eval()
+
+
+def _state_dict(checkpoint: Any) -> Dict[str, Any]:
+    """The weights inside a Lightning checkpoint or a bare state dict, without a ``model.`` prefix."""
+    if not isinstance(checkpoint, dict):
+        raise CommandError(f"the checkpoint holds a {type(checkpoint).__name__}, not a state dict")
+    state = checkpoint.get("state_dict", checkpoint)
+    prefix = "model."
+    if state and all(key.startswith(prefix) for key in state):
+        state = {key[len(prefix):]: value for key, value in state.items()}
+    return state
+
+
+# -- text tables -------------------------------------------------------------------------------
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table with aligned columns (numbers right-aligned)."""
+    cells: List[List[str]] = [[str(h) for h in header]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    numeric = [all(_looks_numeric(row[i]) for row in cells[1:]) for i in range(len(header))]
+    lines = []
+    for n, row in enumerate(cells):
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)]
+        lines.append("  ".join(padded).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines) + "\n"
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text in ("", "-")
+    return True
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    return "".join(prefix + line + "\n" for line in text.splitlines())
+
+
+def _fmt(value: Any) -> str:
+    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
+        value = value.item()
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return "-" if value is None else str(value)
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))

@@ -1,0 +1,375 @@
+"""A static, self-contained HTML report of one influence result or a whole run.
+
+The report is a single file that opens in any browser with no server and no network: plots are
+embedded as base64 PNG data URIs, the style sheet is inline and there is no JavaScript. Every piece
+of user text (ids, metadata, rendered examples) is escaped, unless a renderer returns HTML itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from lightning_influence._io import PathLike
+from lightning_influence.results import InfluenceResult, load_results
+
+Source = Union[InfluenceResult, Sequence[InfluenceResult], PathLike]
+
+_CSS = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2em auto;
+       max-width: 1100px; color: #222; line-height: 1.4; padding: 0 1em; }
+h1 { border-bottom: 2px solid #444; padding-bottom: .2em; }
+h2 { margin-top: 2em; border-bottom: 1px solid #bbb; }
+section { overflow-x: auto; }
+table { border-collapse: collapse; margin: .5em 0 1em; font-size: 90%; }
+th, td { border: 1px solid #ccc; padding: .25em .6em; text-align: left; vertical-align: top; }
+th { background: #f0f0f0; }
+td.num { text-align: right; font-family: ui-monospace, monospace; }
+td.pos { color: #1a7f37; } td.neg { color: #b3261e; }
+.figures { display: flex; flex-wrap: wrap; gap: 1em; }
+.figures img { max-width: 100%; height: auto; border: 1px solid #ddd; }
+.query { border: 1px solid #ddd; border-radius: 6px; padding: .5em 1em; margin: 1em 0; }
+.pair { display: flex; flex-wrap: wrap; gap: 2em; }
+.example { max-width: 600px; white-space: pre-wrap; font-family: ui-monospace, monospace; }
+.example img { max-width: 200px; }
+.tok { border-radius: 2px; }
+pre { background: #f6f6f6; padding: .5em; overflow-x: auto; }
+.note { color: #666; font-size: 90%; }
+"""
+
+
+def write_html_report(
+    source: Source,
+    out_path: PathLike,
+    *,
+    train_dataset: Any = None,
+    query_dataset: Any = None,
+    renderer: Optional[Callable[..., Any]] = None,
+    top_k: int = 10,
+    max_queries: int = 16,
+    title: str = "Influence report",
+) -> Path:
+    """Write one self-contained HTML file describing influence results.
+
+    Args:
+        source: an ``InfluenceResult``, a list of results (a run, oldest first), or a path to a
+            result directory or a run directory (``<dir>/step=<N>/``).
+        out_path: the HTML file to write (atomically; parent directories are created).
+        train_dataset: the scored training dataset (indexed by ``train_ids``); when given, the
+            tables show each influential example, rendered by ``renderer``.
+        query_dataset: the query dataset (indexed by ``query_ids``), shown above each query's tables.
+        renderer: ``renderer(example, token_scores=None, token_mask=None)`` returning a
+            ``RenderedExample`` (or a plain string); default ``reporting.render.DefaultRenderer()``.
+            Its ``html`` is inserted as is (it must escape text itself); ``text`` is escaped.
+        top_k: how many most positive and most negative training examples to list per query.
+        max_queries: the first ``max_queries`` queries get tables and plots (the tail-fit table
+            covers all queries).
+        title: the page title.
+
+    Returns:
+        The path of the written file.
+    """
+    if top_k < 1 or max_queries < 1:
+        raise ValueError(f"top_k and max_queries must be at least 1, got {top_k} and {max_queries}")
+    results = _as_results(source)
+    if renderer is None:
+        from lightning_influence.reporting.render import DefaultRenderer
+
+        renderer = DefaultRenderer()
+    render = _dataset_renderer(renderer, train_dataset, query_dataset)
+    shows = {kind for kind, data in (("train", train_dataset), ("query", query_dataset)) if data is not None}
+    page = _build_page(results, render, shows, top_k, max_queries, title)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(page)
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _as_results(source: Source) -> List[InfluenceResult]:
+    if isinstance(source, InfluenceResult):
+        return [source]
+    if isinstance(source, (str, os.PathLike)):
+        return load_results(source)
+    results = list(source)
+    if not results:
+        raise ValueError("write_html_report needs at least one result")
+    return results
+
+
+def _dataset_renderer(renderer, train_dataset, query_dataset):
+    """The ``render(kind, index, token_scores, token_mask)`` that ``build_report`` expects."""
+    from lightning_influence.reporting.render import RenderedExample, render_example
+
+    datasets = {"train": train_dataset, "query": query_dataset}
+
+    def render(kind, index, token_scores, token_mask):
+        dataset = datasets[kind]
+        if dataset is None:
+            return RenderedExample(text="")
+        return render_example(renderer, dataset[index], token_scores, token_mask)
+
+    return render
+
+
+def _build_page(results, render, shows, top_k, max_queries, title) -> str:
+    from lightning_influence.analysis import summarize
+    from lightning_influence.compare import trajectory
+    from lightning_influence.reporting.report import build_report
+
+    latest = results[-1]
+    summary = summarize(latest)
+    report = build_report(
+        latest, summary, step=latest.step or 0, namespace="", render=render, top_k=top_k,
+        max_queries=max_queries, heatmap_examples=top_k,
+        trajectory=trajectory(results, k=top_k) if len(results) > 1 else None,
+    )
+    sections = [
+        _overview(results),
+        _queries_section(latest, report, shows),
+        _tail_section(latest, summary, report),
+        _layer_section(summary, report),
+    ]
+    if report.trajectory is not None:
+        sections.append(_trajectory_section(report))
+        sections.append(_comparison_section(results[0], latest, top_k))
+    body = "\n".join(sections)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        f"<title>{_esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        f"<h1>{_esc(title)}</h1>\n{body}\n</body>\n</html>\n"
+    )
+
+
+# -- sections ----------------------------------------------------------------------------------
+
+
+def _overview(results: Sequence[InfluenceResult]) -> str:
+    rows = []
+    for r in results:
+        rows.append([
+            r.step, r.epoch, r.num_queries, r.num_train, len(r.layer_names),
+            r.meta.get("strategy"), _format_damping(r.meta.get("damping")), r.path,
+        ])
+    header = ["step", "epoch", "queries", "train examples", "layers", "strategy", "damping", "path"]
+    latest_meta = {k: v for k, v in results[-1].meta.items() if isinstance(v, (str, int, float, bool))}
+    meta_table = _table(["key", "value"], sorted(latest_meta.items())) if latest_meta else ""
+    return (
+        f"<section id=\"overview\"><h2>Run overview</h2>"
+        f"<p>{len(results)} checkpoint{'s' if len(results) != 1 else ''}.</p>"
+        f"{_table(header, rows)}"
+        + (f"<h3>Metadata of the latest result</h3>{meta_table}" if meta_table else "")
+        + "</section>"
+    )
+
+
+def _queries_section(result, report, shows) -> str:
+    by_query: Dict[int, Dict[str, list]] = {}
+    for which, rows in (("top", report.top_rows), ("bottom", report.bottom_rows)):
+        for row in rows:
+            by_query.setdefault(row.query_id, {"top": [], "bottom": []})[which].append(row)
+    parts = [
+        "<section id=\"queries\"><h2>Most influential training examples</h2>"
+        f"<p class=\"note\">Step {_esc(result.step)}; {len(by_query)} of {result.num_queries} queries. "
+        "Positive scores: up-weighting the example helps the query; negative: it hurts.</p>"
+    ]
+    for query_id, tables in by_query.items():
+        first = (tables["top"] or tables["bottom"])[0]
+        shown = f"<div class=\"example\">{_example_html(first.query)}</div>" if "query" in shows else ""
+        pair = "".join(_ranked_table(query_id, which, rows, "train" in shows) for which, rows in tables.items())
+        parts.append(
+            f"<div class=\"query\" id=\"query-{query_id}\"><h3>Query {query_id}</h3>{shown}"
+            f"<div class=\"pair\">{pair}</div></div>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _ranked_table(query_id, which, rows, with_examples) -> str:
+    label = "Most positive (helpful)" if which == "top" else "Most negative (harmful)"
+    header = ["rank", "train id", "score"] + (["example"] if with_examples else [])
+    cells = []
+    for row in rows:
+        line = [str(row.rank), _esc(row.train_id), _score_cell(row.score)]
+        if with_examples:
+            line.append(f"<div class=\"example\">{_example_html(row.example)}</div>")
+        cells.append(line)
+    return (
+        f"<div><h4>{label}</h4><table class=\"{which}\" data-query=\"{query_id}\">"
+        f"{_header_row(header)}{''.join(_raw_row(c) for c in cells)}</table></div>"
+    )
+
+
+def _tail_section(result, summary, report) -> str:
+    rows = [
+        [int(result.query_ids[q])] + ([_num(f.alpha), _num(f.sigma), _num(f.xmin), _num(f.ks), f.n_tail]
+                                      if f is not None else ["no fit (too few positive scores)"] + [""] * 4)
+        for q, f in enumerate(summary.tail_fits)
+    ]
+    figures = _pngs(report, lambda name: name.startswith("tail/") or name == "score_histogram")
+    scalars = {k: v for k, v in summary.scalars.items() if not k.startswith("layer_share/")}
+    return (
+        "<section id=\"tail\"><h2>Heavy tail</h2>"
+        "<p class=\"note\">Power-law fit to the positive scores of each query (Clauset-Shalizi-Newman), "
+        "with the complementary CDF and the fitted line for the first queries.</p>"
+        f"<div class=\"figures\">{figures}</div>"
+        f"{_table(['query', 'alpha', '± s.e.', 'xmin', 'KS', 'n tail'], rows)}"
+        f"<h3>Summary</h3>{_table(['statistic', 'value'], [(k, _num(v)) for k, v in scalars.items()])}"
+        "</section>"
+    )
+
+
+def _layer_section(summary, report) -> str:
+    if summary.layer_shares is None or not summary.layer_names:
+        return (
+            "<section id=\"layers\"><h2>Layer shares</h2><p class=\"note\">This result has no "
+            "per-layer scores (compute it with <code>per_layer=True</code>).</p></section>"
+        )
+    mean_shares = torch.as_tensor(summary.layer_shares).nanmean(0)
+    figures = _pngs(report, lambda name: name == "layer_shares" or name.startswith("layer_heatmap/"))
+    rows = [(name, _num(share)) for name, share in zip(summary.layer_names, mean_shares.tolist())]
+    return (
+        "<section id=\"layers\"><h2>Layer shares</h2>"
+        "<p class=\"note\">Share of |score| per layer, averaged over queries; heatmaps show each "
+        "layer's part of the most influential examples' scores.</p>"
+        f"<div class=\"figures\">{figures}</div>{_table(['layer', 'mean share'], rows)}</section>"
+    )
+
+
+def _trajectory_section(report) -> str:
+    traj = report.trajectory
+    columns = [k for k, v in traj.items() if all(_is_scalar(x) for x in v)]
+    rows = [[_num(traj[c][i]) for c in columns] for i in range(len(traj["step"]))]
+    return (
+        "<section id=\"trajectory\"><h2>Trajectory over checkpoints</h2>"
+        f"<div class=\"figures\">{_pngs(report, lambda name: name == 'trajectory')}</div>"
+        f"{_table(columns, rows)}</section>"
+    )
+
+
+def _comparison_section(first, last, top_k) -> str:
+    from lightning_influence.compare import compare
+
+    c = compare(first, last, top_k_changes=top_k)
+    label_a, label_b = f"step {first.step}", f"step {last.step}"
+    correlations = [
+        (name, _num(_finite_mean(values)), _num(_finite_min(values)))
+        for name, values in (("Spearman", c.spearman), ("Kendall tau-b", c.kendall))
+    ]
+    overlap = [(k, _num(c.topk_jaccard[k]), _num(c.topk_rbo[k])) for k in c.topk_jaccard]
+    shifts = [("tail alpha (median)", _num(c.tail_alpha[0]), _num(c.tail_alpha[1]))]
+    shifts += [(key, _num(c.concentration[0].get(key)), _num(c.concentration[1].get(key)))
+               for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction")]
+    changes = [(q, " ".join(map(str, entered)), " ".join(map(str, left)))
+               for q, entered, left in zip(c.query_ids, c.entered, c.left)]
+    layer_js = "" if c.layer_js is None else f"<p>Layer-share shift (Jensen-Shannon): {_num(c.layer_js)} bits.</p>"
+    return (
+        f"<section id=\"comparison\"><h2>First vs last checkpoint ({_esc(label_a)} &rarr; {_esc(label_b)})</h2>"
+        f"<p>{c.n_query} shared queries, {c.n_train} shared training examples.</p>"
+        f"<div class=\"pair\">{_table(['rank correlation', 'mean over queries', 'min'], correlations)}"
+        f"{_table(['top-k', 'Jaccard', 'RBO (p=0.9)'], overlap)}"
+        f"{_table(['statistic', label_a, label_b], shifts)}</div>{layer_js}"
+        f"<h3>Top-{c.k_changes} changes per query</h3>"
+        f"{_table(['query', 'entered (train ids)', 'left (train ids)'], changes)}</section>"
+    )
+
+
+def _finite_mean(values: torch.Tensor) -> Optional[float]:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if finite.numel() else None
+
+
+def _finite_min(values: torch.Tensor) -> Optional[float]:
+    finite = values[torch.isfinite(values)]
+    return float(finite.min()) if finite.numel() else None
+
+
+# -- rendering helpers -------------------------------------------------------------------------
+
+
+def _example_html(rendered) -> str:
+    """A rendered example: the renderer's own HTML, else its image, else its escaped text."""
+    if rendered.html:
+        return rendered.html
+    if rendered.image is not None:
+        return f"<img alt=\"{_esc(rendered.text)}\" src=\"{_png_data_uri(_image_png(rendered.image))}\">"
+    return _esc(rendered.text)
+
+
+def _image_png(image: Any) -> bytes:
+    """PNG bytes of a ``RenderedExample.image``: a ``[H, W]`` or ``[H, W, C]`` uint8 array."""
+    import matplotlib.image
+
+    buf = io.BytesIO()
+    matplotlib.image.imsave(buf, np.asarray(image), format="png", cmap="gray", vmin=0, vmax=255)
+    return buf.getvalue()
+
+
+def _pngs(report, wanted: Callable[[str], bool]) -> str:
+    """``<img>`` tags for the report's figures whose names ``wanted`` accepts, in report order."""
+    return "".join(
+        f"<img alt=\"{_esc(name)}\" src=\"{_png_data_uri(png)}\">" for name, png in report.pngs.items() if wanted(name)
+    )
+
+
+def _png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A table of plain values, all escaped."""
+    body = "".join(_raw_row([_esc(v) for v in row]) for row in rows)
+    return f"<table>{_header_row(header)}{body}</table>"
+
+
+def _header_row(header: Sequence[str]) -> str:
+    return "<tr>" + "".join(f"<th>{_esc(h)}</th>" for h in header) + "</tr>"
+
+
+def _raw_row(cells: Sequence[str]) -> str:
+    """A row of ready HTML cells; a cell that is already a ``<td ...>`` (scores) is kept as is."""
+    return "<tr>" + "".join(c if c.startswith("<td") else f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _score_cell(score: float) -> str:
+    sign = "pos" if score > 0 else "neg" if score < 0 else ""
+    return f"<td class=\"num {sign}\">{score:.4g}</td>"
+
+
+def _format_damping(damping: Any) -> Any:
+    if isinstance(damping, dict):  # per-layer heuristic values
+        return f"per layer ({len(damping)})"
+    return damping
+
+
+def _is_scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (int, float, str, bool))
+
+
+def _num(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return f"{value.item():.4g}"
+    return "" if value is None else str(value)
+
+
+def _esc(value: Any) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+__all__ = ["write_html_report"]
