@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a callable returning the training Dataset to score")
     score.add_argument("--query-data", required=True, metavar="MODULE:CALLABLE",
                        help="a callable returning the query Dataset")
-    score.add_argument("--factors", type=Path, required=True, metavar="DIR", help="saved factors directory")
+    score.add_argument("--factors", type=Path, required=True, metavar="DIR",
+                       help="saved factors directory, or a result directory holding them in factors/")
     score.add_argument("--task", required=True, metavar="TASK",
                        help="classification, regression, causal_lm, or MODULE:TaskClass")
     score.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to save the result")
@@ -293,13 +294,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     task = _load_task(args.task)
     train = _load_dataset(args.train_data)
     query = _load_dataset(args.query_data)
-    factors = li.load_factors(args.factors, device=args.device)
+    factors_dir = args.factors
+    if not (factors_dir / "meta.json").is_file() and (factors_dir / "factors" / "meta.json").is_file():
+        factors_dir = factors_dir / "factors"  # the callback saves factors inside each result
+    factors = li.load_factors(factors_dir, device=args.device)
     result = li.compute_influence(
         model, task, train, query, factors=factors, damping=args.damping,
         per_layer=args.per_layer, per_token=args.per_token, query_rank=args.query_rank,
         self_influence=args.self_influence, batch_size=args.batch_size, show_progress=sys.stderr.isatty(),
     )
-    result.meta.update(checkpoint=str(args.checkpoint), factors=str(args.factors), model=args.model)
+    result.meta.update(checkpoint=str(args.checkpoint), factors=str(factors_dir), model=args.model)
     path = result.save(args.out)
     print(f"scored {result.num_queries} queries against {result.num_train} training examples; "
           f"result saved to {path}")

@@ -299,12 +299,15 @@ def test_score_new_queries_from_checkpoint(capsys, tmp_path, user_module, kind):
     task = li.ClassificationTask()
     train, queries = user_module.train_set(), user_module.query_set()
     factors = li.fit_factors(model, task, train)
-    factors.save(tmp_path / "factors")
+    # Factors given directly, or as the result directory the callback saves them in.
+    factors_dir = tmp_path / "factors" if kind == "nn.Module" else tmp_path / "result" / "factors"
+    factors.save(factors_dir)
+    factors_arg = factors_dir if kind == "nn.Module" else factors_dir.parent
     expected = li.compute_influence(model, task, train, queries, factors=factors, per_layer=True)
 
     code, out, err = run_cli(
         capsys, "score", "--checkpoint", checkpoint, "--model", class_path, "--train-data", "cli_models:train_set",
-        "--query-data", "cli_models:query_set", "--factors", tmp_path / "factors", "--task", "classification",
+        "--query-data", "cli_models:query_set", "--factors", factors_arg, "--task", "classification",
         "--out", tmp_path / "scored", "--per-layer", "--self-influence", "--batch-size", "7",
     )
     assert code == 0, err
