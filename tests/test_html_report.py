@@ -207,3 +207,15 @@ def test_single_result_has_no_trajectory(tmp_path):
     assert "no per-layer scores" in page
     with pytest.raises(ValueError, match="top_k"):
         write_html_report(single, tmp_path / "bad.html", top_k=0)
+
+
+def test_image_examples_are_embedded(tmp_path):
+    from PIL import Image
+
+    images = [torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(NUM_TRAIN)]
+    result = InfluenceResult(scores=torch.randn(1, NUM_TRAIN, generator=torch.Generator().manual_seed(0)), step=1)
+    page = write_html_report(result, tmp_path / "images.html", train_dataset=images, top_k=3).read_text()
+    examples = [src for src in parse(page).images if src.startswith("data:image/png")]
+    shown = re.findall(r'<img alt="image 1x8x8" src="data:image/png;base64,([^"]+)"', page)
+    assert len(shown) == 6 and len(examples) > 6  # 3 top + 3 bottom, plus the plots
+    assert Image.open(io.BytesIO(base64.b64decode(shown[0]))).size == (8, 8)
