@@ -177,8 +177,11 @@ def _fit_lognormal_tail(log_tail: np.ndarray, log_xmin: float, max_iter: int = 1
     m1, m2 = float(log_tail.mean()), float((log_tail**2).mean())
 
     def objective(mu: float, s: float) -> float:  # mean negative log-likelihood, up to constants
-        sigma = math.exp(s)
-        return s + (m2 - 2 * mu * m1 + mu * mu) / (2 * sigma * sigma) + _log_ndtr_and_mills((mu - log_xmin) / sigma)[0]
+        try:
+            sigma = math.exp(s)
+            return s + (m2 - 2 * mu * m1 + mu * mu) / (2 * sigma * sigma) + _log_ndtr_and_mills((mu - log_xmin) / sigma)[0]
+        except (OverflowError, ValueError, ZeroDivisionError):  # a trial step far out of range
+            return math.inf
 
     mu, s = m1, math.log(max(math.sqrt(max(m2 - m1 * m1, 0.0)), 1e-3))
     for _ in range(max_iter):
@@ -188,6 +191,8 @@ def _fit_lognormal_tail(log_tail: np.ndarray, log_xmin: float, max_iter: int = 1
         dmills = -mills * (t + mills)
         spread = (m2 - 2 * mu * m1 + mu * mu) / sigma**2
         grad = ((mu - m1) / sigma**2 + mills / sigma, 1.0 - spread - mills * t)
+        if math.hypot(*grad) < 1e-10:
+            break
         h_mm = (1.0 + dmills) / sigma**2
         h_ms = -2 * (mu - m1) / sigma**2 - (t * dmills + mills) / sigma
         h_ss = 2 * spread + t * t * dmills + mills * t
@@ -196,8 +201,6 @@ def _fit_lognormal_tail(log_tail: np.ndarray, log_xmin: float, max_iter: int = 1
             step = ((h_ss * grad[0] - h_ms * grad[1]) / det, (h_mm * grad[1] - h_ms * grad[0]) / det)
         else:
             step = grad
-        if math.hypot(*grad) < 1e-10:
-            break
         current, scale = objective(mu, s), 1.0
         while scale > 1e-10 and not objective(mu - scale * step[0], s - scale * step[1]) < current:
             scale /= 2
@@ -240,6 +243,8 @@ def _fit_sorted(x: np.ndarray, xmin: Optional[float], min_tail: int, max_candida
     if xmin is None:
         start = _search_xmin(x, log_x, min_tail, max_candidates)
     else:
+        if not xmin > 0:
+            raise ValueError(f"xmin must be positive, got {xmin}")
         start = int(np.searchsorted(x, xmin, side="left"))
         if len(x) - start < min_tail:
             raise ValueError(f"only {len(x) - start} values are >= xmin={xmin}; need at least min_tail={min_tail}")
@@ -301,7 +306,9 @@ def fit_power_law(
     if compare_alternatives:
         extra.update(_compare_alternatives(x[start:], found_xmin, alpha))
     if bootstrap > 0:
-        extra["p_value"] = _bootstrap_p_value(x, start, alpha, found_xmin, ks, xmin, bootstrap, min_tail, max_xmin_candidates, seed)
+        extra["p_value"] = _bootstrap_p_value(
+            x, start, alpha, found_xmin, ks, xmin, bootstrap, min_tail, max_xmin_candidates, seed
+        )
     return PowerLawFit(
         alpha=alpha,
         xmin=found_xmin,
@@ -512,7 +519,10 @@ def token_distribution(token_scores: ArrayLike, token_mask: Optional[ArrayLike] 
         ``|s|`` (-1 when no token is valid).
     """
     scores = _to_tensor(token_scores).double()
-    mask = torch.ones_like(scores, dtype=torch.bool) if token_mask is None else _to_tensor(token_mask).bool().expand_as(scores)
+    if token_mask is None:
+        mask = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        mask = _to_tensor(token_mask).bool().expand_as(scores)
     magnitude = torch.where(mask, scores.abs(), torch.zeros_like(scores))
     l1 = magnitude.sum(-1)
     l2 = magnitude.pow(2).sum(-1).sqrt()

@@ -97,7 +97,8 @@ def rank_biased_overlap(a: torch.Tensor, b: torch.Tensor, k: int, p: float = RBO
     rank_in_b.scatter_(1, top_b, torch.arange(k).expand_as(top_b))
     # an item at rank i in a and rank j in b is shared by every prefix of depth > max(i, j)
     joined = torch.maximum(torch.arange(k).expand_as(top_a), rank_in_b.gather(1, top_a))
-    counts = torch.zeros(a.shape[0], k + 1, dtype=torch.float64).scatter_add_(1, joined, torch.ones_like(joined, dtype=torch.float64))
+    ones = torch.ones_like(joined, dtype=torch.float64)
+    counts = torch.zeros(a.shape[0], k + 1, dtype=torch.float64).scatter_add_(1, joined, ones)
     overlap = counts[:, :k].cumsum(1)  # X_d for d = 1..k
     depth = torch.arange(1, k + 1, dtype=torch.float64)
     agreement = overlap / depth
@@ -127,7 +128,9 @@ def _match(a: Any, b: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, to
     return q_a, q_b, t_a, t_b
 
 
-def _shared_positions(ids_a: torch.Tensor, ids_b: torch.Tensor, what: str, a: Any, b: Any, minimum: int) -> Tuple[torch.Tensor, torch.Tensor]:
+def _shared_positions(
+    ids_a: torch.Tensor, ids_b: torch.Tensor, what: str, a: Any, b: Any, minimum: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
     position_in_b = {int(i): pos for pos, i in enumerate(ids_b.tolist())}
     pairs = [(pos, position_in_b[i]) for pos, i in enumerate(ids_a.tolist()) if i in position_in_b]
     if len(pairs) < minimum:
@@ -218,7 +221,8 @@ class Comparison:
     def format_table(self, max_queries: int = 5) -> str:
         """A human-readable table for the terminal (top-k changes for the first ``max_queries``)."""
         step_a, step_b = (f"step {s}" if s is not None else "-" for s in self.steps)
-        lines = [f"Influence comparison: {step_a} -> {step_b} ({self.n_query} queries, {self.n_train} training examples)", ""]
+        sizes = f"{self.n_query} queries, {self.n_train} training examples"
+        lines = [f"Influence comparison: {step_a} -> {step_b} ({sizes})", ""]
         lines.append(f"  {'rank correlation':<22}{'mean':>9}{'min':>9}{'max':>9}")
         for name, values in (("spearman", self.spearman), ("kendall tau-b", self.kendall)):
             finite = values[torch.isfinite(values)]
@@ -258,7 +262,9 @@ def _id_list(ids: List[int], limit: int = 10) -> str:
     return f"[{text}{', ...' if len(ids) > limit else ''}]"
 
 
-def _topk_changes(scores_a: torch.Tensor, scores_b: torch.Tensor, train_ids: torch.Tensor, k: int) -> Tuple[List[List[int]], List[List[int]]]:
+def _topk_changes(
+    scores_a: torch.Tensor, scores_b: torch.Tensor, train_ids: torch.Tensor, k: int
+) -> Tuple[List[List[int]], List[List[int]]]:
     top_a = scores_a.topk(k, dim=1).indices.tolist()
     top_b = scores_b.topk(k, dim=1).indices.tolist()
     ids = train_ids.tolist()
@@ -267,7 +273,15 @@ def _topk_changes(scores_a: torch.Tensor, scores_b: torch.Tensor, train_ids: tor
     return entered, left
 
 
-def compare(a: Any, b: Any, *, ks: Sequence[int] = (1, 5, 10, 50), top_k_changes: int = 10, kendall_max_n: int = 2000, seed: int = 0) -> Comparison:
+def compare(
+    a: Any,
+    b: Any,
+    *,
+    ks: Sequence[int] = (1, 5, 10, 50),
+    top_k_changes: int = 10,
+    kendall_max_n: int = 2000,
+    seed: int = 0,
+) -> Comparison:
     """Compare two influence results, typically of two checkpoints of one run.
 
     Args:
@@ -330,7 +344,8 @@ def trajectory(results: Sequence[Any], *, k: int = 10) -> Dict[str, List[Any]]:
         (first checkpoint, no shared ids, a layer missing at that checkpoint).
     """
     keys = ("top1pct_share", "top10pct_share", "gini")
-    series: Dict[str, List[Any]] = {name: [] for name in ("step", "epoch", "tail_alpha", *keys, "topk_churn", "spearman_prev")}
+    names = ("step", "epoch", "tail_alpha", *keys, "topk_churn", "spearman_prev")
+    series: Dict[str, List[Any]] = {name: [] for name in names}
     layer_series: Dict[str, List[Optional[float]]] = {}
     for index, result in enumerate(results):
         scores = result.scores.double()

@@ -49,8 +49,10 @@ class LayerShare(Metric):
     ) -> None:
         super().__init__(**kwargs)
         self.groups = groups
-        known = num_queries is not None and num_layers is not None
-        default = torch.zeros(num_queries, num_layers, dtype=torch.float64) if known else torch.tensor(0.0, dtype=torch.float64)
+        if num_queries is not None and num_layers is not None:
+            default = torch.zeros(num_queries, num_layers, dtype=torch.float64)
+        else:  # takes its shape from the first update
+            default = torch.tensor(0.0, dtype=torch.float64)
         self.add_state("abs_sums", default=default, dist_reduce_fx="sum")
 
     def update(self, layer_scores: torch.Tensor) -> None:
