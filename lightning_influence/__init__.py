@@ -3,11 +3,15 @@
 Public names only; see README.md for a tour.
 """
 
+from lightning_influence import analysis, metrics
 from lightning_influence._io import FormatError
+from lightning_influence.analysis import InfluenceSummary, PowerLawFit, fit_power_law, summarize
+from lightning_influence.compare import Comparison, compare, trajectory
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors, load_factors
 from lightning_influence.results import InfluenceResult, aggregate, load_results
 from lightning_influence.scoring import compute_influence, compute_self_influence
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from lightning_influence.metrics import InfluenceConcentration, LayerShare
 from lightning_influence.tracking import TrackingError, select_layers
 
 __version__ = "0.1.0"
@@ -15,18 +19,39 @@ __version__ = "0.1.0"
 __all__ = [
     "CausalLMTask",
     "ClassificationTask",
+    "Comparison",
     "CovarianceStatistics",
     "Factors",
     "FormatError",
+    "InfluenceConcentration",
     "InfluenceResult",
+    "InfluenceSummary",
+    "LayerShare",
+    "PowerLawFit",
     "RegressionTask",
     "Task",
     "TrackingError",
     "aggregate",
+    "analysis",
+    "compare",
     "compute_influence",
     "compute_self_influence",
     "fit_factors",
+    "fit_power_law",
     "load_factors",
     "load_results",
+    "metrics",
     "select_layers",
+    "summarize",
+    "trajectory",
+    "write_html_report",
 ]
+
+
+def __getattr__(name: str):
+    # The HTML report pulls in matplotlib: import it only when asked for.
+    if name == "write_html_report":
+        from lightning_influence.reporting.html import write_html_report
+
+        return write_html_report
+    raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
