@@ -3,7 +3,7 @@
 Public names only; see README.md for a tour.
 """
 
-from lightning_influence import analysis, metrics
+from lightning_influence import analysis
 from lightning_influence._io import FormatError
 from lightning_influence.analysis import InfluenceSummary, PowerLawFit, fit_power_law, summarize
 from lightning_influence.compare import Comparison, compare, trajectory
@@ -11,7 +11,6 @@ from lightning_influence.factors import CovarianceStatistics, Factors, fit_facto
 from lightning_influence.results import InfluenceResult, aggregate, load_results
 from lightning_influence.scoring import compute_influence, compute_self_influence
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
-from lightning_influence.metrics import InfluenceConcentration, LayerShare
 from lightning_influence.tracking import TrackingError, select_layers
 
 __version__ = "0.1.0"
@@ -48,10 +47,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The HTML report pulls in matplotlib: import it only when asked for.
-    if name == "write_html_report":
-        from lightning_influence.reporting.html import write_html_report
+_LAZY = {  # heavy imports (matplotlib, torchmetrics) only when asked for
+    "write_html_report": ("lightning_influence.reporting.html", "write_html_report"),
+    "metrics": ("lightning_influence.metrics", None),
+    "LayerShare": ("lightning_influence.metrics", "LayerShare"),
+    "InfluenceConcentration": ("lightning_influence.metrics", "InfluenceConcentration"),
+}
 
-        return write_html_report
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name)
+        return module if attribute is None else getattr(module, attribute)
     raise AttributeError(f"module 'lightning_influence' has no attribute {name!r}")
