@@ -73,6 +73,14 @@ class Task:
         """``[B, T]`` bool mask of real (non-padding) input positions, or ``None`` (all real)."""
         return None
 
+    def loss_token_count(self, batch: Any) -> Tensor:
+        """How many terms a token-mean training loss divides by (``loss_reduction="token_mean"``):
+        the real input positions, or one per example when the task has no token axis."""
+        mask = self.token_mask(batch)
+        if mask is not None:
+            return mask.sum()
+        return torch.tensor(float(self.batch_size(batch)))
+
     def batch_size(self, batch: Any) -> int:
         first = batch[0] if isinstance(batch, (tuple, list)) else batch
         if isinstance(first, Mapping):
@@ -104,6 +112,10 @@ class ClassificationTask(Task):
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
         return self._per_example(outputs, self.targets(batch))
+
+    def loss_token_count(self, batch: Any) -> Tensor:
+        """Targets that count in the loss (not ``ignore_index``): a token-mean loss divides by these."""
+        return (self.targets(batch) != self.ignore_index).sum()
 
     def _valid(self, outputs: Tensor, batch: Any) -> Tensor:
         return (self.targets(batch) != self.ignore_index).reshape(outputs.shape[:-1])

@@ -1,0 +1,278 @@
+"""Curvature statistics from the user's own training steps (plain PyTorch; the callback drives it).
+
+Per training batch the tracker's tensor hooks see each tracked layer's input ``a`` and the gradient
+``g_user`` of the loss the user back-propagates. That loss is usually a mean, divided again by
+Lightning for gradient accumulation and multiplied by the AMP loss scale, so the gradient of each
+example's token-summed loss (what ``S`` is defined on, design.md) is recovered as
+
+    g = g_user × reduction × accumulation / loss_scale
+
+with ``reduction`` the batch size (mean over examples), the number of loss tokens (mean over
+tokens) or 1 (sum). A step's statistics are buffered and committed only when its optimizer step
+happens with finite values (AMP steps the scaler skips and non-finite steps are dropped and
+counted), so the accumulated sums never see a step that training itself discarded.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_influence import distributed, passes
+from lightning_influence.factors import CovarianceStatistics
+from lightning_influence.tasks import Task, _unwrap_logits
+from lightning_influence.tracking import LayerTracker, TrackedLayer
+
+# Training-side phases: which statistic a gradient reaching the tracker's tensor hooks feeds.
+_IDLE, _TRAIN, _OWN = "idle", "train", "own"
+
+
+class StepStatistics:
+    """Accumulates ``Σ a aᵀ`` and ``Σ g gᵀ`` (sums and counts) from training batches.
+
+    Args:
+        layers: the tracked layers.
+        task: gives per-batch token masks, batch sizes and, for ``fisher="true"``, sampled losses.
+        fisher: ``"empirical"`` (gradients of the training loss, free) or ``"true"`` (gradients of
+            a loss with targets sampled from the model: one extra backward per collected batch).
+        loss_reduction: how the user's loss reduces per-example losses (``"mean"``, ``"sum"``,
+            ``"token_mean"``).
+        max_tokens_per_step: cap on the token positions used per layer and training batch (a
+            random subset from a private generator; ``S`` is reweighted to stay unbiased).
+        window: ``"reset"`` (cleared by :meth:`reset` after each influence computation) or
+            ``"ema"`` (each committed step first multiplies sums and counts by ``ema_decay``).
+        dtype: accumulation dtype (float32 even when training runs in bf16 / fp16).
+        device: where the statistics live (the tracked modules' device).
+        seed: seed of the private generators (token subsets, sampled targets).
+    """
+
+    def __init__(self, layers: Sequence[TrackedLayer], task: Task, *, fisher: str = "empirical",
+                 loss_reduction: str = "mean", max_tokens_per_step: Optional[int] = None,
+                 window: str = "reset", ema_decay: float = 0.99, dtype: torch.dtype = torch.float32,
+                 device: Optional[torch.device] = None, seed: int = 0) -> None:
+        self.layers = list(layers)
+        self.task = task
+        self.fisher = fisher
+        self.loss_reduction = loss_reduction
+        self.max_tokens = max_tokens_per_step
+        self.window = window
+        self.ema_decay = ema_decay
+        self.device = device or torch.device("cpu")
+        self.stats = CovarianceStatistics(self.layers, dtype=dtype, device=self.device)
+        self._pending = CovarianceStatistics(self.layers, dtype=dtype, device=self.device)
+        self.tracker = LayerTracker(self.layers, on_gradient=self._on_gradient)
+        self._own_tracker = LayerTracker(self.layers)  # for the extra forward of the true Fisher
+        self._token_generator = torch.Generator().manual_seed(seed)
+        self._sample_generator = torch.Generator(self.device).manual_seed(seed + 1)
+        self.steps_committed = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.steps_skipped = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
+        self._phase = _IDLE
+        self._batch: Any = None
+        self._batch_size = 0
+        self._token_total: Optional[Tensor] = None
+        self._grad_factor: Any = 1.0
+        self._loss_scale = 1.0
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self.tracker.attach()
+        self._own_tracker.attach()
+
+    def detach(self) -> None:
+        self.tracker.detach()
+        self._own_tracker.detach()
+
+    def begin_batch(self, batch: Any, *, accumulation: int = 1, loss_scale: float = 1.0) -> None:
+        """Start recording the forward/backward of one training batch."""
+        self._batch = batch
+        self._batch_size = self.task.batch_size(batch)
+        mask = self.task.token_mask(batch)
+        self._token_total = mask.sum() if mask is not None else None
+        if self.loss_reduction == "mean":
+            reduction: Any = float(self._batch_size)
+        elif self.loss_reduction == "token_mean":
+            reduction = self.task.loss_token_count(batch).to(self.device, torch.float32)
+        else:
+            reduction = 1.0
+        self._loss_scale = float(loss_scale)
+        self._grad_factor = reduction * (float(accumulation) / self._loss_scale)
+        self.tracker.reset()
+        self.tracker.token_mask = mask
+        self.tracker.active = True
+        self._phase = _TRAIN
+
+    def end_batch(self) -> None:
+        """Stop recording and drop references to the batch's tensors."""
+        self.tracker.active = False
+        self.tracker.reset()
+        self.tracker.token_mask = None
+        self._phase = _IDLE
+        self._batch = None
+
+    @property
+    def recording(self) -> bool:
+        return self._phase != _IDLE
+
+    def _on_gradient(self, layer: TrackedLayer, acts: Tensor, grads: Tensor) -> None:
+        if self._phase != _TRAIN:
+            return  # our own backward for sampled targets: handled by sample_true_fisher
+        calls = self.tracker.call_counts()[layer.name]
+        if calls != 1:
+            self.miscounted[layer.name] = calls
+            return
+        with torch.no_grad(), torch.autocast(acts.device.type, enabled=False):
+            acts_kept, grads_kept, weight, tokens = self._subsample(acts, grads)
+            self._pending.add_activations(layer.name, acts_kept, tokens)
+            if self.fisher == "empirical":
+                self._pending.add_gradients(layer.name, grads_kept.float() * self._grad_factor,
+                                            self._batch_size, weight)
+
+    def _subsample(self, acts: Tensor, grads: Tensor):
+        """Flatten token positions and keep at most ``max_tokens`` of them: ``(acts, grads, S
+        weight, real tokens kept)``."""
+        positions = acts.shape[0] * acts.shape[1]
+        mask = self.tracker.token_mask
+        mask_applies = mask is not None and mask.shape[1] == acts.shape[1]
+        acts = acts.reshape(positions, -1)
+        grads = grads.reshape(positions, -1)
+        if self.max_tokens is None or positions <= self.max_tokens:
+            tokens = self._token_total if mask_applies else float(positions)
+            return acts, grads, 1.0, tokens
+        keep = torch.randperm(positions, generator=self._token_generator)[: self.max_tokens].to(acts.device)
+        tokens = mask.reshape(-1)[keep].sum() if mask_applies else float(self.max_tokens)
+        return acts[keep], grads[keep], positions / self.max_tokens, tokens
+
+    def _add_sampled(self, layer: TrackedLayer, grads: Tensor, factor: float, weight: float = 1.0,
+                     share: float = 1.0) -> None:
+        with torch.no_grad(), torch.autocast(grads.device.type, enabled=False):
+            flat = grads.reshape(-1, grads.shape[-1])
+            scale = 1.0
+            if self.max_tokens is not None and flat.shape[0] > self.max_tokens:
+                keep = torch.randperm(flat.shape[0], generator=self._token_generator)[: self.max_tokens]
+                scale = flat.shape[0] / self.max_tokens
+                flat = flat[keep.to(flat.device)]
+            self._pending.add_gradients(layer.name, flat.float() * factor, self._batch_size * share, weight * scale)
+
+    # -- true Fisher ----------------------------------------------------------------------------
+    def sample_true_fisher(self, model: nn.Module, outputs: Any = None) -> bool:
+        """Add ``S`` from targets sampled from the model, before the user's backward frees the graph.
+
+        Reuses ``outputs`` (what the model returned in this training step) when the task can
+        compute its loss from them: one extra backward, via ``torch.autograd.grad`` on the tracked
+        outputs (no ``.grad`` is touched). Otherwise runs an extra forward and backward on the batch
+        in eval mode with buffers restored. Returns whether the step's outputs were reused.
+        """
+        batch = self._batch
+        reused = outputs is not None and self._sample_from_outputs(outputs, batch)
+        if not reused:
+            self._sample_with_extra_pass(model, batch)
+        return reused
+
+    def _sample_from_outputs(self, outputs: Any, batch: Any) -> bool:
+        counts = self.tracker.call_counts()
+        if any(count != 1 for count in counts.values()):
+            return False
+        try:
+            logits = _unwrap_logits(outputs)
+            loss = self.task.sample_loss_from_outputs(logits, batch, self._sample_generator)
+        except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError):
+            return False
+        if loss.shape != (self._batch_size,) or not loss.requires_grad:
+            return False
+        phase, self._phase = self._phase, _OWN
+        try:
+            grads = torch.autograd.grad(loss.sum() * self._loss_scale, self.tracker.outputs(),
+                                        retain_graph=True, allow_unused=True)
+        finally:
+            self._phase = phase
+        if any(grad is None for grad in grads):
+            return False
+        for layer, grad in zip(self.layers, grads):
+            masked = self.tracker.masked(layer.output_gradients(grad), self.tracker.token_mask)
+            self._add_sampled(layer, masked, 1.0 / self._loss_scale)
+        return True
+
+    def _sample_with_extra_pass(self, model: nn.Module, batch: Any) -> None:
+        active, self.tracker.active = self.tracker.active, False
+        try:
+            with ExitStack() as stack:
+                stack.enter_context(fork_rng(self.device))
+                stack.enter_context(passes.evaluation_mode(model))
+                outputs = passes.forward(model, self.task, batch, self._own_tracker)
+                for weight, share, grads in passes.fisher_gradients(outputs, self.task, batch, self._own_tracker,
+                                                                    "true", self._sample_generator):
+                    for layer, grad in zip(self.layers, grads):
+                        self._add_sampled(layer, grad, 1.0, weight, share)
+        finally:
+            self._own_tracker.reset()
+            self.tracker.active = active
+
+    # -- committing steps -----------------------------------------------------------------------
+    def commit(self, valid: bool = True) -> None:
+        """Fold the buffered batches of one optimizer step into the statistics, unless the step
+        was skipped (``valid=False``) or produced non-finite values; no host synchronisation."""
+        pending = self._pending.tensors()
+        has_data = torch.stack([p["s_count"] > 0 for p in self._pending.state.values()]).any()
+        finite = torch.stack([t.isfinite().all() for t in pending]).all()
+        ok = finite & has_data & valid
+        for total, new in zip(self.stats.tensors(), pending):
+            if self.window == "ema":
+                total.mul_(torch.where(ok, self.ema_decay, 1.0).to(total.dtype))
+            total.add_(torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device)))
+        self.steps_committed += ok
+        self.steps_skipped += has_data & ~ok
+        self._pending.zero_()
+
+    def reset(self) -> None:
+        """Start a new window (``window="reset"``); moving averages keep going."""
+        if self.window == "reset":
+            self.stats.zero_()
+
+    # -- across processes -----------------------------------------------------------------------
+    def reduced(self) -> CovarianceStatistics:
+        """The statistics summed over every process (collective); the local sums stay as they are."""
+        total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
+                                     device=self.device)
+        total.merge_(self.stats)
+        distributed.all_reduce_sum_(total.tensors())
+        return total
+
+    def consolidate_(self) -> None:
+        """Move every process's sums onto rank 0 (the totals are unchanged), so rank 0's state
+        alone describes the run: what a checkpoint written by rank 0 needs (collective)."""
+        if distributed.world_size() == 1:
+            return
+        distributed.all_reduce_sum_(self.stats.tensors())
+        if distributed.rank() != 0:
+            self.stats.zero_()
+
+    # -- persistence ----------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        return {
+            "stats": self.stats.state_dict(),
+            "steps_committed": float(self.steps_committed),
+            "steps_skipped": float(self.steps_skipped),
+            "token_generator": self._token_generator.get_state(),
+            "sample_generator": self._sample_generator.get_state().cpu(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a consolidated state (every rank loads it; only rank 0 keeps the sums)."""
+        self.stats.load_state_dict(state["stats"])
+        if distributed.rank() != 0:
+            self.stats.zero_()
+        self.steps_committed.fill_(state["steps_committed"])
+        self.steps_skipped.fill_(state["steps_skipped"])
+        self._token_generator.set_state(state["token_generator"])
+        self._sample_generator.set_state(state["sample_generator"])
+
+
+def fork_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU and, on a GPU, that device: the global random state
+    is the same after the block as before, whatever ran inside."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
