@@ -1,0 +1,199 @@
+"""Everything a sink shows about one result, computed once and shared by all sinks.
+
+Building the figures and rendering the examples is the expensive part of publishing; sinks only
+translate a :class:`Report` into their logger's calls.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from lightning_influence.reporting import plots
+from lightning_influence.reporting.render import RenderedExample
+
+__all__ = ["ExampleRow", "Report", "build_report"]
+
+
+@dataclass
+class ExampleRow:
+    """One line of a top-k / bottom-k table: a training example ranked for a query."""
+
+    query_id: int
+    query: RenderedExample
+    rank: int  # 1 = most influential (most positive for top, most negative for bottom)
+    train_id: int
+    score: float
+    example: RenderedExample
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "query_id": self.query_id,
+            "query": self.query.text,
+            "rank": self.rank,
+            "train_id": self.train_id,
+            "score": self.score,
+            "example": self.example.text,
+        }
+
+
+@dataclass
+class Report:
+    """What to show for one result at one step.
+
+    Attributes:
+        step: the trainer's global step (the x axis of every logger).
+        epoch: the epoch, if known.
+        namespace: prefix of every logged key (``influence`` gives ``influence/tail_alpha``).
+        scalars: finite headline numbers, keys without the namespace.
+        scores: all finite scores, flattened (for histograms).
+        pngs: figure name (e.g. ``tail/q3``) to PNG bytes.
+        top_rows, bottom_rows: top-k / bottom-k training examples per query.
+        trajectory: statistics over this and previous results (``compare.trajectory``), or None.
+        result_path: the result directory on disk, if saved.
+    """
+
+    step: int
+    epoch: Optional[int]
+    namespace: str
+    scalars: Dict[str, float]
+    scores: np.ndarray
+    pngs: Dict[str, bytes]
+    top_rows: List[ExampleRow]
+    bottom_rows: List[ExampleRow]
+    trajectory: Optional[Dict[str, list]] = None
+    result_path: Optional[Path] = None
+    _arrays: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def key(self, name: str) -> str:
+        """The logged key of ``name``: ``<namespace>/<name>``."""
+        return f"{self.namespace}/{name}" if self.namespace else name
+
+    def image(self, name: str) -> np.ndarray:
+        """Figure ``name`` as an ``[H, W, 3]`` uint8 array (decoded once from its PNG)."""
+        if name not in self._arrays:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(self.pngs[name])) as png:
+                self._arrays[name] = np.asarray(png.convert("RGB"))
+        return self._arrays[name]
+
+
+RenderFn = Callable[[str, int, Optional[torch.Tensor], Optional[torch.Tensor]], RenderedExample]
+
+
+def _ranked_examples(result: Any, q: int, k: int, largest: bool) -> List[tuple]:
+    """``(train_id, score, token_scores, token_mask)`` of query ``q``'s k most extreme examples.
+
+    Prefers the ids and token scores the callback kept (``top_ids`` / ``bottom_ids``); falls back
+    to ranking ``scores`` (with dense token scores, if the result has them).
+    """
+    prefix = "top" if largest else "bottom"
+    scores = result.scores[q]
+    columns = {int(train_id): j for j, train_id in enumerate(result.train_ids.tolist())}
+    kept_ids = result.get(f"{prefix}_ids")
+    if kept_ids is not None:
+        token_scores, token_mask = result.get(f"{prefix}_token_scores"), result.get(f"{prefix}_token_mask")
+        picked = []
+        for slot, train_id in enumerate(kept_ids[q, :k].tolist()):
+            if train_id not in columns:
+                continue
+            picked.append(
+                (
+                    train_id,
+                    float(scores[columns[train_id]]),
+                    token_scores[q, slot] if token_scores is not None else None,
+                    token_mask[q, slot] if token_mask is not None else None,
+                )
+            )
+        return picked
+    order = torch.topk(torch.nan_to_num(scores.double()), min(k, scores.numel()), largest=largest).indices.tolist()
+    dense, mask = result.token_scores, result.token_mask
+    return [
+        (
+            int(result.train_ids[j]),
+            float(scores[j]),
+            dense[q, j] if dense is not None else None,
+            mask[j] if mask is not None else None,
+        )
+        for j in order
+    ]
+
+
+def _table_rows(result: Any, queries: Sequence[int], k: int, largest: bool, render: RenderFn) -> List[ExampleRow]:
+    rows = []
+    for q in queries:
+        query_id = int(result.query_ids[q])
+        query = render("query", query_id, None, None)
+        for rank, (train_id, score, token_scores, token_mask) in enumerate(_ranked_examples(result, q, k, largest), 1):
+            example = render("train", train_id, token_scores, token_mask)
+            rows.append(ExampleRow(query_id, query, rank, train_id, score, example))
+    return rows
+
+
+def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int, trajectory) -> Dict[str, Any]:
+    figures = {"score_histogram": plots.score_histogram(result.scores)}
+    layer_scores = result.layer_scores
+    for q in queries:
+        query_id = int(result.query_ids[q])
+        fit = summary.tail_fits[q] if q < len(summary.tail_fits) else None
+        figures[f"tail/q{query_id}"] = plots.tail_ccdf(result.scores[q], fit, title=f"Influence tail, query {query_id}")
+        if layer_scores is not None and result.layer_names:
+            top = torch.topk(torch.nan_to_num(result.scores[q].double()), min(heatmap_examples, result.num_train))
+            labels = [str(int(i)) for i in result.train_ids[top.indices]]
+            figures[f"layer_heatmap/q{query_id}"] = plots.layer_heatmap(
+                layer_scores[:, q, top.indices], result.layer_names, labels, title=f"Influence by layer, query {query_id}"
+            )
+    if summary.layer_shares is not None and summary.layer_names:
+        figures["layer_shares"] = plots.layer_share_bars(summary.layer_shares.nanmean(0), summary.layer_names)
+    if trajectory is not None:
+        figures["trajectory"] = plots.trajectory_lines(trajectory)
+    return figures
+
+
+def build_report(
+    result: Any,
+    summary: Any,
+    *,
+    step: int,
+    namespace: str,
+    render: RenderFn,
+    top_k: int,
+    max_queries: int,
+    heatmap_examples: int,
+    trajectory: Optional[Dict[str, list]] = None,
+) -> Report:
+    """Compute the figures, tables and scalars of ``result`` once for all sinks.
+
+    Args:
+        result: the ``InfluenceResult`` to show.
+        summary: its ``analysis.InfluenceSummary``.
+        step: the trainer's global step.
+        namespace: key prefix.
+        render: ``render(kind, dataset_index, token_scores, token_mask)`` with ``kind`` in
+            ``"train"``/``"query"``.
+        top_k: rows per query in the top and bottom tables.
+        max_queries: the first ``max_queries`` queries get tables and per-query figures.
+        heatmap_examples: columns of the layer heatmap (the most influential examples).
+        trajectory: statistics over previous results, for line plots.
+    """
+    queries = range(min(max_queries, result.num_queries))
+    figures = _figures(result, summary, queries, heatmap_examples, trajectory)
+    scores = result.scores.double().ravel()
+    return Report(
+        step=int(step),
+        epoch=result.epoch,
+        namespace=namespace,
+        scalars={name: float(value) for name, value in summary.scalars.items() if np.isfinite(value)},
+        scores=scores[torch.isfinite(scores)].numpy(),
+        pngs={name: plots.figure_to_png(fig) for name, fig in figures.items()},
+        top_rows=_table_rows(result, queries, top_k, True, render),
+        bottom_rows=_table_rows(result, queries, top_k, False, render),
+        trajectory=trajectory,
+        result_path=result.path,
+    )
