@@ -85,7 +85,7 @@ def test_layer_heatmap_is_centred_on_zero_and_checks_shapes():
 
 # -- rendering examples ---------------------------------------------------------------------------
 
-from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, highlight_tokens  # noqa: E402
+from lightning_influence.reporting import DefaultRenderer, ResultPublisher, highlight_tokens  # noqa: E402
 from lightning_influence.reporting.publisher import REPORT_DIR, SUMMARY_FILE  # noqa: E402
 from tests.reporting_helpers import LAYERS, PLANTED, decode, make_result, token_dataset  # noqa: E402
 
