@@ -262,8 +262,12 @@ class Factors:
     def _damped_eigenvalues(self, name: str, damping) -> Tensor:
         return self.eigenvalues(name) + self.damping(name, damping)
 
-    def precondition(self, name: str, grads: Tensor, damping=None) -> Tensor:
-        """Apply ``(G_ℓ + λ_ℓ I)⁻¹`` to a batch of layer gradients ``[N, d_out, d_in]`` (float64 inside)."""
+    def precondition(self, name: str, grads: Tensor, damping=None, rotated: bool = False) -> Tensor:
+        """Apply ``(G_ℓ + λ_ℓ I)⁻¹`` to a batch of layer gradients ``[N, d_out, d_in]`` (float64 inside).
+
+        With ``rotated=True`` (K-FAC, EK-FAC) the result stays in the eigenbasis, ``q_sᵀ P q_a``,
+        and is returned in float64 (for callers that truncate it before rotating back).
+        """
         if self.strategy == "identity":
             return grads
         out_dtype = grads.dtype
@@ -273,8 +277,10 @@ class Factors:
         if self.strategy == "diagonal":
             return (grads / scale).to(out_dtype)
         q_a, q_s = parts["q_a"].to(grads.device), parts["q_s"].to(grads.device)
-        rotated = q_s.T @ grads @ q_a
-        return (q_s @ (rotated / scale) @ q_a.T).to(out_dtype)
+        rotated_grads = q_s.T @ grads @ q_a / scale
+        if rotated:
+            return rotated_grads
+        return (q_s @ rotated_grads @ q_a.T).to(out_dtype)
 
     def quadratic_form(self, name: str, grads: Tensor, damping=None) -> Tensor:
         """``vec(ΔW_n)ᵀ (G_ℓ + λ_ℓ I)⁻¹ vec(ΔW_n)`` for ``grads [N, d_out, d_in]`` -> ``[N]``."""
