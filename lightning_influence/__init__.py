@@ -7,7 +7,9 @@ from lightning_influence import analysis
 from lightning_influence._io import FormatError
 from lightning_influence.analysis import InfluenceSummary, PowerLawFit, fit_power_law, summarize
 from lightning_influence.compare import Comparison, compare, trajectory
+from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors, load_factors
+from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
 from lightning_influence.results import InfluenceResult, aggregate, load_results
 from lightning_influence.scoring import compute_influence, compute_self_influence
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -19,15 +21,20 @@ __all__ = [
     "CausalLMTask",
     "ClassificationTask",
     "Comparison",
+    "DefaultRenderer",
     "CovarianceStatistics",
     "Factors",
     "FormatError",
+    "InfluenceCallback",
     "InfluenceConcentration",
+    "InfluenceConfig",
     "InfluenceResult",
     "InfluenceSummary",
     "LayerShare",
     "PowerLawFit",
     "RegressionTask",
+    "RenderedExample",
+    "ResultPublisher",
     "Task",
     "TrackingError",
     "aggregate",
@@ -47,7 +54,8 @@ __all__ = [
 ]
 
 
-_LAZY = {  # heavy imports (matplotlib, torchmetrics) only when asked for
+_LAZY = {  # heavy imports (Lightning, matplotlib, torchmetrics) only when asked for
+    "InfluenceCallback": ("lightning_influence.callback", "InfluenceCallback"),
     "write_html_report": ("lightning_influence.reporting.html", "write_html_report"),
     "metrics": ("lightning_influence.metrics", None),
     "LayerShare": ("lightning_influence.metrics", "LayerShare"),
