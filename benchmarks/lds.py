@@ -11,7 +11,10 @@ with a bootstrap interval over queries; differences between methods use a paired
 
 from __future__ import annotations
 
+import logging
+import tempfile
 import time
+import warnings
 from functools import partial
 from typing import Dict, List, Optional, Sequence
 
@@ -31,6 +34,45 @@ def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> Tensor:
     """``scores [Q, N]``, subset ``masks [K, N]``, measured log-likelihoods ``actual [K, Q]`` -> ``[Q]``."""
     predicted = scores.double() @ masks.double().T  # [Q, K]: group influence = sum of member scores
     return benchlib.spearman(predicted, actual.T)
+
+
+def callback_results(make_model, train: TensorDataset, query: TensorDataset, cfg: Dict) -> List[li.InfluenceResult]:
+    """Train the same recipe with ``pytorch_lightning`` and ``li.InfluenceCallback`` (its defaults,
+    except where noted) computing influence at the checkpoint epochs: the real training-time path."""
+    import pytorch_lightning as pl
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader
+
+    class Module(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=TRAINING["lr"], momentum=0.9,
+                                   weight_decay=TRAINING["weight_decay"])
+
+    torch.manual_seed(0)
+    module = Module()
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+        callback = li.InfluenceCallback(task=li.ClassificationTask(), query_data=query, num_queries=len(query),
+                                        train_data=train, every_n_epochs=cfg["epochs"] // cfg["checkpoints"],
+                                        on_train_end=False, output_dir=tmp, batch_size=256, report=False,
+                                        log_artifacts=False, show_progress=False)
+        trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=[callback], logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+        trainer.fit(module, DataLoader(train, batch_size=TRAINING["batch_size"], shuffle=True,
+                                       generator=torch.Generator().manual_seed(0)))
+        return [li.InfluenceResult(scores=r.scores.clone(), train_ids=r.train_ids, query_ids=r.query_ids)
+                for r in callback.results]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -86,6 +128,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for strategy, source in [("identity", "-"), ("ekfac", "true"), ("ekfac", "training")]:
         results = [scores_at(p, strategy, source, s) for p, s in checkpoints]
         methods[f"{strategy} | {source} | trajectory ({len(checkpoints)})"] = li.aggregate(results).scores
+    if hasattr(li, "InfluenceCallback"):
+        results = callback_results(make_model, train, query, cfg)
+        methods["ekfac | callback | final"] = results[-1].scores
+        methods[f"ekfac | callback | trajectory ({len(results)})"] = li.aggregate(results).scores
     kron_seconds = None
     if benchlib.kronfluence_available():
         kron_start = time.perf_counter()
@@ -111,6 +157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
          f"ekfac | true | trajectory ({len(checkpoints)})", "ekfac | true | final"),
         ("trajectory vs single checkpoint, training-time EK-FAC",
          f"ekfac | training | trajectory ({len(checkpoints)})", "ekfac | training | final"),
+        ("callback vs post-hoc (true) EK-FAC", "ekfac | callback | final", "ekfac | true | final"),
+        ("callback trajectory vs callback single checkpoint",
+         f"ekfac | callback | trajectory ({len(checkpoints)})", "ekfac | callback | final"),
         ("ours vs kronfluence EK-FAC", "ekfac | true | final", "kronfluence ekfac | true | final"),
     ]
     diff_rows, payload_diffs = [], {}
@@ -125,7 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"in {retrain_seconds:.1f} s; heuristic damping (0.1 x mean eigenvalue) everywhere; "
              "measurement: query log-likelihood. Source: `true`/`empirical` = post-hoc `fit_factors` "
              "with that Fisher; `training` = covariances from the training steps since the previous "
-             "checkpoint (empirical Fisher), eigenvalue correction post-hoc. Trajectory = `li.aggregate` "
+             "checkpoint (empirical Fisher), eigenvalue correction post-hoc, emulated with the core; `callback` = "
+             "the same recipe trained by `pytorch_lightning` with `li.InfluenceCallback` (defaults: empirical "
+             "Fisher, statistics reset at each computation, a 16-batch correction pass) scoring at the "
+             "checkpoint epochs (a different run of the recipe: its own batch order). Trajectory = `li.aggregate` "
              "over evenly spaced checkpoints. LDS: mean over queries [95% bootstrap interval].")
     sections = [setup,
                 benchlib.markdown_table(["strategy", "factors", "checkpoints", "LDS"], rows),
