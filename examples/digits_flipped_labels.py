@@ -38,24 +38,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_common_arguments, logger_location, make_logger, section, set_up  # noqa: E402
 
 
-def make_data(flip_fraction: float, validation_size: int, seed: int):
-    """Digits as ``[1, 8, 8]`` images in [0, 1]; a clean validation split and a training split
-    whose labels are flipped to a random other class for ``flip_fraction`` of the examples.
-
-    Returns ``(train_set, val_set, flipped)`` with ``flipped`` a bool mask over the training set.
+class DigitsData(pl.LightningDataModule):
+    """Digits as ``[1, 8, 8]`` images in [0, 1]: a clean validation split, and a training split
+    whose labels are flipped to a random other class for ``flip_fraction`` of the examples
+    (``flipped`` marks them: the ground truth the influence signals are scored against).
     """
-    digits = load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    labels = torch.tensor(digits.target)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(labels), generator=generator)
-    val, train = order[:validation_size], order[validation_size:]
-    noisy = labels[train].clone()
-    flipped = torch.zeros(len(train), dtype=torch.bool)
-    flipped[torch.randperm(len(train), generator=generator)[: round(flip_fraction * len(train))]] = True
-    shift = torch.randint(1, 10, (int(flipped.sum()),), generator=generator)  # never the true class
-    noisy[flipped] = (noisy[flipped] + shift) % 10
-    return TensorDataset(images[train], noisy), TensorDataset(images[val], labels[val]), flipped
+
+    def __init__(self, flip_fraction: float = 0.1, validation_size: int = 400, batch_size: int = 64,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        labels = torch.tensor(digits.target)
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.randperm(len(labels), generator=generator)
+        val, train = order[:validation_size], order[validation_size:]
+        noisy = labels[train].clone()
+        self.flipped = torch.zeros(len(train), dtype=torch.bool)
+        self.flipped[torch.randperm(len(train), generator=generator)[: round(flip_fraction * len(train))]] = True
+        shift = torch.randint(1, 10, (int(self.flipped.sum()),), generator=generator)  # never the true class
+        noisy[self.flipped] = (noisy[self.flipped] + shift) % 10
+        self.train_set = TensorDataset(images[train], noisy)
+        self.val_set = TensorDataset(images[val], labels[val])
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=256)
 
 
 class DigitsNet(pl.LightningModule):
@@ -115,7 +126,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         args.epochs, args.queries = 8, 100
     started = time.perf_counter()
     set_up(args)
-    train_set, val_set, flipped = make_data(args.flip_fraction, args.validation_size, args.seed)
+    data = DigitsData(args.flip_fraction, args.validation_size, seed=args.seed)
+    train_set, flipped = data.train_set, data.flipped
     model = DigitsNet()
 
     influence = li.InfluenceCallback(
@@ -132,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         accelerator="cpu", devices=1, deterministic=True, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, log_every_n_steps=10, num_sanity_val_steps=0,
     )
-    trainer.fit(model, DataLoader(train_set, batch_size=64, shuffle=True), DataLoader(val_set, batch_size=256))
+    trainer.fit(model, datamodule=data)
     result = influence.results[-1]
 
     # Self-influence reuses the factors saved next to the result: no second curvature pass.
