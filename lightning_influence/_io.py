@@ -36,6 +36,8 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     try:
         yield tmp
         for child in tmp.iterdir():  # make the contents durable before the rename publishes them
+            if not child.is_file():
+                continue  # nested directories were written (and synced) by their own atomic_directory
             with open(child, "rb") as fh:
                 os.fsync(fh.fileno())
         if final.exists():

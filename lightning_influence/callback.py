@@ -40,7 +40,7 @@ from torch.utils.data.dataloader import default_collate
 import pytorch_lightning as pl
 
 from lightning_influence import distributed, passes
-from lightning_influence._io import META_FILE, write_json
+from lightning_influence._io import META_FILE, atomic_directory, write_json
 from lightning_influence.collector import StepStatistics, fork_rng
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import fit_factors
@@ -576,8 +576,10 @@ class InfluenceCallbackCore:
         )
         path = Path(entry["path"])
         try:
-            result.save(path)
-            factors.save(path / "factors")
+            with atomic_directory(path) as tmp:  # scores and factors appear together or not at all
+                result.save(tmp)
+                factors.save(tmp / "factors")
+            result.path = path
         except OSError as err:
             self._warn(f"write-{entry['step']}", f"could not write the influence result to {path} ({err}); "
                                                  "training continues")
