@@ -27,6 +27,7 @@ import dataclasses
 import json
 import logging
 import os
+import tempfile
 import time
 import warnings
 from contextlib import ExitStack
@@ -245,6 +246,8 @@ class InfluenceCallbackCore:
         self._resolve_data(trainer)
         self._output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "influence"
+        if trainer.is_global_zero:
+            _check_writable(self._output_dir)
         self._collector = StepStatistics(
             layers, self.task, fisher=cfg.fisher, loss_reduction=cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
@@ -735,6 +738,23 @@ def _source_loader(source: Any) -> Any:
     """The DataLoader behind one of the trainer's data sources (a DataModule or LightningModule
     hook, or the object passed to ``fit``)."""
     return source.dataloader() if source.instance is not None else None
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse, before training, an output directory that could never be written (a path through a
+    regular file, a read-only file system): probed in its nearest existing ancestor, creating nothing."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".influence-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write influence results under output_dir={str(directory)!r} ({err}); "
+                         "choose a writable output_dir") from err
 
 
 def _dataset_and_collate(data: Any, collate: Optional[Callable]):
