@@ -154,6 +154,7 @@ class InfluenceCallbackCore:
         self._pool_ids: Optional[torch.Tensor] = None
         self._restored: Optional[Dict[str, Any]] = None  # loaded before the collector existed
         self._failures = 0
+        self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
         self._warned: set = set()
         self._output_hook = None
         self._last_outputs: Any = None
@@ -486,7 +487,7 @@ class InfluenceCallbackCore:
                 if trainer.is_global_zero:
                     self._update_meta(entry)
             return
-        if trainer.sanity_checking:
+        if trainer.sanity_checking or step == self._failed_step:
             return
         try:
             with ExitStack() as stack:
@@ -498,6 +499,7 @@ class InfluenceCallbackCore:
             if self.config.on_error == "raise":
                 raise
             self._failures += 1
+            self._failed_step = step
             warnings.warn(f"lightning-influence: influence computation at step {step} failed "
                           f"({type(err).__name__}: {err}); training continues", RuntimeWarning, stacklevel=2)
 
