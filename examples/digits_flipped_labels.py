@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Train on partly flipped labels, then rank training images by influence; returns the rates."""
     args = build_parser().parse_args(argv)
     if args.quick:
-        args.epochs, args.queries = 8, 100
+        args.epochs, args.queries = 5, 50
     started = time.perf_counter()
     set_up(args)
     data = DigitsData(args.flip_fraction, args.validation_size, seed=args.seed)
