@@ -342,16 +342,16 @@ class InfluenceCallbackCore:
             for what, dataset, collate in (("training", self._pool, self._collate),
                                            ("query", self._queries, self._query_collate)):
                 batch = passes.to_device(next(iter(self._loader(dataset, collate))), device)
-                try:
+                try:  # the loss / measurement too: e.g. labels out of range for the model's outputs
                     outputs = passes.forward(pl_module, self.task, batch, tracker)
+                    expected = (self.task.batch_size(batch),)
+                    values = self.task.loss_from_outputs(outputs, batch) if what == "training" else \
+                        self.task.measurement(pl_module, batch)
                 except TrackingError:
                     raise
                 except Exception as err:
                     raise ValueError(f"the task cannot evaluate the model on a {what} batch ({type(err).__name__}: "
                                      f"{err}); check query_data / train_data or override Task.forward") from err
-                expected = (self.task.batch_size(batch),)
-                values = self.task.loss_from_outputs(outputs, batch) if what == "training" else \
-                    self.task.measurement(pl_module, batch)
                 if tuple(values.shape) != expected:
                     name = "loss" if what == "training" else "measurement"
                     raise ValueError(f"the task's {name} must be per example, shape {expected}, got "
