@@ -368,7 +368,7 @@ class InfluenceCallbackCore:
         n_train, n_query = len(self._pool_ids), len(self._queries)
         score_bytes = 4 * n_query * n_train * (1 + len(layers))
         if trainer.is_global_zero:
-            log.info("lightning-influence: tracking %d layers; statistics %.1f MiB, scores %.1f MiB "
+            log.info("lightning-influence: tracking %d layers; statistics %.3g MiB, scores %.3g MiB "
                      "(%d queries x %d training examples x %d layers)", len(layers), stats_bytes / 2**20,
                      score_bytes / 2**20, n_query, n_train, len(layers))
 
