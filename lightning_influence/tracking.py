@@ -163,9 +163,12 @@ def select_layers(
     if not layers:
         seen = Counter(type(m).__name__ for m in modules.values() if m is not model)
         listing = ", ".join(f"{k} x{v}" for k, v in seen.most_common()) or "none"
+        frozen = [n for n in all_names if _layer_kind(modules[n]) is not None and not trackable(n)
+                  and not getattr(modules[n].weight, "requires_grad", True)]
+        hint = f"; frozen (requires_grad=False), so left out: {', '.join(frozen[:5])}" if frozen else ""
         raise TrackingError(
             "no trackable layer found (tracked: nn.Linear, nn.Conv2d, GPT-2 Conv1D with trainable weights, "
-            f"not tied to an embedding); module types in this model: {listing}"
+            f"not tied to an embedding); module types in this model: {listing}{hint}"
         )
     if memory_budget_bytes is not None:
         total = sum(layer.factor_bytes for layer in layers)
