@@ -89,7 +89,8 @@ class _AllFrozen(Classifier):
 
 def test_nothing_trackable(tmp_path):
     assert_refused_before_training(tmp_path, make_callback(tmp_path), r"no trackable layer found \(tracked: nn.Linear, "
-                                   r"nn.Conv2d, GPT-2 Conv1D with trainable weights.*Linear x2", _AllFrozen())
+                                   r"nn.Conv2d, GPT-2 Conv1D with trainable weights.*Linear x2.*; "
+                                   r"frozen \(requires_grad=False\), so left out: net.0, net.2", _AllFrozen())
 
 
 class _MeanLossTask(li.ClassificationTask):
