@@ -144,6 +144,32 @@ class ProblemDataset(Dataset):
                 "labels": self.labels[index]}
 
 
+SEQUENCE_LENGTH = 19  # <bos> + the longest question (16 words) + answer + <eos>
+
+
+def make_datasets(train_size: int = 1500, queries: int = 16, seed: int = 0):
+    """The training corpus and held-out queries (problems that are not in the corpus)."""
+    rng = random.Random(seed)
+    tokenizer = WordTokenizer()
+    train_problems = generate_problems(train_size, rng)
+    query_problems = generate_problems(queries, rng, exclude=frozenset(p.text for p in train_problems))
+    return (ProblemDataset(train_problems, tokenizer, SEQUENCE_LENGTH),
+            ProblemDataset(query_problems, tokenizer, SEQUENCE_LENGTH, answer_only=True))
+
+
+def train_dataset() -> ProblemDataset:
+    """The default run's training corpus (for ``lightning-influence score --train-data``)."""
+    return make_datasets()[0]
+
+
+def new_queries() -> ProblemDataset:
+    """Problems written after training, to score with the saved factors
+    (``lightning-influence score --query-data examples/arithmetic_lm.py:new_queries``)."""
+    problems = [Problem("add", "ann has 4 pens and buys 5 more . how many pens now ?", 9),
+                Problem("mul", "leo has 4 bags with 2 coins in each . how many coins in all ?", 8)]
+    return ProblemDataset(problems, WordTokenizer(), SEQUENCE_LENGTH, answer_only=True)
+
+
 # -- the model -------------------------------------------------------------------------------------
 
 class Block(nn.Module):
@@ -236,14 +262,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     started = time.perf_counter()
     set_up(args)
 
-    rng = random.Random(args.seed)
     tokenizer = WordTokenizer()
-    train_problems = generate_problems(args.train_size, rng)
-    query_problems = generate_problems(args.queries, rng, exclude=frozenset(p.text for p in train_problems))
-    length = 2 + max(len(p.text.split()) for p in train_problems + query_problems) + 1
-    train_set = ProblemDataset(train_problems, tokenizer, length)
-    query_set = ProblemDataset(query_problems, tokenizer, length, answer_only=True)
-    model = TinyGPT(len(tokenizer.vocab), length, width=args.width)
+    train_set, query_set = make_datasets(args.train_size, args.queries, args.seed)
+    model = TinyGPT(len(tokenizer.vocab), SEQUENCE_LENGTH, width=args.width)
 
     # The two lines that matter: a checkpoint every N epochs, and influence computed at each one.
     checkpoints = ModelCheckpoint(dirpath=args.output_dir / "checkpoints", every_n_epochs=args.influence_every,

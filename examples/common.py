@@ -52,8 +52,6 @@ def make_logger(args: argparse.Namespace, project: str):
     args.output_dir.mkdir(parents=True, exist_ok=True)
     if args.no_wandb:
         return CSVLogger(save_dir=str(args.output_dir), name=project)
-    if not args.online:
-        os.environ["WANDB_MODE"] = "offline"  # also covers processes W&B starts itself
     os.environ.setdefault("WANDB_SILENT", "true")
     return WandbLogger(project=project, save_dir=str(args.output_dir), offline=not args.online)
 
@@ -64,7 +62,7 @@ def logger_location(logger) -> str:
 
     if isinstance(logger, WandbLogger):
         run = logger.experiment
-        if getattr(run, "offline", False) or os.environ.get("WANDB_MODE") == "offline":
+        if run.offline:
             return f"{Path(run.dir).parent} (offline; upload with `wandb sync {Path(run.dir).parent}`)"
         return str(getattr(run, "url", None) or run.dir)
     return str(logger.log_dir)
