@@ -104,6 +104,7 @@ class WordTokenizer:
         self.index = {word: i for i, word in enumerate(self.vocab)}
 
     def encode(self, text: str) -> List[int]:
+        """Token ids of a whitespace-separated text (no special tokens added)."""
         return [self.index[word] for word in text.split()]
 
     def tokens(self, ids: Sequence[int]) -> List[str]:

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("pytorch_lightning")
 pytest.importorskip("sklearn")
