@@ -47,8 +47,8 @@ class InfluenceConfig:
     damping: Optional[float] = None
     layers: Optional[List[str]] = None
     exclude: Tuple[str, ...] = ()
-    collect_every_n_steps: int = 1
-    max_tokens_per_step: Optional[int] = None
+    collect_every_n_steps: int = 8
+    max_tokens_per_step: Optional[int] = 512
     loss_reduction: str = "mean"
     window: str = "reset"
     ema_decay: float = 0.99

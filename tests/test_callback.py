@@ -28,7 +28,7 @@ QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False
 
 def callback(tmp_path, **kwargs):
     defaults = dict(task=li.ClassificationTask(), num_queries=4, output_dir=str(tmp_path / "influence"),
-                    on_error="raise", show_progress=False, report=False)
+                    on_error="raise", show_progress=False, report=False, collect_every_n_steps=1)
     defaults.update(kwargs)
     return InfluenceCallback(**defaults)
 
@@ -279,10 +279,10 @@ def test_from_config_with_omegaconf_and_hydra_style_yaml(tmp_path):
 
     base = OmegaConf.structured(InfluenceConfig)
     cfg = OmegaConf.merge(base, OmegaConf.create(
-        "task: classification\nnum_queries: 8\nevery_n_train_steps: 5\nexclude: [net.2]\ncovariance_dtype: float64\n"))
+        "task: classification\nnum_queries: 8\nevery_n_train_steps: 16\nexclude: [net.2]\ncovariance_dtype: float64\n"))
     cb = InfluenceCallback.from_config(cfg)
     assert isinstance(cb.task, li.ClassificationTask)
-    assert cb.config.every_n_train_steps == 5 and cb.config.exclude == ("net.2",)
+    assert cb.config.every_n_train_steps == 16 and cb.config.exclude == ("net.2",)
     assert cb.config.covariance_dtype == "float64"
     with pytest.raises(ValueError, match="unknown InfluenceConfig fields \\['nonsense'\\]"):
         InfluenceCallback.from_config({"task": "classification", "nonsense": 1})

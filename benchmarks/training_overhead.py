@@ -1,0 +1,164 @@
+"""Training-step overhead of InfluenceCallback versus plain training, measured in one run.
+
+A small GPT-style transformer trains on random tokens with a real ``pl.Trainer``; the time of
+each training step (``on_train_batch_start`` to ``on_train_batch_end``: forward, backward,
+optimizer step, and the callback's statistics) is recorded for plain training and for each
+callback setting, in alternating rounds so that machine noise hits every setting alike. Influence
+computations are not training steps and are excluded (they run only at the end of each run).
+
+    python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import time
+import warnings
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+import lightning_influence as li
+from lightning_influence.callback import InfluenceCallback
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, h):
+        b, t, w = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, w)
+        h = h + self.proj(attn)
+        return h + self.out(F.gelu(self.fc(self.norm2(h))))
+
+
+class TinyGPT(pl.LightningModule):
+    def __init__(self, vocab: int = 256, width: int = 128, depth: int = 2, heads: int = 4, context: int = 64):
+        super().__init__()
+        self.embed, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
+        self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
+        self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
+
+    def forward(self, input_ids):
+        h = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h))
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"])
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch["input_ids"][:, 1:].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-3)
+
+
+class RandomTokens(Dataset):
+    def __init__(self, n: int, context: int, vocab: int) -> None:
+        self.ids = torch.randint(0, vocab, (n, context), generator=torch.Generator().manual_seed(0))
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, index):
+        return {"input_ids": self.ids[index]}
+
+
+class StepTimer(pl.Callback):
+    """Per optimizer step: its wall time and the global step it ran as."""
+
+    def __init__(self) -> None:
+        self.times, self.steps = [], []
+
+    def on_train_batch_start(self, trainer, *args):
+        self._start = time.perf_counter()
+        self.steps.append(trainer.global_step)
+
+    def on_train_batch_end(self, *args):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def run(setting, steps: int, batch_size: int, tmp: str) -> StepTimer:
+    data = RandomTokens(steps * batch_size, 64, 256)
+    timer = StepTimer()
+    callbacks = [timer]
+    if setting is not None:
+        # Only the end-of-training trigger, on a tiny pool: its cost is outside the timed steps.
+        callbacks.insert(0, InfluenceCallback(li.CausalLMTask(), query_data=torch.utils.data.Subset(data, range(2)),
+                                              train_data=torch.utils.data.Subset(data, range(4)), every_n_epochs=None,
+                                              on_checkpoint=False, report=False, show_progress=False,
+                                              output_dir=tmp, correction_batches=1, batch_size=4, **setting))
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(TinyGPT(), DataLoader(data, batch_size=batch_size))
+    return timer
+
+
+def paired_ratio(timer: StepTimer, every: int) -> float:
+    """Collected steps vs the idle steps between them, in the same run (robust to machine load)."""
+    pairs = [(t, s % every == 0) for t, s in zip(timer.times, timer.steps) if s >= 4]
+    collected = statistics.median(t for t, c in pairs if c)
+    idle = statistics.median(t for t, c in pairs if not c)
+    return collected / idle
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--json", help="also write the numbers to this JSON file")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    import inspect
+    import tempfile
+
+    default_every = inspect.signature(InfluenceCallback.__init__).parameters["collect_every_n_steps"].default
+    default_tokens = inspect.signature(InfluenceCallback.__init__).parameters["max_tokens_per_step"].default
+    # Runs alternate so that load on the machine hits every setting alike.
+    settings = {"plain": None, "callback, default settings": {}}
+    paired = {"collecting every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
+              "collecting every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256)}
+    times = {name: [] for name in settings}
+    ratios = {name: [] for name in paired}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.rounds):
+            for name, setting in settings.items():
+                times[name].extend(run(setting, args.steps, args.batch_size, tmp).times[4:])
+            for name, setting in paired.items():
+                ratios[name].append(paired_ratio(run(setting, args.steps, args.batch_size, tmp), 2))
+    base = statistics.median(times["plain"])
+    rows = [{"setting": name, "median_step_ms": 1000 * statistics.median(values),
+             "ratio": statistics.median(values) / base, "method": "alternating runs"} for name, values in times.items()]
+    rows += [{"setting": name, "median_step_ms": None, "ratio": statistics.median(values),
+              "method": "collected vs idle steps of one run"} for name, values in ratios.items()]
+    print(f"Training-step time, TinyGPT (2 blocks, width 128, context 64, batch {args.batch_size}), "
+          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; defaults: collect_every_n_steps="
+          f"{default_every}, max_tokens_per_step={default_tokens}\n")
+    print("| setting | median step (ms) | ratio to plain | measured as |\n|---|---:|---:|---|")
+    for row in rows:
+        ms = f"{row['median_step_ms']:.1f}" if row["median_step_ms"] is not None else "-"
+        print(f"| {row['setting']} | {ms} | {row['ratio']:.3f} | {row['method']} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"rows": rows, "batch_size": args.batch_size, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "collect_every_n_steps": default_every,
+                       "max_tokens_per_step": default_tokens}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
