@@ -116,6 +116,17 @@ def test_trigger_that_never_fires(tmp_path, settings, trainer_kwargs, message):
     assert_refused_before_training(tmp_path, make_callback(tmp_path, **settings), message, **trainer_kwargs)
 
 
+def test_step_trigger_beyond_an_epoch_bounded_run_warns(tmp_path):
+    """With max_epochs (not max_steps) bounding the run, the length is known only from the data: the
+    callback warns rather than refuses (collecting without computing is a legitimate use)."""
+    cb = make_callback(tmp_path, **COLLECT_ONLY)
+    with pytest.warns(RuntimeWarning, match="every_n_train_steps=1000 is more than the 12 optimizer steps of this "
+                                            "run and no other trigger is enabled, so influence will never be "
+                                            "computed; lower it or set on_train_end=True"):
+        fit(tmp_path, cb)
+    assert cb.results == [] and cb.statistics.state["net.0"]["a_count"] == 96
+
+
 def test_max_train_examples_larger_than_the_pool(tmp_path):
     assert_refused_before_training(tmp_path, make_callback(tmp_path, max_train_examples=500),
                                    r"max_train_examples=500 is larger than the candidate pool \(96 examples\); "
