@@ -318,3 +318,42 @@ def test_lightning_cli_introspects_the_arguments():
 def test_invalid_arguments_fail_in_init_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         InfluenceCallback(**{"task": "classification", **kwargs})
+
+
+# -- mixed precision ----------------------------------------------------------------------------------
+def _collect_under(tmp_path, **trainer_kwargs):
+    cb = callback(tmp_path, every_n_epochs=None, on_checkpoint=False, on_train_end=False, every_n_train_steps=1000)
+    pl.seed_everything(0, verbose=False)
+    train, val, _ = planted_data()
+    model = Classifier(lr=0.0)  # weights fixed: statistics comparable with one offline pass
+    trainer = pl.Trainer(callbacks=[cb], max_epochs=1, default_root_dir=str(tmp_path), **QUIET, **trainer_kwargs)
+    trainer.fit(model, BlobData(train, val, batch_size=8, shuffle=False))
+    return cb, model, train
+
+
+def _assert_stats_close(cb, model, data, rtol):
+    offline = accumulate_covariances(model, li.ClassificationTask(), data, li.select_layers(model),
+                                     fisher="empirical", batch_size=8)
+    for name, parts in offline.state.items():
+        for key, value in parts.items():
+            got = cb.statistics.state[name][key]
+            assert got.dtype == value.dtype  # float32 sums, float64 counts
+            torch.testing.assert_close(got, value, rtol=rtol, atol=rtol * value.abs().max().item(), msg=f"{name}/{key}")
+
+
+def test_fp16_loss_scale_is_undone_and_skipped_steps_dropped(tmp_path):
+    from pytorch_lightning.plugins.precision import MixedPrecision
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**24)  # overflows first: the scaler skips steps
+    cb, model, train = _collect_under(tmp_path, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert scaler.is_enabled() and scaler.get_scale() < 2.0**24
+    skipped = cb.steps_skipped
+    assert 0 < skipped < 12
+    kept = torch.utils.data.Subset(train, range(8 * skipped, len(train)))  # unshuffled: the first steps were skipped
+    _assert_stats_close(cb, model, kept, rtol=2e-2)
+
+
+def test_bf16_autocast_accumulates_in_float32(tmp_path):
+    cb, model, train = _collect_under(tmp_path, precision="bf16-mixed")
+    assert cb.steps_skipped == 0
+    _assert_stats_close(cb, model, train, rtol=3e-2)
