@@ -295,7 +295,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     train = _load_dataset(args.train_data)
     query = _load_dataset(args.query_data)
     factors_dir = args.factors
-    if not (factors_dir / "meta.json").is_file() and (factors_dir / "factors" / "meta.json").is_file():
+    if (factors_dir / "factors" / "meta.json").is_file():
         factors_dir = factors_dir / "factors"  # the callback saves factors inside each result
     factors = li.load_factors(factors_dir, device=args.device)
     result = li.compute_influence(
