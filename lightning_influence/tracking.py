@@ -157,8 +157,8 @@ def select_layers(
     if max_layer_bytes is not None:
         too_big = [layer for layer in layers if layer.factor_bytes > max_layer_bytes]
         if too_big:
-            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.1f} MiB)" for l in too_big)
-            warnings.warn(f"skipping layers over the per-layer limit of {max_layer_bytes / 2**20:.1f} MiB: {listing}")
+            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.3g} MiB)" for l in too_big)
+            warnings.warn(f"skipping layers over the per-layer limit of {max_layer_bytes / 2**20:.3g} MiB: {listing}")
             layers = [layer for layer in layers if layer.factor_bytes <= max_layer_bytes]
     if not layers:
         seen = Counter(type(m).__name__ for m in modules.values() if m is not model)
@@ -174,10 +174,10 @@ def select_layers(
         total = sum(layer.factor_bytes for layer in layers)
         if total > memory_budget_bytes:
             costly = sorted(layers, key=lambda l: -l.factor_bytes)[:5]
-            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.1f} MiB)" for l in costly)
+            listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.3g} MiB)" for l in costly)
             raise TrackingError(
-                f"influence statistics need {total / 2**20:.1f} MiB, over the memory budget of "
-                f"{memory_budget_bytes / 2**20:.1f} MiB; costliest layers: {listing}. Exclude some of them, "
+                f"influence statistics need {total / 2**20:.3g} MiB, over the memory budget of "
+                f"{memory_budget_bytes / 2**20:.3g} MiB; costliest layers: {listing}. Exclude some of them, "
                 "set a per-layer limit, or raise the budget"
             )
     return layers
