@@ -11,6 +11,7 @@ import json
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -264,6 +265,7 @@ class Kronfluence:
         from kronfluence.analyzer import Analyzer, prepare_model
 
         logging.getLogger("kronfluence").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")  # its torch.cuda.amp use
         self.batch_size = batch_size
         self.tmp = tempfile.TemporaryDirectory(prefix="kronfluence-")
         task = _kronfluence_task()

@@ -1,0 +1,68 @@
+"""The benchmark scripts still run (``--quick``), and the benchmarks' vectorised oracle still equals
+the reference oracle. Speed numbers are never asserted here: the scripts report ratios."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import lightning_influence as li
+from lightning_influence import oracle as reference
+
+pytest.importorskip("sklearn")
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import accuracy  # noqa: E402
+import benchlib  # noqa: E402
+import lds  # noqa: E402
+import speed  # noqa: E402
+from oracle import DenseGaussNewton  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(script, tmp_path, *extra):
+    out_json, out_md = tmp_path / "out.json", tmp_path / "out.md"
+    script.main(["--quick", "--json", str(out_json), "--markdown", str(out_md), *extra])
+    assert out_md.read_text().startswith("## ")
+    return json.loads(out_json.read_text())
+
+
+def test_accuracy_quick(tmp_path):
+    payload = run(accuracy, tmp_path)
+    ekfac_exact = next(r for r in payload["rows"] if r["strategy"] == "ekfac" and r["factors"] == "exact")
+    assert ekfac_exact["correlations"]["0.1"]["pearson"] > 0.9
+
+
+def test_lds_quick(tmp_path):
+    payload = run(lds, tmp_path)  # includes the kronfluence row when kronfluence is installed
+    assert all(-1 <= m["lds"] <= 1 and m["ci"][0] <= m["lds"] <= m["ci"][1] for m in payload["methods"].values())
+    assert "ours vs kronfluence EK-FAC" in payload["differences"] or not benchlib.kronfluence_available()
+
+
+def test_speed_quick(tmp_path):
+    payload = run(speed, tmp_path, "--no-kronfluence")
+    assert len(payload["memory"]) == 2 and all(p["peak_growth_bytes"] >= 0 for p in payload["memory"])
+    assert all(v["streaming"] > 0 and v["query_seconds"] >= 0 for v in payload["throughput"].values())
+
+
+def test_vectorised_oracle_equals_reference():
+    torch.manual_seed(0)
+    model = benchlib.mlp([5, 4, 3]).double()
+    x, y = torch.randn(12, 5, dtype=torch.float64), torch.randint(0, 3, (12,))
+    damping = {"0": 0.05, "2": 0.2}
+    fast = DenseGaussNewton(model, ["0", "2"], x, y)
+    slow = reference.dense_influence(model, li.ClassificationTask(), TensorDataset(x, y),
+                                     TensorDataset(x[:4], y[:4]), ["0", "2"], damping)
+    for name in damping:
+        torch.testing.assert_close(fast.blocks[name], slow.blocks[name])
+    torch.testing.assert_close(fast.influence(x[:4], y[:4], damping), slow.scores)
