@@ -52,6 +52,12 @@ def fit(tmp_path, cb: Optional[pl.Callback], model: Optional[pl.LightningModule]
     return trainer, model
 
 
+def seeded(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` built under a fixed seed (initial weights independent of test order)."""
+    pl.seed_everything(0, verbose=False)
+    return cls(*args, **kwargs)
+
+
 def offline_statistics(model, examples: Optional[range] = None, batch_size: int = 8, exclude: Sequence[str] = ()):
     """The core's empirical-Fisher statistics over the training set (or the examples in ``examples``),
     batched as the trainer batched them, on the layers the callback tracked by default."""

@@ -12,7 +12,7 @@ from pytorch_lightning.plugins.precision import MixedPrecision
 from torch import nn
 
 from tests.reliability_helpers import (COLLECT_ONLY, Classifier, assert_refused_before_training,
-                                       assert_statistics_close, fit, make_callback, offline_statistics)
+                                       assert_statistics_close, fit, make_callback, offline_statistics, seeded)
 
 STEPS_PER_EPOCH = 12  # 96 examples, batches of 8
 
@@ -57,15 +57,46 @@ def test_fp16_with_real_grad_scaler_drops_skipped_steps(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
     recorder = _ScaleRecorder()
     cb = make_callback(tmp_path, **COLLECT_ONLY)
-    trainer, model = fit(tmp_path, cb, Classifier(lr=0.0), callbacks=[recorder],
+    trainer, model = fit(tmp_path, cb, seeded(Classifier, lr=0.0), callbacks=[recorder],
                          plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     assert trainer.precision_plugin.scaler is scaler and scaler.is_enabled()
     skipped = [i for i, (before, after) in enumerate(recorder.scales) if after < before]
-    assert skipped == [0, 1, 2]  # 2^20 -> 2^17: the scaler really skipped steps
+    assert skipped and skipped == list(range(len(skipped)))  # the scaler really skipped the first steps
     assert cb.steps_skipped == len(skipped)
     assert float(cb._collector.steps_committed) == STEPS_PER_EPOCH - len(skipped)
     kept = range(8 * len(skipped), 96)  # the batches whose steps the optimizer took
     assert_statistics_close(cb.statistics, offline_statistics(model, kept), rtol=1e-2)
+
+
+class _OverflowingSideBranch(Classifier):
+    """An untracked side branch whose fp16 weight gradient overflows at batch 3 (its input is scaled
+    up), while its output, the loss and every tracked layer's gradients stay finite: only the
+    scaler's skip marks that step."""
+
+    def __init__(self):
+        super().__init__(lr=0.0)
+        self.aux = nn.Linear(2, 3)
+        nn.init.constant_(self.aux.weight, 1e-5)
+        self.boost = 1.0
+
+    def forward(self, x):
+        return self.net(x) + self.aux(x * self.boost)
+
+    def training_step(self, batch, batch_idx):
+        self.boost = 1e4 if batch_idx == 3 else 1.0
+        return super().training_step(batch, batch_idx)
+
+
+def test_fp16_step_skipped_by_the_scaler_alone_is_dropped(tmp_path):
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    recorder = _ScaleRecorder()
+    cb = make_callback(tmp_path, exclude=["aux"], **COLLECT_ONLY)
+    trainer, model = fit(tmp_path, cb, seeded(_OverflowingSideBranch), callbacks=[recorder],
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert [i for i, (before, after) in enumerate(recorder.scales) if after < before] == [3]
+    assert cb.steps_skipped == 1 and float(cb._collector.steps_committed) == STEPS_PER_EPOCH - 1
+    kept = [*range(0, 24), *range(32, 96)]
+    assert_statistics_close(cb.statistics, offline_statistics(model, kept, exclude=["aux"]), rtol=1e-2)
 
 
 class _TwoOptimizers(Classifier):
