@@ -323,6 +323,7 @@ def load_factors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Fa
 
 
 # -- fitting ---------------------------------------------------------------------------------------
+@passes.outside_inference_mode
 def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *, fisher: str = "true",
                            num_samples: int = 1, batch_size: int = 32, max_batches: Optional[int] = None,
                            seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = False,
@@ -332,8 +333,7 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
     stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=device)
     generator = torch.Generator(device).manual_seed(seed)
     tracker = LayerTracker(layers)
-    for batch in _batches(data, batch_size, max_batches, "covariances", show_progress):
-        batch = passes.to_device(batch, device)
+    for batch in passes.iterate_batches(data, batch_size, device, "covariances", show_progress, max_batches):
         with passes.evaluation_mode(model), tracker:
             outputs = passes.forward(model, task, batch, tracker)
             count = task.batch_size(batch)
@@ -346,6 +346,7 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
     return stats
 
 
+@passes.outside_inference_mode
 def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[TrackedLayer], bases=None, *,
                                      fisher: str = "true", num_samples: int = 1, batch_size: int = 32,
                                      max_batches: Optional[int] = None, seed: int = 1,
@@ -358,8 +359,7 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
     generator = torch.Generator(device).manual_seed(seed)
     tracker = LayerTracker(layers)
     desc = "eigenvalue correction" if bases is not None else "diagonal Fisher"
-    for batch in _batches(data, batch_size, max_batches, desc, show_progress):
-        batch = passes.to_device(batch, device)
+    for batch in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
         with passes.evaluation_mode(model), tracker:
             outputs = passes.forward(model, task, batch, tracker)
             count = task.batch_size(batch)
@@ -369,15 +369,6 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                 for layer, act, grad in zip(layers, acts, grads):
                     correction.add(layer.name, act, grad, count * share, weight)
     return correction
-
-
-def _batches(data, batch_size: int, max_batches: Optional[int], desc: str, show_progress: bool):
-    loader = passes.as_loader(data, batch_size)
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    for index, batch in enumerate(passes.progress(loader, total, desc, show_progress)):
-        if max_batches is not None and index >= max_batches:
-            break
-        yield batch
 
 
 def factors_from_statistics(strategy: str, layers: Sequence[TrackedLayer],
@@ -402,6 +393,7 @@ def factors_from_statistics(strategy: str, layers: Sequence[TrackedLayer],
     return Factors(strategy, per_layer, meta)
 
 
+@passes.outside_inference_mode
 def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true", *,
                 layers: Optional[Sequence[str]] = None, exclude: Sequence[str] = (),
                 batch_size: int = 32, num_samples: int = 1, max_batches: Optional[int] = None,

@@ -3,8 +3,9 @@ the pseudo-gradients of each Fisher kind. Shared by factor fitting and scoring."
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,33 @@ def as_loader(data: Any, batch_size: int) -> DataLoader:
     if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
         if not hasattr(data, "__len__"):
             raise TypeError(f"{type(data).__name__} has no __len__; pass a map-style Dataset or a DataLoader")
-        return DataLoader(data, batch_size=batch_size, shuffle=False)
+        # A private generator: even a sequential loader draws a base seed per iteration, which
+        # would otherwise come from (and advance) the global random state of the training run.
+        return DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
+
+
+def iterate_batches(data: Any, batch_size: int, device: torch.device, desc: str, show_progress: bool,
+                    max_batches: Optional[int] = None) -> Iterator[Any]:
+    """The first ``max_batches`` batches of ``data``, on ``device``, with a progress bar."""
+    loader = as_loader(data, batch_size)
+    total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    iterator = iter(loader)
+    for _ in progress(range(total), total, desc, show_progress):
+        yield to_device(next(iterator), device)
+
+
+def outside_inference_mode(function: Callable) -> Callable:
+    """Run an engine entry point outside ``inference_mode``: Lightning's validation hooks run
+    inside it, and inference tensors (batches, statistics) cannot take part in backward passes or
+    be updated in place afterwards."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with torch.inference_mode(False):
+            return function(*args, **kwargs)
+
+    return wrapper
 
 
 def num_examples(data: Any) -> int:

@@ -140,10 +140,7 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
                               ) -> Iterator[Tuple[Any, List[Tensor], List[Tensor]]]:
     """Per batch: ``(batch, activations, output gradients)`` per tracked layer, of each example's
     loss (training data) or of minus its measurement (queries)."""
-    device = passes.model_device(model)
-    loader = passes.as_loader(data, batch_size)
-    for batch in passes.progress(loader, len(loader), desc, show_progress):
-        batch = passes.to_device(batch, device)
+    for batch in passes.iterate_batches(data, batch_size, passes.model_device(model), desc, show_progress):
         with passes.evaluation_mode(model), tracker:
             with tracker.capture(task.token_mask(batch)):
                 target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
@@ -180,6 +177,7 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
     return PreconditionedQueries(dense, query_rank, bases, dtype)
 
 
+@passes.outside_inference_mode
 def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data: Any,
                       factors: Optional[Factors] = None, damping: Damping = None, *,
                       per_layer: bool = False, per_token: bool = False, query_rank: Optional[int] = None,
@@ -278,6 +276,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     )
 
 
+@passes.outside_inference_mode
 def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Factors, damping: Damping = None,
                            batch_size: int = 32, show_progress: bool = False) -> Tensor:
     """``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` for every example of ``data`` -> ``[N]`` (e.g. to find mislabelled

@@ -276,3 +276,15 @@ def test_bad_arguments_fail_fast():
         li.compute_influence(model, task, data, data, factors=factors, damping=-1.0)
     with pytest.raises(ValueError, match="query_rank"):
         li.compute_influence(model, task, data, data, factors=factors, query_rank=0)
+
+
+def test_engine_works_inside_inference_mode_and_leaves_global_rng_alone():
+    """Lightning runs validation hooks under inference_mode; training relies on the global RNG."""
+    model, task, data = mlp(), li.ClassificationTask(), classification_data(n=12)
+    expected = li.compute_influence(model, task, data, Subset(data, [0]), batch_size=4).scores
+    state = torch.random.get_rng_state()
+    with torch.inference_mode():
+        factors = li.fit_factors(model, task, data, batch_size=4)
+        scores = li.compute_influence(model, task, data, Subset(data, [0]), factors=factors, batch_size=4).scores
+    torch.testing.assert_close(scores, expected)
+    assert torch.equal(torch.random.get_rng_state(), state)
