@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 import benchlib
 
-SCRIPTS = ("accuracy", "lds", "speed")
+SCRIPTS = ("accuracy", "lds", "speed", "training_overhead")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

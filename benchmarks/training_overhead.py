@@ -6,15 +6,15 @@ optimizer step, and the callback's statistics) is recorded for plain training an
 callback setting, in alternating rounds so that machine noise hits every setting alike. Influence
 computations are not training steps and are excluded (they run only at the end of each run).
 
-    python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--json out.json]
+    python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--quick] [--json out.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import inspect
 import logging
 import statistics
+import tempfile
 import time
 import warnings
 
@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import benchlib
 import lightning_influence as li
 from lightning_influence.callback import InfluenceCallback
 
@@ -115,27 +116,26 @@ def paired_ratio(timer: StepTimer, every: int) -> float:
     return collected / idle
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--json", help="also write the numbers to this JSON file")
-    args = parser.parse_args()
+def main(argv=None) -> dict:
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
+        "--steps": dict(type=int, default=40, help="training steps per run"),
+        "--rounds": dict(type=int, default=3, help="alternating rounds of every setting"),
+        "--batch-size": dict(type=int, default=16),
+    })
+    if args.quick:
+        args.steps, args.rounds = 12, 1
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    import inspect
-    import tempfile
-
-    default_every = inspect.signature(InfluenceCallback.__init__).parameters["collect_every_n_steps"].default
-    default_tokens = inspect.signature(InfluenceCallback.__init__).parameters["max_tokens_per_step"].default
+    defaults = inspect.signature(InfluenceCallback.__init__).parameters
+    default_every = defaults["collect_every_n_steps"].default
+    default_tokens = defaults["max_tokens_per_step"].default
     # Runs alternate so that load on the machine hits every setting alike.
     settings = {"plain": None, "callback, default settings": {}}
     # Paired: collected steps against the idle steps of the same run. For the defaults the
     # amortised ratio over all steps is 1 + (paired - 1) / collect_every_n_steps.
     paired = {"callback, default settings (amortised)": {},
-              "collecting every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
-              "collecting every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256)}
+              "collecting on every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
+              "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256)}
     times = {name: [] for name in settings}
     ratios = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,22 +147,19 @@ def main() -> None:
                 ratio = paired_ratio(run(setting, args.steps, args.batch_size, tmp), every)
                 ratios[name].append(1 + (ratio - 1) / default_every if not setting else ratio)
     base = statistics.median(times["plain"])
-    rows = [{"setting": name, "median_step_ms": 1000 * statistics.median(values),
-             "ratio": statistics.median(values) / base, "method": "alternating runs"} for name, values in times.items()]
-    rows += [{"setting": name, "median_step_ms": None, "ratio": statistics.median(values),
-              "method": "collected vs idle steps of one run"} for name, values in ratios.items()]
-    print(f"Training-step time, TinyGPT (2 blocks, width 128, context 64, batch {args.batch_size}), "
-          f"{torch.get_num_threads()} CPU threads, torch {torch.__version__}; defaults: collect_every_n_steps="
-          f"{default_every}, max_tokens_per_step={default_tokens}\n")
-    print("| setting | median step (ms) | ratio to plain | measured as |\n|---|---:|---:|---|")
-    for row in rows:
-        ms = f"{row['median_step_ms']:.1f}" if row["median_step_ms"] is not None else "-"
-        print(f"| {row['setting']} | {ms} | {row['ratio']:.3f} | {row['method']} |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "batch_size": args.batch_size, "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "collect_every_n_steps": default_every,
-                       "max_tokens_per_step": default_tokens}, fh, indent=2)
+    rows = [[name, 1000 * statistics.median(values), statistics.median(values) / base, "alternating runs"]
+            for name, values in times.items()]
+    rows += [[name, "-", statistics.median(values), "collected vs idle steps of one run"]
+             for name, values in ratios.items()]
+    intro = (f"Training-step time of a small GPT-style transformer (2 blocks, width 128, context 64, batch "
+             f"{args.batch_size}), {torch.get_num_threads()} CPU thread(s); callback defaults: "
+             f"collect_every_n_steps={default_every}, max_tokens_per_step={default_tokens}. A step is forward, "
+             "backward, optimizer step and the callback's statistics; influence computations are excluded.")
+    table = benchlib.markdown_table(["setting", "median step (ms)", "ratio to plain", "measured as"], rows)
+    payload = {"rows": rows, "batch_size": args.batch_size, "collect_every_n_steps": default_every,
+               "max_tokens_per_step": default_tokens, **benchlib.environment()}
+    benchlib.emit(args, "Training overhead of the callback", [intro, table], payload)
+    return payload
 
 
 if __name__ == "__main__":

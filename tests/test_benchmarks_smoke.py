@@ -66,3 +66,12 @@ def test_vectorised_oracle_equals_reference():
     for name in damping:
         torch.testing.assert_close(fast.blocks[name], slow.blocks[name])
     torch.testing.assert_close(fast.influence(x[:4], y[:4], damping), slow.scores)
+
+
+def test_training_overhead_quick(tmp_path):
+    import training_overhead
+
+    payload = run(training_overhead, tmp_path)
+    settings = [row[0] for row in payload["rows"]]
+    assert "plain" in settings and "callback, default settings (amortised)" in settings
+    assert all(isinstance(row[2], float) and row[2] > 0 for row in payload["rows"])
