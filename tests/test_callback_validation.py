@@ -3,7 +3,6 @@
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import IterableDataset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.callback import InfluenceCallback
@@ -21,41 +20,14 @@ class CountSteps(pl.Callback):
         self.batches += 1
 
 
-class MeanLoss(li.ClassificationTask):
-    def loss_from_outputs(self, outputs, batch):
-        return super().loss_from_outputs(outputs, batch).mean()
-
-
-class Stream(IterableDataset):
-    def __iter__(self):
-        yield from zip(torch.randn(4, 2), torch.zeros(4, dtype=torch.long))
-
-
-class Manual(Classifier):
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-
-
+# The cases issue 8 lists (empty or mismatched queries, unknown names, nothing trackable, a loss that is
+# not per example, triggers that never fire, the pool size, manual optimisation, ...) are in
+# tests/test_reliability_input.py; these are the callback's further setup checks.
 CASES = {
-    "empty query set": (dict(query_data=TensorDataset(torch.zeros(0, 2), torch.zeros(0, dtype=torch.long))), {},
-                        "query set is empty"),
-    "mismatched query set": (dict(query_data=TensorDataset(torch.zeros(3, 5), torch.zeros(3, dtype=torch.long))), {},
-                             "cannot evaluate the model on a query batch"),
-    "unknown module name": (dict(layers=["net.7"]), {}, "no module named or matching 'net.7'.*did you mean"),
-    "nothing trackable": (dict(exclude=["net.*"]), {}, "no trackable layer"),
-    "loss not per example": (dict(task=MeanLoss()), {}, "loss must be per example"),
-    "every_n_epochs never fires": (dict(every_n_epochs=5), dict(max_epochs=2), "every_n_epochs=5 never fires"),
-    "every_n_train_steps never fires": (dict(every_n_train_steps=50, every_n_epochs=None), dict(max_steps=20),
-                                        "every_n_train_steps=50 never fires"),
-    "max_train_examples over pool": (dict(max_train_examples=500), {}, "max_train_examples=500 is larger"),
-    "train_data without __len__": (dict(train_data=Stream()), {}, "has no __len__"),
     "windows without statistics": (dict(collect_every_n_steps=16), {}, "collect_every_n_steps=16 is more than"),
     "no validation data for 'val'": (dict(), dict(no_val=True), "no val DataLoader"),
-    "fisher='true' with a task that cannot sample": (dict(fisher="true", task=type("T", (MeanLoss,), {
-        "loss_from_outputs": li.ClassificationTask.loss_from_outputs,
+    "fisher='true' with a task that cannot sample": (dict(fisher="true", task=type("T", (li.ClassificationTask,), {
         "sample_loss_from_outputs": li.Task.sample_loss_from_outputs})()), {}, "fisher='true' needs a task"),
-    "manual optimization": (dict(), dict(model=Manual), "automatic optimization"),
 }
 
 
@@ -63,7 +35,7 @@ CASES = {
 def test_rejected_before_training(tmp_path, name):
     kwargs, trainer_kwargs, match = CASES[name]
     trainer_kwargs = dict(trainer_kwargs)
-    model = trainer_kwargs.pop("model", Classifier)()
+    model = Classifier()
     train, val, _ = planted_data()
     data = BlobData(train, val)
     if trainer_kwargs.pop("no_val", False):
