@@ -1,5 +1,5 @@
 """Reliability: bad input is refused before training with a message that says what to change (one
-test per case; the list with the messages is docs/bad_input.md), memory limits, and no unpickling
+test per case; the list with the messages is in README.md, "Bad input"), memory limits, and no unpickling
 of user-given files."""
 
 from __future__ import annotations
