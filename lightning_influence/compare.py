@@ -7,6 +7,7 @@ different candidate pools or query sets are matched on their dataset ids before 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -154,6 +155,23 @@ def _layer_scores_matched(result: Any, query_pos: torch.Tensor, train_pos: torch
 def _median_alpha(scores: torch.Tensor) -> Optional[float]:
     alphas = [fit.alpha for fit in fit_query_tails(scores, compare_alternatives=False) if fit is not None]
     return float(np.median(alphas)) if alphas else None
+
+
+# Tail fits of saved results, keyed by (directory, modification time): the callback recomputes the
+# trajectory at every checkpoint, and refitting every earlier checkpoint would cost O(checkpoints²).
+_SAVED_ALPHAS: Dict[Tuple[str, int], Optional[float]] = {}
+
+
+def _result_median_alpha(result: Any) -> Optional[float]:
+    meta = Path(result.path) / "meta.json" if getattr(result, "path", None) is not None else None
+    if meta is None or not meta.is_file():
+        return _median_alpha(result.scores.double())
+    key = (str(meta.parent.resolve()), meta.stat().st_mtime_ns)
+    if key not in _SAVED_ALPHAS:
+        if len(_SAVED_ALPHAS) > 4096:
+            _SAVED_ALPHAS.clear()
+        _SAVED_ALPHAS[key] = _median_alpha(result.scores.double())
+    return _SAVED_ALPHAS[key]
 
 
 # -- comparison ----------------------------------------------------------------------------------
@@ -351,7 +369,7 @@ def trajectory(results: Sequence[Any], *, k: int = 10) -> Dict[str, List[Any]]:
         scores = result.scores.double()
         series["step"].append(result.step)
         series["epoch"].append(result.epoch)
-        series["tail_alpha"].append(_median_alpha(scores))
+        series["tail_alpha"].append(_result_median_alpha(result))
         spread = concentration(scores)
         for key in keys:
             series[key].append(spread[key] if math.isfinite(spread[key]) else None)
