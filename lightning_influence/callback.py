@@ -694,9 +694,9 @@ class InfluenceCallbackCore:
     # -- state ---------------------------------------------------------------------------------------
     def _fingerprint(self) -> Dict[str, Any]:
         cfg = self.config
-        return {"strategy": cfg.strategy, "fisher": cfg.fisher, "covariance_dtype": cfg.covariance_dtype,
-                "loss_reduction": cfg.loss_reduction, "window": cfg.window,
-                "max_train_examples": cfg.max_train_examples, "seed": cfg.seed}
+        return {"task": type(self.task).__name__, "strategy": cfg.strategy, "fisher": cfg.fisher,
+                "covariance_dtype": cfg.covariance_dtype, "loss_reduction": cfg.loss_reduction,
+                "window": cfg.window, "max_train_examples": cfg.max_train_examples, "seed": cfg.seed}
 
     def state_dict(self) -> Dict[str, Any]:
         """Statistics (summed over processes onto rank 0: collective), the pool subset, the result

@@ -241,6 +241,7 @@ def checkpoint(tmp_path_factory):
     (dict(covariance_dtype="float64"), "covariance_dtype: checkpoint 'float32' vs now 'float64'"),
     (dict(max_train_examples=50), "max_train_examples: checkpoint None vs now 50"),
     (dict(exclude=["net.0"]), "track other layers"),
+    (dict(task=type("OtherTask", (li.ClassificationTask,), {})()), "task: checkpoint 'ClassificationTask' vs now 'OtherTask'"),
 ])
 def test_resume_with_another_configuration_is_refused(tmp_path, checkpoint, changed, reported):
     message = assert_refused_before_training(tmp_path, make_callback(tmp_path, **EPOCHS, **changed), "",
