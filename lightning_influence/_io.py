@@ -14,7 +14,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, Mapping, Union
+from typing import Any, Dict, Iterator, List, Mapping, Union
 
 import torch
 
@@ -51,6 +51,18 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_incomplete(directory: PathLike) -> List[Path]:
+    """Delete what interrupted :func:`atomic_directory` writes left in ``directory`` (hidden
+    ``.<name>.tmp-*`` / ``.<name>.old-*`` entries, which no loader reads); return what was removed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    leftovers = [p for p in directory.iterdir() if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    return leftovers
 
 
 def write_json(path: PathLike, payload: Mapping[str, Any]) -> None:

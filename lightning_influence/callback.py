@@ -41,7 +41,7 @@ from torch.utils.data.dataloader import default_collate
 import pytorch_lightning as pl
 
 from lightning_influence import distributed, passes
-from lightning_influence._io import META_FILE, atomic_directory, write_json
+from lightning_influence._io import META_FILE, atomic_directory, remove_incomplete, write_json
 from lightning_influence.collector import StepStatistics, fork_rng
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import fit_factors
@@ -268,6 +268,10 @@ class InfluenceCallbackCore:
             trainer.log_dir or trainer.default_root_dir) / "influence"
         if trainer.is_global_zero:
             _check_writable(self._output_dir)
+            removed = remove_incomplete(self._output_dir)
+            if removed:
+                log.info("lightning-influence: removed %d incomplete result(s) left by an interrupted run in %s",
+                         len(removed), self._output_dir)
         self._collector = StepStatistics(
             layers, self.task, fisher=cfg.fisher, loss_reduction=cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,

@@ -170,7 +170,8 @@ def test_crash_inside_a_computation_leaves_no_partial_result(tmp_path, monkeypat
 
 def test_sigkill_while_writing_then_the_next_run_continues(tmp_path):
     """A process killed halfway through writing step 12's tensors leaves only a hidden temporary
-    directory, which no loader reads; resuming from the epoch-0 checkpoint writes step 12 whole."""
+    directory, which no loader reads; resuming from the epoch-0 checkpoint removes it and writes
+    step 12 whole."""
     run = tmp_path / "run"
     done = subprocess.run([sys.executable, str(KILL_SCRIPT), "kill-result", str(run)], capture_output=True,
                           text=True, timeout=300)
@@ -192,6 +193,7 @@ def test_sigkill_while_writing_then_the_next_run_continues(tmp_path):
     for result in results:
         assert torch.isfinite(result.scores).all() and result.scores.shape == (4, 96)
         li.load_factors(Path(result.path) / "factors")
+    assert not any(p.exists() for p in partial)  # the resumed run cleaned up the interrupted write
 
 
 # -- an output directory that cannot be written ----------------------------------------------------
