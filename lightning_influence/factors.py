@@ -262,11 +262,13 @@ class Factors:
     def _damped_eigenvalues(self, name: str, damping) -> Tensor:
         return self.eigenvalues(name) + self.damping(name, damping)
 
-    def precondition(self, name: str, grads: Tensor, damping=None, rotated: bool = False) -> Tensor:
+    def precondition(self, name: str, grads: Tensor, damping=None, rotated: bool = False,
+                     in_eigenbasis: bool = False) -> Tensor:
         """Apply ``(G_ℓ + λ_ℓ I)⁻¹`` to a batch of layer gradients ``[N, d_out, d_in]`` (float64 inside).
 
         With ``rotated=True`` (K-FAC, EK-FAC) the result stays in the eigenbasis, ``q_sᵀ P q_a``,
-        and is returned in float64 (for callers that truncate it before rotating back).
+        and is returned in float64 (for callers that truncate it before rotating back). With
+        ``in_eigenbasis=True`` the gradients are already rotated (see :meth:`example_gradients_in_eigenbasis`).
         """
         if self.strategy == "identity":
             return grads
@@ -277,10 +279,22 @@ class Factors:
         if self.strategy == "diagonal":
             return (grads / scale).to(out_dtype)
         q_a, q_s = parts["q_a"].to(grads.device), parts["q_s"].to(grads.device)
-        rotated_grads = q_s.T @ grads @ q_a / scale
+        rotated_grads = (grads if in_eigenbasis else q_s.T @ grads @ q_a) / scale
         if rotated:
             return rotated_grads
         return (q_s @ rotated_grads @ q_a.T).to(out_dtype)
+
+    def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor) -> Tensor:
+        """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in float64, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``.
+
+        Rotating the ``T`` token vectors first costs ``T·d²`` per example instead of the ``d³`` of
+        rotating the formed gradient: much cheaper whenever ``T`` is small (one token: ``d²``)."""
+        parts = self.layers[name]
+        q_a, q_s = parts["q_a"].to(acts.device), parts["q_s"].to(acts.device)
+        tokens, d_out, d_in = acts.shape[1], grads.shape[-1], acts.shape[-1]
+        if tokens * (d_out ** 2 + d_in ** 2 + d_out * d_in) < d_out * d_in * (d_out + d_in):
+            return per_example_gradients(acts.double() @ q_a, grads.double() @ q_s)
+        return q_s.T @ per_example_gradients(acts, grads).double() @ q_a
 
     def quadratic_form(self, name: str, grads: Tensor, damping=None) -> Tensor:
         """``vec(ΔW_n)ᵀ (G_ℓ + λ_ℓ I)⁻¹ vec(ΔW_n)`` for ``grads [N, d_out, d_in]`` -> ``[N]``."""

@@ -155,25 +155,29 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
                          batch_size: int = 32, show_progress: bool = False) -> PreconditionedQueries:
     """Gradients of minus each query's measurement, preconditioned layer by layer."""
     tracker = LayerTracker(layers)
+    eigenbasis = factors.strategy in ("kfac", "ekfac")
     collected: Dict[str, List[Tensor]] = {layer.name: [] for layer in layers}
+    dtype = None
     for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
                                                     "query gradients", show_progress):
         for layer, act, grad in zip(layers, acts, grads):
-            collected[layer.name].append(per_example_gradients(act, grad).detach())
+            dtype = grad.dtype
+            if eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
+                collected[layer.name].append(factors.example_gradients_in_eigenbasis(layer.name, act, grad))
+            else:
+                collected[layer.name].append(per_example_gradients(act, grad).detach())
     dense: Dict[str, Tensor] = {}
     bases: Dict[str, Tuple[Tensor, Tensor]] = {}
-    dtype = None
     for name, chunks in collected.items():
         grads = torch.cat(chunks)
-        dtype = grads.dtype
         truncated = query_rank is not None and query_rank < min(grads.shape[1:])
-        if truncated and factors.strategy in ("kfac", "ekfac"):
+        if truncated and eigenbasis:
             # Truncate in the eigenbasis and rotate only the rank-r factors back: saves a
             # [d_out, d_out] x [d_out, d_in] product per query and layer.
-            dense[name] = factors.precondition(name, grads, damping, rotated=True)
+            dense[name] = factors.precondition(name, grads, damping, rotated=True, in_eigenbasis=True)
             bases[name] = (factors.layers[name]["q_s"], factors.layers[name]["q_a"])
         else:
-            dense[name] = factors.precondition(name, grads, damping)
+            dense[name] = factors.precondition(name, grads, damping, in_eigenbasis=eigenbasis)
     return PreconditionedQueries(dense, query_rank, bases, dtype)
 
 
