@@ -41,6 +41,7 @@ class PreconditionedQueries:
         self.rank = rank
         self.dense: Dict[str, Tensor] = {}
         self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self._layouts: Dict[Tuple[str, str, torch.dtype], Tensor] = {}
         bases = bases or {}
         for name, grads in dense.items():
             out_dtype = dtype or grads.dtype
@@ -68,6 +69,22 @@ class PreconditionedQueries:
             return self.dense[name]
         left, right = self.low_rank[name]
         return left @ right.transpose(1, 2)
+
+    def layout(self, name: str, kind: str, dtype: torch.dtype) -> Tensor:
+        """The queries in the layout a contraction multiplies with, built once per layer and dtype:
+        ``"rows"`` ``[Q, d_out·d_in]``; ``"columns"`` ``[d_out, Q·d_in]``; ``"left"`` / ``"right"``
+        ``[d_out or d_in, Q·r]`` (query-major columns, so a slice of columns is a slice of queries)."""
+        key = (name, kind, dtype)
+        if key not in self._layouts:
+            if kind == "rows":
+                value = self.dense_for(name).flatten(1)
+            elif kind == "columns":
+                value = self.dense[name].permute(1, 0, 2).reshape(self.dense[name].shape[1], -1)
+            else:
+                factor = self.low_rank[name][0 if kind == "left" else 1]
+                value = factor.permute(1, 0, 2).reshape(factor.shape[1], -1)
+            self._layouts[key] = value.to(dtype).contiguous()
+        return self._layouts[key]
 
 
 def truncate(matrices: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
@@ -109,9 +126,7 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     direct = per_token or _cost_direct(batch, tokens, d_out, d_in, n_query, rank) <= _cost_materialised(
         batch, tokens, d_out, d_in, n_query)
     if not direct:
-        dense = queries.dense_for(layer.name).to(grads.dtype)
-        example_grads = per_example_gradients(acts, grads)
-        return dense.flatten(1) @ example_grads.flatten(1).T
+        return queries.layout(layer.name, "rows", grads.dtype) @ per_example_gradients(acts, grads).flatten(1).T
     flat_grads = grads.reshape(batch * tokens, d_out)
     flat_acts = acts.reshape(batch * tokens, d_in)
     width = (rank if rank is not None else d_in)
@@ -119,15 +134,14 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     chunks = []
     for start in range(0, n_query, step):
         stop = min(n_query, start + step)
+        columns = slice(start * width, stop * width)
         if low_rank is not None:
-            left, right = (t[start:stop].to(grads.dtype) for t in low_rank)
             # [BT, d_out] @ [d_out, q*r] and [BT, d_in] @ [d_in, q*r]: two GEMMs, then sum over r.
-            projected_g = flat_grads @ left.permute(1, 0, 2).reshape(d_out, -1)
-            projected_a = flat_acts @ right.permute(1, 0, 2).reshape(d_in, -1)
+            projected_g = flat_grads @ queries.layout(layer.name, "left", grads.dtype)[:, columns]
+            projected_a = flat_acts @ queries.layout(layer.name, "right", grads.dtype)[:, columns]
             token_scores = (projected_g * projected_a).view(batch, tokens, stop - start, -1).sum(-1)
         else:
-            dense = queries.dense[layer.name][start:stop].to(grads.dtype)
-            projected = flat_grads @ dense.permute(1, 0, 2).reshape(d_out, -1)  # [BT, q*d_in]
+            projected = flat_grads @ queries.layout(layer.name, "columns", grads.dtype)[:, columns]  # [BT, q*d_in]
             token_scores = (projected.view(batch * tokens, stop - start, d_in) * flat_acts.unsqueeze(1)).sum(-1)
             token_scores = token_scores.view(batch, tokens, stop - start)
         chunks.append(token_scores.permute(2, 0, 1))
