@@ -553,9 +553,14 @@ class InfluenceCallbackCore:
                                             f"{cfg.collect_every_n_steps}); influence is not computed there")
             return
         show = cfg.show_progress and trainer.is_global_zero
+        # Each process corrects the eigenvalues on its share of the correction examples; the sums
+        # are all-reduced inside fit_factors (its seed differs per rank so sampled targets do too).
+        correction = self._correction_data()
+        shard = distributed.split_range(len(correction))
         factors = fit_factors(
-            pl_module, self.task, self._loader(self._correction_data()), cfg.strategy, cfg.fisher,
-            covariances=stats, batch_size=cfg.batch_size, seed=cfg.seed + step, show_progress=show,
+            pl_module, self.task, self._loader(Subset(correction, list(shard))), cfg.strategy, cfg.fisher,
+            covariances=stats, batch_size=cfg.batch_size, seed=cfg.seed + step + 7919 * distributed.rank(),
+            show_progress=show, reduce=distributed.all_reduce_sum_,
         )
         timings["factors"] = time.perf_counter() - started
 

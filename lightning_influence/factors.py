@@ -11,7 +11,7 @@ Per tracked layer (see ``design.md`` for the normalisation):
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -413,7 +413,8 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
                 batch_size: int = 32, num_samples: int = 1, max_batches: Optional[int] = None,
                 seed: int = 0, covariances: Optional[CovarianceStatistics] = None,
                 max_layer_bytes: Optional[int] = None, memory_budget_bytes: Optional[int] = None,
-                dtype: torch.dtype = torch.float32, show_progress: bool = False) -> Factors:
+                dtype: torch.dtype = torch.float32, show_progress: bool = False,
+                reduce: Optional[Callable[[List[Tensor]], None]] = None) -> Factors:
     """Fit the curvature approximation of ``model`` on ``data``.
 
     Args:
@@ -435,6 +436,8 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
         memory_budget_bytes: refuse a configuration whose statistics exceed this.
         dtype: accumulation dtype of the statistics (float32; float64 for exactness checks).
         show_progress: show progress bars.
+        reduce: called in place on the sums this call accumulates (e.g. an all-reduce across
+            processes, each of which passed its own share of ``data``) before they are used.
 
     Returns:
         :class:`Factors`, to pass to ``compute_influence`` or ``save``.
@@ -451,12 +454,16 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
                   dtype=dtype, show_progress=show_progress)
     if strategy in ("kfac", "ekfac") and covariances is None:
         covariances = accumulate_covariances(model, task, data, chosen, seed=seed, **kwargs)
+        if reduce is not None:
+            reduce(covariances.tensors())
     bases = covariances.eigendecompose() if strategy in ("kfac", "ekfac") else None
     correction = None
     if strategy == "ekfac":
         correction = accumulate_eigenvalue_correction(model, task, data, chosen, bases, seed=seed + 1, **kwargs)
     elif strategy == "diagonal":
         correction = accumulate_eigenvalue_correction(model, task, data, chosen, None, seed=seed + 1, **kwargs)
+    if correction is not None and reduce is not None:
+        reduce(correction.tensors())
     meta = {"fisher": fisher, "num_samples": num_samples, "layers": [l.name for l in chosen]}
     if covariances is not None:
         meta["tokens_seen"] = {n: float(p["a_count"]) for n, p in covariances.state.items()}
