@@ -22,7 +22,12 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.factors import (
+    CovarianceStatistics,
+    EigenvalueCorrection,
+    accumulate_covariances,
+    accumulate_eigenvalue_correction,
+)
 from lightning_influence.tracking import select_layers
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -207,21 +212,40 @@ class TrainingTimeCovariances:
 
     Pass :meth:`on_step` to :func:`train_ensemble` (one member); :meth:`take` returns what was
     gathered since the last call and starts afresh, as the callback does at each checkpoint.
+    After :meth:`start_lagged_correction` the steps also accumulate the EK-FAC eigenvalue
+    correction in a fixed earlier basis: the "lagged basis" alternative to the callback's bounded
+    correction pass at the checkpoint.
     """
 
     def __init__(self, model: nn.Module, task: li.Task) -> None:
         self.model, self.task = model, task
         self.layers = select_layers(model)
         self.stats = CovarianceStatistics(self.layers)
+        self.lagged: Optional[EigenvalueCorrection] = None
 
     def on_step(self, params: Dict[str, Tensor], xb: Tensor, yb: Tensor) -> None:
         load_member(self.model, params)
-        accumulate_covariances(self.model, self.task, TensorDataset(xb[0], yb[0]), self.layers,
-                               fisher="empirical", batch_size=len(xb[0]), into=self.stats)
+        batch = TensorDataset(xb[0], yb[0])
+        accumulate_covariances(self.model, self.task, batch, self.layers, fisher="empirical", batch_size=len(xb[0]),
+                               into=self.stats)
+        if self.lagged is not None:
+            self.lagged.merge_(accumulate_eigenvalue_correction(
+                self.model, self.task, batch, self.layers, self.lagged.bases, fisher="empirical",
+                batch_size=len(xb[0])))
 
     def take(self) -> CovarianceStatistics:
         stats, self.stats = self.stats, CovarianceStatistics(self.layers)
         return stats
+
+    def start_lagged_correction(self, bases: Dict[str, Dict[str, Tensor]]) -> None:
+        self.lagged = EigenvalueCorrection(self.layers, bases)
+
+    def lagged_factors(self) -> li.Factors:
+        """EK-FAC in the lagged basis with the eigenvalues the steps gathered in it."""
+        return li.Factors("ekfac", {layer.name: {"q_a": self.lagged.bases[layer.name]["q_a"],
+                                                 "q_s": self.lagged.bases[layer.name]["q_s"],
+                                                 "eigenvalues": self.lagged.mean(layer.name)}
+                                    for layer in self.layers})
 
 
 # -- kronfluence (benchmark-only dependency) ---------------------------------------------------------
