@@ -53,6 +53,21 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
         raise
 
 
+def write_file_atomic(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file and a rename: never a half file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def remove_incomplete(directory: PathLike) -> List[Path]:
     """Delete what interrupted :func:`atomic_directory` writes left in ``directory`` (hidden
     ``.<name>.tmp-*`` / ``.<name>.old-*`` entries, which no loader reads); return what was removed."""
@@ -65,9 +80,13 @@ def remove_incomplete(directory: PathLike) -> List[Path]:
     return leftovers
 
 
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    """The JSON text every metadata file is written as."""
+    return json.dumps(payload, indent=2, sort_keys=True, default=_json_default).encode("utf-8")
+
+
 def write_json(path: PathLike, payload: Mapping[str, Any]) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(payload, fh, indent=2, sort_keys=True, default=_json_default)
+    Path(path).write_bytes(json_bytes(payload))
 
 
 def _json_default(value: Any) -> Any:

@@ -43,7 +43,7 @@ from torch.utils.data.dataloader import default_collate
 import pytorch_lightning as pl
 
 from lightning_influence import distributed, passes
-from lightning_influence._io import META_FILE, atomic_directory, remove_incomplete, write_json
+from lightning_influence._io import META_FILE, atomic_directory, json_bytes, remove_incomplete, write_file_atomic
 from lightning_influence.collector import StepStatistics, fork_rng
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import fit_factors
@@ -690,9 +690,7 @@ class InfluenceCallbackCore:
         paths = list(entry["checkpoint_paths"])
         payload["meta"].update(checkpoint_path=paths[0] if paths else None, checkpoint_paths=paths,
                                reasons=list(entry["reasons"]))
-        tmp = meta_path.with_name(f".{META_FILE}.tmp-{os.getpid()}")
-        write_json(tmp, payload)
-        os.replace(tmp, meta_path)
+        write_file_atomic(meta_path, json_bytes(payload))
         handle = self._handles.get(entry["path"])
         if handle is not None:
             handle.meta.update(payload["meta"])

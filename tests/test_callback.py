@@ -12,7 +12,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.callback import InfluenceCallback

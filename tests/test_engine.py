@@ -1,7 +1,6 @@
 """Engine invariants: decompositions, low-rank queries, self-influence, the sign convention,
 merging statistics, persistence and layer selection."""
 
-import warnings
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ from torch.utils.data import Subset, TensorDataset
 import lightning_influence as li
 from lightning_influence.factors import CovarianceStatistics, accumulate_covariances
 from lightning_influence.scoring import PreconditionedQueries, contract
-from lightning_influence.tracking import LayerTracker, TrackedLayer
+from lightning_influence.tracking import LayerTracker
 from tests.tiny_models import TinyTransformer, TokenData, classification_data, mlp
 
 

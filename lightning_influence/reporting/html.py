@@ -11,14 +11,13 @@ import base64
 import html
 import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from lightning_influence._io import PathLike
+from lightning_influence._io import PathLike, write_file_atomic
 from lightning_influence.results import InfluenceResult, load_results
 
 Source = Union[InfluenceResult, Sequence[InfluenceResult], PathLike]
@@ -89,14 +88,7 @@ def write_html_report(
     page = _build_page(results, render, shows, top_k, max_queries, title)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(page)
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(out_path, page.encode("utf-8"))
     return out_path
 
 

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence
 
-from lightning_influence._io import _json_default
+from lightning_influence._io import _json_default, write_file_atomic
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, render_example
 from lightning_influence.reporting.report import Report, build_report
 
@@ -23,20 +21,6 @@ __all__ = ["ResultPublisher", "REPORT_DIR", "SUMMARY_FILE"]
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and a rename: never a half file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_safe(value: Any) -> Any:
@@ -213,7 +197,7 @@ class ResultPublisher:
         figure_files = {}
         for name, png in report.pngs.items():
             figure_files[name] = figure_file_name(name)
-            _atomic_write(directory / figure_files[name], png)
+            write_file_atomic(directory / figure_files[name], png)
         payload = {
             "step": report.step,
             "epoch": report.epoch,
@@ -225,7 +209,7 @@ class ResultPublisher:
             "trajectory": report.trajectory,
         }
         text = json.dumps(_json_safe(payload), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
-        _atomic_write(directory / SUMMARY_FILE, text.encode("utf-8"))
+        write_file_atomic(directory / SUMMARY_FILE, text.encode("utf-8"))
 
     @property
     def active_loggers(self) -> List[str]:
