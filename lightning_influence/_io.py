@@ -8,6 +8,7 @@ a hidden temporary directory behind, never a half-written result.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -78,6 +79,22 @@ def remove_incomplete(directory: PathLike) -> List[Path]:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     return leftovers
+
+
+def json_ready(value: Any) -> Any:
+    """Nested data as strict JSON: tensors and numpy values as lists or numbers, non-finite floats
+    as ``None``, mapping keys as strings, any other object as its string."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and numpy scalars
+        return json_ready(value.tolist())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    return str(value)
 
 
 def json_bytes(payload: Mapping[str, Any]) -> bytes:

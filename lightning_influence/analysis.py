@@ -17,6 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from lightning_influence._io import json_ready
+
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[float]]
 Groups = Union[int, Sequence[Sequence[int]]]
 
@@ -26,19 +28,6 @@ _KS_CHUNK_ELEMENTS = 1 << 18  # bounds the [candidates, values] matrix of the xm
 
 def _finite(value: float) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
-
-
-def _json_ready(value: Any) -> Any:
-    """Recursively turn tensors into lists and non-finite floats into ``None`` (strict JSON)."""
-    if isinstance(value, torch.Tensor):
-        return _json_ready(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float):
-        return _finite(value)
-    return value
 
 
 def _to_numpy(values: ArrayLike) -> np.ndarray:
@@ -88,7 +77,7 @@ class PowerLawFit:
 
     def to_dict(self) -> Dict[str, Any]:
         """All fields as a JSON-ready dict (non-finite numbers become ``None``)."""
-        return _json_ready(dataclasses.asdict(self))
+        return json_ready(dataclasses.asdict(self))
 
 
 def _ks_distances(log_x: np.ndarray, starts: np.ndarray, log_xmins: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -562,7 +551,7 @@ class InfluenceSummary:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (non-finite numbers become ``None``)."""
-        return _json_ready(
+        return json_ready(
             {
                 "scalars": self.scalars,
                 "tail_fits": [fit.to_dict() if fit is not None else None for fit in self.tail_fits],

@@ -242,13 +242,14 @@ def _section(out, title: str) -> None:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
+    from lightning_influence._io import json_ready
     from lightning_influence.compare import compare
 
     a, b = _load_single(args.a), _load_single(args.b)
     comparison = compare(a, b, ks=tuple(args.k), top_k_changes=args.changes)
     if args.json:
         payload = {"a": str(args.a), "b": str(args.b), **comparison.to_dict()}
-        json.dump(_json_safe(payload), sys.stdout, indent=2)
+        json.dump(json_ready(payload), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(f"A: {args.a} (step {a.step})\nB: {args.b} (step {b.step})\n")
@@ -264,21 +265,6 @@ def _load_single(path: Path):
         steps = ", ".join(str(r.path.name) for r in results)
         raise CommandError(f"{path} is a run directory with {len(results)} results ({steps}); pass one of them")
     return results[0]
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON types only: tensors become lists and non-finite floats ``null`` (strict JSON)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 # -- score -------------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lightning_influence.analysis import _json_ready, concentration, fit_query_tails, layer_shares
+from lightning_influence._io import json_ready
+from lightning_influence.analysis import concentration, fit_query_tails, layer_shares
 
 RBO_PERSISTENCE = 0.9
 
@@ -215,7 +216,7 @@ class Comparison:
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-ready dict (non-finite numbers become ``None``), with means of the per-query fields."""
-        return _json_ready(
+        return json_ready(
             {
                 "steps": list(self.steps),
                 "n_query": self.n_query,

@@ -8,12 +8,11 @@ and skipped from then on, so a flaky network or an exhausted quota never stops a
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence
 
-from lightning_influence._io import _json_default, write_file_atomic
+from lightning_influence._io import json_ready, write_file_atomic
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, render_example
 from lightning_influence.reporting.report import Report, build_report
 
@@ -21,19 +20,6 @@ __all__ = ["ResultPublisher", "REPORT_DIR", "SUMMARY_FILE"]
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
-
-
-def _json_safe(value: Any) -> Any:
-    """Nested data with tensors as lists and non-finite floats as ``None`` (strict JSON)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
-        return _json_safe(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def figure_file_name(name: str) -> str:
@@ -208,7 +194,7 @@ class ResultPublisher:
             "bottom_examples": [row.to_dict() for row in report.bottom_rows],
             "trajectory": report.trajectory,
         }
-        text = json.dumps(_json_safe(payload), indent=2, sort_keys=True, default=_json_default, allow_nan=False)
+        text = json.dumps(json_ready(payload), indent=2, sort_keys=True, allow_nan=False)
         write_file_atomic(directory / SUMMARY_FILE, text.encode("utf-8"))
 
     @property
