@@ -16,7 +16,7 @@ counted), so the accumulated sums never see a step that training itself discarde
 from __future__ import annotations
 
 from contextlib import ExitStack
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -120,7 +120,7 @@ class StepStatistics:
     def _on_gradient(self, layer: TrackedLayer, acts: Tensor, grads: Tensor) -> None:
         if self._phase != _TRAIN:
             return  # our own backward for sampled targets: handled by sample_true_fisher
-        calls = self.tracker.call_counts()[layer.name]
+        calls = self.tracker.call_count(layer.name)
         if calls != 1:
             self.miscounted[layer.name] = calls
             return
@@ -131,6 +131,14 @@ class StepStatistics:
                 self._pending.add_gradients(layer.name, grads_kept.float() * self._grad_factor,
                                             self._batch_size, weight)
 
+    def _token_subset(self, positions: int) -> Tuple[Optional[Tensor], float]:
+        """Which of ``positions`` token rows to keep (``None``: all of them) and the weight on ``S``
+        that keeps it unbiased."""
+        if self.max_tokens is None or positions <= self.max_tokens:
+            return None, 1.0
+        keep = torch.randperm(positions, generator=self._token_generator)[: self.max_tokens]
+        return keep, positions / self.max_tokens
+
     def _subsample(self, acts: Tensor, grads: Tensor):
         """Flatten token positions and keep at most ``max_tokens`` of them: ``(acts, grads, S
         weight, real tokens kept)``."""
@@ -139,21 +147,20 @@ class StepStatistics:
         mask_applies = mask is not None and mask.shape[1] == acts.shape[1]
         acts = acts.reshape(positions, -1)
         grads = grads.reshape(positions, -1)
-        if self.max_tokens is None or positions <= self.max_tokens:
+        keep, weight = self._token_subset(positions)
+        if keep is None:
             tokens = self._token_total if mask_applies else float(positions)
-            return acts, grads, 1.0, tokens
-        keep = torch.randperm(positions, generator=self._token_generator)[: self.max_tokens].to(acts.device)
+            return acts, grads, weight, tokens
+        keep = keep.to(acts.device)
         tokens = mask.reshape(-1)[keep].sum() if mask_applies else float(self.max_tokens)
-        return acts[keep], grads[keep], positions / self.max_tokens, tokens
+        return acts[keep], grads[keep], weight, tokens
 
     def _add_sampled(self, layer: TrackedLayer, grads: Tensor, factor: float, weight: float = 1.0,
                      share: float = 1.0) -> None:
         with torch.no_grad(), torch.autocast(grads.device.type, enabled=False):
             flat = grads.reshape(-1, grads.shape[-1])
-            scale = 1.0
-            if self.max_tokens is not None and flat.shape[0] > self.max_tokens:
-                keep = torch.randperm(flat.shape[0], generator=self._token_generator)[: self.max_tokens]
-                scale = flat.shape[0] / self.max_tokens
+            keep, scale = self._token_subset(flat.shape[0])
+            if keep is not None:
                 flat = flat[keep.to(flat.device)]
             self._pending.add_gradients(layer.name, flat.float() * factor, self._batch_size * share, weight * scale)
 

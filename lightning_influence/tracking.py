@@ -277,6 +277,10 @@ class LayerTracker:
             self.active = False
 
     # -- access to what was recorded ----------------------------------------------------------
+    def call_count(self, name: str) -> int:
+        """How often layer ``name``'s hook fired since the last reset (cheap: on the hot path)."""
+        return len(self._inputs[name])
+
     def call_counts(self) -> Dict[str, int]:
         return {name: len(calls) for name, calls in self._inputs.items()}
 
