@@ -36,11 +36,10 @@ def atomic_directory(path: PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
-        for child in tmp.iterdir():  # make the contents durable before the rename publishes them
-            if not child.is_file():
-                continue  # nested directories were written (and synced) by their own atomic_directory
-            with open(child, "rb") as fh:
-                os.fsync(fh.fileno())
+        for folder, _, files in os.walk(tmp):  # make the contents durable before the rename publishes them
+            for name in files:
+                with open(os.path.join(folder, name), "rb") as fh:
+                    os.fsync(fh.fileno())
         if final.exists():
             # Move the old version aside first so the final name never points at a mix of both.
             trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"

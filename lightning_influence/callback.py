@@ -628,8 +628,8 @@ class InfluenceCallbackCore:
         path = Path(entry["path"])
         try:
             with atomic_directory(path) as tmp:  # scores and factors appear together or not at all
-                result.save(tmp)
-                factors.save(tmp / "factors")
+                result.write_into(tmp)
+                factors.write_into(tmp / "factors")
             result.path = path
         except OSError as err:
             self._warn(f"write-{entry['step']}", f"could not write the influence result to {path} ({err}); "

@@ -11,6 +11,7 @@ Per tracked layer (see ``design.md`` for the normalisation):
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
@@ -315,11 +316,17 @@ class Factors:
     def save(self, path: PathLike) -> None:
         """Write atomically to the directory ``path`` (safetensors + JSON)."""
         with atomic_directory(path) as tmp:
-            save_tensors(tmp / TENSOR_FILE, _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
-            write_json(tmp / META_FILE, {
-                "format": FACTORS_FORMAT, "version": 1, "strategy": self.strategy,
-                "layer_names": self.layer_names, "meta": self.meta,
-            })
+            self.write_into(tmp)
+
+    def write_into(self, directory: PathLike) -> None:
+        """Write the factors' files into ``directory`` (non-atomic; :meth:`save` is the atomic form)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_tensors(directory / TENSOR_FILE, _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
+        write_json(directory / META_FILE, {
+            "format": FACTORS_FORMAT, "version": 1, "strategy": self.strategy,
+            "layer_names": self.layer_names, "meta": self.meta,
+        })
 
     def __repr__(self) -> str:
         return f"Factors(strategy={self.strategy!r}, layers={len(self.layers)})"

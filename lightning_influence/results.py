@@ -158,22 +158,29 @@ class InfluenceResult:
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: PathLike) -> Path:
         """Write atomically to the directory ``path`` (replacing it) and return it."""
-        tensors = {name: self._field(name) for name in _TENSOR_FIELDS}
         with atomic_directory(path) as tmp:
-            save_tensors(tmp / TENSOR_FILE, {k: v for k, v in tensors.items() if v is not None})
-            write_json(
-                tmp / META_FILE,
-                {
-                    "format": RESULT_FORMAT,
-                    "version": FORMAT_VERSION,
-                    "step": self.step,
-                    "epoch": self.epoch,
-                    "layer_names": self.layer_names,
-                    "meta": self.meta,
-                },
-            )
+            self.write_into(tmp)
         self.path = Path(path)
         return self.path
+
+    def write_into(self, directory: PathLike) -> None:
+        """Write the result's files into ``directory`` (for callers that make a larger directory
+        atomic, e.g. a result together with its factors); :meth:`save` is the atomic form."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: self._field(name) for name in _TENSOR_FIELDS}
+        save_tensors(directory / TENSOR_FILE, {k: v for k, v in tensors.items() if v is not None})
+        write_json(
+            directory / META_FILE,
+            {
+                "format": RESULT_FORMAT,
+                "version": FORMAT_VERSION,
+                "step": self.step,
+                "epoch": self.epoch,
+                "layer_names": self.layer_names,
+                "meta": self.meta,
+            },
+        )
 
     @classmethod
     def load(cls, path: PathLike) -> "InfluenceResult":
