@@ -344,24 +344,37 @@ def load_factors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Fa
 
 
 # -- fitting ---------------------------------------------------------------------------------------
+def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, num_samples: int, batch_size: int,
+                      max_batches: Optional[int], seed: int, desc: str, show_progress: bool):
+    """The passes every curvature statistic is built from. Per batch: the number of examples, each
+    layer's activations and real-token count, and the Fisher samples ``(weight, example share,
+    per-layer gradients)`` of :func:`passes.fisher_gradients` (consume them before the next batch).
+    The caller holds ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
+    device = passes.model_device(model)
+    generator = torch.Generator(device).manual_seed(seed)
+    for batch in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
+        outputs = passes.forward(model, task, batch, tracker)
+        acts = [acts for _, acts in passes.layer_activations(tracker)]
+        tokens = [passes.token_count(act, tracker.token_mask) for act in acts]
+        yield task.batch_size(batch), acts, tokens, passes.fisher_gradients(
+            outputs, task, batch, tracker, fisher, generator, num_samples)
+
+
 @passes.outside_inference_mode
 def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *, fisher: str = "true",
                            num_samples: int = 1, batch_size: int = 32, max_batches: Optional[int] = None,
                            seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = False,
                            into: Optional[CovarianceStatistics] = None) -> CovarianceStatistics:
     """One pass over ``data`` accumulating ``Σ a aᵀ`` and ``Σ g gᵀ`` (into ``into`` if given)."""
-    device = passes.model_device(model)
-    stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=device)
-    generator = torch.Generator(device).manual_seed(seed)
+    stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=passes.model_device(model))
     tracker = LayerTracker(layers)
-    for batch in passes.iterate_batches(data, batch_size, device, "covariances", show_progress, max_batches):
-        with passes.evaluation_mode(model), tracker:
-            outputs = passes.forward(model, task, batch, tracker)
-            count = task.batch_size(batch)
-            for layer, acts in passes.layer_activations(tracker):
-                stats.add_activations(layer.name, acts, passes.token_count(acts, tracker.token_mask))
-            for weight, share, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator,
-                                                                num_samples):
+    with passes.evaluation_mode(model), tracker:
+        for count, acts, tokens, samples in _curvature_passes(
+                model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
+                max_batches=max_batches, seed=seed, desc="covariances", show_progress=show_progress):
+            for layer, act, real_tokens in zip(layers, acts, tokens):
+                stats.add_activations(layer.name, act, real_tokens)
+            for weight, share, grads in samples:
                 for layer, grad in zip(layers, grads):
                     stats.add_gradients(layer.name, grad, count * share, weight)
     return stats
@@ -375,18 +388,14 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                                      show_progress: bool = False) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
     or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher)."""
-    device = passes.model_device(model)
-    correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=device)
-    generator = torch.Generator(device).manual_seed(seed)
+    correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     tracker = LayerTracker(layers)
     desc = "eigenvalue correction" if bases is not None else "diagonal Fisher"
-    for batch in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
-        with passes.evaluation_mode(model), tracker:
-            outputs = passes.forward(model, task, batch, tracker)
-            count = task.batch_size(batch)
-            acts = [acts for _, acts in passes.layer_activations(tracker)]
-            for weight, share, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator,
-                                                                num_samples):
+    with passes.evaluation_mode(model), tracker:
+        for count, acts, _, samples in _curvature_passes(
+                model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
+                max_batches=max_batches, seed=seed, desc=desc, show_progress=show_progress):
+            for weight, share, grads in samples:
                 for layer, act, grad in zip(layers, acts, grads):
                     correction.add(layer.name, act, grad, count * share, weight)
     return correction

@@ -153,14 +153,15 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
                               use_measurement: bool, desc: str, show_progress: bool
                               ) -> Iterator[Tuple[Any, List[Tensor], List[Tensor]]]:
     """Per batch: ``(batch, activations, output gradients)`` per tracked layer, of each example's
-    loss (training data) or of minus its measurement (queries)."""
+    loss (training data) or of minus its measurement (queries). The caller holds
+    ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
     for batch in passes.iterate_batches(data, batch_size, passes.model_device(model), desc, show_progress):
-        with passes.evaluation_mode(model), tracker:
-            with tracker.capture(task.token_mask(batch)):
-                target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
-            tracker.check_single_calls()
-            acts = [acts for _, acts in passes.layer_activations(tracker)]
-            grads = passes.layer_gradients(target.sum(), tracker)
+        with tracker.capture(task.token_mask(batch)):
+            target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
+        tracker.check_single_calls()
+        acts = [acts for _, acts in passes.layer_activations(tracker)]
+        grads = passes.layer_gradients(target.sum(), tracker)
+        tracker.reset()  # drop the batch's recorded outputs before the caller works on it
         yield batch, acts, grads
 
 
@@ -172,14 +173,15 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
     eigenbasis = factors.strategy in ("kfac", "ekfac")
     collected: Dict[str, List[Tensor]] = {layer.name: [] for layer in layers}
     dtype = None
-    for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
-                                                    "query gradients", show_progress):
-        for layer, act, grad in zip(layers, acts, grads):
-            dtype = grad.dtype
-            if eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
-                collected[layer.name].append(factors.example_gradients_in_eigenbasis(layer.name, act, grad))
-            else:
-                collected[layer.name].append(per_example_gradients(act, grad).detach())
+    with passes.evaluation_mode(model), tracker:
+        for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
+                                                        "query gradients", show_progress):
+            for layer, act, grad in zip(layers, acts, grads):
+                dtype = grad.dtype
+                if eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
+                    collected[layer.name].append(factors.example_gradients_in_eigenbasis(layer.name, act, grad))
+                else:
+                    collected[layer.name].append(per_example_gradients(act, grad).detach())
     dense: Dict[str, Tensor] = {}
     bases: Dict[str, Tuple[Tensor, Tensor]] = {}
     for name, chunks in collected.items():
@@ -246,25 +248,26 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     mask_chunks: List[Tensor] = []
     self_chunks: List[Tensor] = []
     tracker = LayerTracker(layers)
-    for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
-                                                        "influence", show_progress):
-        with torch.no_grad():
-            per_layer_scores = [contract(queries, layer, act, grad, per_token)
-                                for layer, act, grad in zip(layers, acts, grads)]
-            if per_token:
-                _check_token_axes(layers, acts)
-                token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
-                mask = task.token_mask(batch)
-                mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
-                per_layer_scores = [s.sum(-1) for s in per_layer_scores]
-            stacked = torch.stack(per_layer_scores).float()
-            # Without per-layer scores keep only their sum: memory then grows with the score matrix
-            # alone, not with the number of layers times it.
-            layer_chunks.append((stacked if per_layer else stacked.double().sum(0, keepdim=True).float()).cpu())
-            if self_influence:
-                self_chunks.append(sum(
-                    factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
-                    for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+    with passes.evaluation_mode(model), tracker:
+        for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
+                                                            "influence", show_progress):
+            with torch.no_grad():
+                per_layer_scores = [contract(queries, layer, act, grad, per_token)
+                                    for layer, act, grad in zip(layers, acts, grads)]
+                if per_token:
+                    _check_token_axes(layers, acts)
+                    token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
+                    mask = task.token_mask(batch)
+                    mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
+                    per_layer_scores = [s.sum(-1) for s in per_layer_scores]
+                stacked = torch.stack(per_layer_scores).float()
+                # Without per-layer scores keep only their sum: memory then grows with the score matrix
+                # alone, not with the number of layers times it.
+                layer_chunks.append((stacked if per_layer else stacked.double().sum(0, keepdim=True).float()).cpu())
+                if self_influence:
+                    self_chunks.append(sum(
+                        factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                        for layer, act, grad in zip(layers, acts, grads)).float().cpu())
     timings["train"] = time.perf_counter() - stage
 
     layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
@@ -304,11 +307,12 @@ def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Fac
     factors = factors.to(passes.model_device(model))
     tracker = LayerTracker(layers)
     chunks = []
-    for _, acts, grads in _example_gradient_batches(model, task, data, tracker, batch_size, False,
-                                                    "self-influence", show_progress):
-        with torch.no_grad():
-            chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
-                              for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+    with passes.evaluation_mode(model), tracker:
+        for _, acts, grads in _example_gradient_batches(model, task, data, tracker, batch_size, False,
+                                                        "self-influence", show_progress):
+            with torch.no_grad():
+                chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                                  for layer, act, grad in zip(layers, acts, grads)).float().cpu())
     return torch.cat(chunks)
 
 
