@@ -15,6 +15,7 @@ counted), so the accumulated sums never see a step that training itself discarde
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from typing import Any, Dict, Optional, Sequence, Tuple
 
@@ -26,6 +27,9 @@ from lightning_influence.factors import CovarianceStatistics
 from lightning_influence.tasks import Task, _unwrap_logits
 from lightning_influence.tracking import LayerTracker, TrackedLayer
 
+# The training loss may differ from the task's by regularisers or dropout; beyond this factor the
+# declared loss_reduction is almost certainly wrong (a sum declared as a mean differs by the batch size).
+LOSS_RATIO_TOLERANCE = 1.5
 # Training-side phases: which statistic a gradient reaching the tracker's tensor hooks feeds.
 _IDLE, _TRAIN, _OWN = "idle", "train", "own"
 
@@ -76,6 +80,7 @@ class StepStatistics:
         self._token_total: Optional[Tensor] = None
         self._grad_factor: Any = 1.0
         self._loss_scale = 1.0
+        self._accumulation = 1
 
     # -- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -99,15 +104,23 @@ class StepStatistics:
         else:
             reduction = 1.0
         self._loss_scale = float(loss_scale)
+        self._accumulation = accumulation
         self._grad_factor = reduction * (float(accumulation) / self._loss_scale)
         self.tracker.reset()
         self.tracker.token_mask = mask
         self.tracker.active = True
+        self.tracker.in_backward = False
         self._phase = _TRAIN
+
+    def begin_backward(self) -> None:
+        """The user's backward pass of the batch starts: forwards from now on are recomputations
+        (activation checkpointing), not new uses of the layers."""
+        self.tracker.in_backward = True
 
     def end_batch(self) -> None:
         """Stop recording and drop references to the batch's tensors."""
         self.tracker.active = False
+        self.tracker.in_backward = False
         self.tracker.reset()
         self.tracker.token_mask = None
         self._phase = _IDLE
@@ -116,6 +129,52 @@ class StepStatistics:
     @property
     def recording(self) -> bool:
         return self._phase != _IDLE
+
+    def check_loss_reduction(self, model: nn.Module, loss: Tensor) -> Optional[str]:
+        """Compare the loss the user back-propagates (``loss``, as Lightning passes it: divided for
+        gradient accumulation, multiplied by the AMP scale) with the task's per-example losses on
+        the batch being recorded, reduced as declared. Returns a warning when they differ by more
+        than a factor of ``LOSS_RATIO_TOLERANCE``: a wrong ``loss_reduction`` (or a scaled loss)
+        rescales every gradient the statistics see, and so the scores, with no other sign.
+
+        Runs one extra forward without gradients, in the model's current mode, with the global
+        random state and the module buffers restored afterwards."""
+        actual = float(loss.detach().float()) * self._accumulation / self._loss_scale
+        with ExitStack() as stack:
+            stack.enter_context(passes.fork_rng(self.device))
+            stack.enter_context(passes.buffers_restored(model))
+            stack.enter_context(torch.no_grad())
+            per_example = self.task.loss(model, self._batch).detach().double()
+        total = float(per_example.sum())
+        expected = {"mean": total / self._batch_size, "sum": total,
+                    "token_mean": total / max(float(self.task.loss_token_count(self._batch)), 1.0)}
+        declared = expected[self.loss_reduction]
+
+        def fits(value: float) -> bool:
+            return value > 0 and 1 / LOSS_RATIO_TOLERANCE <= actual / value <= LOSS_RATIO_TOLERANCE
+
+        if not (math.isfinite(actual) and actual > 0) or fits(declared) or declared <= 0:
+            return None
+        matching = [name for name, value in expected.items() if fits(value)]
+        advice = (f"set loss_reduction={matching[0]!r}" if matching else
+                  "return the task's loss from training_step, reduced as loss_reduction says (a scaled loss "
+                  "scales every influence score by the same factor)")
+        return (f"the training loss ({actual:.4g}) is {actual / declared:.3g}x what loss_reduction="
+                f"{self.loss_reduction!r} predicts from the task's per-example losses ({declared:.4g}) on the "
+                f"first collected batch; {advice}")
+
+    def check_single_runs(self) -> None:
+        """Refuse layers that ran more than once in a training step's forward pass (the set-up
+        check saw each run once): shared weights, or a training step that runs the model twice.
+        Their per-example gradients would be mixed up."""
+        if not self.miscounted:
+            return
+        listing = ", ".join(f"{name} (x{calls})" for name, calls in self.miscounted.items())
+        raise ValueError(
+            f"tracked layers ran more than once in one training step: {listing} (shared weights, or a "
+            "training_step that runs the model more than once); run the model once per step, or exclude these "
+            "layers (exclude=[...])"
+        )
 
     def _on_gradient(self, layer: TrackedLayer, acts: Tensor, grads: Tensor) -> None:
         if self._phase != _TRAIN:
@@ -207,7 +266,7 @@ class StepStatistics:
         active, self.tracker.active = self.tracker.active, False
         try:
             with ExitStack() as stack:
-                stack.enter_context(fork_rng(self.device))
+                stack.enter_context(passes.fork_rng(self.device))
                 stack.enter_context(passes.evaluation_mode(model))
                 outputs = passes.forward(model, self.task, batch, self._own_tracker)
                 for weight, share, grads in passes.fisher_gradients(outputs, self.task, batch, self._own_tracker,
@@ -277,9 +336,3 @@ class StepStatistics:
         self._token_generator.set_state(state["token_generator"])
         self._sample_generator.set_state(state["sample_generator"])
 
-
-def fork_rng(device: torch.device):
-    """``torch.random.fork_rng`` over the CPU and, on a GPU, that device: the global random state
-    is the same after the block as before, whatever ran inside."""
-    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    return torch.random.fork_rng(devices=devices)

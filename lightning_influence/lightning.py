@@ -6,11 +6,11 @@ The same implementation as :class:`lightning_influence.InfluenceCallback`, bound
 
 from lightning.pytorch import Callback
 
-from lightning_influence.callback import InfluenceCallbackCore
+from lightning_influence.callback import InfluenceCallbackMixin
 
 
-class InfluenceCallback(InfluenceCallbackCore, Callback):
-    __doc__ = InfluenceCallbackCore.__doc__ + "\n    For ``lightning.pytorch`` Trainers.\n"
+class InfluenceCallback(InfluenceCallbackMixin, Callback):
+    __doc__ = InfluenceCallbackMixin.__doc__ + "\n    For ``lightning.pytorch`` Trainers.\n"
 
 
 __all__ = ["InfluenceCallback"]

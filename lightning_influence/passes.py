@@ -76,23 +76,39 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def fork_rng(device: torch.device):
+    """``torch.random.fork_rng`` over the CPU and, on a GPU, that device: the global random state
+    is the same after the block as before, whatever ran inside (the engine's passes never shift
+    the training run's randomness)."""
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+@contextmanager
+def buffers_restored(model: nn.Module) -> Iterator[None]:
+    """Every module buffer (e.g. batch-norm running statistics) as it was before the block."""
+    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name in buffers:
+                    buf.copy_(buffers[name])
+
+
 @contextmanager
 def evaluation_mode(model: nn.Module) -> Iterator[None]:
     """Eval mode with gradients enabled (even inside ``inference_mode``); restores each module's
     train flag and every buffer afterwards, so the engine's passes never perturb training."""
     flags = {m: m.training for m in model.modules()}
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     model.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with buffers_restored(model), torch.inference_mode(False), torch.enable_grad():
             yield
     finally:
         for module, flag in flags.items():
             module.training = flag
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name in buffers:
-                    buf.copy_(buffers[name])
 
 
 def progress(iterable, total: Optional[int], desc: str, enabled: bool):

@@ -220,6 +220,9 @@ class LayerTracker:
         self.on_gradient = on_gradient
         self.active = False
         self.token_mask: Optional[Tensor] = None  # [B, T] for the batch being processed
+        # Set while the user's backward runs: a forward then is activation checkpointing's
+        # recomputation, recorded only for a layer whose first forward ran without gradients (reentrant).
+        self.in_backward = False
         self._inputs: Dict[str, List[Tensor]] = {}
         self._outputs: Dict[str, List[Tensor]] = {}
         self._handles: list = []
@@ -251,6 +254,8 @@ class LayerTracker:
         def hook(module: nn.Module, inputs, output: Tensor) -> None:
             if not self.active or not torch.is_grad_enabled() or not isinstance(output, Tensor):
                 return
+            if self.in_backward and self._inputs[layer.name]:
+                return  # activation checkpointing recomputing a forward already recorded
             activation = inputs[0].detach()
             self._inputs[layer.name].append(activation)
             self._outputs[layer.name].append(output)

@@ -20,7 +20,7 @@ from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader, Subset
 
 import lightning_influence as li
-import lightning_influence.callback
+import lightning_influence.session
 import lightning_influence.factors
 import lightning_influence.results
 from lightning_influence._io import FormatError
@@ -150,7 +150,7 @@ def _fail_at_step(monkeypatch, module, name, step, truncate=False):
 
 @pytest.mark.parametrize("where", ["scoring", "writing scores", "writing factors"])
 def test_crash_inside_a_computation_leaves_no_partial_result(tmp_path, monkeypatch, where):
-    module, name = {"scoring": (lightning_influence.callback, "compute_influence"),
+    module, name = {"scoring": (lightning_influence.session, "compute_influence"),
                     "writing scores": (lightning_influence.results, "save_tensors"),
                     "writing factors": (lightning_influence.factors, "save_tensors")}[where]
     _fail_at_step(monkeypatch, module, name, step=12, truncate=where != "scoring")

@@ -1,0 +1,122 @@
+"""Training set-ups that used to give wrong or no results without a word: activation
+checkpointing, a loss reduced otherwise than declared, and a run moved or copied before resuming."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from tests.reliability_helpers import COLLECT_ONLY, Classifier, fit, make_callback, seeded
+
+EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False)
+
+
+class CheckpointedClassifier(Classifier):
+    """The blob classifier with its output layer under ``torch.utils.checkpoint`` in training (its
+    input requires gradients, as Hugging Face arranges for reentrant checkpointing)."""
+
+    def __init__(self, use_reentrant: bool):
+        super().__init__()
+        self.use_reentrant = use_reentrant
+
+    def forward(self, x):
+        if self.training:
+            return checkpoint(lambda h: self.net[2](self.net[1](h)), self.net[0](x), use_reentrant=self.use_reentrant)
+        return self.net(x)
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_activation_checkpointing_counts_each_layer_once(tmp_path, use_reentrant):
+    """Checkpointing recomputes forwards in the backward pass (non-reentrant: a second hook call;
+    reentrant: the only call with gradients). Either way each layer is counted once per step: the
+    statistics equal the plain run's, and the computation gives a result (it used to give none)."""
+    cb = make_callback(tmp_path, on_error="raise", **EPOCHS)
+    fit(tmp_path, cb, seeded(CheckpointedClassifier, use_reentrant))
+    assert [r.step for r in cb.results] == [12]
+    checkpointed = make_callback(tmp_path / "a", **COLLECT_ONLY)
+    fit(tmp_path / "a", checkpointed, seeded(CheckpointedClassifier, use_reentrant))
+    plain = make_callback(tmp_path / "b", **COLLECT_ONLY)
+    fit(tmp_path / "b", plain, seeded(Classifier))
+    assert checkpointed.statistics.state.keys() == plain.statistics.state.keys()
+    for name, parts in plain.statistics.state.items():
+        for key, value in parts.items():
+            torch.testing.assert_close(checkpointed.statistics.state[name][key], value, msg=f"{name}/{key}")
+
+
+class TwiceClassifier(Classifier):
+    """A training step that runs the model twice (e.g. two augmented views): per-example
+    gradients of the two uses would be mixed up."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y) + F.cross_entropy(self(x + 0.01), y)
+
+
+def test_a_training_step_running_the_model_twice_is_refused_at_the_first_step(tmp_path):
+    cb = make_callback(tmp_path, on_error="warn", **EPOCHS)
+    with pytest.raises(ValueError, match=r"ran more than once in one training step: net\.0 \(x2\), net\.2 \(x2\)"):
+        fit(tmp_path, cb, seeded(TwiceClassifier))
+
+
+class SumLossClassifier(Classifier):
+    """Returns the summed loss (or a scaled mean) while the callback is told ``loss_reduction="mean"``."""
+
+    def __init__(self, scale: float = 1.0, reduction: str = "sum"):
+        super().__init__()
+        self.scale, self.reduction = scale, reduction
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return self.scale * F.cross_entropy(self(x), y, reduction=self.reduction)
+
+
+@pytest.mark.parametrize("model_args, declared, expected", [
+    ((1.0, "sum"), "mean", r"is 8x what loss_reduction='mean' predicts .*; set loss_reduction='sum'"),
+    ((100.0, "mean"), "mean", r"is 100x what loss_reduction='mean' predicts .*; return the task's loss"),
+    ((1.0, "mean"), "sum", r"is 0\.125x what loss_reduction='sum' predicts .*; set loss_reduction='mean'"),
+])
+def test_a_loss_reduced_otherwise_than_declared_is_reported_once(tmp_path, model_args, declared, expected):
+    cb = make_callback(tmp_path, loss_reduction=declared, **COLLECT_ONLY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, cb, seeded(SumLossClassifier, *model_args))
+    found = [str(w.message) for w in caught if "predicts from the task's per-example losses" in str(w.message)]
+    assert len(found) == 1, found
+    assert re.search(expected, found[0]), found[0]
+
+
+@pytest.mark.parametrize("declared", ["mean", "sum"])
+def test_a_matching_loss_reduction_is_not_reported(tmp_path, declared):
+    cb = make_callback(tmp_path, loss_reduction=declared, **COLLECT_ONLY)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(tmp_path, cb, seeded(SumLossClassifier, 1.0, declared))
+    assert not [w for w in caught if "predicts from the task's per-example losses" in str(w.message)]
+
+
+@pytest.mark.parametrize("how", ["moved", "copied"])
+def test_a_moved_or_copied_run_resumes_with_its_own_results(tmp_path, how):
+    """Result directories are stored relative to output_dir: after moving (or copying) a run, the
+    resumed callback lists its earlier results from the new place, and never reads the old one."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    original = tmp_path / "original"
+    ckpt = ModelCheckpoint(dirpath=str(original / "ckpt"), save_top_k=-1)
+    fit(original, make_callback(original, **EPOCHS), seeded(Classifier), callbacks=[ckpt], max_epochs=1,
+        enable_checkpointing=True)
+    moved = tmp_path / "moved"
+    (shutil.move if how == "moved" else shutil.copytree)(str(original), str(moved))
+    if how == "copied":
+        shutil.rmtree(original / "influence")  # reading the old place would now find nothing
+    resumed = make_callback(moved, **EPOCHS)
+    ckpt = ModelCheckpoint(dirpath=str(moved / "ckpt"), save_top_k=-1)
+    fit(moved, resumed, seeded(Classifier), callbacks=[ckpt], max_epochs=2, enable_checkpointing=True,
+        ckpt_path=str(moved / "ckpt" / "epoch=0-step=12.ckpt"))
+    assert [r.step for r in resumed.results] == [12, 24]
+    assert all(str(r.path).startswith(str(moved)) for r in resumed.results)
