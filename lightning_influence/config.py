@@ -116,12 +116,7 @@ class InfluenceConfig:
                 hint = " (a string is not read as a boolean: write true / false without quotes in YAML)" \
                     if isinstance(value, str) else ""
                 raise ValueError(f"{name} must be True or False, got {_shown(value)}{hint}")
-        if self.damping is not None and not (_is_number(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be a non-negative number or None (per-layer heuristic), got {_shown(self.damping)}")
-        if self.damping is not None and not self.damping <= MAX_DAMPING:
-            raise ValueError(f"damping={self.damping!r} is too large: above {MAX_DAMPING:g} it is effectively infinite "
-                             "(every score rounds to zero, and float64 arithmetic on the eigenvalues overflows); "
-                             f"use a finite damping <= {MAX_DAMPING:g}, or None for the per-layer heuristic")
+        self._check_damping()
         if not (_is_number(self.ema_decay) and 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in (0, 1), got {_shown(self.ema_decay)}")
         for name in ("max_layer_mb", "memory_budget_mb"):
@@ -142,9 +137,10 @@ class InfluenceConfig:
                 "no trigger is enabled, so influence would never be computed: set every_n_epochs, "
                 "every_n_train_steps, on_checkpoint=True or on_train_end=True"
             )
-        if self.window == "reset" and self.every_n_train_steps and self.every_n_train_steps < self.collect_every_n_steps:
+        steps = self.every_n_train_steps
+        if self.window == "reset" and steps and steps < self.collect_every_n_steps:
             raise ValueError(
-                f"every_n_train_steps={self.every_n_train_steps} is smaller than collect_every_n_steps="
+                f"every_n_train_steps={steps} is smaller than collect_every_n_steps="
                 f"{self.collect_every_n_steps}: some windows would hold no statistics; collect more often"
             )
         if self.renderer is not None and not callable(getattr(self.renderer, "render", self.renderer)):
@@ -169,15 +165,28 @@ class InfluenceConfig:
             raise ValueError(f"task must be a lightning_influence.Task or one of {tuple(BUILTIN_TASKS)}, "
                              f"got {_shown(task)}")
 
+    def _check_damping(self) -> None:
+        if self.damping is None:
+            return
+        if not (_is_number(self.damping) and self.damping >= 0):
+            raise ValueError("damping must be a non-negative number or None (per-layer heuristic), "
+                             f"got {_shown(self.damping)}")
+        if not self.damping <= MAX_DAMPING:
+            raise ValueError(f"damping={self.damping!r} is too large: above {MAX_DAMPING:g} it is effectively "
+                             "infinite (every score shrinks towards zero and loses its precision); use a finite "
+                             f"damping <= {MAX_DAMPING:g}, or None for the per-layer heuristic")
+
     def _check_data(self) -> None:
         if isinstance(self.query_data, str):
             _check_choice("query_data", self.query_data, QUERY_SPLITS,
                           hint="(or pass a Dataset / DataLoader of queries)")
         elif not _is_dataset_or_loader(self.query_data):
-            raise ValueError(f"query_data must be 'val', 'test', a Dataset or a DataLoader, got {_shown(self.query_data)}")
+            raise ValueError("query_data must be 'val', 'test', a Dataset or a DataLoader, "
+                             f"got {_shown(self.query_data)}")
         if isinstance(self.train_data, str):
-            raise ValueError(f"train_data={self.train_data!r} is a string, but train_data takes data, not a split name: "
-                             "leave it None to score the trainer's training data, or pass a Dataset or a DataLoader")
+            raise ValueError(f"train_data={self.train_data!r} is a string, but train_data takes data, not a "
+                             "split name: leave it None to score the trainer's training data, or pass a Dataset "
+                             "or a DataLoader")
         if self.train_data is not None and not _is_dataset_or_loader(self.train_data):
             raise ValueError(f"train_data must be None (the trainer's training data), a Dataset or a DataLoader, "
                              f"got {_shown(self.train_data)}")
@@ -338,8 +347,8 @@ def _bound(value: Optional[int]) -> Optional[int]:
 def _shown(value: Any) -> str:
     """A value for an error message: its repr, shortened (a dataset's repr can be huge), and its type."""
     text = reprlib.repr(value)
-    return text if _is_number(value) or isinstance(value, (str, bool)) or value is None \
-        else f"{text} ({type(value).__name__})"
+    plain = value is None or isinstance(value, (str, bool)) or _is_number(value)
+    return text if plain else f"{text} ({type(value).__name__})"
 
 
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...], hint: str = "") -> None:
