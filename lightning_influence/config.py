@@ -3,24 +3,41 @@
 The dataclass mirrors the keyword arguments of ``InfluenceCallback`` one to one (a test keeps them
 in sync), so the same settings can come from Python, a LightningCLI YAML or a Hydra config. All
 validation lives here: :meth:`InfluenceConfig.validate` is what ``InfluenceCallback.__init__``
-runs, and every message names the field to change.
+runs, :meth:`InfluenceConfig.check_schedule` the trigger rules that need the trainer's facts, and
+every message names the field to change.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import math
+import os
+import reprlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from torch.utils.data import DataLoader
+
 from lightning_influence.factors import FISHER_KINDS, STRATEGIES
+from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 WINDOWS = ("reset", "ema")
 COVARIANCE_DTYPES = ("float32", "float64")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
-# Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance).
-TASK_NAMES = ("classification", "regression", "causal_lm")
+BOOL_FIELDS = ("on_checkpoint", "on_train_end", "report", "log_artifacts", "show_progress")
+# Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
+# mapping the callback and the CLI resolve names with.
+BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
+# torch.Generator.manual_seed takes up to 2**64 - 1; seeds derived from `seed` add the step and
+# 7919 x the process rank, so the seed itself stays far below that.
+SEED_LIMIT = 2**62
+# Above this a damping is effectively infinite: scores vanish and eigenvalue arithmetic overflows.
+MAX_DAMPING = 1e30
 
 
 @dataclass
@@ -46,7 +63,7 @@ class InfluenceConfig:
     fisher: str = "empirical"
     damping: Optional[float] = None
     layers: Optional[List[str]] = None
-    exclude: Tuple[str, ...] = ()
+    exclude: Optional[Tuple[str, ...]] = ()  # None (YAML null): nothing excluded
     collect_every_n_steps: int = 8
     max_tokens_per_step: Optional[int] = 512
     loss_reduction: str = "mean"
@@ -68,7 +85,12 @@ class InfluenceConfig:
     on_error: str = "warn"
 
     def validate(self) -> "InfluenceConfig":
-        """Raise ``ValueError`` naming the first invalid field; return ``self``."""
+        """Raise ``ValueError`` naming the first invalid field; return ``self``.
+
+        Once valid, equivalent spellings are normalised in place (a ``Path`` ``output_dir`` to ``str``,
+        ``exclude=None`` or a list to a tuple, ``layers`` to a list), so YAML and Python settings
+        compare equal. Nothing else is coerced: ``"no"`` is not ``False`` and ``2.0`` is not ``2``.
+        """
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("fisher", self.fisher, tuple(k for k in FISHER_KINDS if k != "exact"),
                       hint="('exact' needs one backward per output dimension; use it offline with fit_factors)")
@@ -76,16 +98,8 @@ class InfluenceConfig:
         _check_choice("window", self.window, WINDOWS)
         _check_choice("covariance_dtype", self.covariance_dtype, COVARIANCE_DTYPES)
         _check_choice("on_error", self.on_error, ON_ERROR)
-        if isinstance(self.task, str):
-            _check_choice("task", self.task, TASK_NAMES)
-        elif not all(callable(getattr(self.task, name, None)) for name in ("loss", "measurement", "forward")):
-            raise ValueError(f"task must be a lightning_influence.Task or one of {TASK_NAMES}, "
-                             f"got {type(self.task).__name__}")
-        if isinstance(self.query_data, str):
-            _check_choice("query_data", self.query_data, QUERY_SPLITS,
-                          hint="(or pass a Dataset / DataLoader of queries)")
-        elif self.query_data is None:
-            raise ValueError("query_data must be 'val', 'test', a Dataset or a DataLoader, got None")
+        self._check_task()
+        self._check_data()
         for name in ("num_queries", "collect_every_n_steps", "top_k", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("every_n_epochs", "every_n_train_steps", "max_tokens_per_step", "correction_batches",
@@ -93,33 +107,163 @@ class InfluenceConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        if self.damping is not None and not (_is_number(self.damping) and self.damping >= 0):
-            raise ValueError(f"damping must be a non-negative number or None (per-layer heuristic), got {self.damping!r}")
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"seed must be below 2**62 (derived seeds add the step and the process rank and must "
+                             f"still fit torch.Generator.manual_seed), got {self.seed!r}")
+        for name in BOOL_FIELDS:
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                hint = " (a string is not read as a boolean: write true / false without quotes in YAML)" \
+                    if isinstance(value, str) else ""
+                raise ValueError(f"{name} must be True or False, got {_shown(value)}{hint}")
+        self._check_damping()
         if not (_is_number(self.ema_decay) and 0 < self.ema_decay < 1):
-            raise ValueError(f"ema_decay must be in (0, 1), got {self.ema_decay!r}")
+            raise ValueError(f"ema_decay must be in (0, 1), got {_shown(self.ema_decay)}")
         for name in ("max_layer_mb", "memory_budget_mb"):
             value = getattr(self, name)
-            if value is not None and not (_is_number(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of MiB or None, got {value!r}")
-        if self.layers is not None and (isinstance(self.layers, str) or not all(isinstance(n, str) for n in self.layers)):
-            raise ValueError(f"layers must be a list of module names or glob patterns, got {self.layers!r}")
-        if isinstance(self.exclude, str) or not all(isinstance(n, str) for n in self.exclude):
-            raise ValueError(f"exclude must be a list of module names or glob patterns, got {self.exclude!r}")
+            if value is not None and not (_is_number(value) and 0 < value < math.inf):
+                raise ValueError(f"{name} must be a finite positive number of MiB or None, got {_shown(value)}")
+        if self.layers is not None and not _is_name_list(self.layers):
+            raise ValueError(f"layers must be a list of module names or glob patterns, got {_shown(self.layers)}")
+        if self.exclude is not None and not _is_name_list(self.exclude):
+            raise ValueError(f"exclude must be a list of module names or glob patterns, got {_shown(self.exclude)}")
         if self.layers is not None and not self.layers:
             raise ValueError("layers is empty: give module names or patterns, or None for every trackable layer")
+        if self.output_dir is not None and not _is_text_path(self.output_dir):
+            raise ValueError(f"output_dir must be a path (str or os.PathLike) or None (the trainer's log directory), "
+                             f"got {_shown(self.output_dir)}")
         if not (self.every_n_epochs or self.every_n_train_steps or self.on_checkpoint or self.on_train_end):
             raise ValueError(
                 "no trigger is enabled, so influence would never be computed: set every_n_epochs, "
                 "every_n_train_steps, on_checkpoint=True or on_train_end=True"
             )
-        if self.window == "reset" and self.every_n_train_steps and self.every_n_train_steps < self.collect_every_n_steps:
+        steps = self.every_n_train_steps
+        if self.window == "reset" and steps and steps < self.collect_every_n_steps:
             raise ValueError(
-                f"every_n_train_steps={self.every_n_train_steps} is smaller than collect_every_n_steps="
+                f"every_n_train_steps={steps} is smaller than collect_every_n_steps="
                 f"{self.collect_every_n_steps}: some windows would hold no statistics; collect more often"
             )
         if self.renderer is not None and not callable(getattr(self.renderer, "render", self.renderer)):
-            raise ValueError("renderer must be callable or have a render() method")
+            raise ValueError(f"renderer must be callable or have a render() method, got {_shown(self.renderer)}")
+        self._normalise()
         return self
+
+    def _normalise(self) -> None:
+        self.exclude = () if self.exclude is None else tuple(self.exclude)  # YAML `exclude: null`: nothing excluded
+        if self.layers is not None:
+            self.layers = list(self.layers)
+        if self.output_dir is not None:
+            self.output_dir = os.fspath(self.output_dir)
+
+    def _check_task(self) -> None:
+        task = self.task
+        if isinstance(task, str):
+            _check_choice("task", task, tuple(BUILTIN_TASKS))
+        elif isinstance(task, type) and _looks_like_task(task):
+            raise ValueError(f"task is the class {task.__name__}, not a task; pass an instance: {task.__name__}()")
+        elif not _looks_like_task(task):
+            raise ValueError(f"task must be a lightning_influence.Task or one of {tuple(BUILTIN_TASKS)}, "
+                             f"got {_shown(task)}")
+
+    def _check_damping(self) -> None:
+        if self.damping is None:
+            return
+        if not (_is_number(self.damping) and self.damping >= 0):
+            raise ValueError("damping must be a non-negative number or None (per-layer heuristic), "
+                             f"got {_shown(self.damping)}")
+        if not self.damping <= MAX_DAMPING:
+            raise ValueError(f"damping={self.damping!r} is too large: above {MAX_DAMPING:g} it is effectively "
+                             "infinite (every score shrinks towards zero and loses its precision); use a finite "
+                             f"damping <= {MAX_DAMPING:g}, or None for the per-layer heuristic")
+
+    def _check_data(self) -> None:
+        if isinstance(self.query_data, str):
+            _check_choice("query_data", self.query_data, QUERY_SPLITS,
+                          hint="(or pass a Dataset / DataLoader of queries)")
+        elif not _is_dataset_or_loader(self.query_data):
+            raise ValueError("query_data must be 'val', 'test', a Dataset or a DataLoader, "
+                             f"got {_shown(self.query_data)}")
+        if isinstance(self.train_data, str):
+            raise ValueError(f"train_data={self.train_data!r} is a string, but train_data takes data, not a "
+                             "split name: leave it None to score the trainer's training data, or pass a Dataset "
+                             "or a DataLoader")
+        if self.train_data is not None and not _is_dataset_or_loader(self.train_data):
+            raise ValueError(f"train_data must be None (the trainer's training data), a Dataset or a DataLoader, "
+                             f"got {_shown(self.train_data)}")
+
+    def build_task(self) -> Task:
+        """The task instance: the one given, or a new instance of the built-in task named (call once)."""
+        return BUILTIN_TASKS[self.task]() if isinstance(self.task, str) else self.task
+
+    def check_schedule(self, *, max_epochs: Optional[int], max_steps: Optional[int], saves_checkpoints: bool,
+                       total_steps: Optional[int] = None, steps_per_epoch: Optional[int] = None) -> List[str]:
+        """Raise ``ValueError`` for a schedule that can never compute influence (or would compute from empty
+        windows); return warning messages for schedules that only may.
+
+        The trigger rules that need facts about the run, for the callback to call once the trainer is
+        known. ``max_epochs`` / ``max_steps``: the trainer's bounds (``None`` or Lightning's ``-1`` when
+        unbounded); ``saves_checkpoints``: the trainer has a checkpoint callback; ``total_steps``: the
+        run's optimizer steps when known; ``steps_per_epoch``: optimizer steps per epoch when known (at
+        least 1: Lightning steps at the end of an epoch shorter than the gradient accumulation).
+        """
+        max_epochs, max_steps = _bound(max_epochs), _bound(max_steps)
+        if self.every_n_epochs and max_epochs is not None and self.every_n_epochs > max_epochs:
+            raise ValueError(f"every_n_epochs={self.every_n_epochs} never fires with max_epochs={max_epochs}; "
+                             "lower it or set every_n_epochs=None")
+        if self.every_n_train_steps and max_steps is not None and self.every_n_train_steps > max_steps:
+            raise ValueError(f"every_n_train_steps={self.every_n_train_steps} never fires with max_steps={max_steps}; "
+                             "lower it or set every_n_train_steps=None")
+        if self.collect_every_n_steps > 1 and max_steps is not None and self.collect_every_n_steps > max_steps:
+            raise ValueError(f"collect_every_n_steps={self.collect_every_n_steps} exceeds max_steps={max_steps}: "
+                             "only the first step would be collected; lower it")
+        others = self._triggers_besides_checkpoints()
+        if not others and not saves_checkpoints:
+            raise ValueError("on_checkpoint is the only trigger but the trainer saves no checkpoints "
+                             "(no ModelCheckpoint); enable checkpointing or another trigger")
+        if self.every_n_epochs and self.window == "reset" and steps_per_epoch:
+            steps = steps_per_epoch * self.every_n_epochs
+            if steps < self.collect_every_n_steps:
+                raise ValueError(
+                    f"collect_every_n_steps={self.collect_every_n_steps} is more than the {steps} optimizer steps "
+                    f"between influence computations (every_n_epochs={self.every_n_epochs}): some windows would hold "
+                    "no statistics; lower collect_every_n_steps"
+                )
+        warnings = []
+        checkpoints_compute = self.on_checkpoint and saves_checkpoints
+        if (self.every_n_train_steps and not self.every_n_epochs and not self.on_train_end and not checkpoints_compute
+                and total_steps is not None and self.every_n_train_steps > total_steps):
+            warnings.append(f"every_n_train_steps={self.every_n_train_steps} is more than the {total_steps} optimizer "
+                            "steps of this run and no other trigger is enabled, so influence will never be "
+                            "computed; lower it or set on_train_end=True")
+        if self.every_n_epochs is None and checkpoints_compute and others:
+            warnings.append("influence is also computed whenever a checkpoint is saved (on_checkpoint=True); set "
+                            f"on_checkpoint=False to compute only at {' and '.join(others)} (every_n_epochs=None does "
+                            "not stop it: Lightning's default ModelCheckpoint saves every epoch)")
+        return warnings
+
+    def _triggers_besides_checkpoints(self) -> List[str]:
+        """The enabled triggers other than on_checkpoint, in words."""
+        found = []
+        if self.every_n_epochs:
+            found.append(f"every_n_epochs={self.every_n_epochs}")
+        if self.every_n_train_steps:
+            found.append(f"every_n_train_steps={self.every_n_train_steps}")
+        if self.on_train_end:
+            found.append("the end of training")
+        return found
+
+    def resume_fingerprint(self) -> Dict[str, Any]:
+        """The settings that change what the collected statistics mean: a resumed run must match them
+        (compared key by key, so the message names what differs)."""
+        task_class = BUILTIN_TASKS[self.task] if isinstance(self.task, str) else type(self.task)
+        return {"task": task_class.__name__, "strategy": self.strategy, "fisher": self.fisher,
+                "covariance_dtype": self.covariance_dtype, "loss_reduction": self.loss_reduction,
+                "window": self.window, "max_train_examples": self.max_train_examples, "seed": self.seed}
+
+    def fingerprint(self) -> str:
+        """SHA-256 hex digest of :meth:`resume_fingerprint`: one stable string for a run's identity."""
+        text = json.dumps(self.resume_fingerprint(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-friendly settings (objects such as datasets and tasks by their class name)."""
@@ -136,28 +280,75 @@ class InfluenceConfig:
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> "InfluenceConfig":
-        """From a dict or an OmegaConf ``DictConfig`` (unknown keys raise, naming them)."""
+        """From a dict or an OmegaConf ``DictConfig`` (unknown keys raise, naming them); not validated."""
         try:
             from omegaconf import DictConfig, OmegaConf
+            from omegaconf.errors import MissingMandatoryValue
 
             if isinstance(values, DictConfig):
-                values = OmegaConf.to_container(values, resolve=True)
+                try:
+                    values = OmegaConf.to_container(values, resolve=True, throw_on_missing=True)
+                except MissingMandatoryValue as err:
+                    raise ValueError(f"InfluenceConfig has a field without a value ({err}); set it") from None
         except ImportError:  # pragma: no cover - omegaconf is a dependency
             pass
+        if not isinstance(values, Mapping):
+            raise ValueError(f"expected an InfluenceConfig, a dict or an OmegaConf DictConfig of settings, "
+                             f"got {_shown(values)}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"unknown InfluenceConfig fields {unknown}; known: {sorted(known)}")
-        values = dict(values)
-        if "exclude" in values and values["exclude"] is not None:
-            values["exclude"] = tuple(values["exclude"])
-        if values.get("layers") is not None:
-            values["layers"] = list(values["layers"])
+        if "task" not in values:
+            raise ValueError(f"task is required: a lightning_influence.Task or one of {tuple(BUILTIN_TASKS)}")
         return cls(**values)
+
+    @classmethod
+    def coerce(cls, value: Any) -> "InfluenceConfig":
+        """A validated config from an :class:`InfluenceConfig` (validated in place), a dict or a ``DictConfig``."""
+        config = value if isinstance(value, cls) else cls.from_mapping(value)
+        return config.validate()
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_sequence(value: Any) -> bool:
+    """A list, tuple or OmegaConf ListConfig; a string is a name, not a sequence of names."""
+    return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+
+
+def _is_name_list(value: Any) -> bool:
+    return _is_sequence(value) and all(isinstance(name, str) for name in value)
+
+
+def _is_text_path(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and isinstance(os.fspath(value), str)
+
+
+def _looks_like_task(value: Any) -> bool:
+    """Duck-typed: a Task need not subclass lightning_influence.Task."""
+    return all(callable(getattr(value, name, None)) for name in ("loss", "measurement", "forward"))
+
+
+def _is_dataset_or_loader(value: Any) -> bool:
+    """Duck-typed: a map-style dataset indexes, an iterable one (or a DataLoader) iterates."""
+    if isinstance(value, DataLoader):
+        return True
+    return not isinstance(value, (str, bytes)) and (hasattr(value, "__getitem__") or hasattr(value, "__iter__"))
+
+
+def _bound(value: Optional[int]) -> Optional[int]:
+    """A trainer bound, ``None`` when unbounded (Lightning spells that -1)."""
+    return None if value is None or value < 0 else value
+
+
+def _shown(value: Any) -> str:
+    """A value for an error message: its repr, shortened (a dataset's repr can be huge), and its type."""
+    text = reprlib.repr(value)
+    plain = value is None or isinstance(value, (str, bool)) or _is_number(value)
+    return text if plain else f"{text} ({type(value).__name__})"
 
 
 def _check_choice(name: str, value: Any, choices: Tuple[str, ...], hint: str = "") -> None:
