@@ -29,32 +29,3 @@ def update_result_meta(path, **fields):
     payload["meta"].update(fields)
     write_file_atomic(meta_path, json_bytes(payload))
     return payload["meta"]
-
-def check_schedule(cfg, *, max_epochs, max_steps, saves_checkpoints, total_steps=None, steps_per_epoch=None):
-    warnings_out = []
-    if cfg.every_n_epochs and max_epochs is not None and cfg.every_n_epochs > max_epochs:
-        raise ValueError(f"every_n_epochs={cfg.every_n_epochs} never fires with max_epochs={max_epochs}; "
-                         "lower it or set every_n_epochs=None")
-    if cfg.every_n_train_steps and max_steps is not None and cfg.every_n_train_steps > max_steps:
-        raise ValueError(f"every_n_train_steps={cfg.every_n_train_steps} never fires with max_steps={max_steps}; "
-                         "lower it or set every_n_train_steps=None")
-    if cfg.collect_every_n_steps > 1 and max_steps is not None and cfg.collect_every_n_steps > max_steps:
-        raise ValueError(f"collect_every_n_steps={cfg.collect_every_n_steps} exceeds max_steps={max_steps}: "
-                         "only the first step would be collected; lower it")
-    if not (cfg.every_n_epochs or cfg.every_n_train_steps or cfg.on_train_end) and not saves_checkpoints:
-        raise ValueError("on_checkpoint is the only trigger but the trainer saves no checkpoints "
-                         "(no ModelCheckpoint); enable checkpointing or another trigger")
-    if cfg.every_n_epochs and cfg.window == "reset" and steps_per_epoch:
-        steps = steps_per_epoch * cfg.every_n_epochs
-        if steps < cfg.collect_every_n_steps:
-            raise ValueError(
-                f"collect_every_n_steps={cfg.collect_every_n_steps} is more than the {steps} optimizer steps "
-                f"between influence computations (every_n_epochs={cfg.every_n_epochs}): some windows would hold "
-                "no statistics; lower collect_every_n_steps")
-    if (cfg.every_n_train_steps and not cfg.every_n_epochs and not cfg.on_train_end
-            and not (cfg.on_checkpoint and saves_checkpoints) and total_steps is not None
-            and cfg.every_n_train_steps > total_steps):
-        warnings_out.append(f"every_n_train_steps={cfg.every_n_train_steps} is more than the {total_steps} optimizer "
-                            "steps of this run and no other trigger is enabled, so influence will never be "
-                            "computed; lower it or set on_train_end=True")
-    return warnings_out

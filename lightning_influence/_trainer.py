@@ -71,11 +71,6 @@ def checkpoints_saved_at(trainer: Any, step: int) -> List[str]:
             for path in [getattr(cb, "_last_checkpoint_saved", "")] if path]
 
 
-def bounded(value: Optional[int]) -> Optional[int]:
-    """``max_epochs`` / ``max_steps`` as a number, or ``None`` when unbounded (``-1``)."""
-    return value if value not in (None, -1) else None
-
-
 def total_steps(trainer: Any) -> Optional[int]:
     """The run's optimizer steps when Lightning can tell (not for iterable data of unknown length)."""
     try:

@@ -25,18 +25,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import pytorch_lightning as pl
 
 from lightning_influence import _trainer, distributed, passes
-from lightning_influence._pending import check_schedule
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.results import InfluenceResult
 from lightning_influence.session import InfluenceSession, ResultIndex, prepare_output_dir
-from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
+from lightning_influence.tasks import Task
 from lightning_influence.tracking import select_layers
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: result directories stored relative to output_dir
-_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
 
 
 class InfluenceCallbackMixin:
@@ -66,7 +64,7 @@ class InfluenceCallbackMixin:
         fisher: str = "empirical",
         damping: Optional[float] = None,
         layers: Optional[List[str]] = None,
-        exclude: Sequence[str] = (),
+        exclude: Optional[Sequence[str]] = (),
         collect_every_n_steps: int = 8,
         max_tokens_per_step: Optional[int] = 512,
         loss_reduction: str = "mean",
@@ -103,14 +101,12 @@ class InfluenceCallbackMixin:
     def from_config(cls, config: Union[InfluenceConfig, Dict[str, Any], Any]) -> "InfluenceCallbackMixin":
         """Build from an :class:`InfluenceConfig`, a dict or an OmegaConf/Hydra ``DictConfig``."""
         callback = cls.__new__(cls)
-        callback._configure(config if isinstance(config, InfluenceConfig) else InfluenceConfig.from_mapping(config))
+        callback._configure(InfluenceConfig.coerce(config))
         return callback
 
     def _configure(self, config: InfluenceConfig) -> None:
-        if isinstance(config.exclude, list):
-            config.exclude = tuple(config.exclude)
         self.config = config.validate()
-        self.task: Task = _TASKS[config.task]() if isinstance(config.task, str) else config.task
+        self.task: Task = config.build_task()
         self._collector: Optional[StepStatistics] = None
         self._session: Optional[InfluenceSession] = None
         self._index = ResultIndex()  # one entry per computation, oldest first
@@ -209,9 +205,9 @@ class InfluenceCallbackMixin:
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._collector is None:
             return
-        for message in check_schedule(
-                self.config, max_epochs=_trainer.bounded(trainer.max_epochs),
-                max_steps=_trainer.bounded(trainer.max_steps), saves_checkpoints=bool(trainer.checkpoint_callbacks),
+        for message in self.config.check_schedule(
+                max_epochs=trainer.max_epochs, max_steps=trainer.max_steps,
+                saves_checkpoints=bool(trainer.checkpoint_callbacks),
                 total_steps=_trainer.total_steps(trainer), steps_per_epoch=_trainer.steps_per_epoch(trainer)):
             if trainer.is_global_zero:
                 self._warn(message, message)
@@ -389,18 +385,12 @@ class InfluenceCallbackMixin:
             warnings.warn(f"lightning-influence: {message}", RuntimeWarning, stacklevel=3)
 
     # -- state ---------------------------------------------------------------------------------------
-    def _fingerprint(self) -> Dict[str, Any]:
-        cfg = self.config
-        return {"task": type(self.task).__name__, "strategy": cfg.strategy, "fisher": cfg.fisher,
-                "covariance_dtype": cfg.covariance_dtype, "loss_reduction": cfg.loss_reduction,
-                "window": cfg.window, "max_train_examples": cfg.max_train_examples, "seed": cfg.seed}
-
     def state_dict(self) -> Dict[str, Any]:
         """Statistics (summed over processes onto rank 0: collective), the pool subset, the result
         index (directories relative to ``output_dir``, so a moved run resumes) and pending
         checkpoint paths."""
         state: Dict[str, Any] = {
-            "version": STATE_VERSION, "config": self._fingerprint(), "index": self._index.state(),
+            "version": STATE_VERSION, "config": self.config.resume_fingerprint(), "index": self._index.state(),
             "pool_ids": self._session.pool_ids if self._session is not None else None, "failures": self._failures,
         }
         if self._collector is not None:
@@ -415,7 +405,7 @@ class InfluenceCallbackMixin:
         if state_dict.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"cannot resume InfluenceCallback state of version {state_dict.get('version')!r} "
                              f"(this version reads 1 and {STATE_VERSION})")
-        mine, theirs = self._fingerprint(), state_dict["config"]
+        mine, theirs = self.config.resume_fingerprint(), state_dict["config"]
         differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
         if differ:
             listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())

@@ -42,12 +42,61 @@ MAX_DAMPING = 1e30
 
 @dataclass
 class InfluenceConfig:
-    """Settings of :class:`~lightning_influence.InfluenceCallback` (see its docstring for each field).
+    """Settings of :class:`~lightning_influence.InfluenceCallback`, one field per keyword argument.
 
     ``task`` may be a :class:`~lightning_influence.Task` or the name of a built-in task
     (``"classification"``, ``"regression"``, ``"causal_lm"``); ``query_data`` and ``train_data``
     may be datasets only when built in Python (a YAML file uses ``"val"`` / ``"test"`` and the
     trainer's training data). Dtypes are strings.
+
+    Args:
+        task: a :class:`~lightning_influence.Task` (or ``"classification"``, ``"regression"``,
+            ``"causal_lm"``): the per-example loss and the query measurement.
+        query_data: a Dataset or DataLoader of queries, or ``"val"`` / ``"test"`` for the first
+            ``num_queries`` examples of the trainer's validation / test data.
+        num_queries: how many examples ``"val"`` / ``"test"`` contribute.
+        train_data: candidate pool (Dataset or DataLoader); default: the trainer's training
+            dataset. Example ids are indices into it.
+        every_n_epochs: compute influence at the end of every n-th epoch (``None``: never).
+        every_n_train_steps: compute influence every n optimizer steps (``None``: never).
+        on_checkpoint: compute influence whenever a checkpoint is saved, and record its path.
+        on_train_end: compute influence at the end of training.
+        output_dir: where results go (``<output_dir>/step=<N>/``); default
+            ``<trainer.log_dir>/influence``.
+        strategy: ``"ekfac"``, ``"kfac"``, ``"diagonal"`` or ``"identity"``.
+        fisher: ``"empirical"`` (training targets; free) or ``"true"`` (sampled targets; one
+            extra backward per collected step).
+        damping: absolute λ, or ``None`` for 0.1 × each layer's mean eigenvalue.
+        layers: module names / glob patterns to track (default: every trackable layer).
+        exclude: names / patterns to leave out.
+        collect_every_n_steps: collect statistics on every n-th optimizer step. With the default
+            (8) and ``max_tokens_per_step=512`` a small transformer trains about 5% slower
+            (``benchmarks/training_overhead.py``); collecting every step costs about 2x.
+        max_tokens_per_step: at most this many token positions per layer and training batch (a
+            random subset; ``None``: all).
+        loss_reduction: how the training loss reduces examples: ``"mean"`` (over examples),
+            ``"sum"``, or ``"token_mean"`` (over the tokens that count in the loss).
+        window: ``"reset"``: statistics describe the steps since the last computation;
+            ``"ema"``: an exponential moving average with ``ema_decay`` per collected step.
+        ema_decay: decay of the moving average.
+        correction_batches: batches of the pool in the EK-FAC eigenvalue-correction pass at each
+            computation (``None``: the whole pool).
+        max_train_examples: score a fixed random subset of this many pool examples (chosen once,
+            kept across checkpoints and resumes).
+        seed: seed of every private random generator.
+        query_rank: rank of the low-rank query approximation (``None``: exact).
+        top_k: per query, the most positive / negative examples kept with per-token scores.
+        batch_size: batch size of the callback's own passes.
+        renderer: shows examples in logged tables (see ``ResultPublisher``).
+        max_layer_mb: skip, with a warning, layers whose statistics exceed this many MiB.
+        memory_budget_mb: refuse before training a selection whose statistics exceed this.
+        covariance_dtype: ``"float32"`` (default, also under bf16/fp16 training) or ``"float64"``.
+        report: after saving each result, analyse it, write its figures and summary to
+            ``<result>/report`` and log it to the trainer's loggers (``ResultPublisher``).
+        log_artifacts: log each result directory as a W&B artifact.
+        show_progress: progress bars for the callback's passes (rank 0).
+        on_error: ``"warn"`` (a failing computation is reported and training goes on) or
+            ``"raise"``.
     """
 
     task: Any
