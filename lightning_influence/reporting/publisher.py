@@ -124,7 +124,7 @@ class ResultPublisher:
         Raises:
             ValueError: if ``history`` and ``result`` come from different training runs.
         """
-        analysis = self._analyse([*history, result])
+        analysis = self._analyse(history, result)
         summary = analysis.summary
 
         def render(kind: str, index: int, token_scores, token_mask) -> RenderedExample:
@@ -158,20 +158,21 @@ class ResultPublisher:
                 )
         return summary
 
-    def _analyse(self, run: Sequence[Any]) -> Analysis:
-        """The analysis at ``run[-1]``, analysing only the results not seen in earlier calls.
+    def _analyse(self, history: Sequence[Any], result: Any) -> Analysis:
+        """The analysis of ``history`` then ``result``, analysing only results not seen before.
 
         The callback passes a growing history: each call adds one result to the kept analysis. A
         history that does not extend the analysed one (another run, or a publisher reused without
         history) starts over.
         """
-        if len(run) > 1 and _identity(run[-2]) == _identity(run[-1]):
-            run = run[:-1]  # the history already ended with the result
-        identities = [_identity(result) for result in run]
+        if history and _identity(history[-1]) == _identity(result):
+            history = history[:-1]  # the history already ends with the result (a loaded copy of it)
+        run = [*history, result]
+        identities = [_identity(member) for member in run]
         if identities[: len(self._analysed)] != self._analysed:
             self._run, self._analysed = RunAnalysis(), []
-        for result, identity in zip(run[len(self._analysed) :], identities[len(self._analysed) :]):
-            self._run.add(result)
+        for member, identity in zip(run[len(self._analysed) :], identities[len(self._analysed) :]):
+            self._run.add(member)
             self._analysed.append(identity)
         return self._run.latest
 
