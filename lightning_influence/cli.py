@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="training dataset, shown in the HTML tables (a callable returning a Dataset)")
     report.add_argument("--query-data", metavar="MODULE:CALLABLE",
                         help="query dataset, shown in the HTML report above each query")
+    report.add_argument("--allow-different-runs", action="store_true",
+                        help="report results of different training runs together (refused by default)")
     report.set_defaults(run=_cmd_report)
 
     compare = commands.add_parser(
@@ -116,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="top-k sizes for the overlap measures (default: 1 5 10 50)")
     compare.add_argument("--changes", type=_positive_int, default=10, metavar="N",
                          help="top-k size whose entering/leaving examples are listed (default: 10)")
+    compare.add_argument("--allow-different-runs", action="store_true",
+                         help="compare results of different training runs (refused by default)")
     compare.set_defaults(run=_cmd_compare)
 
     score = commands.add_parser(
@@ -170,12 +174,13 @@ def _positive_int(text: str) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from lightning_influence.analysis import summarize
+    from lightning_influence._format import format_number
+    from lightning_influence.compare import RunAnalysis
     from lightning_influence.results import load_results
 
     results = load_results(args.path)
-    latest = results[-1]
-    summary = summarize(latest)
+    analysis = RunAnalysis(k=args.top_k, allow_different_runs=args.allow_different_runs).extend(results)
+    latest, summary = analysis.result, analysis.summary
     out = sys.stdout
     steps = ", ".join(str(r.step) for r in results)
     out.write(f"Influence report: {args.path}\n")
@@ -192,36 +197,34 @@ def _cmd_report(args: argparse.Namespace) -> int:
     for q in range(latest.num_queries):
         out.write(f"query {int(latest.query_ids[q])}\n")
         rows = [
-            [rank + 1, int(top.indices[q, rank]), _fmt(top.values[q, rank]),
-             int(bottom.indices[q, rank]), _fmt(bottom.values[q, rank])]
+            [rank + 1, int(top.indices[q, rank]), format_number(top.values[q, rank]),
+             int(bottom.indices[q, rank]), format_number(bottom.values[q, rank])]
             for rank in range(top.indices.shape[1])
         ]
         out.write(_indent(format_table(["rank", "top id", "score", "bottom id", "score"], rows)))
 
     _section(out, "Tail fit (power law on positive scores)")
-    rows = [[int(latest.query_ids[q])] + ([_fmt(f.alpha), _fmt(f.sigma), _fmt(f.xmin), _fmt(f.ks), f.n_tail]
+    rows = [[int(latest.query_ids[q])] + ([format_number(v) for v in (f.alpha, f.sigma, f.xmin, f.ks, f.n_tail)]
                                           if f is not None else ["-"] * 5)
             for q, f in enumerate(summary.tail_fits)]
     out.write(format_table(["query", "alpha", "+/- s.e.", "xmin", "KS", "n tail"], rows))
     scalars = {k: v for k, v in summary.scalars.items() if not k.startswith("layer_share/")}
-    out.write(format_table(["statistic", "value"], [[k, _fmt(v)] for k, v in scalars.items()]))
+    out.write(format_table(["statistic", "value"], [[k, format_number(v)] for k, v in scalars.items()]))
 
     _section(out, "Layer shares (mean over queries)")
     if summary.layer_shares is None or not summary.layer_names:
         out.write("no per-layer scores in this result (compute with per_layer=True)\n")
     else:
         means = [float(x) for x in summary.layer_shares.nanmean(0)]
-        rows = [[name, _fmt(share), "#" * round(40 * share) if math.isfinite(share) else ""]
+        rows = [[name, format_number(share), "#" * round(40 * share) if math.isfinite(share) else ""]
                 for name, share in zip(summary.layer_names, means)]
         out.write(format_table(["layer", "share", ""], rows))
 
-    if len(results) > 1:
-        from lightning_influence.compare import trajectory
-
+    traj = analysis.trajectory
+    if traj is not None:
         _section(out, "Trajectory over checkpoints")
-        traj = trajectory(results, k=args.top_k)
         columns = [k for k, v in traj.items() if all(_is_scalar(x) for x in v)]
-        rows = [[_fmt(traj[c][i]) for c in columns] for i in range(len(results))]
+        rows = [[format_number(traj[c][i]) for c in columns] for i in range(len(results))]
         out.write(format_table(columns, rows))
 
     if args.html is not None:
@@ -229,7 +232,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         train = _load_dataset(args.train_data) if args.train_data else None
         query = _load_dataset(args.query_data) if args.query_data else None
-        path = write_html_report(results, args.html, train_dataset=train, query_dataset=query, top_k=args.top_k)
+        path = write_html_report(results, args.html, train_dataset=train, query_dataset=query, top_k=args.top_k,
+                                 allow_different_runs=args.allow_different_runs)
         out.write(f"\nHTML report written to {path}\n")
     return 0
 
@@ -246,7 +250,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     from lightning_influence.compare import compare
 
     a, b = _load_single(args.a), _load_single(args.b)
-    comparison = compare(a, b, ks=tuple(args.k), top_k_changes=args.changes)
+    comparison = compare(a, b, ks=tuple(args.k), top_k_changes=args.changes,
+                         allow_different_runs=args.allow_different_runs)
     if args.json:
         payload = {"a": str(args.a), "b": str(args.b), **comparison.to_dict()}
         json.dump(json_ready(payload), sys.stdout, indent=2)
@@ -413,14 +418,6 @@ def _looks_numeric(text: str) -> bool:
 
 def _indent(text: str, prefix: str = "  ") -> str:
     return "".join(prefix + line + "\n" for line in text.splitlines())
-
-
-def _fmt(value: Any) -> str:
-    if hasattr(value, "item") and getattr(value, "numel", lambda: 1)() == 1:
-        value = value.item()
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.4g}"
-    return "-" if value is None else str(value)
 
 
 def _is_scalar(value: Any) -> bool:

@@ -1,21 +1,26 @@
 """Comparing influence results across checkpoints: rank agreement, top-k churn, distribution shifts.
 
 Pure functions over :class:`~lightning_influence.results.InfluenceResult` objects: results over
-different candidate pools or query sets are matched on their dataset ids before comparison.
+different candidate pools or query sets are matched on their dataset ids before comparison. A
+:class:`RunAnalysis` is the one analysis of a run (latest summary, trajectory, comparison with the
+previous result) that the publisher, the HTML report and the command line only format; it is built
+one result at a time, so each new checkpoint costs one result's analysis.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from lightning_influence._format import format_number
 from lightning_influence._io import json_ready
-from lightning_influence.analysis import concentration, fit_query_tails, layer_shares
+from lightning_influence.analysis import InfluenceSummary, concentration, fit_query_tails, layer_shares, summarize
+from lightning_influence.results import check_same_run
 
 RBO_PERSISTENCE = 0.9
 
@@ -158,23 +163,6 @@ def _median_alpha(scores: torch.Tensor) -> Optional[float]:
     return float(np.median(alphas)) if alphas else None
 
 
-# Tail fits of saved results, keyed by (directory, modification time): the callback recomputes the
-# trajectory at every checkpoint, and refitting every earlier checkpoint would cost O(checkpoints²).
-_SAVED_ALPHAS: Dict[Tuple[str, int], Optional[float]] = {}
-
-
-def _result_median_alpha(result: Any) -> Optional[float]:
-    meta = Path(result.path) / "meta.json" if getattr(result, "path", None) is not None else None
-    if meta is None or not meta.is_file():
-        return _median_alpha(result.scores.double())
-    key = (str(meta.parent.resolve()), meta.stat().st_mtime_ns)
-    if key not in _SAVED_ALPHAS:
-        if len(_SAVED_ALPHAS) > 4096:
-            _SAVED_ALPHAS.clear()
-        _SAVED_ALPHAS[key] = _median_alpha(result.scores.double())
-    return _SAVED_ALPHAS[key]
-
-
 # -- comparison ----------------------------------------------------------------------------------
 
 
@@ -246,18 +234,18 @@ class Comparison:
         for name, values in (("spearman", self.spearman), ("kendall tau-b", self.kendall)):
             finite = values[torch.isfinite(values)]
             low, high = (float(finite.min()), float(finite.max())) if finite.numel() else (math.nan, math.nan)
-            lines.append(f"  {name:<22}{_fmt(_nanmean(values))}{_fmt(low)}{_fmt(high)}")
+            lines.append(f"  {name:<22}{_cell(_nanmean(values))}{_cell(low)}{_cell(high)}")
         if self.topk_jaccard:
             ks = list(self.topk_jaccard)
             lines += ["", f"  {'top-k overlap':<22}" + "".join(f"{'k=' + str(k):>9}" for k in ks)]
-            lines.append(f"  {'jaccard':<22}" + "".join(_fmt(self.topk_jaccard[k]) for k in ks))
-            lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_fmt(self.topk_rbo[k]) for k in ks))
+            lines.append(f"  {'jaccard':<22}" + "".join(_cell(self.topk_jaccard[k]) for k in ks))
+            lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_cell(self.topk_rbo[k]) for k in ks))
         lines += ["", f"  {'distribution':<22}{step_a:>12}{step_b:>12}"]
-        lines.append(f"  {'tail alpha (median)':<22}" + "".join(_fmt(v, 12) for v in self.tail_alpha))
+        lines.append(f"  {'tail alpha (median)':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
         for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction"):
-            lines.append(f"  {key:<22}" + "".join(_fmt(c.get(key), 12) for c in self.concentration))
+            lines.append(f"  {key:<22}" + "".join(_cell(c.get(key), 12) for c in self.concentration))
         if self.layer_js is not None:
-            lines.append(f"  {'layer shift (JS bits)':<22}{_fmt(self.layer_js, 12)}")
+            lines.append(f"  {'layer shift (JS bits)':<22}{_cell(self.layer_js, 12)}")
         shown = min(max_queries, len(self.entered))
         if shown:
             lines += ["", f"  top-{self.k_changes} changes (first {shown} of {len(self.entered)} queries):"]
@@ -271,9 +259,9 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(finite.mean()) if finite.numel() else math.nan
 
 
-def _fmt(value: Optional[float], width: int = 9) -> str:
-    text = "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
-    return f"{text:>{width}}"
+def _cell(value: Optional[float], width: int = 9) -> str:
+    """A right-aligned table cell with three decimals."""
+    return format_number(value, ".3f").rjust(width)
 
 
 def _id_list(ids: List[int], limit: int = 10) -> str:
@@ -300,6 +288,7 @@ def compare(
     top_k_changes: int = 10,
     kendall_max_n: int = 2000,
     seed: int = 0,
+    allow_different_runs: bool = False,
 ) -> Comparison:
     """Compare two influence results, typically of two checkpoints of one run.
 
@@ -310,13 +299,16 @@ def compare(
         top_k_changes: ``k`` of the top-k lists whose entries and exits are reported.
         kendall_max_n: Kendall's tau is computed on at most this many training examples.
         seed: seed of the subset for Kendall's tau.
+        allow_different_runs: compare results of different training runs (``meta["run"]["id"]``).
 
     Returns:
         A :class:`Comparison`.
 
     Raises:
-        ValueError: if the results share no query, or fewer than two training examples.
+        ValueError: if the results come from different runs, share no query, or share fewer than
+            two training examples.
     """
+    check_same_run([a, b], allow_different_runs)
     q_a, q_b, t_a, t_b = _match(a, b)
     scores_a = a.scores[q_a][:, t_a].double()
     scores_b = b.scores[q_b][:, t_b].double()
@@ -348,12 +340,154 @@ def compare(
     )
 
 
-def trajectory(results: Sequence[Any], *, k: int = 10) -> Dict[str, List[Any]]:
+
+
+# -- a run: trajectory and latest analysis, built one result at a time ---------------------------
+
+_SPREAD_KEYS = ("top1pct_share", "top10pct_share", "gini")
+_ROW_KEYS = ("step", "epoch", "tail_alpha", *_SPREAD_KEYS, "topk_churn", "spearman_prev")
+
+
+def _finite_or_none(value: Optional[float]) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, Any]:
+    """One checkpoint's trajectory statistics; churn and rank agreement are measured against ``previous``."""
+    scores = result.scores.double()
+    spread = concentration(scores)
+    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": _median_alpha(scores)}
+    row.update({key: _finite_or_none(spread[key]) for key in _SPREAD_KEYS})
+    row["topk_churn"] = row["spearman_prev"] = None
+    if previous is not None:
+        try:
+            q_a, q_b, t_a, t_b = _match(previous, result)
+        except ValueError:
+            pass  # no shared queries or training examples: the change is undefined
+        else:
+            before, after = previous.scores[q_a][:, t_a].double(), scores[q_b][:, t_b]
+            row["topk_churn"] = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
+            row["spearman_prev"] = _finite_or_none(_nanmean(spearman(before, after)))
+    shares: Dict[str, float] = {}
+    if result.layer_scores is not None:
+        shares = dict(zip(result.layer_names, layer_shares(result.layer_scores).nanmean(0).tolist()))
+    row["layer_share"] = {name: _finite_or_none(shares.get(name)) for name in result.layer_names}
+    return row
+
+
+def _series(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[Any]]:
+    """Checkpoint rows as equal-length series; a layer missing at a checkpoint gets ``None`` there."""
+    series = {key: [row[key] for row in rows] for key in _ROW_KEYS}
+    layers = dict.fromkeys(name for row in rows for name in row["layer_share"])  # first-seen order
+    series.update({f"layer_share/{name}": [row["layer_share"].get(name) for row in rows] for name in layers})
+    return series
+
+
+@dataclass(frozen=True, eq=False)
+class Analysis:
+    """Everything reported about a run at its latest result, built by :class:`RunAnalysis`.
+
+    The summary and the comparison are computed on first use (then kept), so a caller that shows
+    neither pays for neither.
+
+    Attributes:
+        result: the latest result.
+        previous: the result before it (``None`` for a run's first result).
+        trajectory: the run's series so far (see :func:`trajectory`); ``None`` for a single result.
+        k: top-k size of the comparison's entered/left lists.
+    """
+
+    result: Any
+    previous: Optional[Any]
+    trajectory: Optional[Dict[str, List[Any]]]
+    k: int = 10
+
+    @cached_property
+    def summary(self) -> InfluenceSummary:
+        """:func:`~lightning_influence.analysis.summarize` of the latest result."""
+        return summarize(self.result)
+
+    @cached_property
+    def comparison(self) -> Optional[Comparison]:
+        """:func:`compare` of the previous result with the latest (``None`` for a first result)."""
+        if self.previous is None:
+            return None
+        # RunAnalysis checked the run identity when it accepted the latest result
+        return compare(self.previous, self.result, top_k_changes=self.k, allow_different_runs=True)
+
+
+class RunAnalysis:
+    """The analysis of one training run, extended one result at a time.
+
+    :meth:`add` analyses only the new result (its trajectory row and its change from the previous
+    result): publishing after every checkpoint costs one result's analysis, not the whole history's.
+    It keeps the rows, the previous result and one result naming the run, to refuse another run's.
+
+    Args:
+        k: top-k size of the churn (``1 -`` top-k Jaccard with the previous checkpoint) and of the
+            comparison's entered/left lists.
+        allow_different_runs: accept results of different training runs (``meta["run"]["id"]``).
+    """
+
+    def __init__(self, *, k: int = 10, allow_different_runs: bool = False) -> None:
+        if k < 1:
+            raise ValueError(f"k must be a positive top-k size, got {k}")
+        self.k = k
+        self.allow_different_runs = allow_different_runs
+        self._rows: List[Dict[str, Any]] = []
+        self._run_reference: Optional[Any] = None  # the first result naming its run, else the first
+        self._latest: Optional[Analysis] = None
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    @property
+    def latest(self) -> Optional[Analysis]:
+        """The analysis at the last added result (``None`` before any)."""
+        return self._latest
+
+    def add(self, result: Any) -> Analysis:
+        """Analyse ``result``, the run's next result, and return the analysis of the run so far.
+
+        Raises:
+            ValueError: if ``result`` comes from another run than the earlier results.
+        """
+        if self._run_reference is not None:
+            check_same_run([self._run_reference, result], self.allow_different_runs)
+        if self._run_reference is None or not self._run_reference.meta.get("run"):
+            self._run_reference = result
+        previous = self._latest.result if self._latest is not None else None
+        self._rows.append(_checkpoint_row(result, previous, self.k))
+        self._latest = Analysis(result, previous, _series(self._rows) if len(self._rows) > 1 else None, self.k)
+        return self._latest
+
+    def extend(self, results: Sequence[Any]) -> Analysis:
+        """Add ``results`` (oldest first); a mix of runs is refused up front, naming every run.
+
+        Raises:
+            ValueError: if ``results`` is empty or mixes training runs.
+        """
+        results = list(results)
+        if not results:
+            raise ValueError("a run analysis needs at least one influence result")
+        known = [self._run_reference] if self._run_reference is not None else []
+        check_same_run([*known, *results], self.allow_different_runs)
+        for result in results:
+            self.add(result)
+        return self._latest
+
+    def trajectory(self) -> Dict[str, List[Any]]:
+        """The series over every added result (see :func:`trajectory`)."""
+        return _series(self._rows)
+
+
+def trajectory(results: Sequence[Any], *, k: int = 10, allow_different_runs: bool = False) -> Dict[str, List[Any]]:
     """Per-checkpoint series over a run, for line plots and the report's trajectory section.
 
     Args:
         results: :class:`~lightning_influence.results.InfluenceResult` objects ordered by step.
         k: top-k size for the churn.
+        allow_different_runs: accept results of different training runs (``meta["run"]["id"]``).
 
     Returns:
         Equal-length lists keyed ``"step"``, ``"epoch"``, ``"tail_alpha"`` (median over queries),
@@ -361,39 +495,11 @@ def trajectory(results: Sequence[Any], *, k: int = 10) -> Dict[str, List[Any]]:
         Jaccard with the previous checkpoint), ``"spearman_prev"`` (mean Spearman with the
         previous checkpoint) and ``"layer_share/<name>"``; ``None`` where a value is undefined
         (first checkpoint, no shared ids, a layer missing at that checkpoint).
+
+    Raises:
+        ValueError: if the results come from different training runs.
     """
-    keys = ("top1pct_share", "top10pct_share", "gini")
-    names = ("step", "epoch", "tail_alpha", *keys, "topk_churn", "spearman_prev")
-    series: Dict[str, List[Any]] = {name: [] for name in names}
-    layer_series: Dict[str, List[Optional[float]]] = {}
-    for index, result in enumerate(results):
-        scores = result.scores.double()
-        series["step"].append(result.step)
-        series["epoch"].append(result.epoch)
-        series["tail_alpha"].append(_result_median_alpha(result))
-        spread = concentration(scores)
-        for key in keys:
-            series[key].append(spread[key] if math.isfinite(spread[key]) else None)
-        churn = rank = None
-        if index > 0:
-            previous = results[index - 1]
-            try:
-                q_a, q_b, t_a, t_b = _match(previous, result)
-            except ValueError:
-                pass
-            else:
-                before, after = previous.scores[q_a][:, t_a].double(), scores[q_b][:, t_b]
-                churn = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
-                rank = _nanmean(spearman(before, after))
-        series["topk_churn"].append(churn)
-        series["spearman_prev"].append(rank if rank is None or math.isfinite(rank) else None)
-        shares = {}
-        if result.layer_scores is not None:
-            shares = dict(zip(result.layer_names, layer_shares(result.layer_scores).nanmean(0).tolist()))
-        for name in result.layer_names:
-            layer_series.setdefault(name, [None] * index)
-        for name, values in layer_series.items():
-            share = shares.get(name)
-            values.append(share if share is not None and math.isfinite(share) else None)
-    series.update({f"layer_share/{name}": values for name, values in layer_series.items()})
-    return series
+    run = RunAnalysis(k=k, allow_different_runs=allow_different_runs)
+    if results:
+        run.extend(results)
+    return run.trajectory()

@@ -274,3 +274,40 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
             "weighting": weighting if isinstance(weighting, str) else weights,
         },
     )
+
+
+def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: bool = False) -> None:
+    """Refuse results written by different training runs (``meta["run"]["id"]``), which
+    comparisons and trajectories would silently mix (e.g. a quick and a full run written into
+    one directory). Results without ``meta["run"]`` predate run identities and pass.
+
+    Raises:
+        ValueError: naming each run found (pool size, model, steps) and how to proceed, unless
+            ``allow_different_runs``.
+    """
+    if allow_different_runs:
+        return
+    runs: Dict[Any, List[InfluenceResult]] = {}
+    for result in results:
+        run = result.meta.get("run")
+        if isinstance(run, Mapping) and run.get("id") is not None:
+            runs.setdefault(run["id"], []).append(result)
+    if len(runs) < 2:
+        return
+    described = "; ".join(_describe_run(run_id, members) for run_id, members in runs.items())
+    raise ValueError(
+        f"these influence results come from {len(runs)} different training runs: {described}. "
+        "Their scores are not comparable: report or compare the results of one run (give each run its "
+        "own output directory), or pass allow_different_runs=True (command line: --allow-different-runs) "
+        "to proceed anyway."
+    )
+
+
+def _describe_run(run_id: Any, members: Sequence[InfluenceResult], max_steps: int = 6) -> str:
+    run = members[0].meta["run"]
+    steps = [str(result.step) for result in members]
+    shown = ", ".join(steps[:max_steps]) + (f", ... ({len(steps)} results)" if len(steps) > max_steps else "")
+    return (
+        f"run {run_id!r} (pool of {run.get('pool_size', '?')} training examples, "
+        f"model {run.get('model', '?')}, step{'s' if len(steps) > 1 else ''} {shown})"
+    )

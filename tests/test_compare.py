@@ -178,28 +178,3 @@ def test_trajectory_tolerates_unmatched_and_degenerate_checkpoints(scores):
     assert series["topk_churn"] == [None, None] and series["spearman_prev"] == [None, None]
     assert series["tail_alpha"][1] is None and series["gini"][1] is None
     assert not math.isnan(series["gini"][0])
-
-
-def test_trajectory_reuses_tail_fits_of_saved_results(tmp_path, monkeypatch):
-    """The callback recomputes the trajectory at every checkpoint: saved results are fitted once."""
-    import importlib
-
-    from lightning_influence.results import InfluenceResult
-
-    compare_module = importlib.import_module("lightning_influence.compare")  # li.compare is the function
-
-    generator = torch.Generator().manual_seed(0)
-    results = []
-    for step in (1, 2):
-        result = InfluenceResult(scores=torch.rand(2, 300, generator=generator).pow(-1.5), step=step)
-        result.save(tmp_path / f"step={step}")
-        results.append(InfluenceResult.load(tmp_path / f"step={step}"))
-    first = compare_module.trajectory(results)
-    calls = []
-    real = compare_module._median_alpha
-    monkeypatch.setattr(compare_module, "_median_alpha", lambda scores: calls.append(1) or real(scores))
-    assert compare_module.trajectory(results)["tail_alpha"] == first["tail_alpha"]
-    assert calls == []
-    unsaved = InfluenceResult(scores=results[0].scores.clone(), step=3)
-    compare_module.trajectory([*results, unsaved])
-    assert len(calls) == 1

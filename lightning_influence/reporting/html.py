@@ -17,7 +17,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from lightning_influence._format import format_number
 from lightning_influence._io import PathLike, write_file_atomic
+from lightning_influence.compare import Analysis, RunAnalysis
 from lightning_influence.results import InfluenceResult, load_results
 
 Source = Union[InfluenceResult, Sequence[InfluenceResult], PathLike]
@@ -55,6 +57,7 @@ def write_html_report(
     top_k: int = 10,
     max_queries: int = 16,
     title: str = "Influence report",
+    allow_different_runs: bool = False,
 ) -> Path:
     """Write one self-contained HTML file describing influence results.
 
@@ -72,9 +75,13 @@ def write_html_report(
         max_queries: the first ``max_queries`` queries get tables and plots (the tail-fit table
             covers all queries).
         title: the page title.
+        allow_different_runs: report results of different training runs together.
 
     Returns:
         The path of the written file.
+
+    Raises:
+        ValueError: if the results come from different training runs (``meta["run"]["id"]``).
     """
     if top_k < 1 or max_queries < 1:
         raise ValueError(f"top_k and max_queries must be at least 1, got {top_k} and {max_queries}")
@@ -85,7 +92,8 @@ def write_html_report(
         renderer = DefaultRenderer()
     render = _dataset_renderer(renderer, train_dataset, query_dataset)
     shows = {kind for kind, data in (("train", train_dataset), ("query", query_dataset)) if data is not None}
-    page = _build_page(results, render, shows, top_k, max_queries, title)
+    analysis = RunAnalysis(k=top_k, allow_different_runs=allow_different_runs).extend(results)
+    page = _build_page(results, analysis, render, shows, top_k, max_queries, title)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     write_file_atomic(out_path, page.encode("utf-8"))
@@ -118,17 +126,13 @@ def _dataset_renderer(renderer, train_dataset, query_dataset):
     return render
 
 
-def _build_page(results, render, shows, top_k, max_queries, title) -> str:
-    from lightning_influence.analysis import summarize
-    from lightning_influence.compare import trajectory
+def _build_page(results, analysis: Analysis, render, shows, top_k, max_queries, title) -> str:
     from lightning_influence.reporting.report import build_report
 
-    latest = results[-1]
-    summary = summarize(latest)
+    latest, summary = analysis.result, analysis.summary
     report = build_report(
-        latest, summary, step=latest.step or 0, namespace="", render=render, top_k=top_k,
+        analysis, step=latest.step or 0, namespace="", render=render, top_k=top_k,
         max_queries=max_queries, heatmap_examples=top_k,
-        trajectory=trajectory(results, k=top_k) if len(results) > 1 else None,
     )
     sections = [
         _overview(results),
@@ -138,7 +142,7 @@ def _build_page(results, render, shows, top_k, max_queries, title) -> str:
     ]
     if report.trajectory is not None:
         sections.append(_trajectory_section(report))
-        sections.append(_comparison_section(results[0], latest, top_k))
+        sections.append(_comparison_section(analysis))
     body = "\n".join(sections)
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
@@ -253,11 +257,9 @@ def _trajectory_section(report) -> str:
     )
 
 
-def _comparison_section(first, last, top_k) -> str:
-    from lightning_influence.compare import compare
-
-    c = compare(first, last, top_k_changes=top_k)
-    label_a, label_b = f"step {first.step}", f"step {last.step}"
+def _comparison_section(analysis: Analysis) -> str:
+    c = analysis.comparison
+    label_a, label_b = f"step {analysis.previous.step}", f"step {analysis.result.step}"
     correlations = [
         (name, _num(_finite_mean(values)), _num(_finite_min(values)))
         for name, values in (("Spearman", c.spearman), ("Kendall tau-b", c.kendall))
@@ -270,7 +272,7 @@ def _comparison_section(first, last, top_k) -> str:
                for q, entered, left in zip(c.query_ids, c.entered, c.left)]
     layer_js = "" if c.layer_js is None else f"<p>Layer-share shift (Jensen-Shannon): {_num(c.layer_js)} bits.</p>"
     return (
-        f"<section id=\"comparison\"><h2>First vs last checkpoint ({_esc(label_a)} &rarr; {_esc(label_b)})</h2>"
+        f"<section id=\"comparison\"><h2>Previous vs latest checkpoint ({_esc(label_a)} &rarr; {_esc(label_b)})</h2>"
         f"<p>{c.n_query} shared queries, {c.n_train} shared training examples.</p>"
         f"<div class=\"pair\">{_table(['rank correlation', 'mean over queries', 'min'], correlations)}"
         f"{_table(['top-k', 'Jaccard', 'RBO (p=0.9)'], overlap)}"
@@ -339,7 +341,7 @@ def _raw_row(cells: Sequence[str]) -> str:
 
 def _score_cell(score: float) -> str:
     sign = "pos" if score > 0 else "neg" if score < 0 else ""
-    return f"<td class=\"num {sign}\">{score:.4g}</td>"
+    return f"<td class=\"num {sign}\">{format_number(score)}</td>"
 
 
 def _format_damping(damping: Any) -> Any:
@@ -353,11 +355,8 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _num(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return f"{value.item():.4g}"
-    return "" if value is None else str(value)
+    """A number for an HTML cell: undefined ones are left blank."""
+    return format_number(value, missing="")
 
 
 def _esc(value: Any) -> str:

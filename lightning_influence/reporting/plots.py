@@ -15,6 +15,8 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from lightning_influence._format import format_number
+
 __all__ = [
     "figure_to_array",
     "figure_to_png",
@@ -72,7 +74,7 @@ def tail_ccdf(values: Any, fit: Optional[Any] = None, *, title: str = "Influence
         tail_mass = float(np.mean(x >= xmin))  # the fitted law describes the tail's conditional CCDF
         line_x = np.geomspace(xmin, x[-1], 50)
         line_y = tail_mass * (line_x / xmin) ** (1.0 - alpha)
-        ax.loglog(line_x, line_y, "-", color="tab:red", label=f"power law α={alpha:.2f}, xmin={xmin:.3g}")
+        ax.loglog(line_x, line_y, "-", color="tab:red", label=f"power law α={format_number(alpha, '.2f')}, xmin={format_number(xmin, '.3g')}")
         ax.axvline(xmin, color="tab:red", linestyle=":", linewidth=1)
     ax.set_xlabel("influence score")
     ax.set_ylabel("P(score ≥ x)")

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Iterable, List, Optional, Sequence
 
 from lightning_influence._io import json_ready, write_file_atomic
+from lightning_influence.compare import Analysis, RunAnalysis
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, render_example
 from lightning_influence.reporting.report import Report, build_report
 
@@ -92,6 +94,8 @@ class ResultPublisher:
         self._sinks = [make_sink(logger, log_artifacts=log_artifacts) for logger in loggers]
         self._failed: set = set()  # indices of sinks that raised once and are skipped since
         self._render_warned = False
+        self._run = RunAnalysis()
+        self._analysed: List[Any] = []  # identities of the results in self._run, oldest first
 
     def publish(
         self,
@@ -111,34 +115,30 @@ class ResultPublisher:
             step: the trainer's global step; all loggers use it as their x axis.
             train_dataset: indexable by ``result.train_ids``, to show the examples themselves.
             query_dataset: indexable by ``result.query_ids``.
-            history: earlier results of the same run (oldest first), for trajectory plots.
+            history: the run's results so far, oldest first, for trajectory plots; it may end with
+                ``result`` itself. Only results this publisher has not analysed yet are analysed.
 
         Returns:
             The ``analysis.InfluenceSummary`` of ``result``.
+
+        Raises:
+            ValueError: if ``history`` and ``result`` come from different training runs.
         """
-        from lightning_influence.analysis import summarize
-
-        summary = summarize(result)
-        trajectory = None
-        if history:
-            from lightning_influence.compare import trajectory as compute_trajectory
-
-            trajectory = compute_trajectory([*history, result])
+        analysis = self._analyse(history, result)
+        summary = analysis.summary
 
         def render(kind: str, index: int, token_scores, token_mask) -> RenderedExample:
             dataset = train_dataset if kind == "train" else query_dataset
             return self._render(dataset, kind, index, token_scores, token_mask)
 
         report = build_report(
-            result,
-            summary,
+            analysis,
             step=step,
             namespace=self.namespace,
             render=render,
             top_k=self.top_k,
             max_queries=self.max_queries,
             heatmap_examples=self.heatmap_examples,
-            trajectory=trajectory,
         )
         if self.write_files and result.path is not None:
             self._write_files(Path(result.path) / REPORT_DIR, report, summary)
@@ -157,6 +157,24 @@ class ResultPublisher:
                     stacklevel=2,
                 )
         return summary
+
+    def _analyse(self, history: Sequence[Any], result: Any) -> Analysis:
+        """The analysis of ``history`` then ``result``, analysing only results not seen before.
+
+        The callback passes a growing history: each call adds one result to the kept analysis. A
+        history that does not extend the analysed one (another run, or a publisher reused without
+        history) starts over.
+        """
+        if history and _identity(history[-1]) == _identity(result):
+            history = history[:-1]  # the history already ends with the result (a loaded copy of it)
+        run = [*history, result]
+        identities = [_identity(member) for member in run]
+        if identities[: len(self._analysed)] != self._analysed:
+            self._run, self._analysed = RunAnalysis(), []
+        for member, identity in zip(run[len(self._analysed) :], identities[len(self._analysed) :]):
+            self._run.add(member)
+            self._analysed.append(identity)
+        return self._run.latest
 
     def _render(self, dataset: Any, kind: str, index: int, token_scores, token_mask) -> RenderedExample:
         """Render one example; a failing dataset or renderer degrades to the id, with one warning."""
@@ -201,3 +219,9 @@ class ResultPublisher:
     def active_loggers(self) -> List[str]:
         """Names of the loggers that have not failed."""
         return [sink.name for i, sink in enumerate(self._sinks) if i not in self._failed]
+
+
+def _identity(result: Any) -> Any:
+    """What makes two result objects the same result: the directory of a saved one, else the
+    object itself (a weak reference, so forgotten results are not kept in memory)."""
+    return str(Path(result.path).resolve()) if result.path is not None else weakref.ref(result)

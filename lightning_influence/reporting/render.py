@@ -15,6 +15,8 @@ from typing import Any, Callable, List, Mapping, Optional, Protocol, Sequence, U
 import numpy as np
 import torch
 
+from lightning_influence._format import format_number
+
 __all__ = ["DefaultRenderer", "ExampleRenderer", "RenderedExample", "highlight_tokens", "render_example"]
 
 _MAX_REPR = 200
@@ -110,7 +112,7 @@ def highlight_tokens(
         else:
             rgb = "220,40,40" if value > 0 else "40,90,220"
             style = f"background-color:rgba({rgb},{abs(value) / peak if peak > 0 else 0.0:.3f})"
-        title = f' title="{value:.4g}"' if is_valid else ""
+        title = f' title="{format_number(value)}"' if is_valid else ""
         spans.append(f'<span style="{style}"{title}>{text}</span>')
     return '<div style="font-family:monospace;white-space:pre-wrap">' + "".join(spans) + "</div>"
 

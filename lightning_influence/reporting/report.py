@@ -157,8 +157,7 @@ def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples
 
 
 def build_report(
-    result: Any,
-    summary: Any,
+    analysis: Any,
     *,
     step: int,
     namespace: str,
@@ -166,13 +165,11 @@ def build_report(
     top_k: int,
     max_queries: int,
     heatmap_examples: int,
-    trajectory: Optional[Dict[str, list]] = None,
 ) -> Report:
-    """Compute the figures, tables and scalars of ``result`` once for all sinks.
+    """Compute the figures, tables and scalars of a run's latest result once for all sinks.
 
     Args:
-        result: the ``InfluenceResult`` to show.
-        summary: its ``analysis.InfluenceSummary``.
+        analysis: the run's ``compare.Analysis`` (latest result, its summary, the trajectory).
         step: the trainer's global step.
         namespace: key prefix.
         render: ``render(kind, dataset_index, token_scores, token_mask)`` with ``kind`` in
@@ -180,10 +177,10 @@ def build_report(
         top_k: rows per query in the top and bottom tables.
         max_queries: the first ``max_queries`` queries get tables and per-query figures.
         heatmap_examples: columns of the layer heatmap (the most influential examples).
-        trajectory: statistics over previous results, for line plots.
     """
+    result, summary = analysis.result, analysis.summary
     queries = range(min(max_queries, result.num_queries))
-    figures = _figures(result, summary, queries, heatmap_examples, trajectory)
+    figures = _figures(result, summary, queries, heatmap_examples, analysis.trajectory)
     scores = result.scores.double().ravel()
     return Report(
         step=int(step),
@@ -194,6 +191,6 @@ def build_report(
         pngs={name: plots.figure_to_png(fig) for name, fig in figures.items()},
         top_rows=_table_rows(result, queries, top_k, True, render),
         bottom_rows=_table_rows(result, queries, top_k, False, render),
-        trajectory=trajectory,
+        trajectory=analysis.trajectory,
         result_path=result.path,
     )
