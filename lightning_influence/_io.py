@@ -35,10 +35,33 @@ _OLD_PREFIX = ".lightning-influence-old-"
 _LEFTOVER = re.compile(r"\.lightning-influence-(?:tmp|old)-.+-[0-9a-f]{12}")
 _FORMAT_PREFIX = "lightning-influence/"
 
-# Permissions: every directory and file is created with ``os.mkdir`` / ``os.open`` and the default
-# modes 0o777 / 0o666, which the kernel narrows by the process umask. This respects the user's umask
-# without reading it: ``os.umask`` can only be read by setting it, which is process-global and racy
-# with other threads (``tempfile.mkdtemp`` / ``mkstemp`` are avoided: they force 0o700 / 0o600).
+# Permissions: directories and files are created with ``os.mkdir`` / ``os.open`` and the default
+# modes 0o777 / 0o666, which the kernel narrows by the user's umask (``tempfile.mkdtemp`` / ``mkstemp``
+# are avoided: they force 0o700 / 0o600). safetensors creates its files 0o600 itself, so they are
+# chmod-ed to ``0o666 & ~umask`` (see ``_umask``).
+
+
+def _umask() -> int:
+    """The process umask. ``os.umask`` can only be read by setting it, which is process-global and
+    races with threads creating files, so Linux's ``/proc/self/status`` is read instead (each time:
+    cheap, and it follows later changes); elsewhere, the value read once at import."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _IMPORT_UMASK
+
+
+def _read_umask_by_setting() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_IMPORT_UMASK = _read_umask_by_setting()
 
 
 def _private_name(prefix: str, final: Path) -> Path:
@@ -206,6 +229,7 @@ def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    os.chmod(path, 0o666 & ~_umask())
 
 
 def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
