@@ -42,8 +42,8 @@ from lightning_influence.reporting import DefaultRenderer
 from lightning_influence.reporting.html import write_html_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (HelpFormatter, add_common_arguments, highlight_tokens, logger_location, make_logger, section,  # noqa: E402
-                    set_up, use_color)  # noqa: E402
+from common import (HelpFormatter, add_common_arguments, highlight_tokens, logger_location,  # noqa: E402
+                    make_logger, section, set_up, use_color)  # noqa: E402
 
 # -- the corpus ------------------------------------------------------------------------------------
 

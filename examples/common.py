@@ -18,7 +18,8 @@ _ANSI_POSITIVE = "\033[41;97m"  # white on red: the token helps the query
 _ANSI_NEGATIVE = "\033[44;97m"  # white on blue: the token hurts the query
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_output: str, quick_output: Optional[str] = None) -> None:
+def add_common_arguments(parser: argparse.ArgumentParser, default_output: str,
+                         quick_output: Optional[str] = None) -> None:
     """Flags every example understands: where to write, seed, W&B mode, colours.
 
     With ``quick_output``, ``--output-dir`` defaults to ``None`` and :func:`set_up` picks

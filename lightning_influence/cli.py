@@ -143,7 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--task", required=True, metavar="TASK",
                        help="classification, regression, causal_lm, or MODULE:TaskClass")
     score.add_argument("--out", type=Path, required=True, metavar="DIR",
-                       help="where to save the result: a new or empty directory (or an earlier result, with --overwrite)")
+                       help="where to save the result: a new or empty directory, or an earlier result "
+                            "with --overwrite")
     score.add_argument("--overwrite", action="store_true", help="replace a result saved at --out before")
     score.add_argument("--damping", type=_damping, default=None, metavar="F",
                        help="absolute damping, a finite number >= 0 (default: the per-layer heuristic, "
@@ -203,10 +204,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
                  f"{len(latest.layer_names)} layers"]
     described += [f"{key} {latest.meta[key]}" for key in ("strategy", "fisher", "damping")
                   if _is_scalar(latest.meta.get(key)) and latest.meta.get(key) is not None]
-    when = f"step {latest.step}, epoch {latest.epoch}" if latest.step is not None else _step_label(latest)
-    out.write(f"Latest: {when}: {', '.join(described)}\n")
+    epoch = f", epoch {latest.epoch}" if latest.epoch is not None else ""
+    out.write(f"Latest: {_when(latest)}{epoch}: {', '.join(described)}\n")
 
-    _section(out, f"Most influential training examples ({_step_label(latest)})")
+    _section(out, f"Most influential training examples ({_when(latest)})")
     top = latest.top_k(args.top_k)
     bottom = latest.top_k(args.top_k, largest=False)
     for q in range(latest.num_queries):
@@ -263,6 +264,11 @@ def _step_label(result: Any) -> str:
     return f"offline ({Path(str(checkpoint)).name})" if checkpoint else "offline"
 
 
+def _when(result: Any) -> str:
+    """``step N``, or for a result scored offline its checkpoint (see :func:`_step_label`)."""
+    return f"step {result.step}" if result.step is not None else _step_label(result)
+
+
 def _section(out, title: str) -> None:
     out.write(f"\n== {title} ==\n")
 
@@ -281,7 +287,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         json.dump(json_ready(payload), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(f"A: {args.a} (step {_step_label(a)})\nB: {args.b} (step {_step_label(b)})\n")
+        sys.stdout.write(f"A: {args.a} ({_when(a)})\nB: {args.b} ({_when(b)})\n")
         sys.stdout.write(comparison.format_table().rstrip("\n") + "\n")
     return 0
 

@@ -1,7 +1,9 @@
 """``InfluenceResult``: the scores of one influence computation, saved and loaded without pickle.
 
-A result is a directory ``<dir>/meta.json`` + ``<dir>/tensors.safetensors``. Loading reads the
-metadata at once and the tensors on first access, so a run's list of results stays cheap to hold.
+A result is a directory ``<dir>/meta.json`` + ``<dir>/tensors.safetensors`` (+ ``<dir>/factors/``
+when saved with its factors). Loading reads the metadata and the tensor file's header at once and
+the tensors on first access, so a run's list of results stays cheap to hold. This module owns that
+layout: other modules write and update results through its functions, never by path.
 """
 
 from __future__ import annotations

@@ -241,3 +241,7 @@ def test_report_on_a_scored_result_names_its_checkpoint(capsys, saved, tmp_path)
     assert code == 0, err
     assert "None" not in out
     assert "1 checkpoint(s), steps: offline (model.ckpt)" in out
+    assert "Latest: offline (model.ckpt): 3 queries x 12 training examples" in out
+    code, out, err = run_cli(capsys, ["compare", tmp_path / "scored", tmp_path / "scored"])
+    assert code == 0, err
+    assert f"A: {tmp_path / 'scored'} (offline (model.ckpt))" in out
