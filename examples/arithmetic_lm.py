@@ -42,8 +42,8 @@ from lightning_influence.reporting import DefaultRenderer
 from lightning_influence.reporting.html import write_html_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (add_common_arguments, highlight_tokens, logger_location, make_logger, section, set_up,  # noqa: E402
-                    use_color)  # noqa: E402
+from common import (HelpFormatter, add_common_arguments, highlight_tokens, logger_location,  # noqa: E402
+                    make_logger, section, set_up, use_color)  # noqa: E402
 
 # -- the corpus ------------------------------------------------------------------------------------
 
@@ -240,7 +240,7 @@ class TinyGPT(pl.LightningModule):
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--train-size", type=int, default=1500, help="training sequences")
     parser.add_argument("--queries", type=int, default=16, help="held-out query problems")
     parser.add_argument("--epochs", type=int, default=12, help="training epochs")
@@ -251,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--show", type=int, default=3, help="queries printed with their top sequences")
     parser.add_argument("--quick", action="store_true",
                         help="a small, fast run for smoke tests (300 sequences, 2 epochs, influence every epoch)")
-    add_common_arguments(parser, default_output="runs/arithmetic_lm")
+    add_common_arguments(parser, default_output="runs/arithmetic_lm", quick_output="runs/arithmetic_lm_quick")
     return parser
 
 

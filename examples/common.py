@@ -18,24 +18,51 @@ _ANSI_POSITIVE = "\033[41;97m"  # white on red: the token helps the query
 _ANSI_NEGATIVE = "\033[44;97m"  # white on blue: the token hurts the query
 
 
-def add_common_arguments(parser: argparse.ArgumentParser, default_output: str) -> None:
-    """Flags every example understands: where to write, seed, W&B mode, colours."""
-    parser.add_argument("--output-dir", type=Path, default=Path(default_output),
-                        help=f"where logs, checkpoints, influence results and the report go (default: {default_output})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training (default: 0)")
+def add_common_arguments(parser: argparse.ArgumentParser, default_output: str,
+                         quick_output: Optional[str] = None) -> None:
+    """Flags every example understands: where to write, seed, W&B mode, colours.
+
+    With ``quick_output``, ``--output-dir`` defaults to ``None`` and :func:`set_up` picks
+    ``quick_output`` for ``--quick`` runs and ``default_output`` otherwise, so a smoke run's results
+    never mix with a full run's. Help texts leave defaults to :class:`HelpFormatter`, which prints
+    each once.
+    """
+    where = "where logs, checkpoints, influence results and the report go"
+    if quick_output is None:
+        parser.add_argument("--output-dir", type=Path, default=Path(default_output), help=where)
+    else:
+        parser.add_argument("--output-dir", type=Path, default=None,
+                            help=f"{where} (default: {default_output}, or {quick_output} with --quick)")
+        parser.set_defaults(output_dirs=(Path(default_output), Path(quick_output)))
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data, the model and training")
     parser.add_argument("--online", action="store_true",
-                        help="sync the W&B run to wandb.ai (default: offline, `wandb sync` it later)")
+                        help="sync the W&B run to wandb.ai (otherwise it stays offline: `wandb sync` it later)")
     parser.add_argument("--no-wandb", action="store_true", help="log to CSV only (no W&B run)")
     parser.add_argument("--color", choices=("auto", "always", "never"), default="auto",
-                        help="highlight influential tokens with ANSI colours (default: when stdout is a terminal)")
+                        help="highlight influential tokens with ANSI colours (auto: when stdout is a terminal)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (default: 1; these models are too small to gain from more, "
+                        help="torch CPU threads (these models are too small to gain from more, "
                              "and extra threads slow down sharply when the cores are busy)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` once: not where the help already states its default, nor for
+    switches and unset values (``False`` / ``None``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "(default:" in help_text or action.default is None or action.default is False:
+            return help_text
+        return super()._get_help_string(action)
+
+
 def set_up(args: argparse.Namespace) -> None:
-    """Seed everything and set the CPU thread count (call first in ``main``)."""
+    """Choose the output directory, seed everything and set the CPU thread count (call first in ``main``)."""
     import pytorch_lightning as pl
+
+    if args.output_dir is None:
+        full, quick = args.output_dirs
+        args.output_dir = quick if args.quick else full
 
     torch.set_num_threads(args.threads)
     pl.seed_everything(args.seed, workers=True, verbose=False)

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 PROG = "lightning-influence"
 
@@ -146,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="saved factors directory, or a result directory holding them in factors/")
     score.add_argument("--task", required=True, metavar="TASK",
                        help="classification, regression, causal_lm, or MODULE:TaskClass")
-    score.add_argument("--out", type=Path, required=True, metavar="DIR", help="where to save the result")
-    score.add_argument("--damping", type=float, default=None, metavar="F",
-                       help="absolute damping (default: the per-layer heuristic, 0.1 x mean eigenvalue)")
+    score.add_argument("--out", type=Path, required=True, metavar="DIR",
+                       help="where to save the result: a new or empty directory, or an earlier result "
+                            "with --overwrite")
+    score.add_argument("--overwrite", action="store_true", help="replace a result saved at --out before")
+    score.add_argument("--damping", type=_damping, default=None, metavar="F",
+                       help="absolute damping, a finite number >= 0 (default: the per-layer heuristic, "
+                            "0.1 x mean eigenvalue)")
     score.add_argument("--per-layer", action="store_true", help="also keep per-layer scores")
     score.add_argument("--per-token", action="store_true", help="also keep dense per-token scores")
     score.add_argument("--query-rank", type=_positive_int, default=None, metavar="R",
@@ -170,6 +174,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _damping(text: str) -> float:
+    """A damping the scores can use: finite and non-negative, within float32 (the scores' dtype),
+    where ``inf`` or ``1e300`` would silently give all-zero or NaN scores."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (0.0 <= value <= _FLOAT32_MAX):
+        raise argparse.ArgumentTypeError(
+            f"expected a finite damping >= 0 and at most {_FLOAT32_MAX:.3g} (float32's range), got {text!r}")
+    return value
+
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -182,16 +202,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     analysis = RunAnalysis(k=args.top_k, allow_different_runs=args.allow_different_runs).extend(results)
     latest, summary = analysis.result, analysis.summary
     out = sys.stdout
-    steps = ", ".join(str(r.step) for r in results)
+    steps = ", ".join(_step_label(r) for r in results)
     out.write(f"Influence report: {args.path}\n")
     out.write(f"{len(results)} checkpoint(s), steps: {steps}\n")
     described = [f"{latest.num_queries} queries x {latest.num_train} training examples",
                  f"{len(latest.layer_names)} layers"]
     described += [f"{key} {latest.meta[key]}" for key in ("strategy", "fisher", "damping")
                   if _is_scalar(latest.meta.get(key)) and latest.meta.get(key) is not None]
-    out.write(f"Latest: step {latest.step}, epoch {latest.epoch}: {', '.join(described)}\n")
+    epoch = f", epoch {latest.epoch}" if latest.epoch is not None else ""
+    out.write(f"Latest: {_when(latest)}{epoch}: {', '.join(described)}\n")
 
-    _section(out, f"Most influential training examples (step {latest.step})")
+    _section(out, f"Most influential training examples ({_when(latest)})")
     top = latest.top_k(args.top_k)
     bottom = latest.top_k(args.top_k, largest=False)
     for q in range(latest.num_queries):
@@ -238,6 +259,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_label(result: Any) -> str:
+    """How a result is named in reports: its training step, or for a result scored offline (no
+    step) the checkpoint it was scored from."""
+    if result.step is not None:
+        return str(result.step)
+    checkpoint = result.meta.get("checkpoint") or result.meta.get("checkpoint_path")
+    return f"offline ({Path(str(checkpoint)).name})" if checkpoint else "offline"
+
+
+def _when(result: Any) -> str:
+    """``step N``, or for a result scored offline its checkpoint (see :func:`_step_label`)."""
+    return f"step {result.step}" if result.step is not None else _step_label(result)
+
+
 def _section(out, title: str) -> None:
     out.write(f"\n== {title} ==\n")
 
@@ -257,7 +292,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         json.dump(json_ready(payload), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
-        sys.stdout.write(f"A: {args.a} (step {a.step})\nB: {args.b} (step {b.step})\n")
+        sys.stdout.write(f"A: {args.a} ({_when(a)})\nB: {args.b} ({_when(b)})\n")
         sys.stdout.write(comparison.format_table().rstrip("\n") + "\n")
     return 0
 
@@ -277,28 +312,52 @@ def _load_single(path: Path):
 
 def _cmd_score(args: argparse.Namespace) -> int:
     import lightning_influence as li
+    from lightning_influence._io import check_replaceable
+    from lightning_influence.results import factors_path
 
     for path, what in ((args.checkpoint, "checkpoint"), (args.factors, "factors directory")):
         if not path.exists():
             raise CommandError(f"{path}: no such {what}")
-    model = _load_model(args.model, args.checkpoint).to(args.device)
+    check_replaceable(args.out, overwrite=args.overwrite)  # before the work, not after it
+    device = _check_device(args.device)
+    model = _load_model(args.model, args.checkpoint).to(device)
     task = _load_task(args.task)
     train = _load_dataset(args.train_data)
     query = _load_dataset(args.query_data)
-    factors_dir = args.factors
-    if (factors_dir / "factors" / "meta.json").is_file():
-        factors_dir = factors_dir / "factors"  # the callback saves factors inside each result
-    factors = li.load_factors(factors_dir, device=args.device)
-    result = li.compute_influence(
-        model, task, train, query, factors=factors, damping=args.damping,
-        per_layer=args.per_layer, per_token=args.per_token, query_rank=args.query_rank,
-        self_influence=args.self_influence, batch_size=args.batch_size, show_progress=sys.stderr.isatty(),
-    )
+    factors_dir = factors_path(args.factors)
+    factors = li.load_factors(factors_dir, device=device)
+    try:
+        result = li.compute_influence(
+            model, task, train, query, factors=factors, damping=args.damping,
+            per_layer=args.per_layer, per_token=args.per_token, query_rank=args.query_rank,
+            self_influence=args.self_influence, batch_size=args.batch_size, show_progress=sys.stderr.isatty(),
+        )
+    except Exception as err:  # noqa: BLE001 - raised by the user's model, task or data: one line, not a traceback
+        raise CommandError(f"scoring failed ({type(err).__name__}: {err}); check that --task {args.task} suits "
+                           f"the model's outputs and the datasets' examples") from err
     result.meta.update(checkpoint=str(args.checkpoint), factors=str(factors_dir), model=args.model)
-    path = result.save(args.out)
+    path = result.save(args.out, overwrite=args.overwrite)
     print(f"scored {result.num_queries} queries against {result.num_train} training examples; "
           f"result saved to {path}")
     return 0
+
+
+def _check_device(name: str) -> Any:
+    """The ``--device`` as a ``torch.device``, refused up front when this machine lacks it."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise CommandError(f"--device {name!r} is not a device name such as cpu or cuda:0 ({err})") from None
+    if device.type == "cuda":
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if available == 0:
+            raise CommandError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= available:
+            raise CommandError(f"--device {name}: this machine has {available} CUDA device(s) "
+                               f"(cuda:0 to cuda:{available - 1})")
+    return device
 
 
 def import_object(spec: str) -> Any:
@@ -319,6 +378,8 @@ def import_object(spec: str) -> Any:
             module = importlib.import_module(module_name)
         except ImportError as err:
             raise CommandError(f"cannot import {module_name!r} from {spec!r}: {err}") from err
+        except Exception as err:  # noqa: BLE001 - the user's module failed while running (SyntaxError, ...)
+            raise CommandError(f"importing {module_name!r} failed ({type(err).__name__}: {err})") from err
     obj = module
     for part in attr.split("."):
         try:
@@ -336,7 +397,11 @@ def _import_file(path: Path) -> Any:
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses and pickling look modules up by name
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:  # noqa: BLE001 - the user's file failed while running (SyntaxError, ...)
+        del sys.modules[name]
+        raise CommandError(f"importing {path} failed ({type(err).__name__}: {err})") from err
     return module
 
 
@@ -348,36 +413,58 @@ def _load_task(name: str) -> Any:
     if ":" not in name:
         raise CommandError(f"unknown task {name!r}; use one of {sorted(_BUILTIN_TASKS)} or 'module:TaskClass'")
     task = import_object(name)
-    return task() if isinstance(task, type) else task
+    if not isinstance(task, type):
+        return task
+    try:
+        return task()
+    except Exception as err:  # noqa: BLE001 - the user's constructor
+        raise CommandError(f"cannot build the task {name} without arguments ({type(err).__name__}: {err}); "
+                           "name a Task instance 'module:task_object' instead") from err
 
 
 def _load_dataset(spec: str) -> Any:
     """Call the named factory (or take the named object) and check that it is a dataset."""
     obj = import_object(spec)
-    dataset = obj() if callable(obj) and not hasattr(obj, "__getitem__") and not hasattr(obj, "__iter__") else obj
-    if not (hasattr(dataset, "__getitem__") or hasattr(dataset, "__iter__")):
-        raise CommandError(f"{spec!r} gave a {type(dataset).__name__}, not a Dataset or DataLoader")
-    return dataset
+    if callable(obj) and not hasattr(obj, "__getitem__") and not hasattr(obj, "__iter__"):
+        try:
+            obj = obj()
+        except Exception as err:  # noqa: BLE001 - the user's factory failed
+            raise CommandError(f"calling {spec!r} failed ({type(err).__name__}: {err})") from err
+    # Strings, tuples and mappings index like datasets but are not: (x, y) would be two "examples".
+    if isinstance(obj, (str, bytes, tuple, Mapping)) or not (hasattr(obj, "__getitem__") or hasattr(obj, "__iter__")):
+        raise CommandError(f"{spec!r} gave a {type(obj).__name__}, not a Dataset or DataLoader "
+                           "(for tensors x, y return torch.utils.data.TensorDataset(x, y))")
+    return obj
 
 
 def _load_model(spec: str, checkpoint: Path) -> Any:
     """Restore a model: ``load_from_checkpoint`` for LightningModules, else ``state_dict`` loading."""
-    import pickle
-
     import torch
 
     cls = import_object(spec)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise CommandError(f"{spec!r} is not an nn.Module or LightningModule class")
+    model = None if hasattr(cls, "load_from_checkpoint") else _construct(spec, cls)
     try:
-        if hasattr(cls, "load_from_checkpoint"):
+        if model is None:
             model = cls.load_from_checkpoint(checkpoint, map_location="cpu")
         else:
-            model = cls()
             model.load_state_dict(_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)))
-    except (RuntimeError, KeyError, EOFError, pickle.UnpicklingError) as err:
-        raise CommandError(f"cannot restore {spec} from {checkpoint}: {err}") from err
+    except CommandError:
+        raise
+    except Exception as err:  # noqa: BLE001 - a corrupted or mismatched checkpoint raises many kinds of errors
+        raise CommandError(f"cannot restore {spec} from {checkpoint} ({type(err).__name__}: {err})") from err
     return model.eval()
+
+
+def _construct(spec: str, cls: type) -> Any:
+    """An instance of a plain ``nn.Module`` class, built without arguments to receive a state dict."""
+    try:
+        return cls()
+    except Exception as err:  # noqa: BLE001 - the user's constructor
+        raise CommandError(f"cannot build {spec} without arguments ({type(err).__name__}: {err}); pass a "
+                           "LightningModule (restored with load_from_checkpoint) or an nn.Module whose "
+                           "constructor needs no arguments") from err
 
 
 def _state_dict(checkpoint: Any) -> Dict[str, Any]:

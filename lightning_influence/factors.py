@@ -313,9 +313,13 @@ class Factors:
         return Factors(self.strategy, layers, self.meta)
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: PathLike) -> None:
-        """Write atomically to the directory ``path`` (safetensors + JSON)."""
-        with atomic_directory(path) as tmp:
+    def save(self, path: PathLike, overwrite: bool = False) -> None:
+        """Write atomically to the directory ``path`` (safetensors + JSON).
+
+        ``path`` may be new or an empty directory; factors or a result saved there before are
+        replaced only with ``overwrite=True``; anything else there is refused (``FileExistsError``).
+        """
+        with atomic_directory(path, overwrite=overwrite) as tmp:
             self.write_into(tmp)
 
     def write_into(self, directory: PathLike) -> None:

@@ -1,13 +1,17 @@
 """``InfluenceResult``: the scores of one influence computation, saved and loaded without pickle.
 
-A result is a directory ``<dir>/meta.json`` + ``<dir>/tensors.safetensors``. Loading reads the
-metadata at once and the tensors on first access, so a run's list of results stays cheap to hold.
+A result is a directory ``<dir>/meta.json`` + ``<dir>/tensors.safetensors`` (+ ``<dir>/factors/``
+when saved with its factors). Loading reads the metadata and the tensor file's header at once and
+the tensors on first access, so a run's list of results stays cheap to hold. This module owns that
+layout: other modules write and update results through its functions, never by path.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -17,14 +21,24 @@ from lightning_influence._io import (
     FormatError,
     PathLike,
     atomic_directory,
+    json_bytes,
+    json_ready,
     load_tensors,
+    our_format,
     read_meta,
+    read_tensor_shapes,
     save_tensors,
+    write_file_atomic,
     write_json,
 )
 
+if TYPE_CHECKING:
+    from lightning_influence.factors import Factors
+
 RESULT_FORMAT = "lightning-influence/result"
 FORMAT_VERSION = 1
+FACTORS_DIR = "factors"  # the subdirectory of a result holding the factors it was computed with
+_REQUIRED_TENSORS = ("scores", "train_ids", "query_ids")
 
 # Tensor fields a result may hold; everything else lives in ``meta``.
 _TENSOR_FIELDS = (
@@ -124,21 +138,13 @@ class InfluenceResult:
 
     def _validate(self) -> None:
         scores = self._tensors["scores"]
-        if scores.dim() != 2:
-            raise ValueError(f"scores must be [n_query, n_train], got shape {tuple(scores.shape)}")
-        n_query, n_train = scores.shape
-        if "train_ids" not in self._tensors:
-            self._tensors["train_ids"] = torch.arange(n_train)
-        if "query_ids" not in self._tensors:
-            self._tensors["query_ids"] = torch.arange(n_query)
-        if self._tensors["train_ids"].shape != (n_train,) or self._tensors["query_ids"].shape != (n_query,):
-            raise ValueError("train_ids / query_ids do not match the shape of scores")
-        layer_scores = self._tensors.get("layer_scores")
-        if layer_scores is not None and tuple(layer_scores.shape) != (len(self.layer_names), n_query, n_train):
-            raise ValueError(
-                f"layer_scores has shape {tuple(layer_scores.shape)}, expected "
-                f"({len(self.layer_names)}, {n_query}, {n_train}) for layer_names {self.layer_names}"
-            )
+        if scores.dim() == 2:
+            n_query, n_train = scores.shape
+            self._tensors.setdefault("train_ids", torch.arange(n_train))
+            self._tensors.setdefault("query_ids", torch.arange(n_query))
+        problem = _shape_problem({name: tuple(t.shape) for name, t in self._tensors.items()}, self.layer_names)
+        if problem:
+            raise ValueError(problem)
 
     # -- convenience ---------------------------------------------------------------------------
     def top_k(self, k: int, largest: bool = True) -> "torch.return_types.topk":
@@ -156,9 +162,14 @@ class InfluenceResult:
         return f"InfluenceResult(step={self.step}, epoch={self.epoch}, scores={shape}{where})"
 
     # -- persistence ---------------------------------------------------------------------------
-    def save(self, path: PathLike) -> Path:
-        """Write atomically to the directory ``path`` (replacing it) and return it."""
-        with atomic_directory(path) as tmp:
+    def save(self, path: PathLike, overwrite: bool = False) -> Path:
+        """Write atomically to the directory ``path`` and return it.
+
+        ``path`` may be new or an empty directory; a result (or factors) saved there before is
+        replaced only with ``overwrite=True``; anything else there is refused with
+        ``FileExistsError``, never deleted.
+        """
+        with atomic_directory(path, overwrite=overwrite) as tmp:
             self.write_into(tmp)
         self.path = Path(path)
         return self.path
@@ -184,22 +195,115 @@ class InfluenceResult:
 
     @classmethod
     def load(cls, path: PathLike) -> "InfluenceResult":
-        """Open a saved result; tensors are read on first access. Raises ``FormatError``."""
+        """Open a saved result; tensors are read on first access. Raises ``FormatError``.
+
+        The metadata and the tensor file's header (names and shapes) are checked at once, so a
+        result whose parts disagree is refused here rather than failing later mid-analysis.
+        """
         meta = read_meta(path, RESULT_FORMAT)
-        if meta.get("version", 0) > FORMAT_VERSION:
-            raise FormatError(f"{path}: result format version {meta['version']} is newer than supported")
+        version = meta.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise FormatError(f"{path}: {META_FILE} has version {version!r}; expected an integer")
+        if version > FORMAT_VERSION:
+            raise FormatError(f"{path}: result format version {version} is newer than supported ({FORMAT_VERSION}); "
+                              "upgrade lightning-influence")
+        layer_names = meta.get("layer_names", [])
+        if not (isinstance(layer_names, list) and all(isinstance(n, str) for n in layer_names)):
+            raise FormatError(f"{path}: {META_FILE} 'layer_names' must be a list of strings")
+        for key in ("step", "epoch"):
+            if meta.get(key) is not None and (not isinstance(meta[key], int) or isinstance(meta[key], bool)):
+                raise FormatError(f"{path}: {META_FILE} {key!r} is {meta[key]!r}; expected an integer or null")
+        if not isinstance(meta.get("meta", {}), dict):
+            raise FormatError(f"{path}: {META_FILE} 'meta' must be a mapping")
         tensor_file = Path(path) / TENSOR_FILE
         if not tensor_file.is_file():
             raise FormatError(f"{path}: {TENSOR_FILE} is missing")
-        result = cls(
-            layer_names=meta.get("layer_names", []),
-            step=meta.get("step"),
-            epoch=meta.get("epoch"),
-            meta=meta.get("meta", {}),
-            path=path,
-        )
+        shapes = read_tensor_shapes(tensor_file)
+        missing = [name for name in _REQUIRED_TENSORS if name not in shapes]
+        problem = f"lacks the tensors {missing}" if missing else _shape_problem(shapes, layer_names)
+        if problem:
+            raise FormatError(f"{path}: {TENSOR_FILE} does not match {META_FILE}: {problem}")
+        result = cls(layer_names=layer_names, step=meta.get("step"), epoch=meta.get("epoch"),
+                     meta=meta.get("meta", {}), path=path)
         result._tensor_file = tensor_file
         return result
+
+
+def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:
+    """What is inconsistent between a result's tensor shapes and its layer names (``None``: nothing);
+    shared by construction (tensors at hand) and loading (shapes from the file header)."""
+    scores = shapes["scores"]
+    if len(scores) != 2:
+        return f"scores must be [n_query, n_train], got shape {scores}"
+    n_query, n_train = scores
+    if shapes["train_ids"] != (n_train,) or shapes["query_ids"] != (n_query,):
+        return (f"train_ids {shapes['train_ids']} / query_ids {shapes['query_ids']} do not match "
+                f"the shape of scores {scores}")
+    layer_scores = shapes.get("layer_scores")
+    if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
+        return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
+                f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    return None
+
+
+def save_result_with_factors(path: PathLike, result: InfluenceResult, factors: "Factors",
+                             overwrite: bool = False) -> Path:
+    """Write ``result`` with the factors it was computed with (in ``<path>/factors``) as one atomic
+    directory: both appear together or not at all, so new queries can be scored later."""
+    with atomic_directory(path, overwrite=overwrite) as tmp:
+        result.write_into(tmp)
+        factors.write_into(tmp / FACTORS_DIR)
+    result.path = Path(path)
+    return result.path
+
+
+def factors_path(result_or_dir: Union[InfluenceResult, PathLike]) -> Path:
+    """The factors directory of a saved factors directory, or of a result saved with its factors."""
+    from lightning_influence.factors import FACTORS_FORMAT
+
+    path = result_or_dir.path if isinstance(result_or_dir, InfluenceResult) else result_or_dir
+    if path is None:
+        raise FormatError("this result was never saved, so it has no factors on disk")
+    path = Path(path)
+    for candidate in (path, path / FACTORS_DIR):
+        if our_format(candidate) == FACTORS_FORMAT:
+            return candidate
+    raise FormatError(f"{path}: neither saved factors nor a result holding them in {FACTORS_DIR}/ "
+                      "(the callback saves factors with every result; offline, use Factors.save)")
+
+
+def update_result_meta(path: PathLike, **fields: Any) -> Dict[str, Any]:
+    """Set ``fields`` in a saved result's ``meta`` mapping, rewriting only ``meta.json`` (atomically);
+    the tensors stay as they are. Returns the new ``meta``."""
+    payload = read_meta(path, RESULT_FORMAT)
+    if not isinstance(payload.get("meta"), dict):
+        raise FormatError(f"{path}: {META_FILE} 'meta' must be a mapping")
+    payload["meta"].update(fields)
+    write_file_atomic(Path(path) / META_FILE, json_bytes(payload))
+    return payload["meta"]
+
+
+def run_identity(model: torch.nn.Module, task: Any, pool_ids: Any,
+                 config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """What makes results comparable: the same model class, task, candidate pool and configuration.
+
+    Stored as ``result.meta["run"]``; results whose ``"id"`` differ come from different runs and are
+    not combined (:func:`check_same_run`).
+    """
+    ids = torch.as_tensor(pool_ids).detach().to("cpu", torch.int64).contiguous()
+    identity: Dict[str, Any] = {
+        "pool_size": int(ids.numel()),
+        "pool_fingerprint": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
+        "model": type(model).__qualname__,
+        "task": type(task).__name__,
+        "config": _digest(json_ready(config)) if config is not None else None,
+    }
+    identity["id"] = _digest(identity)
+    return identity
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def load_results(directory: PathLike) -> List[InfluenceResult]:
@@ -222,7 +326,31 @@ def load_results(directory: PathLike) -> List[InfluenceResult]:
     return sorted(found, key=lambda r: (r.step is None, r.step or 0, str(r.path)))
 
 
-def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence[float]] = "mean_abs") -> InfluenceResult:
+def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: bool = False) -> None:
+    """Refuse (``ValueError``) to combine results of different runs, e.g. a quick run over 300 examples
+    and a full run over 1,500 written to the same directory. Results without ``meta["run"]`` pass."""
+    runs: Dict[str, List[InfluenceResult]] = {}
+    for result in results:
+        run = result.meta.get("run")
+        if isinstance(run, Mapping) and run.get("id") is not None:
+            runs.setdefault(str(run["id"]), []).append(result)
+    if len(runs) < 2 or allow_different_runs:
+        return
+
+    def describe(run_id: str, members: List[InfluenceResult]) -> str:
+        run = members[0].meta["run"]
+        return (f"run {run_id} (model {run.get('model')}, pool of {run.get('pool_size')} examples, "
+                f"steps {[r.step for r in members]})")
+
+    (first_id, first), (second_id, second) = list(runs.items())[:2]
+    raise ValueError(
+        f"these results come from {len(runs)} different runs, e.g. {describe(first_id, first)} and "
+        f"{describe(second_id, second)}; pass the results of one run (write each run to its own "
+        "directory), or allow_different_runs=True to combine them anyway")
+
+
+def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence[float]] = "mean_abs",
+              allow_different_runs: bool = False) -> InfluenceResult:
     """Trajectory influence: combine several checkpoints' results into one.
 
     Args:
@@ -231,9 +359,12 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
             value before averaging, so that every checkpoint counts equally whatever its scale;
             ``"none"`` averages raw scores; a sequence of floats gives explicit per-checkpoint weights
             applied to raw scores (e.g. learning rates, as in TracIn).
+        allow_different_runs: combine results whose ``meta["run"]`` identities differ (refused by
+            default: see :func:`check_same_run`).
     """
     if not results:
         raise ValueError("aggregate() needs at least one result")
+    check_same_run(results, allow_different_runs)
     first = results[0]
     for other in results[1:]:
         if not (torch.equal(other.train_ids, first.train_ids) and torch.equal(other.query_ids, first.query_ids)):
@@ -260,6 +391,8 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
         return sum(w * t.double() for w, t in zip(weights, tensors)).div(len(results)).float()
 
     same_layers = all(r.layer_names == first.layer_names for r in results)
+    run = first.meta.get("run")
+    same_run = {"run": run} if run is not None and all(r.meta.get("run") == run for r in results) else {}
     return InfluenceResult(
         scores=combine("scores"),
         train_ids=first.train_ids,
@@ -272,6 +405,7 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
             "aggregated_steps": [r.step for r in results],
             "aggregated_paths": [str(r.path) if r.path else None for r in results],
             "weighting": weighting if isinstance(weighting, str) else weights,
+            **same_run,  # an aggregate of one run still identifies it
         },
     )
 
