@@ -105,7 +105,7 @@ def check_replaceable(path: PathLike, overwrite: bool) -> None:
 
 
 @contextmanager
-def atomic_directory(path: PathLike, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(path: PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory that becomes ``path`` when the block exits without error.
 
     Args:

@@ -188,7 +188,7 @@ class InfluenceCallbackMixin:
             self.task, data.train, data.queries, query_ids=data.query_ids, max_train_examples=cfg.max_train_examples,
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
             top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
-            show_progress=cfg.show_progress and trainer.is_global_zero,
+            show_progress=cfg.show_progress and trainer.is_global_zero, run_config=cfg.to_dict(),
         )
 
     def _make_publisher(self, trainer: Any):

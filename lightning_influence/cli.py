@@ -33,13 +33,6 @@ A result is a directory written by InfluenceResult.save (meta.json + tensors.saf
 directory holds one result per checkpoint as step=<N>/ subdirectories.
 """
 
-_BUILTIN_TASKS = {
-    "classification": "ClassificationTask",
-    "regression": "RegressionTask",
-    "causal_lm": "CausalLMTask",
-}
-
-
 class CommandError(Exception):
     """A user error: reported as one line on stderr with exit status 1, never a traceback."""
 
@@ -157,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--per-token", action="store_true", help="also keep dense per-token scores")
     score.add_argument("--query-rank", type=_positive_int, default=None, metavar="R",
                        help="compress each query gradient to rank R (default: full rank)")
+    score.add_argument("--top-k", type=_positive_int, default=10, metavar="K",
+                       help="per query, the most positive / negative examples kept with per-token scores (default: 10)")
     score.add_argument("--self-influence", action="store_true", help="also compute each training example's self-influence")
     score.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="batch size (default: 32)")
     score.add_argument("--device", default="cpu", help="device to score on, e.g. cuda:0 (default: cpu)")
@@ -314,6 +309,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import lightning_influence as li
     from lightning_influence._io import check_replaceable
     from lightning_influence.results import factors_path
+    from lightning_influence.session import InfluenceSession
 
     for path, what in ((args.checkpoint, "checkpoint"), (args.factors, "factors directory")):
         if not path.exists():
@@ -327,15 +323,16 @@ def _cmd_score(args: argparse.Namespace) -> int:
     factors_dir = factors_path(args.factors)
     factors = li.load_factors(factors_dir, device=device)
     try:
-        result = li.compute_influence(
-            model, task, train, query, factors=factors, damping=args.damping,
-            per_layer=args.per_layer, per_token=args.per_token, query_rank=args.query_rank,
-            self_influence=args.self_influence, batch_size=args.batch_size, show_progress=sys.stderr.isatty(),
-        )
+        session = InfluenceSession(task, train, query, strategy=factors.strategy, fisher=factors.meta.get("fisher"),
+                                   damping=args.damping, query_rank=args.query_rank, top_k=args.top_k,
+                                   batch_size=args.batch_size, show_progress=sys.stderr.isatty())
+        result = session.score(model, factors, per_layer=args.per_layer, per_token=args.per_token,
+                               self_influence=args.self_influence,
+                               meta={"checkpoint": str(args.checkpoint), "factors": str(factors_dir),
+                                     "model": args.model})
     except Exception as err:  # noqa: BLE001 - raised by the user's model, task or data: one line, not a traceback
         raise CommandError(f"scoring failed ({type(err).__name__}: {err}); check that --task {args.task} suits "
                            f"the model's outputs and the datasets' examples") from err
-    result.meta.update(checkpoint=str(args.checkpoint), factors=str(factors_dir), model=args.model)
     path = result.save(args.out, overwrite=args.overwrite)
     print(f"scored {result.num_queries} queries against {result.num_train} training examples; "
           f"result saved to {path}")
@@ -406,12 +403,12 @@ def _import_file(path: Path) -> Any:
 
 
 def _load_task(name: str) -> Any:
-    import lightning_influence as li
+    from lightning_influence.config import BUILTIN_TASKS
 
-    if name in _BUILTIN_TASKS:
-        return getattr(li, _BUILTIN_TASKS[name])()
+    if name in BUILTIN_TASKS:
+        return BUILTIN_TASKS[name]()
     if ":" not in name:
-        raise CommandError(f"unknown task {name!r}; use one of {sorted(_BUILTIN_TASKS)} or 'module:TaskClass'")
+        raise CommandError(f"unknown task {name!r}; use one of {sorted(BUILTIN_TASKS)} or 'module:TaskClass'")
     task = import_object(name)
     if not isinstance(task, type):
         return task

@@ -229,6 +229,12 @@ class InfluenceResult:
         return result
 
 
+def finite_topk(scores: torch.Tensor, k: int, largest: bool = True) -> "torch.return_types.topk":
+    """``torch.topk`` over each row that never ranks a NaN score (NaN sorts last either way)."""
+    fill = float("-inf") if largest else float("inf")
+    return torch.topk(torch.nan_to_num(scores, nan=fill), k, dim=1, largest=largest)
+
+
 def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:
     """What is inconsistent between a result's tensor shapes and its layer names (``None``: nothing);
     shared by construction (tensors at hand) and loading (shapes from the file header)."""
@@ -324,29 +330,6 @@ def load_results(directory: PathLike) -> List[InfluenceResult]:
     if not found:
         raise FormatError(f"{directory}: contains no influence results")
     return sorted(found, key=lambda r: (r.step is None, r.step or 0, str(r.path)))
-
-
-def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: bool = False) -> None:
-    """Refuse (``ValueError``) to combine results of different runs, e.g. a quick run over 300 examples
-    and a full run over 1,500 written to the same directory. Results without ``meta["run"]`` pass."""
-    runs: Dict[str, List[InfluenceResult]] = {}
-    for result in results:
-        run = result.meta.get("run")
-        if isinstance(run, Mapping) and run.get("id") is not None:
-            runs.setdefault(str(run["id"]), []).append(result)
-    if len(runs) < 2 or allow_different_runs:
-        return
-
-    def describe(run_id: str, members: List[InfluenceResult]) -> str:
-        run = members[0].meta["run"]
-        return (f"run {run_id} (model {run.get('model')}, pool of {run.get('pool_size')} examples, "
-                f"steps {[r.step for r in members]})")
-
-    (first_id, first), (second_id, second) = list(runs.items())[:2]
-    raise ValueError(
-        f"these results come from {len(runs)} different runs, e.g. {describe(first_id, first)} and "
-        f"{describe(second_id, second)}; pass the results of one run (write each run to its own "
-        "directory), or allow_different_runs=True to combine them anyway")
 
 
 def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence[float]] = "mean_abs",

@@ -41,8 +41,13 @@ from torch.utils.data.dataloader import default_collate
 from lightning_influence import distributed, passes
 from lightning_influence._io import META_FILE, remove_incomplete
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
-from lightning_influence.results import InfluenceResult
-from lightning_influence._pending import finite_topk, run_identity, save_result_with_factors, update_result_meta
+from lightning_influence.results import (
+    InfluenceResult,
+    finite_topk,
+    run_identity,
+    save_result_with_factors,
+    update_result_meta,
+)
 from lightning_influence.scoring import compute_influence
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError
@@ -73,13 +78,16 @@ class InfluenceSession:
         correction_batches: batches of the pool in the eigenvalue-correction pass (``None``: all).
         seed: seed of every private random generator.
         show_progress: progress bars (pass ``False`` on all but one process).
+        run_config: the settings recorded in each result's run identity (``meta["run"]``, which
+            keeps results of different runs apart); default: this session's scoring settings.
     """
 
     def __init__(self, task: Task, train_data: Any, query_data: Any, *, query_ids: Optional[Sequence[int]] = None,
                  pool_ids: Optional[Tensor] = None, max_train_examples: Optional[int] = None,
                  strategy: str = "ekfac", fisher: str = "empirical", damping: Optional[float] = None,
                  query_rank: Optional[int] = None, top_k: int = 10, batch_size: int = 32,
-                 correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False) -> None:
+                 correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
+                 run_config: Optional[Dict[str, Any]] = None) -> None:
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
         self.queries, self.query_collate = dataset_and_collate(query_data, "query_data")
@@ -98,6 +106,9 @@ class InfluenceSession:
         self.strategy, self.fisher, self.damping, self.query_rank = strategy, fisher, damping, query_rank
         self.top_k, self.batch_size, self.correction_batches = top_k, batch_size, correction_batches
         self.seed, self.show_progress = seed, show_progress
+        self.run_config = run_config if run_config is not None else {
+            "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
+            "correction_batches": correction_batches, "max_train_examples": max_train_examples, "seed": seed}
         self.query_ids = torch.as_tensor(list(query_ids) if query_ids is not None else range(len(self.queries)))
         self.pool_ids = choose_pool_ids(len(self.pool), max_train_examples, seed) if pool_ids is None else pool_ids
 
@@ -229,7 +240,7 @@ class InfluenceSession:
         result_meta.update(
             n_train=len(ids), n_pool=len(self.pool), world_size=distributed.world_size(),
             tokens_seen=factors.meta.get("tokens_seen"), token_scores_skipped=token_note,
-            run=run_identity(model, self.task, ids),
+            run=run_identity(model, self.task, ids, self.run_config),
             timings={**part.meta.get("timings", {}), **timings},
         )
         result_meta.update(meta or {})

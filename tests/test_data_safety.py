@@ -202,8 +202,9 @@ def test_aggregate_refuses_results_of_different_runs(tmp_path):
     model, task = nn.Linear(2, 2), li.ClassificationTask()
     quick, full = run_identity(model, task, torch.arange(5)), run_identity(model, task, torch.arange(1500))
     mixed = [make_result(1, quick), make_result(2, quick), make_result(188, full)]
-    with pytest.raises(ValueError, match=r"different runs.*pool of 5 examples, steps \[1, 2\].*"
-                                         r"pool of 1500 examples, steps \[188\].*allow_different_runs=True"):
+    with pytest.raises(ValueError, match=r"different training runs.*pool of 5 training examples, model Linear, steps 1, 2\).*"
+                                         r"pool of 1500 training examples, model Linear, step 188\).*"
+                                         r"allow_different_runs=True"):
         li.aggregate(mixed)
     assert li.aggregate(mixed, allow_different_runs=True).num_train == 5
     same = li.aggregate(mixed[:2] + [make_result(3)])  # results without "run" pass, as before
@@ -218,7 +219,7 @@ def test_runs_of_different_identities_still_load_and_check_same_run_names_them(t
     make_result(2, full, n_train=9).save(tmp_path / "step=2")
     results = li.load_results(tmp_path)
     assert [r.step for r in results] == [1, 2]
-    with pytest.raises(ValueError, match=f"run {quick['id']} .*run {full['id']} "):
+    with pytest.raises(ValueError, match=f"run '{quick['id']}' .*run '{full['id']}' "):
         check_same_run(results)
     check_same_run(results, allow_different_runs=True)
     check_same_run(results[:1])
