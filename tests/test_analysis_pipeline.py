@@ -81,7 +81,7 @@ def test_trajectory_of_a_rewritten_result_is_not_stale(tmp_path):
     rewritten.scores.mul_(torch.linspace(0.2, 5.0, rewritten.num_train))  # a different tail
     expected = trajectory([first, rewritten])["tail_alpha"][1]
     assert expected != pytest.approx(before)
-    rewritten.save(path)
+    rewritten.save(path, overwrite=True)
     os.utime(meta, ns=old_times)
     assert trajectory([first, InfluenceResult.load(path)])["tail_alpha"][1] == pytest.approx(expected)
 

@@ -98,14 +98,15 @@ def test_a_previous_save_is_replaced_only_with_overwrite(tmp_path, kind):
 
 
 def test_callback_write_path_replaces_its_own_result_but_not_user_files(tmp_path):
-    """The callback re-computing a step after a resume writes through ``atomic_directory`` again."""
+    """The callback re-computing a step after a resume replaces its own result (``overwrite=True``,
+    as it passes), and still never a directory of user files."""
     for step in (1, 2):
-        with atomic_directory(tmp_path / "step=7") as tmp:
+        with atomic_directory(tmp_path / "step=7", overwrite=True) as tmp:
             make_result(step=step).write_into(tmp)
     assert InfluenceResult.load(tmp_path / "step=7").step == 2
     files = user_files(tmp_path / "step=8")
     with pytest.raises(FileExistsError):
-        with atomic_directory(tmp_path / "step=8") as tmp:
+        with atomic_directory(tmp_path / "step=8", overwrite=True) as tmp:
             make_result().write_into(tmp)
     assert_unchanged(tmp_path / "step=8", files)
 
