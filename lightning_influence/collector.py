@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_influence import distributed, passes
 from lightning_influence.factors import CovarianceStatistics
-from lightning_influence.tasks import Task, _unwrap_logits
+from lightning_influence.tasks import Task, unwrap_logits
 from lightning_influence.tracking import LayerTracker, TrackedLayer
 
 # Training-side phases: which statistic a gradient reaching the tracker's tensor hooks feeds.
@@ -184,7 +184,7 @@ class StepStatistics:
         if any(count != 1 for count in counts.values()):
             return False
         try:
-            logits = _unwrap_logits(outputs)
+            logits = unwrap_logits(outputs)
             loss = self.task.sample_loss_from_outputs(logits, batch, self._sample_generator)
         except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError):
             return False

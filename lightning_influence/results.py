@@ -6,6 +6,7 @@ metadata at once and the tensors on first access, so a run's list of results sta
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
@@ -142,10 +143,14 @@ class InfluenceResult:
 
     # -- convenience ---------------------------------------------------------------------------
     def top_k(self, k: int, largest: bool = True) -> "torch.return_types.topk":
-        """Per query, the ``k`` highest (or lowest) scores; ``.indices`` are *train ids*."""
-        k = min(k, self.num_train)
-        found = torch.topk(self.scores, k, dim=1, largest=largest)
-        return torch.return_types.topk((found.values, self.train_ids[found.indices]))
+        """Per query, the ``k`` highest (or lowest) finite scores; ``.indices`` are *train ids*.
+
+        NaN scores (examples whose gradients were not finite) are never ranked: a query with fewer
+        than ``k`` finite scores is padded at the end with id -1 and value ``-inf`` (``+inf`` for the
+        lowest), as :func:`finite_topk` does."""
+        found = finite_topk(self.scores, k, largest)
+        ids = torch.where(found.indices >= 0, self.train_ids[found.indices.clamp_min(0)], -1)
+        return torch.return_types.topk((found.values, ids))
 
     def __repr__(self) -> str:
         if self._tensor_file is not None:
@@ -200,6 +205,22 @@ class InfluenceResult:
         )
         result._tensor_file = tensor_file
         return result
+
+
+def finite_topk(scores: torch.Tensor, k: int, largest: bool = True) -> "torch.return_types.topk":
+    """``torch.topk`` over the last axis that never ranks a NaN or infinite score.
+
+    ``torch.topk`` orders NaN above everything, so one broken example would top every query. Here
+    non-finite scores are left out; ``k`` is capped at the axis length, and a row with fewer than
+    ``k`` finite scores is padded at its end with index -1 and value ``-inf`` when ``largest``
+    (``+inf`` otherwise). Mind the -1 before indexing with ``.indices``.
+    """
+    k = min(k, scores.shape[-1])
+    finite = torch.isfinite(scores)
+    fill = -math.inf if largest else math.inf
+    found = torch.topk(scores.masked_fill(~finite, fill), k, dim=-1, largest=largest)
+    ranked = finite.gather(-1, found.indices)
+    return torch.return_types.topk((found.values.masked_fill(~ranked, fill), found.indices.masked_fill(~ranked, -1)))
 
 
 def load_results(directory: PathLike) -> List[InfluenceResult]:
