@@ -26,10 +26,6 @@ SPURIOUS_L2_L1 = 2.0 / 3.0  # the paper's threshold on the tokenwise L2/L1 ratio
 _KS_CHUNK_ELEMENTS = 1 << 18  # bounds the [candidates, values] matrix of the xmin scan
 
 
-def _finite(value: float) -> Optional[float]:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _to_numpy(values: ArrayLike) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().double().numpy()

@@ -292,29 +292,34 @@ class Factors:
             ValueError: for a λ that is negative or not finite, a dict that misses layers, or λ = 0
                 on a layer whose curvature has a zero eigenvalue (no inverse exists).
         """
+        if damping is None:
+            return self._heuristic_damping()
         if isinstance(damping, Mapping):
             missing = [name for name in self.layers if name not in damping]
             if missing:
                 raise ValueError(f"the damping dict has no value for layers {missing[:5]}; give one per layer "
                                  f"({self.layer_names}) or a single float")
             lambdas = {name: check_damping(damping[name], f"damping[{name!r}]") for name in self.layers}
-        elif damping is not None:
+        else:
             value = check_damping(damping)
             lambdas = {name: value for name in self.layers}
-        elif self.strategy == "identity":
-            return {name: 0.0 for name in self.layers}
-        else:
-            means = {name: self._eigenvalue_mean(name) for name in self.layers}
-            total = sum(mean * count for mean, count in means.values())
-            count = sum(count for _, count in means.values())
-            floor = max(RELATIVE_DAMPING_FLOOR * DEFAULT_DAMPING_FACTOR * total / max(count, 1), ABSOLUTE_DAMPING_FLOOR)
-            return {name: max(DEFAULT_DAMPING_FACTOR * mean, floor) for name, (mean, _) in means.items()}
         if self.strategy != "identity":
-            singular = [name for name, value in lambdas.items() if value == 0 and float(self.eigenvalues(name).min()) <= 0]
+            singular = [name for name, value in lambdas.items()
+                        if value == 0 and float(self.eigenvalues(name).min()) <= 0]
             if singular:
                 raise ValueError(f"damping 0 on layers {singular[:5]}, whose curvature has a zero eigenvalue, "
                                  "has no inverse; pass damping=None (the heuristic) or a positive damping")
         return lambdas
+
+    def _heuristic_damping(self) -> Dict[str, float]:
+        """0.1 × each layer's mean eigenvalue, with the floors (see :meth:`damping_per_layer`)."""
+        if self.strategy == "identity":
+            return {name: 0.0 for name in self.layers}
+        means = {name: self._eigenvalue_mean(name) for name in self.layers}
+        total = sum(mean * count for mean, count in means.values())
+        count = sum(count for _, count in means.values())
+        floor = max(RELATIVE_DAMPING_FLOOR * DEFAULT_DAMPING_FACTOR * total / max(count, 1), ABSOLUTE_DAMPING_FLOOR)
+        return {name: max(DEFAULT_DAMPING_FACTOR * mean, floor) for name, (mean, _) in means.items()}
 
     def damping(self, name: str, damping: Damping = None) -> float:
         """λ for one layer (see :meth:`damping_per_layer`, which gives every layer's at once)."""
@@ -328,8 +333,8 @@ class Factors:
         if self.strategy == "identity":
             return grads
         if self.has_eigenbasis:
-            rotated = self.rotate_to_eigenbasis(name, grads.double())
-            return self.rotate_from_eigenbasis(name, self.precondition_in_eigenbasis(name, rotated, damping)).to(grads.dtype)
+            rotated = self.precondition_in_eigenbasis(name, self.rotate_to_eigenbasis(name, grads.double()), damping)
+            return self.rotate_from_eigenbasis(name, rotated).to(grads.dtype)
         return (grads.double() / self._damped_eigenvalues(name, damping, grads.device)).to(grads.dtype)
 
     def precondition_in_eigenbasis(self, name: str, rotated: Tensor, damping: float) -> Tensor:

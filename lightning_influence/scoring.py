@@ -2,7 +2,8 @@
 
 For training example ``z`` and query ``q``: ``score = -∇f(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` for the query
 measurement ``f`` (by default its log-likelihood, so ``∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)``: positive means
-``z`` helps ``q``), with ``ℓ(z)`` the example's token-summed loss, computed per layer (block-diagonal ``G``) and summed. Per layer the
+``z`` helps ``q``), with ``ℓ(z)`` the example's token-summed loss and ``G`` the curvature averaged
+per training example, computed per layer (block-diagonal ``G``) and summed. Per layer the
 contraction with a batch of training examples is done one of three ways, whichever costs fewer
 FLOPs: materialising per-example gradients ``ΔW_n = Σ_t g_t a_tᵀ`` and taking one matrix product
 with all preconditioned queries, or contracting activations and output gradients directly (with
@@ -24,7 +25,6 @@ from lightning_influence.factors import CHUNK_ELEMENTS, Damping, Factors, fit_fa
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
-
 
 
 class PreconditionedQueries:
@@ -334,7 +334,7 @@ def _mark_nonfinite(fields: Dict[str, Tensor], bad_queries: Tensor) -> Tensor:
 
 
 def _warn_nonfinite(nonfinite: Dict[str, List[int]]) -> None:
-    for key, what in (("nonfinite_train_ids", "training example(s)"), ("nonfinite_query_ids", "quer(y/ies)")):
+    for key, what in (("nonfinite_train_ids", "training example(s)"), ("nonfinite_query_ids", "query(ies)")):
         ids = nonfinite[key]
         if ids:
             listing = ", ".join(map(str, ids[:20])) + (", ..." if len(ids) > 20 else "")

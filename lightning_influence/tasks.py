@@ -67,11 +67,14 @@ class Task:
             return unwrap_logits(model(**inputs))
         return unwrap_logits(model(inputs))
 
-    def _label_keys(self) -> tuple:
-        return (self.label_key,) if self.label_key is not None else LABEL_KEYS
-
-    def _label_key(self, batch: Mapping) -> Optional[str]:
-        return next((key for key in self._label_keys() if key in batch), None)
+    def _label_key(self, batch: Mapping, required: bool) -> Optional[str]:
+        """The key of a dict batch's targets; ``None`` when absent and not ``required``."""
+        candidates = (self.label_key,) if self.label_key is not None else LABEL_KEYS
+        key = next((key for key in candidates if key in batch), None)
+        if key is None and required:
+            raise KeyError(f"no targets in a dict batch with keys {sorted(batch)}: looked for "
+                           f"{', '.join(map(repr, candidates))}; name the key with label_key=...")
+        return key
 
     def _dict_inputs(self, batch: Any) -> Any:
         """A dict batch's model input: one tensor, or a dict of keyword arguments (see the class)."""
@@ -79,9 +82,7 @@ class Task:
             return batch
         if self.input_key is not None:
             return batch[self.input_key]
-        label = self._label_key(batch)  # a batch without targets (a custom loss) passes every key
-        if label is None and self.requires_targets:
-            self.targets(batch)  # raises, naming the keys it looked for
+        label = self._label_key(batch, self.requires_targets)  # no targets (a custom loss): every key
         inputs = {key: value for key, value in batch.items() if key != label}
         return inputs["x"] if list(inputs) == ["x"] else inputs
 
@@ -130,11 +131,7 @@ class Task:
 
     def targets(self, batch: Any) -> Tensor:
         if isinstance(batch, Mapping):
-            key = self._label_key(batch)
-            if key is None:
-                raise KeyError(f"no targets in a dict batch with keys {sorted(batch)}: looked for "
-                               f"{', '.join(map(repr, self._label_keys()))}; name the key with label_key=...")
-            return batch[key]
+            return batch[self._label_key(batch, required=True)]
         return batch[1]
 
 
@@ -145,12 +142,12 @@ class ClassificationTask(Task):
     summed over them, ignoring targets equal to ``ignore_index``.
     """
 
+    requires_targets = True
+
     def __init__(self, ignore_index: int = -100, input_key: Optional[str] = None,
                  label_key: Optional[str] = None) -> None:
         super().__init__(input_key, label_key)
         self.ignore_index = ignore_index
-
-    requires_targets = True
 
     def _per_example(self, logits: Tensor, targets: Tensor) -> Tensor:
         flat = F.cross_entropy(
