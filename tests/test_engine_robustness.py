@@ -94,6 +94,7 @@ def test_nonfinite_token_scores_are_nan_for_the_bad_example_only():
     with torch.no_grad():
         model.embed.weight[5] = math.nan  # a token only sequence 2 contains
     data = [clean[i] for i in range(len(clean))]
+    data[2]["input_ids"] = data[2]["input_ids"].clone()
     data[2]["input_ids"][1] = 5  # position 1 is never padding
     queries = [clean[i] for i in range(2)]
     with pytest.warns(UserWarning, match=r"1 training example\(s\).*\[2\]"):
