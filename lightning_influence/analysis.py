@@ -26,10 +26,6 @@ SPURIOUS_L2_L1 = 2.0 / 3.0  # the paper's threshold on the tokenwise L2/L1 ratio
 _KS_CHUNK_ELEMENTS = 1 << 18  # bounds the [candidates, values] matrix of the xmin scan
 
 
-def _finite(value: float) -> Optional[float]:
-    return value if value is not None and math.isfinite(value) else None
-
-
 def _to_numpy(values: ArrayLike) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         return values.detach().cpu().double().numpy()
@@ -458,10 +454,11 @@ def layer_shares(layer_scores: ArrayLike, *, top_k: Optional[int] = None, groups
     scores = _to_tensor(layer_scores).double()
     if scores.dim() != 3:
         raise ValueError(f"layer_scores must be [L, Q, N], got shape {tuple(scores.shape)}")
-    magnitude = scores.abs()
+    magnitude = scores.abs().masked_fill(scores.isnan(), 0.0)  # NaN: an example whose scores are not finite
     if top_k is not None:
         k = min(int(top_k), scores.shape[2])
-        top = scores.sum(0).topk(k, dim=1).indices  # [Q, k]
+        totals = scores.sum(0)
+        top = totals.masked_fill(totals.isnan(), -math.inf).topk(k, dim=1).indices  # [Q, k], never a NaN example
         magnitude = magnitude.gather(2, top.unsqueeze(0).expand(scores.shape[0], -1, -1))
     per_layer = magnitude.sum(2).T  # [Q, L]
     return _shares_from_sums(per_layer, groups)

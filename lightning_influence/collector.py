@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_influence import distributed, passes
 from lightning_influence.factors import CovarianceStatistics
-from lightning_influence.tasks import Task, _unwrap_logits
+from lightning_influence.tasks import Task, unwrap_logits
 from lightning_influence.tracking import LayerTracker, TrackedLayer
 
 # The training loss may differ from the task's by regularisers or dropout; beyond this factor the
@@ -243,7 +243,7 @@ class StepStatistics:
         if any(count != 1 for count in counts.values()):
             return False
         try:
-            logits = _unwrap_logits(outputs)
+            logits = unwrap_logits(outputs)
             loss = self.task.sample_loss_from_outputs(logits, batch, self._sample_generator)
         except (TypeError, ValueError, KeyError, IndexError, RuntimeError, AttributeError):
             return False

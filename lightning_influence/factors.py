@@ -1,8 +1,10 @@
 """Curvature statistics and the preconditioners built from them.
 
-Per tracked layer (see ``design.md`` for the normalisation):
+Per tracked layer, with ``a`` its input (a constant 1 appended for the bias) and ``g`` the gradient
+of an example's token-summed loss w.r.t. its output:
 
-* ``CovarianceStatistics`` keeps ``Σ a aᵀ`` and ``Σ g gᵀ`` as float32 sums with counts, so they
+* ``CovarianceStatistics`` keeps ``Σ a aᵀ`` and ``Σ g gᵀ`` as float32 sums with counts (real tokens
+  for ``A``, examples for ``S``, so that ``A ⊗ S`` has the scale of the per-example Fisher); sums
   merge across steps, processes and resumed runs;
 * ``EigenvalueCorrection`` keeps ``Σ_n (Q_Sᵀ ΔW_n Q_A)∘²`` (EK-FAC), or ``Σ_n ΔW_n∘²`` (diagonal);
 * ``Factors`` is the fitted preconditioner ``(G + λI)⁻¹`` of one strategy, saved and loaded without
@@ -11,8 +13,10 @@ Per tracked layer (see ``design.md`` for the normalisation):
 
 from __future__ import annotations
 
+import math
+import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
@@ -35,8 +39,16 @@ STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHER_KINDS = ("true", "empirical", "exact")
 FACTORS_FORMAT = "lightning-influence/factors"
 DEFAULT_DAMPING_FACTOR = 0.1  # the paper's heuristic: λ_ℓ = 0.1 × mean eigenvalue of layer ℓ
-# Per-example gradients [chunk, d_out, d_in] are formed in chunks of at most this many elements.
-_CHUNK_ELEMENTS = 2**24
+# Floors of the heuristic, so that a layer with zero curvature (a LoRA adapter at initialisation)
+# never divides 0 by 0: a fraction of the model-wide heuristic (0.1 × the mean eigenvalue over all
+# layers), and an absolute minimum for a model without any curvature, far below measured λ values
+# yet large enough that a float32 gradient divided by it stays finite.
+RELATIVE_DAMPING_FLOOR = 1e-3
+ABSOLUTE_DAMPING_FLOOR = 1e-10
+# Bound on the elements of one intermediate tensor (per-example gradients [chunk, d_out, d_in] here,
+# the direct contraction in scoring).
+CHUNK_ELEMENTS = 2**24
+Damping = Union[None, float, Mapping[str, float]]
 
 
 def check_strategy(strategy: str) -> str:
@@ -49,6 +61,15 @@ def check_fisher(fisher: str) -> str:
     if fisher not in FISHER_KINDS:
         raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHER_KINDS)}")
     return fisher
+
+
+def check_damping(value: float, what: str = "damping") -> float:
+    """A usable absolute λ: finite in float32 (where scores live) and non-negative."""
+    value = float(value)
+    if not (0.0 <= value <= torch.finfo(torch.float32).max):
+        raise ValueError(f"{what} must be non-negative and finite (at most {torch.finfo(torch.float32).max:.3g}), "
+                         f"got {value}; pass None for the per-layer heuristic")
+    return value
 
 
 def _state_to_flat(state: Mapping[str, Mapping[str, Tensor]]) -> Dict[str, Tensor]:
@@ -86,11 +107,6 @@ class _LayerSums:
     def tensors(self) -> List[Tensor]:
         """Every sum and count, for an in-place ``all_reduce(SUM)`` across processes."""
         return [value for parts in self.state.values() for value in parts.values()]
-
-    def scale_(self, factor: float) -> None:
-        """Multiply sums and counts alike (exponential moving averages keep ratios unchanged)."""
-        for value in self.tensors():
-            value.mul_(factor)
 
     def zero_(self) -> None:
         for value in self.tensors():
@@ -215,7 +231,7 @@ def per_example_gradients(acts: Tensor, grads: Tensor) -> Tensor:
 
 
 def _chunks(total: int, elements_per_item: int) -> Iterable[tuple]:
-    step = max(1, _CHUNK_ELEMENTS // max(1, elements_per_item))
+    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_item))
     for start in range(0, total, step):
         yield start, min(total, start + step)
 
@@ -238,6 +254,16 @@ class Factors:
     def layer_names(self) -> List[str]:
         return list(self.layers)
 
+    @property
+    def has_eigenbasis(self) -> bool:
+        """Whether the preconditioner is diagonal in a Kronecker eigenbasis (K-FAC, EK-FAC)."""
+        return self.strategy in ("kfac", "ekfac")
+
+    def eigenbasis(self, name: str) -> Tuple[Tensor, Tensor]:
+        """``(q_s, q_a)``: the layer's eigenbasis, ``ΔW = q_s ΔW̃ q_aᵀ`` (K-FAC, EK-FAC only)."""
+        parts = self.layers[name]
+        return parts["q_s"], parts["q_a"]
+
     def eigenvalues(self, name: str) -> Optional[Tensor]:
         """The strategy's own eigenvalues of the layer's curvature block, ``[d_out, d_in]``."""
         parts = self.layers[name]
@@ -245,68 +271,106 @@ class Factors:
             return torch.outer(parts["eig_s"], parts["eig_a"])
         return parts.get("eigenvalues")
 
-    def damping(self, name: str, damping: Union[None, float, Mapping[str, float]] = None) -> float:
-        """λ for one layer: the absolute ``damping`` given, or 0.1 × the mean eigenvalue."""
-        if isinstance(damping, Mapping):
-            return float(damping[name])
-        if damping is not None:
-            return float(damping)
-        if self.strategy == "identity":
-            return 0.0
+    def _eigenvalue_mean(self, name: str) -> Tuple[float, int]:
+        """Mean and number of the layer's eigenvalues (K-FAC: of the outer product, without forming it)."""
         parts = self.layers[name]
-        if self.strategy == "kfac":  # mean of the outer product without forming it
-            mean = parts["eig_s"].mean() * parts["eig_a"].mean()
-        else:
-            mean = parts["eigenvalues"].mean()
-        return DEFAULT_DAMPING_FACTOR * float(mean)
+        if self.strategy == "kfac":
+            return float(parts["eig_s"].mean() * parts["eig_a"].mean()), parts["eig_s"].numel() * parts["eig_a"].numel()
+        return float(parts["eigenvalues"].mean()), parts["eigenvalues"].numel()
 
-    def _damped_eigenvalues(self, name: str, damping) -> Tensor:
-        return self.eigenvalues(name) + self.damping(name, damping)
+    def damping_per_layer(self, damping: Damping = None) -> Dict[str, float]:
+        """λ_ℓ for every layer, checked; scoring builds it once per call.
 
-    def precondition(self, name: str, grads: Tensor, damping=None, rotated: bool = False,
-                     in_eigenbasis: bool = False) -> Tensor:
-        """Apply ``(G_ℓ + λ_ℓ I)⁻¹`` to a batch of layer gradients ``[N, d_out, d_in]`` (float64 inside).
+        Args:
+            damping: an absolute λ for every layer, a dict ``{layer: λ}``, or ``None`` for the
+                paper's heuristic ``0.1 × mean eigenvalue`` of each layer, floored at
+                ``RELATIVE_DAMPING_FLOOR ×`` the model-wide heuristic (0.1 × the mean eigenvalue over
+                all layers) and at ``ABSOLUTE_DAMPING_FLOOR``: a layer without curvature (a LoRA
+                adapter at initialisation) would otherwise get λ = 0 and scores 0/0.
 
-        With ``rotated=True`` (K-FAC, EK-FAC) the result stays in the eigenbasis, ``q_sᵀ P q_a``,
-        and is returned in float64 (for callers that truncate it before rotating back). With
-        ``in_eigenbasis=True`` the gradients are already rotated (see :meth:`example_gradients_in_eigenbasis`).
+        Raises:
+            ValueError: for a λ that is negative or not finite, a dict that misses layers, or λ = 0
+                on a layer whose curvature has a zero eigenvalue (no inverse exists).
         """
+        if damping is None:
+            return self._heuristic_damping()
+        if isinstance(damping, Mapping):
+            missing = [name for name in self.layers if name not in damping]
+            if missing:
+                raise ValueError(f"the damping dict has no value for layers {missing[:5]}; give one per layer "
+                                 f"({self.layer_names}) or a single float")
+            lambdas = {name: check_damping(damping[name], f"damping[{name!r}]") for name in self.layers}
+        else:
+            value = check_damping(damping)
+            lambdas = {name: value for name in self.layers}
+        if self.strategy != "identity":
+            singular = [name for name, value in lambdas.items()
+                        if value == 0 and float(self.eigenvalues(name).min()) <= 0]
+            if singular:
+                raise ValueError(f"damping 0 on layers {singular[:5]}, whose curvature has a zero eigenvalue, "
+                                 "has no inverse; pass damping=None (the heuristic) or a positive damping")
+        return lambdas
+
+    def _heuristic_damping(self) -> Dict[str, float]:
+        """0.1 × each layer's mean eigenvalue, with the floors (see :meth:`damping_per_layer`)."""
+        if self.strategy == "identity":
+            return {name: 0.0 for name in self.layers}
+        means = {name: self._eigenvalue_mean(name) for name in self.layers}
+        total = sum(mean * count for mean, count in means.values())
+        count = sum(count for _, count in means.values())
+        floor = max(RELATIVE_DAMPING_FLOOR * DEFAULT_DAMPING_FACTOR * total / max(count, 1), ABSOLUTE_DAMPING_FLOOR)
+        return {name: max(DEFAULT_DAMPING_FACTOR * mean, floor) for name, (mean, _) in means.items()}
+
+    def damping(self, name: str, damping: Damping = None) -> float:
+        """λ for one layer (see :meth:`damping_per_layer`, which gives every layer's at once)."""
+        return self.damping_per_layer(damping)[name]
+
+    def _damped_eigenvalues(self, name: str, damping: float, device: torch.device) -> Tensor:
+        return (self.eigenvalues(name) + damping).to(device)
+
+    def precondition(self, name: str, grads: Tensor, damping: float) -> Tensor:
+        """``(G_ℓ + λ I)⁻¹`` applied to layer gradients ``[N, d_out, d_in]`` (float64 inside, dtype kept)."""
         if self.strategy == "identity":
             return grads
-        out_dtype = grads.dtype
-        grads = grads.double()
-        parts = self.layers[name]
-        scale = self._damped_eigenvalues(name, damping).to(grads.device)
-        if self.strategy == "diagonal":
-            return (grads / scale).to(out_dtype)
-        q_a, q_s = parts["q_a"].to(grads.device), parts["q_s"].to(grads.device)
-        rotated_grads = (grads if in_eigenbasis else q_s.T @ grads @ q_a) / scale
-        if rotated:
-            return rotated_grads
-        return (q_s @ rotated_grads @ q_a.T).to(out_dtype)
+        if self.has_eigenbasis:
+            rotated = self.precondition_in_eigenbasis(name, self.rotate_to_eigenbasis(name, grads.double()), damping)
+            return self.rotate_from_eigenbasis(name, rotated).to(grads.dtype)
+        return (grads.double() / self._damped_eigenvalues(name, damping, grads.device)).to(grads.dtype)
+
+    def precondition_in_eigenbasis(self, name: str, rotated: Tensor, damping: float) -> Tensor:
+        """Preconditioning of gradients given in the eigenbasis (see :meth:`example_gradients_in_eigenbasis`),
+        result also in the eigenbasis, float64: for callers that truncate before rotating back."""
+        return rotated.double() / self._damped_eigenvalues(name, damping, rotated.device)
+
+    def rotate_to_eigenbasis(self, name: str, grads: Tensor) -> Tensor:
+        """``q_sᵀ ΔW q_a`` for ``grads [N, d_out, d_in]``."""
+        q_s, q_a = (basis.to(grads) for basis in self.eigenbasis(name))
+        return q_s.T @ grads @ q_a
+
+    def rotate_from_eigenbasis(self, name: str, rotated: Tensor) -> Tensor:
+        """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates."""
+        q_s, q_a = (basis.to(rotated) for basis in self.eigenbasis(name))
+        return q_s @ rotated @ q_a.T
 
     def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor) -> Tensor:
         """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in float64, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``.
 
         Rotating the ``T`` token vectors first costs ``T·d²`` per example instead of the ``d³`` of
         rotating the formed gradient: much cheaper whenever ``T`` is small (one token: ``d²``)."""
-        parts = self.layers[name]
-        q_a, q_s = parts["q_a"].to(acts.device), parts["q_s"].to(acts.device)
+        q_s, q_a = (basis.to(acts.device) for basis in self.eigenbasis(name))
         tokens, d_out, d_in = acts.shape[1], grads.shape[-1], acts.shape[-1]
         if tokens * (d_out ** 2 + d_in ** 2 + d_out * d_in) < d_out * d_in * (d_out + d_in):
             return per_example_gradients(acts.double() @ q_a, grads.double() @ q_s)
         return q_s.T @ per_example_gradients(acts, grads).double() @ q_a
 
-    def quadratic_form(self, name: str, grads: Tensor, damping=None) -> Tensor:
-        """``vec(ΔW_n)ᵀ (G_ℓ + λ_ℓ I)⁻¹ vec(ΔW_n)`` for ``grads [N, d_out, d_in]`` -> ``[N]``."""
-        if self.strategy == "identity":
-            return grads.double().square().sum((1, 2))
+    def quadratic_form(self, name: str, grads: Tensor, damping: float) -> Tensor:
+        """``vec(ΔW_n)ᵀ (G_ℓ + λ I)⁻¹ vec(ΔW_n)`` for ``grads [N, d_out, d_in]`` -> ``[N]``."""
         grads = grads.double()
-        scale = self._damped_eigenvalues(name, damping).to(grads.device)
-        if self.strategy != "diagonal":
-            parts = self.layers[name]
-            grads = parts["q_s"].to(grads.device).T @ grads @ parts["q_a"].to(grads.device)
-        return (grads.square() / scale).sum((1, 2))
+        if self.strategy == "identity":
+            return grads.square().sum((1, 2))
+        if self.has_eigenbasis:
+            grads = self.rotate_to_eigenbasis(name, grads)
+        return (grads.square() / self._damped_eigenvalues(name, damping, grads.device)).sum((1, 2))
 
     def to(self, device: Union[str, torch.device]) -> "Factors":
         layers = {n: {k: v.to(device) for k, v in parts.items()} for n, parts in self.layers.items()}
@@ -348,39 +412,108 @@ def load_factors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Fa
 
 
 # -- fitting ---------------------------------------------------------------------------------------
+def _example_norms(tensors: Sequence[Tensor], batch: int) -> Tensor:
+    """``[L, batch]``: the float64 norm of each example's values in each layer's tensor. A layer whose
+    leading axis is not the batch (its input merges examples) gives its whole norm to every example."""
+    return torch.stack([
+        torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=torch.float64) if t.shape[0] == batch
+        else torch.linalg.vector_norm(t, dtype=torch.float64).expand(batch)
+        for t in tensors
+    ])
+
+
+def _kept_examples(fits: Tensor, tensors: Sequence[Tensor]) -> Tensor:
+    """``[B]`` bool from ``fits [L, B]``: examples that fit in every layer; none of the batch when one
+    must go but a layer merges examples (its rows cannot be told apart)."""
+    keep = fits.all(0)
+    if not bool(keep.all()) and any(t.shape[0] != len(keep) for t in tensors):
+        return torch.zeros_like(keep)
+    return keep
+
+
+def _rows(tensors: Sequence[Tensor], keep: Tensor) -> List[Tensor]:
+    """The kept examples' rows of each layer's tensor (see :func:`_kept_examples`)."""
+    if bool(keep.all()):
+        return list(tensors)
+    return [t[keep] if t.shape[0] == len(keep) else t[:0] for t in tensors]
+
+
 def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, num_samples: int, batch_size: int,
-                      max_batches: Optional[int], seed: int, desc: str, show_progress: bool):
-    """The passes every curvature statistic is built from. Per batch: the number of examples, each
-    layer's activations and real-token count, and the Fisher samples ``(weight, example share,
-    per-layer gradients)`` of :func:`passes.fisher_gradients` (consume them before the next batch).
-    The caller holds ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
+                      max_batches: Optional[int], seed: int, desc: str, show_progress: bool, dtype: torch.dtype,
+                      left_out: List[int]) -> Iterator[Tuple[List[Tensor], List[float], Iterator]]:
+    """The passes every curvature statistic is built from. Per batch: each layer's activations and
+    real-token count, and the Fisher samples ``(weight, examples, per-layer activations, per-layer
+    gradients)`` of :func:`passes.fisher_gradients` (consume them before the next batch).
+
+    One NaN example would make every statistic NaN, so each example is kept out of what it would
+    spoil: of everything when its activations are not finite in ``dtype`` (squares included: an
+    input of 1e30 overflows float32), of a Fisher sample when its gradients, or its per-example
+    weight gradient ``Σ_t g_t a_tᵀ`` (bounded by ``‖g‖‖a‖``), would not be. The data positions of
+    examples left out of anything are appended to ``left_out``. The caller holds
+    ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
     device = passes.model_device(model)
     generator = torch.Generator(device).manual_seed(seed)
+    limit = math.sqrt(torch.finfo(dtype).max)  # a norm above it has a square that overflows dtype
+    position = 0
     for batch in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
         outputs = passes.forward(model, task, batch, tracker)
+        size = task.batch_size(batch)
         acts = [acts for _, acts in passes.layer_activations(tracker)]
-        tokens = [passes.token_count(act, tracker.token_mask) for act in acts]
-        yield task.batch_size(batch), acts, tokens, passes.fisher_gradients(
-            outputs, task, batch, tracker, fisher, generator, num_samples)
+        act_norms = _example_norms(acts, size)
+        finite = _kept_examples(act_norms <= limit, acts)
+        rejected = [~finite]
+
+        def samples():
+            for weight, share, grads in passes.fisher_gradients(outputs, task, batch, tracker, fisher, generator,
+                                                                num_samples):
+                grad_norms = _example_norms(grads, size)
+                keep = finite & _kept_examples((grad_norms <= limit) & (grad_norms * act_norms <= limit), grads)
+                rejected.append(~keep)
+                yield weight, int(keep.sum()) * share, _rows(acts, keep), _rows(grads, keep)
+
+        kept = _rows(acts, finite)
+        mask = tracker.token_mask
+        kept_mask = mask[finite] if mask is not None and not bool(finite.all()) else mask
+        yield kept, [passes.token_count(act, kept_mask) for act in kept], samples()
+        left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
+        position += size
+
+
+def _warn_left_out(left_out: Sequence[int]) -> None:
+    positions = sorted(set(left_out))
+    if positions:
+        listing = ", ".join(map(str, positions[:20])) + (", ..." if len(positions) > 20 else "")
+        warnings.warn(
+            f"{len(positions)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
+            f"statistics) left out of the curvature statistics; their positions in the data: [{listing}]"
+        )
 
 
 @passes.outside_inference_mode
 def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *, fisher: str = "true",
                            num_samples: int = 1, batch_size: int = 32, max_batches: Optional[int] = None,
                            seed: int = 0, dtype: torch.dtype = torch.float32, show_progress: bool = False,
-                           into: Optional[CovarianceStatistics] = None) -> CovarianceStatistics:
-    """One pass over ``data`` accumulating ``Σ a aᵀ`` and ``Σ g gᵀ`` (into ``into`` if given)."""
+                           into: Optional[CovarianceStatistics] = None,
+                           left_out: Optional[List[int]] = None) -> CovarianceStatistics:
+    """One pass over ``data`` accumulating ``Σ a aᵀ`` and ``Σ g gᵀ`` (into ``into`` if given).
+
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
+    positions are appended to ``left_out`` if given, else reported in a warning."""
     stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=passes.model_device(model))
+    stats_dtype = stats.state[layers[0].name]["a_sum"].dtype if layers else dtype
     tracker = LayerTracker(layers)
+    found: List[int] = []
     with passes.evaluation_mode(model), tracker:
-        for count, acts, tokens, samples in _curvature_passes(
+        for acts, tokens, samples in _curvature_passes(
                 model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
-                max_batches=max_batches, seed=seed, desc="covariances", show_progress=show_progress):
+                max_batches=max_batches, seed=seed, desc="covariances", show_progress=show_progress,
+                dtype=stats_dtype, left_out=found):
             for layer, act, real_tokens in zip(layers, acts, tokens):
                 stats.add_activations(layer.name, act, real_tokens)
-            for weight, share, grads in samples:
+            for weight, examples, _, grads in samples:
                 for layer, grad in zip(layers, grads):
-                    stats.add_gradients(layer.name, grad, count * share, weight)
+                    stats.add_gradients(layer.name, grad, examples, weight)
+    _report_left_out(found, left_out)
     return stats
 
 
@@ -388,21 +521,34 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
 def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[TrackedLayer], bases=None, *,
                                      fisher: str = "true", num_samples: int = 1, batch_size: int = 32,
                                      max_batches: Optional[int] = None, seed: int = 1,
-                                     dtype: torch.dtype = torch.float32,
-                                     show_progress: bool = False) -> EigenvalueCorrection:
+                                     dtype: torch.dtype = torch.float32, show_progress: bool = False,
+                                     left_out: Optional[List[int]] = None) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
-    or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher)."""
+    or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher).
+
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
+    positions are appended to ``left_out`` if given, else reported in a warning."""
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     tracker = LayerTracker(layers)
     desc = "eigenvalue correction" if bases is not None else "diagonal Fisher"
+    found: List[int] = []
     with passes.evaluation_mode(model), tracker:
-        for count, acts, _, samples in _curvature_passes(
+        for _, _, samples in _curvature_passes(
                 model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
-                max_batches=max_batches, seed=seed, desc=desc, show_progress=show_progress):
-            for weight, share, grads in samples:
+                max_batches=max_batches, seed=seed, desc=desc, show_progress=show_progress, dtype=dtype,
+                left_out=found):
+            for weight, examples, acts, grads in samples:
                 for layer, act, grad in zip(layers, acts, grads):
-                    correction.add(layer.name, act, grad, count * share, weight)
+                    correction.add(layer.name, act, grad, examples, weight)
+    _report_left_out(found, left_out)
     return correction
+
+
+def _report_left_out(found: List[int], left_out: Optional[List[int]]) -> None:
+    if left_out is not None:
+        left_out.extend(found)
+    else:
+        _warn_left_out(found)
 
 
 def factors_from_statistics(strategy: str, layers: Sequence[TrackedLayer],
@@ -460,7 +606,9 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
             processes, each of which passed its own share of ``data``) before they are used.
 
     Returns:
-        :class:`Factors`, to pass to ``compute_influence`` or ``save``.
+        :class:`Factors`, to pass to ``compute_influence`` or ``save``. Examples with non-finite
+        values (NaN/inf, or squares overflowing ``dtype``) are left out of the statistics, reported
+        in a warning, and counted in ``meta["nonfinite_examples"]``.
     """
     check_strategy(strategy)
     check_fisher(fisher)
@@ -470,8 +618,9 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
         chosen = layers_by_name(model, list(covariances.state))
     else:
         chosen = select_layers(model, layers, exclude, max_layer_bytes, memory_budget_bytes)
+    left_out: List[int] = []
     kwargs = dict(fisher=fisher, num_samples=num_samples, batch_size=batch_size, max_batches=max_batches,
-                  dtype=dtype, show_progress=show_progress)
+                  dtype=dtype, show_progress=show_progress, left_out=left_out)
     if strategy in ("kfac", "ekfac") and covariances is None:
         covariances = accumulate_covariances(model, task, data, chosen, seed=seed, **kwargs)
         if reduce is not None:
@@ -484,7 +633,9 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
         correction = accumulate_eigenvalue_correction(model, task, data, chosen, None, seed=seed + 1, **kwargs)
     if correction is not None and reduce is not None:
         reduce(correction.tensors())
-    meta = {"fisher": fisher, "num_samples": num_samples, "layers": [l.name for l in chosen]}
+    _warn_left_out(left_out)
+    meta = {"fisher": fisher, "num_samples": num_samples, "layers": [l.name for l in chosen],
+            "nonfinite_examples": len(set(left_out))}
     if covariances is not None:
         meta["tokens_seen"] = {n: float(p["a_count"]) for n, p in covariances.state.items()}
     return factors_from_statistics(strategy, chosen, bases, correction, meta)

@@ -3,7 +3,9 @@ the pseudo-gradients of each Fisher kind. Shared by factor fitting and scoring."
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -52,21 +54,28 @@ def outside_inference_mode(function: Callable) -> Callable:
     return wrapper
 
 
-def num_examples(data: Any) -> int:
-    loader_or_data = data.dataset if isinstance(data, DataLoader) else data
-    if not hasattr(loader_or_data, "__len__"):
-        raise TypeError(f"{type(loader_or_data).__name__} has no __len__; influence needs a sized dataset")
-    return len(loader_or_data)
-
-
 def to_device(batch: Any, device: torch.device) -> Any:
+    """Move every tensor of a batch to ``device``: inside mappings (dicts, and ``UserDict``s such as
+    Hugging Face's ``BatchEncoding``, rebuilt as their own type when their constructor takes a
+    dict, else as a dict), lists, tuples (named ones too), dataclasses, and any object with a
+    ``.to(device)`` method. Anything else is returned as it is."""
     if isinstance(batch, Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        try:
+            return type(batch)(moved)
+        except TypeError:  # a mapping whose constructor takes something else (e.g. defaultdict)
+            return moved
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (list, tuple)):
-        moved = [to_device(v, device) for v in batch]
-        return type(batch)(moved) if isinstance(batch, tuple) and not hasattr(batch, "_fields") else moved
+        return type(batch)(to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        return dataclasses.replace(batch, **{f.name: to_device(getattr(batch, f.name), device)
+                                             for f in dataclasses.fields(batch) if f.init})
+    if callable(getattr(batch, "to", None)):
+        return batch.to(device)
     return batch
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -148,10 +149,14 @@ class InfluenceResult:
 
     # -- convenience ---------------------------------------------------------------------------
     def top_k(self, k: int, largest: bool = True) -> "torch.return_types.topk":
-        """Per query, the ``k`` highest (or lowest) scores; ``.indices`` are *train ids*."""
-        k = min(k, self.num_train)
-        found = torch.topk(self.scores, k, dim=1, largest=largest)
-        return torch.return_types.topk((found.values, self.train_ids[found.indices]))
+        """Per query, the ``k`` highest (or lowest) finite scores; ``.indices`` are *train ids*.
+
+        NaN scores (examples whose gradients were not finite) are never ranked: a query with fewer
+        than ``k`` finite scores is padded at the end with id -1 and value ``-inf`` (``+inf`` for the
+        lowest), as :func:`finite_topk` does."""
+        found = finite_topk(self.scores, k, largest)
+        ids = torch.where(found.indices >= 0, self.train_ids[found.indices.clamp_min(0)], -1)
+        return torch.return_types.topk((found.values, ids))
 
     def __repr__(self) -> str:
         if self._tensor_file is not None:
@@ -230,9 +235,19 @@ class InfluenceResult:
 
 
 def finite_topk(scores: torch.Tensor, k: int, largest: bool = True) -> "torch.return_types.topk":
-    """``torch.topk`` over each row that never ranks a NaN score (NaN sorts last either way)."""
-    fill = float("-inf") if largest else float("inf")
-    return torch.topk(torch.nan_to_num(scores, nan=fill), k, dim=1, largest=largest)
+    """``torch.topk`` over the last axis that never ranks a NaN or infinite score.
+
+    ``torch.topk`` orders NaN above everything, so one broken example would top every query. Here
+    non-finite scores are left out; ``k`` is capped at the axis length, and a row with fewer than
+    ``k`` finite scores is padded at its end with index -1 and value ``-inf`` when ``largest``
+    (``+inf`` otherwise). Mind the -1 before indexing with ``.indices``.
+    """
+    k = min(k, scores.shape[-1])
+    finite = torch.isfinite(scores)
+    fill = -math.inf if largest else math.inf
+    found = torch.topk(scores.masked_fill(~finite, fill), k, dim=-1, largest=largest)
+    ranked = finite.gather(-1, found.indices)
+    return torch.return_types.topk((found.values.masked_fill(~ranked, fill), found.indices.masked_fill(~ranked, -1)))
 
 
 def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:

@@ -1,7 +1,9 @@
 """Pairwise influence scores: precondition the query gradients once, then stream training batches.
 
-For training example ``z`` and query ``q`` (design.md): ``score = ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` with
-the default measurement, computed per layer (block-diagonal ``G``) and summed. Per layer the
+For training example ``z`` and query ``q``: ``score = -∇f(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` for the query
+measurement ``f`` (by default its log-likelihood, so ``∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)``: positive means
+``z`` helps ``q``), with ``ℓ(z)`` the example's token-summed loss and ``G`` the curvature averaged
+per training example, computed per layer (block-diagonal ``G``) and summed. Per layer the
 contraction with a batch of training examples is done one of three ways, whichever costs fewer
 FLOPs: materialising per-example gradients ``ΔW_n = Σ_t g_t a_tᵀ`` and taking one matrix product
 with all preconditioned queries, or contracting activations and output gradients directly (with
@@ -10,21 +12,19 @@ the dense or the rank-r preconditioned queries) — the only way that yields per
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from lightning_influence import passes
-from lightning_influence.factors import Factors, fit_factors, per_example_gradients
+from lightning_influence.factors import CHUNK_ELEMENTS, Damping, Factors, fit_factors, per_example_gradients
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
-
-# Bound on the elements of one intermediate tensor in the direct contraction.
-_CHUNK_ELEMENTS = 2**24
-Damping = Union[None, float, Dict[str, float]]
 
 
 class PreconditionedQueries:
@@ -130,7 +130,7 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     flat_grads = grads.reshape(batch * tokens, d_out)
     flat_acts = acts.reshape(batch * tokens, d_in)
     width = (rank if rank is not None else d_in)
-    step = max(1, _CHUNK_ELEMENTS // max(1, batch * tokens * width))
+    step = max(1, CHUNK_ELEMENTS // max(1, batch * tokens * width))
     chunks = []
     for start in range(0, n_query, step):
         stop = min(n_query, start + step)
@@ -166,11 +166,12 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
 
 
 def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
-                         layers: Sequence[TrackedLayer], damping: Damping = None, query_rank: Optional[int] = None,
-                         batch_size: int = 32, show_progress: bool = False) -> PreconditionedQueries:
-    """Gradients of minus each query's measurement, preconditioned layer by layer."""
+                         layers: Sequence[TrackedLayer], damping: Dict[str, float], query_rank: Optional[int] = None,
+                         batch_size: int = 32, show_progress: bool = False) -> Tuple[PreconditionedQueries, Tensor]:
+    """Gradients of minus each query's measurement, preconditioned layer by layer with ``damping``
+    (λ per layer), and which queries' preconditioned gradients are not finite in the gradients'
+    dtype ``[Q]`` (they are zeroed, so they cannot disturb the truncation or other queries)."""
     tracker = LayerTracker(layers)
-    eigenbasis = factors.strategy in ("kfac", "ekfac")
     collected: Dict[str, List[Tensor]] = {layer.name: [] for layer in layers}
     dtype = None
     with passes.evaluation_mode(model), tracker:
@@ -178,23 +179,29 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
                                                         "query gradients", show_progress):
             for layer, act, grad in zip(layers, acts, grads):
                 dtype = grad.dtype
-                if eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
+                if factors.has_eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
                     collected[layer.name].append(factors.example_gradients_in_eigenbasis(layer.name, act, grad))
                 else:
                     collected[layer.name].append(per_example_gradients(act, grad).detach())
-    dense: Dict[str, Tensor] = {}
+    preconditioned: Dict[str, Tensor] = {}
     bases: Dict[str, Tuple[Tensor, Tensor]] = {}
     for name, chunks in collected.items():
         grads = torch.cat(chunks)
-        truncated = query_rank is not None and query_rank < min(grads.shape[1:])
-        if truncated and eigenbasis:
+        if not factors.has_eigenbasis:
+            preconditioned[name] = factors.precondition(name, grads, damping[name])
+            continue
+        preconditioned[name] = factors.precondition_in_eigenbasis(name, grads, damping[name])
+        if query_rank is not None and query_rank < min(grads.shape[1:]):
             # Truncate in the eigenbasis and rotate only the rank-r factors back: saves a
             # [d_out, d_out] x [d_out, d_in] product per query and layer.
-            dense[name] = factors.precondition(name, grads, damping, rotated=True, in_eigenbasis=True)
-            bases[name] = (factors.layers[name]["q_s"], factors.layers[name]["q_a"])
+            bases[name] = factors.eigenbasis(name)
         else:
-            dense[name] = factors.precondition(name, grads, damping, in_eigenbasis=eigenbasis)
-    return PreconditionedQueries(dense, query_rank, bases, dtype)
+            preconditioned[name] = factors.rotate_from_eigenbasis(name, preconditioned[name])
+    limit = torch.finfo(dtype).max
+    unusable = torch.stack([~(p.abs() <= limit).flatten(1).all(1) for p in preconditioned.values()]).any(0)
+    if bool(unusable.any()):
+        preconditioned = {name: p.masked_fill(unusable[:, None, None], 0.0) for name, p in preconditioned.items()}
+    return PreconditionedQueries(preconditioned, query_rank, bases, dtype), unusable
 
 
 @passes.outside_inference_mode
@@ -212,8 +219,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         train_data: candidate pool (Dataset or DataLoader with a deterministic order).
         query_data: queries (Dataset or DataLoader).
         factors: from :func:`fit_factors` (default: fitted now on ``train_data`` with EK-FAC).
-        damping: ``None`` for the per-layer heuristic 0.1 × mean eigenvalue, a float for an
-            absolute λ, or a dict ``{layer: λ}``.
+        damping: ``None`` for the per-layer heuristic 0.1 × mean eigenvalue (with a floor, see
+            :meth:`Factors.damping_per_layer`), a float for an absolute λ, or a dict ``{layer: λ}``.
         per_layer: also return ``layer_scores [L, Q, N]`` (they sum to ``scores``).
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
@@ -222,6 +229,11 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         batch_size: batch size for Datasets.
         train_ids, query_ids: dataset indices to record (default ``0..N-1``).
         show_progress: show progress bars.
+
+    A training example or query whose gradients (or scores) are not finite gets NaN scores
+    everywhere (``scores``, ``layer_scores``, ``token_scores``, ``self_scores``), is named in a
+    warning and in ``meta["nonfinite_train_ids"]`` / ``meta["nonfinite_query_ids"]``, and is never
+    ranked by :meth:`InfluenceResult.top_k`. Finite inputs always give finite scores.
     """
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
@@ -231,15 +243,13 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         factors = fit_factors(model, task, train_data, batch_size=batch_size, show_progress=show_progress)
         timings["fit_factors"] = time.perf_counter() - started
     layers = layers_by_name(model, factors.layer_names)
-    lambdas = {layer.name: factors.damping(layer.name, damping) for layer in layers}
-    if any(value < 0 for value in lambdas.values()):
-        raise ValueError(f"damping must be non-negative, got {lambdas}")
+    lambdas = factors.damping_per_layer(damping)
     device = passes.model_device(model)
     factors = factors.to(device)
 
     stage = time.perf_counter()
-    queries = precondition_queries(model, task, query_data, factors, layers, lambdas, query_rank, batch_size,
-                                   show_progress)
+    queries, bad_queries = precondition_queries(model, task, query_data, factors, layers, lambdas, query_rank,
+                                                batch_size, show_progress)
     timings["queries"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -266,23 +276,28 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                 layer_chunks.append((stacked if per_layer else stacked.double().sum(0, keepdim=True).float()).cpu())
                 if self_influence:
                     self_chunks.append(sum(
-                        factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                        factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas[layer.name])
                         for layer, act, grad in zip(layers, acts, grads)).float().cpu())
     timings["train"] = time.perf_counter() - stage
 
     layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
     n_train, n_query = layer_scores.shape[2], layer_scores.shape[1]
-    extra: Dict[str, Tensor] = {}
+    fields: Dict[str, Tensor] = {"scores": layer_scores.double().sum(0).float() if per_layer else layer_scores[0]}
     if per_layer:
-        extra["layer_scores"] = layer_scores
+        fields["layer_scores"] = layer_scores
     if per_token:
-        extra["token_scores"], extra["token_mask"] = _pad_tokens(token_chunks, mask_chunks)
+        fields["token_scores"], fields["token_mask"] = _pad_tokens(token_chunks, mask_chunks)
     if self_influence:
-        extra["self_scores"] = torch.cat(self_chunks)
+        fields["self_scores"] = torch.cat(self_chunks)
+    train_ids = torch.as_tensor(train_ids).long() if train_ids is not None else torch.arange(n_train)
+    query_ids = torch.as_tensor(query_ids).long() if query_ids is not None else torch.arange(n_query)
+    bad_train = _mark_nonfinite(fields, bad_queries.cpu())
+    nonfinite = {"nonfinite_train_ids": train_ids[bad_train].tolist(),
+                 "nonfinite_query_ids": query_ids[bad_queries.cpu()].tolist()}
+    _warn_nonfinite(nonfinite)
     return InfluenceResult(
-        scores=layer_scores.double().sum(0).float() if per_layer else layer_scores[0],
-        train_ids=torch.as_tensor(train_ids).long() if train_ids is not None else torch.arange(n_train),
-        query_ids=torch.as_tensor(query_ids).long() if query_ids is not None else torch.arange(n_query),
+        train_ids=train_ids,
+        query_ids=query_ids,
         layer_names=[layer.name for layer in layers],
         meta={
             "strategy": factors.strategy,
@@ -292,18 +307,49 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
             "n_train": n_train,
             "n_query": n_query,
             "timings": timings,
+            **nonfinite,
         },
-        **extra,
+        **fields,
     )
+
+
+def _mark_nonfinite(fields: Dict[str, Tensor], bad_queries: Tensor) -> Tensor:
+    """Set NaN, in every score field, the scores of the given queries and of the training examples
+    with a non-finite score for some other query (or self-score); returns the latter ``[N]``."""
+    good_queries = ~bad_queries
+    bad_train = ~torch.isfinite(fields["scores"][good_queries]).all(0)
+    if "token_scores" in fields:
+        bad_train |= ~torch.isfinite(fields["token_scores"][good_queries]).flatten(2).all(2).all(0)
+    if "self_scores" in fields:
+        bad_train |= ~torch.isfinite(fields["self_scores"])
+    if bool(bad_train.any()) or bool(bad_queries.any()):
+        for name, train_axis in (("scores", 1), ("layer_scores", 2), ("token_scores", 1), ("self_scores", 0)):
+            if name in fields:
+                field = fields[name].clone()
+                field.index_fill_(train_axis, torch.nonzero(bad_train).flatten(), math.nan)
+                if name != "self_scores":
+                    field.index_fill_(train_axis - 1, torch.nonzero(bad_queries).flatten(), math.nan)
+                fields[name] = field
+    return bad_train
+
+
+def _warn_nonfinite(nonfinite: Dict[str, List[int]]) -> None:
+    for key, what in (("nonfinite_train_ids", "training example(s)"), ("nonfinite_query_ids", "query(ies)")):
+        ids = nonfinite[key]
+        if ids:
+            listing = ", ".join(map(str, ids[:20])) + (", ..." if len(ids) > 20 else "")
+            warnings.warn(f"{len(ids)} {what} with non-finite gradients or scores (NaN/inf input, or overflow): "
+                          f"their scores are set to NaN and never ranked; ids [{listing}]")
 
 
 @passes.outside_inference_mode
 def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Factors, damping: Damping = None,
                            batch_size: int = 32, show_progress: bool = False) -> Tensor:
     """``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z)`` for every example of ``data`` -> ``[N]`` (e.g. to find mislabelled
-    examples: they need an unusually large step to be fitted)."""
+    examples: they need an unusually large step to be fitted). A non-finite value becomes NaN, with a
+    warning naming the example's position in ``data``."""
     layers = layers_by_name(model, factors.layer_names)
-    lambdas = {layer.name: factors.damping(layer.name, damping) for layer in layers}
+    lambdas = factors.damping_per_layer(damping)
     factors = factors.to(passes.model_device(model))
     tracker = LayerTracker(layers)
     chunks = []
@@ -311,9 +357,13 @@ def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Fac
         for _, acts, grads in _example_gradient_batches(model, task, data, tracker, batch_size, False,
                                                         "self-influence", show_progress):
             with torch.no_grad():
-                chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas)
+                chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad),
+                                                         lambdas[layer.name])
                                   for layer, act, grad in zip(layers, acts, grads)).float().cpu())
-    return torch.cat(chunks)
+    scores = torch.cat(chunks)
+    bad = ~torch.isfinite(scores)
+    _warn_nonfinite({"nonfinite_train_ids": torch.nonzero(bad).flatten().tolist(), "nonfinite_query_ids": []})
+    return scores.masked_fill(bad, math.nan)
 
 
 def _check_token_axes(layers: Sequence[TrackedLayer], acts: Sequence[Tensor]) -> None:

@@ -236,9 +236,8 @@ class InfluenceSession:
                     token_note = str(err)
             timings["token_scores"] = time.perf_counter() - stage
         result_meta = dict(part.meta)
-        result_meta.pop("n_train", None)
         result_meta.update(
-            n_train=len(ids), n_pool=len(self.pool), world_size=distributed.world_size(),
+            n_train=len(ids), nonfinite_train_ids=_nonfinite_examples(scores, ids), n_pool=len(self.pool), world_size=distributed.world_size(),
             tokens_seen=factors.meta.get("tokens_seen"), token_scores_skipped=token_note,
             run=run_identity(model, self.task, ids, self.run_config),
             timings={**part.meta.get("timings", {}), **timings},
@@ -249,20 +248,26 @@ class InfluenceSession:
 
     def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor) -> Dict[str, Tensor]:
         """Per query, the ``top_k`` most positive / negative examples' ids and per-token scores,
-        computed for the union of those examples only."""
+        computed for the union of those examples only. Non-finite scores are never ranked: a query
+        with fewer finite scores than ``top_k`` gets id -1 (and no token scores) in the gaps."""
         k = min(self.top_k, scores.shape[1])
-        top, bottom = finite_topk(scores, k).indices, finite_topk(scores, k, largest=False).indices
-        union = torch.cat([top, bottom], dim=1).unique()  # sorted positions in the pool id list
+        picked = {"top": finite_topk(scores, k).indices, "bottom": finite_topk(scores, k, largest=False).indices}
+        positions = torch.cat(list(picked.values()), dim=1)
+        union = positions[positions >= 0].unique()  # sorted positions in the pool id list
+        if len(union) == 0:
+            raise ValueError("no finite score to rank: per-token scores of the top examples are skipped")
         tokens = compute_influence(
             model, self.task, self.pool_loader(self.pool_ids[union]), self.query_loader(), factors, self.damping,
             per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
         )
-        rows = torch.arange(top.shape[0]).unsqueeze(1)
-        out = {"top_ids": self.pool_ids[top], "bottom_ids": self.pool_ids[bottom]}
-        for name, picked in (("top", top), ("bottom", bottom)):
-            where = torch.searchsorted(union, picked)
-            out[f"{name}_token_scores"] = tokens.token_scores[rows, where]
-            out[f"{name}_token_mask"] = tokens.token_mask[where]
+        rows = torch.arange(scores.shape[0]).unsqueeze(1)
+        out = {}
+        for name, chosen in picked.items():
+            ranked = chosen >= 0
+            where = torch.searchsorted(union, chosen.clamp_min(0)).clamp_max(len(union) - 1)
+            out[f"{name}_ids"] = torch.where(ranked, self.pool_ids[chosen.clamp_min(0)], -1)
+            out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * ranked.unsqueeze(-1)
+            out[f"{name}_token_mask"] = tokens.token_mask[where] & ranked.unsqueeze(-1)
         return out
 
     def compute(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int, epoch: Optional[int] = None,
@@ -286,6 +291,13 @@ class InfluenceSession:
 def _share(total: int) -> slice:
     span = distributed.split_range(total)
     return slice(span.start, span.stop)
+
+
+def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:
+    """Ids of the examples with a non-finite score for some query whose scores are not all
+    non-finite (a broken query is reported on its own, not as a fault of every example)."""
+    queries_ok = torch.isfinite(scores).any(1)
+    return ids[(~torch.isfinite(scores[queries_ok])).any(0)].tolist()
 
 
 def _gathered(part: InfluenceResult, total: int, device: torch.device) -> Dict[str, Tensor]:

@@ -13,7 +13,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def _unwrap_logits(outputs: Any) -> Tensor:
+# Keys holding the targets in a dict batch, tried in order (Hugging Face's first).
+LABEL_KEYS = ("labels", "label", "y")
+
+
+def unwrap_logits(outputs: Any) -> Tensor:
     """Models may return a tensor, a tuple (first element) or an object/dict with ``logits``."""
     if isinstance(outputs, Tensor):
         return outputs
@@ -32,17 +36,55 @@ def _unwrap_logits(outputs: Any) -> Tensor:
 class Task:
     """How the engine evaluates a model on a batch. Subclass to support your own batches or losses.
 
+    Batches: a tuple ``(inputs, targets)`` (``inputs`` a tensor, passed positionally, or a dict,
+    passed as keyword arguments), or a dict. In a dict the targets are ``batch[label_key]``, by
+    default the first of ``"labels"``, ``"label"``, ``"y"`` present; the inputs are
+    ``batch[input_key]`` passed positionally when ``input_key`` is given, else every other key as
+    keyword arguments (``{"pixel_values", "labels"}`` -> ``model(pixel_values=...)``, as Hugging
+    Face models take them), except that a lone remaining key ``"x"`` is passed positionally
+    (``{"x", "y"}`` -> ``model(x)``).
+
     Override :meth:`forward` and :meth:`loss_from_outputs` (and, for ``fisher="true"`` /
     ``"exact"``, :meth:`sample_loss_from_outputs` / :meth:`output_hessian_sqrt`). Splitting the
     forward from the loss lets the true Fisher reuse one forward for several sampled targets.
+
+    Args:
+        input_key: the dict key of the model's single (positional) input.
+        label_key: the dict key of the targets.
     """
+
+    # Whether a dict batch must hold targets: checked before the forward, for a clear error.
+    requires_targets = False
+
+    def __init__(self, input_key: Optional[str] = None, label_key: Optional[str] = None) -> None:
+        self.input_key = input_key
+        self.label_key = label_key
 
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
         """The model's predictions for ``batch`` (logits for classification)."""
-        inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+        inputs = batch[0] if isinstance(batch, (tuple, list)) else self._dict_inputs(batch)
         if isinstance(inputs, Mapping):
-            return _unwrap_logits(model(**inputs))
-        return _unwrap_logits(model(inputs))
+            return unwrap_logits(model(**inputs))
+        return unwrap_logits(model(inputs))
+
+    def _label_key(self, batch: Mapping, required: bool) -> Optional[str]:
+        """The key of a dict batch's targets; ``None`` when absent and not ``required``."""
+        candidates = (self.label_key,) if self.label_key is not None else LABEL_KEYS
+        key = next((key for key in candidates if key in batch), None)
+        if key is None and required:
+            raise KeyError(f"no targets in a dict batch with keys {sorted(batch)}: looked for "
+                           f"{', '.join(map(repr, candidates))}; name the key with label_key=...")
+        return key
+
+    def _dict_inputs(self, batch: Any) -> Any:
+        """A dict batch's model input: one tensor, or a dict of keyword arguments (see the class)."""
+        if not isinstance(batch, Mapping):
+            return batch
+        if self.input_key is not None:
+            return batch[self.input_key]
+        label = self._label_key(batch, self.requires_targets)  # no targets (a custom loss): every key
+        inputs = {key: value for key, value in batch.items() if key != label}
+        return inputs["x"] if list(inputs) == ["x"] else inputs
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
         """Per-example loss ``[B]`` summed over tokens, with the batch's own targets."""
@@ -89,18 +131,22 @@ class Task:
 
     def targets(self, batch: Any) -> Tensor:
         if isinstance(batch, Mapping):
-            return batch["labels"] if "labels" in batch else batch["y"]
+            return batch[self._label_key(batch, required=True)]
         return batch[1]
 
 
 class ClassificationTask(Task):
-    """Softmax cross-entropy on ``(x, y)`` batches (or dicts with ``labels``).
+    """Softmax cross-entropy on ``(x, y)`` batches or dicts (see :class:`Task` for the layouts).
 
     Logits may have extra dimensions ``[B, ..., C]`` (e.g. per-token classification); the loss is
     summed over them, ignoring targets equal to ``ignore_index``.
     """
 
-    def __init__(self, ignore_index: int = -100) -> None:
+    requires_targets = True
+
+    def __init__(self, ignore_index: int = -100, input_key: Optional[str] = None,
+                 label_key: Optional[str] = None) -> None:
+        super().__init__(input_key, label_key)
         self.ignore_index = ignore_index
 
     def _per_example(self, logits: Tensor, targets: Tensor) -> Tensor:
@@ -122,6 +168,8 @@ class ClassificationTask(Task):
 
     def sample_loss_from_outputs(self, outputs: Tensor, batch: Any, generator: torch.Generator) -> Tensor:
         probs = torch.softmax(outputs.detach().float(), -1).reshape(-1, outputs.shape[-1])
+        # Non-finite logits draw from a uniform stand-in (their example's statistics are left out).
+        probs = probs.masked_fill(~torch.isfinite(probs).all(-1, keepdim=True), 1.0)
         sampled = torch.multinomial(probs, 1, generator=generator).view(outputs.shape[:-1])
         sampled = sampled.masked_fill(~self._valid(outputs, batch), self.ignore_index)
         return self._per_example(outputs, sampled)
@@ -142,11 +190,14 @@ class ClassificationTask(Task):
 
 
 class RegressionTask(Task):
-    """Squared error summed over output dimensions: ``ℓ = Σ (f(x) - y)²`` (``reduction="sum"``).
+    """Squared error summed over output dimensions: ``ℓ = Σ (f(x) - y)²`` (``reduction="sum"``), on
+    ``(x, y)`` batches or dicts (see :class:`Task` for the layouts).
 
     This is the negative log-likelihood (up to a constant) of ``y ~ N(f(x), ½ I)``, which is the
     distribution the true Fisher samples from; its output Hessian is ``2 I``.
     """
+
+    requires_targets = True
 
     def loss_from_outputs(self, outputs: Tensor, batch: Any) -> Tensor:
         targets = self.targets(batch).reshape(outputs.shape).to(outputs.dtype)
@@ -165,20 +216,26 @@ class RegressionTask(Task):
 
 class CausalLMTask(ClassificationTask):
     """Next-token prediction on dict batches with ``input_ids`` (and optional ``labels``,
-    ``attention_mask``), for models returning logits ``[B, T, V]`` or an object with ``.logits``.
+    ``attention_mask``), or tuples ``(input_ids,)`` / ``(input_ids, labels)``, for models returning
+    logits ``[B, T, V]`` or an object with ``.logits``.
 
     As in Hugging Face, ``labels`` are aligned with ``input_ids`` and shifted inside the loss
     (position t predicts token t+1); labels equal to ``ignore_index`` and padded positions are
     skipped. Without ``labels`` the inputs themselves are the labels.
     """
 
+    def __init__(self, ignore_index: int = -100) -> None:
+        super().__init__(ignore_index)
+
     def forward(self, model: nn.Module, batch: Any) -> Tensor:
+        batch = _token_fields(batch)
         kwargs = {"input_ids": batch["input_ids"]}
         if "attention_mask" in batch and _accepts_attention_mask(model):
             kwargs["attention_mask"] = batch["attention_mask"]
-        return _unwrap_logits(model(**kwargs))
+        return unwrap_logits(model(**kwargs))
 
     def targets(self, batch: Any) -> Tensor:
+        batch = _token_fields(batch)
         labels = batch["labels"] if "labels" in batch else batch["input_ids"]
         if "attention_mask" in batch:
             labels = labels.masked_fill(batch["attention_mask"] == 0, self.ignore_index)
@@ -187,12 +244,29 @@ class CausalLMTask(ClassificationTask):
         return shifted
 
     def token_mask(self, batch: Any) -> Optional[Tensor]:
+        batch = _token_fields(batch)
         if "attention_mask" in batch:
             return batch["attention_mask"].bool()
         return None
 
     def batch_size(self, batch: Any) -> int:
-        return int(batch["input_ids"].shape[0])
+        return int(_token_fields(batch)["input_ids"].shape[0])
+
+
+def _token_fields(batch: Any) -> Mapping[str, Tensor]:
+    """A causal-LM batch as a mapping with ``input_ids`` (tuples ``(input_ids[, labels])`` accepted)."""
+    if isinstance(batch, Mapping) and "input_ids" in batch:
+        return batch
+    if isinstance(batch, (tuple, list)) and 1 <= len(batch) <= 2 and all(isinstance(t, Tensor) for t in batch):
+        return dict(zip(("input_ids", "labels"), batch))
+    if isinstance(batch, Mapping):
+        got = f"a dict with keys {sorted(batch)}"
+    elif isinstance(batch, (tuple, list)):
+        got = f"a {type(batch).__name__} of {len(batch)}"
+    else:
+        got = f"a {type(batch).__name__}"
+    raise TypeError(f"CausalLMTask expects a dict batch with 'input_ids' (optionally 'labels' and "
+                    f"'attention_mask'), or a tuple (input_ids,) or (input_ids, labels); got {got}")
 
 
 def _accepts_attention_mask(model: nn.Module) -> bool:

@@ -114,20 +114,28 @@ def select_layers(
         model: the model.
         include: module names or glob patterns (``"blocks.*.mlp.*"``); default: every trackable
             module with a trainable weight, except linear layers whose weight is tied to an
-            embedding (the unembedding, which the paper leaves out).
+            embedding (the unembedding, which the paper leaves out). Patterns skip, and the default
+            leaves out with a warning, the ``out_proj`` of ``nn.MultiheadAttention``: it is applied
+            through ``F.linear``, so its hooks never fire; naming it exactly is refused.
         exclude: names or patterns removed from the selection.
         max_layer_bytes: layers whose statistics would exceed this are skipped with a warning.
         memory_budget_bytes: refuse (``TrackingError``) a selection whose statistics exceed this.
+
+    The default selection warns when the trackable layers (before ``exclude`` and the size limit)
+    hold under half of the model's trainable parameters (e.g. an LSTM with a linear head: only the
+    head is tracked), naming what is left out.
     """
     modules = dict(model.named_modules())
     all_names = [n for n in modules if n]
     tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
+    unhookable = _bypassed_linears(modules)
 
     def trackable(name: str) -> bool:
         module = modules[name]
         weight = getattr(module, "weight", None)
         return (
-            _layer_kind(module) is not None
+            name not in unhookable
+            and _layer_kind(module) is not None
             and isinstance(weight, Tensor)
             and weight.requires_grad
             and not (isinstance(module, nn.Conv2d) and module.groups != 1)
@@ -135,6 +143,7 @@ def select_layers(
 
     if include is None:
         names = [n for n in all_names if trackable(n) and id(modules[n].weight) not in tied]
+        _warn_if_mostly_untracked(model, [modules[n] for n in names])
     else:
         names = []
         for pattern in include:
@@ -142,6 +151,12 @@ def select_layers(
             if not matched:
                 raise TrackingError(_unknown_name_message(pattern, all_names))
             exact = modules.get(pattern)
+            if pattern in unhookable:
+                raise TrackingError(
+                    f"module {pattern!r} is the output projection of {unhookable[pattern]!r} (nn.MultiheadAttention), "
+                    "which applies it through F.linear: its hooks never fire, so it cannot be tracked; "
+                    "leave it out of layers"
+                )
             if exact is not None and not trackable(pattern):
                 raise TrackingError(
                     f"module {pattern!r} ({type(exact).__name__}) cannot be tracked: supported are nn.Linear, "
@@ -153,6 +168,11 @@ def select_layers(
             raise TrackingError(_unknown_name_message(pattern, all_names, what="exclude"))
         names = [n for n in names if not (n == pattern or fnmatch.fnmatchcase(n, pattern))]
 
+    if include is None and unhookable:
+        warnings.warn(
+            f"not tracking {', '.join(sorted(unhookable))}: nn.MultiheadAttention applies its output projection "
+            "through F.linear, which bypasses module hooks"
+        )
     layers = [TrackedLayer(n, modules[n], _layer_kind(modules[n])) for n in names]
     if max_layer_bytes is not None:
         too_big = [layer for layer in layers if layer.factor_bytes > max_layer_bytes]
@@ -181,6 +201,35 @@ def select_layers(
                 "set a per-layer limit, or raise the budget"
             )
     return layers
+
+
+def _bypassed_linears(modules: Dict[str, nn.Module]) -> Dict[str, str]:
+    """``{linear layer name: owning attention's name}`` for the ``out_proj`` of every
+    ``nn.MultiheadAttention``: PyTorch applies it with ``F.linear`` on its weight, never calling it."""
+    return {f"{name}.out_proj": name for name, module in modules.items()
+            if isinstance(module, nn.MultiheadAttention) and f"{name}.out_proj" in modules}
+
+
+def _warn_if_mostly_untracked(model: nn.Module, trackable: Sequence[nn.Module]) -> None:
+    """Warn when the trackable layers hold under half of the trainable parameters, naming the
+    modules that hold the most of the rest: influence then describes only a part of the model."""
+    tracked = {id(p) for module in trackable for p in module.parameters()}
+    left_out: Counter = Counter()
+    total = 0
+    for name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if param.requires_grad:
+                total += param.numel()
+                if id(param) not in tracked:
+                    left_out[f"{name or '(model)'} ({type(module).__name__})"] += param.numel()
+    untracked = sum(left_out.values())
+    if total and untracked > total / 2:
+        listing = ", ".join(f"{what}: {count:,}" for what, count in left_out.most_common(5))
+        warnings.warn(
+            f"the tracked layers hold {100 * (total - untracked) / total:.0f}% of the trainable parameters; "
+            f"influence sees only them (tracked: nn.Linear, nn.Conv2d, GPT-2 Conv1D; embeddings and the "
+            f"unembedding are left out by default). Largest left out: {listing}"
+        )
 
 
 def layers_by_name(model: nn.Module, names: Sequence[str]) -> List[TrackedLayer]:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from lightning_influence.results import finite_topk
 from lightning_influence.reporting import plots
 from lightning_influence.reporting.render import RenderedExample
 
@@ -112,7 +113,7 @@ def _ranked_examples(result: Any, q: int, k: int, largest: bool) -> List[tuple]:
                 )
             )
         return picked
-    order = torch.topk(torch.nan_to_num(scores.double()), min(k, scores.numel()), largest=largest).indices.tolist()
+    order = [j for j in finite_topk(scores.unsqueeze(0), k, largest).indices[0].tolist() if j >= 0]
     dense, mask = result.token_scores, result.token_mask
     return [
         (
