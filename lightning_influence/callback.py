@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
@@ -114,12 +114,7 @@ class InfluenceCallbackMixin:
         self._failures = 0
         self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
         self._warned: set = set()
-        self._output_hook = None
-        self._last_outputs: Any = None
-        self._step_at_batch_start = -1
-        self._collecting = False
-        self._loss_checked = False
-        self._window_scale: Optional[float] = None
+        self._steps: Optional[_StepRecorder] = None
         self._publisher = None
         self._query_dataset: Any = None
 
@@ -170,9 +165,8 @@ class InfluenceCallbackMixin:
             self._apply_state(self._restored)
             self._restored = None
         self._session.check(pl_module, layers)
-        self._collector.attach()
-        if cfg.fisher == "true":
-            self._output_hook = pl_module.register_forward_hook(self._capture_outputs)
+        self._steps = _StepRecorder(self._collector, cfg.collect_every_n_steps, self._warn)
+        self._steps.attach(pl_module)
         if trainer.is_global_zero:
             log.info("lightning-influence: %s", self._session.memory_estimate(layers))
             if cfg.report:
@@ -213,49 +207,18 @@ class InfluenceCallbackMixin:
                 self._warn(message, message)
         self._resolve_pending(trainer)
 
-    def _capture_outputs(self, module: Any, inputs: Any, output: Any) -> None:
-        if self._collecting and self._collector.recording:
-            self._last_outputs = output
-
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if self._collector is None:
-            return
-        self._resolve_pending(trainer)
-        self._step_at_batch_start = trainer.global_step
-        self._collecting = trainer.global_step % self.config.collect_every_n_steps == 0
-        if not self._collecting:
-            return
-        scale = _trainer.loss_scale(trainer)
-        if self._window_scale is None:
-            self._window_scale = scale
-        self._collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches, loss_scale=scale)
+        if self._collector is not None:
+            self._resolve_pending(trainer)
+            self._steps.batch_start(trainer, batch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
-        if not (self._collecting and self._collector.recording):
-            return
-        self._collector.begin_backward()
-        outputs, self._last_outputs = self._last_outputs, None
-        if not self._loss_checked:  # once, on the first collected step
-            self._loss_checked = True
-            message = self._collector.check_loss_reduction(pl_module, loss)
-            if message and trainer.is_global_zero:
-                self._warn("loss-reduction", message)
-        if self.config.fisher == "true":
-            self._collector.sample_true_fisher(pl_module, outputs)
+        if self._steps is not None:
+            self._steps.before_backward(trainer, pl_module, loss)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self._collector is None:
-            return
-        if self._collecting:
-            self._collector.end_batch()
-            self._last_outputs = None
-            self._collector.check_single_runs()
-        if trainer.global_step == self._step_at_batch_start:
+        if self._collector is None or not self._steps.batch_end(trainer):
             return  # still accumulating gradients: the optimizer step has not happened
-        if self._window_scale is not None:
-            skipped = _trainer.loss_scale(trainer) < self._window_scale  # GradScaler backs off when it skips
-            self._collector.commit(valid=not skipped)
-            self._window_scale = None
         cfg = self.config
         if cfg.every_n_train_steps and trainer.global_step % cfg.every_n_train_steps == 0:
             self._compute(trainer, pl_module, "every_n_train_steps")
@@ -298,12 +261,8 @@ class InfluenceCallbackMixin:
             self._collector.end_batch()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage != "fit" or self._collector is None:
-            return
-        self._collector.detach()
-        if self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
+        if stage == "fit" and self._steps is not None:
+            self._steps.detach()
 
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
@@ -364,20 +323,11 @@ class InfluenceCallbackMixin:
 
     def _resolve_pending(self, trainer: Any) -> None:
         """Record the paths of checkpoints saved at a result's step (known only after the save)."""
-        for entry in self._index.entries:
-            if not entry.get("awaiting_checkpoint"):
-                continue
-            paths = _trainer.checkpoints_saved_at(trainer, entry["step"])
-            if entry.get("restored") and trainer.ckpt_path:
-                paths.append(str(trainer.ckpt_path))
-            new = [p for p in paths if p not in entry["checkpoint_paths"]]
-            if new:
-                entry["checkpoint_paths"].extend(new)
-                if trainer.is_global_zero:
-                    self._index.write_meta(entry)
-            if new or trainer.global_step > entry["step"] or entry.get("restored"):
-                entry["awaiting_checkpoint"] = False
-                entry.pop("restored", None)
+        resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
+        for entry in self._index.record_checkpoints(partial(_trainer.checkpoints_saved_at, trainer), resumed_from,
+                                                    trainer.global_step):
+            if trainer.is_global_zero:
+                self._index.write_meta(entry)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -395,46 +345,96 @@ class InfluenceCallbackMixin:
         }
         if self._collector is not None:
             self._collector.consolidate_()
-            state["layers"] = [[layer.name, layer.d_out, layer.d_in] for layer in self._collector.layers]
             state["collector"] = self._collector.state_dict()
         elif self._restored is not None:
-            state.update({k: self._restored[k] for k in ("layers", "collector", "pool_ids") if k in self._restored})
+            state.update({k: self._restored[k] for k in ("collector", "pool_ids") if k in self._restored})
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if state_dict.get("version") not in (1, STATE_VERSION):
             raise ValueError(f"cannot resume InfluenceCallback state of version {state_dict.get('version')!r} "
                              f"(this version reads 1 and {STATE_VERSION})")
-        mine, theirs = self.config.resume_fingerprint(), state_dict["config"]
-        differ = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
-        if differ:
-            listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
-            raise ValueError(
-                f"the checkpoint's influence statistics were collected with a different configuration ({listing}); "
-                "resume with the same InfluenceCallback settings, or start a new run"
-            )
+        self.config.check_resumable(state_dict["config"])
         if self._collector is not None:
             self._apply_state(state_dict)
         else:
             self._restored = state_dict
 
     def _apply_state(self, state: Dict[str, Any]) -> None:
-        layers = [[layer.name, layer.d_out, layer.d_in] for layer in self._collector.layers]
-        saved = [list(item) for item in state.get("layers", layers)]
-        if saved != layers:
-            raise ValueError(
-                f"the checkpoint's influence statistics track other layers ({[n for n, *_ in saved][:8]}) than this "
-                f"callback ({[n for n, *_ in layers][:8]}); resume with the same layers / exclude settings"
-            )
-        if "collector" in state:
-            self._collector.load_state_dict(state["collector"])
+        if "collector" in state:  # version 1 kept the tracked layers beside the collector's state
+            self._collector.load_state_dict({"layers": state.get("layers"), **state["collector"]}
+                                            if "layers" in state else state["collector"])
         self._index.load_state(state["index"])
-        for entry in self._index.entries:
-            if entry.get("awaiting_checkpoint"):
-                entry["restored"] = True  # its checkpoint is the one being resumed from
         self._failures = int(state.get("failures", 0))
         if state.get("pool_ids") is not None:
             self._session.pool_ids = state["pool_ids"]
+
+
+class _StepRecorder:
+    """Lightning's training-step hooks as :class:`StepStatistics` calls: which steps are collected,
+    the AMP loss scale and the steps its GradScaler skipped, the step's own outputs reused for the
+    true Fisher, and one check of the declared loss reduction."""
+
+    def __init__(self, collector: StepStatistics, every_n_steps: int, warn: Callable[[str, str], None]) -> None:
+        self.collector, self.every_n_steps, self.warn = collector, every_n_steps, warn
+        self._output_hook = None
+        self._last_outputs: Any = None
+        self._step_at_batch_start = -1
+        self._collecting = False
+        self._loss_checked = False
+        self._window_scale: Optional[float] = None
+
+    def attach(self, pl_module: Any) -> None:
+        self.collector.attach()
+        if self.collector.fisher == "true":
+            self._output_hook = pl_module.register_forward_hook(self._capture_outputs)
+
+    def detach(self) -> None:
+        self.collector.detach()
+        if self._output_hook is not None:
+            self._output_hook.remove()
+            self._output_hook = None
+
+    def _capture_outputs(self, module: Any, inputs: Any, output: Any) -> None:
+        if self._collecting and self.collector.recording:
+            self._last_outputs = output
+
+    def batch_start(self, trainer: Any, batch: Any) -> None:
+        self._step_at_batch_start = trainer.global_step
+        self._collecting = trainer.global_step % self.every_n_steps == 0
+        if not self._collecting:
+            return
+        scale = _trainer.loss_scale(trainer)
+        if self._window_scale is None:
+            self._window_scale = scale
+        self.collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches, loss_scale=scale)
+
+    def before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        if not (self._collecting and self.collector.recording):
+            return
+        self.collector.begin_backward()
+        outputs, self._last_outputs = self._last_outputs, None
+        if not self._loss_checked:  # once, on the first collected step
+            self._loss_checked = True
+            message = self.collector.check_loss_reduction(pl_module, loss)
+            if message and trainer.is_global_zero:
+                self.warn("loss-reduction", message)
+        if self.collector.fisher == "true":
+            self.collector.sample_true_fisher(pl_module, outputs)
+
+    def batch_end(self, trainer: Any) -> bool:
+        """Stop recording the batch; commit the statistics when the optimizer stepped (returned)."""
+        if self._collecting:
+            self.collector.end_batch()
+            self._last_outputs = None
+            self.collector.check_single_runs()
+        if trainer.global_step == self._step_at_batch_start:
+            return False
+        if self._window_scale is not None:
+            skipped = _trainer.loss_scale(trainer) < self._window_scale  # GradScaler backs off when it skips
+            self.collector.commit(valid=not skipped)
+            self._window_scale = None
+        return True
 
 
 class InfluenceCallback(InfluenceCallbackMixin, pl.Callback):

@@ -317,8 +317,12 @@ class StepStatistics:
             self.stats.zero_()
 
     # -- persistence ----------------------------------------------------------------------------
+    def layer_shapes(self) -> list:
+        return [[layer.name, layer.d_out, layer.d_in] for layer in self.layers]
+
     def state_dict(self) -> Dict[str, Any]:
         return {
+            "layers": self.layer_shapes(),
             "stats": self.stats.state_dict(),
             "steps_committed": float(self.steps_committed),
             "steps_skipped": float(self.steps_skipped),
@@ -327,7 +331,14 @@ class StepStatistics:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """Restore a consolidated state (every rank loads it; only rank 0 keeps the sums)."""
+        """Restore a consolidated state (every rank loads it; only rank 0 keeps the sums); refuse
+        the statistics of other layers."""
+        saved = [list(item) for item in state.get("layers", self.layer_shapes())]
+        if saved != self.layer_shapes():
+            raise ValueError(
+                f"the checkpoint's influence statistics track other layers ({[n for n, *_ in saved][:8]}) than this "
+                f"callback ({[layer.name for layer in self.layers][:8]}); resume with the same layers / exclude settings"
+            )
         self.stats.load_state_dict(state["stats"])
         if distributed.rank() != 0:
             self.stats.zero_()

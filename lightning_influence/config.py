@@ -301,6 +301,17 @@ class InfluenceConfig:
             found.append("the end of training")
         return found
 
+    def check_resumable(self, saved: Mapping[str, Any]) -> None:
+        """Refuse resuming statistics collected under other settings (``saved``: the checkpoint's
+        :meth:`resume_fingerprint`), naming each setting that differs."""
+        differ = {k: (saved.get(k), v) for k, v in self.resume_fingerprint().items() if saved.get(k) != v}
+        if differ:
+            listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+            raise ValueError(
+                f"the checkpoint's influence statistics were collected with a different configuration ({listing}); "
+                "resume with the same InfluenceCallback settings, or start a new run"
+            )
+
     def resume_fingerprint(self) -> Dict[str, Any]:
         """The settings that change what the collected statistics mean: a resumed run must match them
         (compared key by key, so the message names what differs)."""
@@ -308,11 +319,6 @@ class InfluenceConfig:
         return {"task": task_class.__name__, "strategy": self.strategy, "fisher": self.fisher,
                 "covariance_dtype": self.covariance_dtype, "loss_reduction": self.loss_reduction,
                 "window": self.window, "max_train_examples": self.max_train_examples, "seed": self.seed}
-
-    def fingerprint(self) -> str:
-        """SHA-256 hex digest of :meth:`resume_fingerprint`: one stable string for a run's identity."""
-        text = json.dumps(self.resume_fingerprint(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def to_dict(self) -> Dict[str, Any]:
         """JSON-friendly settings (objects such as datasets and tasks by their class name)."""

@@ -401,11 +401,34 @@ class ResultIndex:
         if entry["dir"] in self._handles:
             self._handles[entry["dir"]].meta.update(meta)
 
+    def record_checkpoints(self, saved_at: Callable[[int], List[str]], resumed_from: Optional[str],
+                           step: int) -> List[Dict[str, Any]]:
+        """Record the checkpoints saved at each awaiting entry's step (``saved_at(step)``; known only
+        after the save), or the checkpoint a run resumed from; return the entries that changed.
+        An entry stops waiting once recorded or once training moved past its step."""
+        changed = []
+        for entry in self.entries:
+            if not entry.get("awaiting_checkpoint"):
+                continue
+            paths = saved_at(entry["step"]) + ([resumed_from] if entry.get("restored") and resumed_from else [])
+            new = [p for p in paths if p not in entry["checkpoint_paths"]]
+            if new:
+                entry["checkpoint_paths"].extend(new)
+                changed.append(entry)
+            if new or step > entry["step"] or entry.get("restored"):
+                entry["awaiting_checkpoint"] = False
+                entry.pop("restored", None)
+        return changed
+
     def state(self) -> List[Dict[str, Any]]:
         return [dict(entry) for entry in self.entries]
 
     def load_state(self, entries: Sequence[Dict[str, Any]]) -> None:
+        """Entries of a resumed run; one awaiting its checkpoint path belongs to the checkpoint resumed from."""
         self.entries = [_current_entry(entry) for entry in entries]
+        for entry in self.entries:
+            if entry.get("awaiting_checkpoint"):
+                entry["restored"] = True
 
 
 def _current_entry(entry: Dict[str, Any]) -> Dict[str, Any]:

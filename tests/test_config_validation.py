@@ -170,17 +170,6 @@ def test_resume_fingerprint_holds_what_changes_the_statistics():
         "loss_reduction": "mean", "window": "reset", "max_train_examples": None, "seed": 5}
 
 
-def test_fingerprint_is_a_stable_hash_of_those_settings():
-    config = _config()
-    expected = hashlib.sha256(json.dumps(config.resume_fingerprint(), sort_keys=True,
-                                         separators=(",", ":")).encode()).hexdigest()
-    assert config.fingerprint() == expected and re.fullmatch("[0-9a-f]{64}", expected)
-    # A named built-in and an instance of it collect the same statistics; presentation settings do not count.
-    assert _config(task=li.ClassificationTask(), top_k=3, report=False).fingerprint() == expected
-    assert _config(seed=1).fingerprint() != expected
-    assert _config(task="regression").fingerprint() != expected
-
-
 # -- check_schedule ------------------------------------------------------------------------------------
 RUN = dict(max_epochs=2, max_steps=None, saves_checkpoints=True, total_steps=24, steps_per_epoch=12)
 
