@@ -33,9 +33,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
+from lightning_influence.results import factors_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import add_common_arguments, logger_location, make_logger, section, set_up  # noqa: E402
+from common import HelpFormatter, add_common_arguments, logger_location, make_logger, section, set_up  # noqa: E402
 
 
 class DigitsData(pl.LightningDataModule):
@@ -108,14 +109,15 @@ def precision_at(scores: torch.Tensor, flipped: torch.Tensor, count: int) -> flo
 def build_parser() -> argparse.ArgumentParser:
     """Command-line flags (``--help`` lists them)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     formatter_class=HelpFormatter)
     parser.add_argument("--flip-fraction", type=float, default=0.1, help="share of training labels flipped")
     parser.add_argument("--validation-size", type=int, default=400, help="clean validation images")
     parser.add_argument("--queries", type=int, default=200, help="validation images used as influence queries")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs")
     parser.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (-1: no limit)")
     parser.add_argument("--quick", action="store_true", help="fewer epochs and queries, for smoke tests")
-    add_common_arguments(parser, default_output="runs/digits_flipped_labels")
+    add_common_arguments(parser, default_output="runs/digits_flipped_labels",
+                         quick_output="runs/digits_flipped_labels_quick")
     return parser
 
 
@@ -148,7 +150,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     result = influence.results[-1]
 
     # Self-influence reuses the factors saved next to the result: no second curvature pass.
-    factors = li.load_factors(Path(result.path) / "factors")
+    factors = li.load_factors(factors_path(result))
     task = li.ClassificationTask()
     self_influence = li.compute_self_influence(model, task, train_set, factors)
     on_clean = torch.zeros(len(train_set)).index_add_(0, result.train_ids, result.scores.sum(0))

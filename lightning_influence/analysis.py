@@ -461,10 +461,10 @@ def layer_shares(layer_scores: ArrayLike, *, top_k: Optional[int] = None, groups
         top = totals.masked_fill(totals.isnan(), -math.inf).topk(k, dim=1).indices  # [Q, k], never a NaN example
         magnitude = magnitude.gather(2, top.unsqueeze(0).expand(scores.shape[0], -1, -1))
     per_layer = magnitude.sum(2).T  # [Q, L]
-    return _shares_from_sums(per_layer, groups)
+    return shares_from_sums(per_layer, groups)
 
 
-def _shares_from_sums(per_layer: torch.Tensor, groups: Optional[Groups]) -> torch.Tensor:
+def shares_from_sums(per_layer: torch.Tensor, groups: Optional[Groups]) -> torch.Tensor:
     """Normalise ``[Q, L]`` sums of absolute scores into (grouped) shares."""
     blocks = _layer_groups(per_layer.shape[1], groups)
     grouped = torch.stack([per_layer[:, block].sum(1) for block in blocks], dim=1)

@@ -3,7 +3,7 @@
 Per training batch the tracker's tensor hooks see each tracked layer's input ``a`` and the gradient
 ``g_user`` of the loss the user back-propagates. That loss is usually a mean, divided again by
 Lightning for gradient accumulation and multiplied by the AMP loss scale, so the gradient of each
-example's token-summed loss (what ``S`` is defined on, design.md) is recovered as
+example's token-summed loss (``S = Σ g gᵀ / N_examples`` is defined on it) is recovered as
 
     g = g_user × reduction × accumulation / loss_scale
 

@@ -13,7 +13,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_influence.analysis import Groups, _shares_from_sums, concentration
+from lightning_influence.analysis import Groups, shares_from_sums, concentration
 
 
 class LayerShare(Metric):
@@ -65,7 +65,7 @@ class LayerShare(Metric):
         """``[Q, L]`` (or ``[Q, G]``) shares whose rows sum to 1 (NaN rows: no influence)."""
         if self.abs_sums.dim() != 2:
             raise RuntimeError("LayerShare.compute() called before any update()")
-        return _shares_from_sums(self.abs_sums, self.groups)
+        return shares_from_sums(self.abs_sums, self.groups)
 
 
 class InfluenceConcentration(Metric):

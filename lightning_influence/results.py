@@ -293,6 +293,12 @@ def factors_path(result_or_dir: Union[InfluenceResult, PathLike]) -> Path:
                       "(the callback saves factors with every result; offline, use Factors.save)")
 
 
+def is_saved_result(path: PathLike) -> bool:
+    """Whether ``path`` is a directory holding a saved result (written completely: the atomic
+    write makes it appear whole or not at all)."""
+    return our_format(path) == RESULT_FORMAT
+
+
 def update_result_meta(path: PathLike, **fields: Any) -> Dict[str, Any]:
     """Set ``fields`` in a saved result's ``meta`` mapping, rewriting only ``meta.json`` (atomically);
     the tensors stay as they are. Returns the new ``meta``."""

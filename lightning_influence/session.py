@@ -39,11 +39,12 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_influence import distributed, passes
-from lightning_influence._io import META_FILE, remove_incomplete
+from lightning_influence._io import remove_incomplete
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
 from lightning_influence.results import (
     InfluenceResult,
     finite_topk,
+    is_saved_result,
     run_identity,
     save_result_with_factors,
     update_result_meta,
@@ -383,7 +384,7 @@ class ResultIndex:
         """The saved results (tensors load lazily); entries whose directory is missing are skipped."""
         found = []
         for entry in self.entries:
-            if self.output_dir is None or not (self.path(entry) / META_FILE).is_file():
+            if self.output_dir is None or not is_saved_result(self.path(entry)):
                 continue
             if entry["dir"] not in self._handles:
                 self._handles[entry["dir"]] = InfluenceResult.load(self.path(entry))
@@ -393,7 +394,7 @@ class ResultIndex:
     def write_meta(self, entry: Dict[str, Any]) -> None:
         """Record the entry's reasons and checkpoint paths in its saved result (one process only)."""
         path = self.path(entry)
-        if not (path / META_FILE).is_file():
+        if not is_saved_result(path):
             return
         paths = list(entry["checkpoint_paths"])
         meta = update_result_meta(path, checkpoint_path=paths[0] if paths else None, checkpoint_paths=paths,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from lightning_influence._format import format_number
 from lightning_influence.reporting.report import ExampleRow, Report
 
 __all__ = ["LoggerSink", "TensorBoardSink"]
@@ -27,7 +28,7 @@ class LoggerSink:
 def _markdown_table(rows: List[ExampleRow]) -> str:
     lines = ["| query | rank | train id | score | example |", "|---|---|---|---|---|"]
     for row in rows:
-        cells = [row.query.text, str(row.rank), str(row.train_id), f"{row.score:.4g}", row.example.text]
+        cells = [row.query.text, str(row.rank), str(row.train_id), format_number(row.score), row.example.text]
         lines.append("| " + " | ".join(cell.replace("|", "\\|").replace("\n", " ") for cell in cells) + " |")
     return "\n".join(lines)
 
