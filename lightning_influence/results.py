@@ -374,7 +374,8 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
         if not (torch.equal(other.train_ids, first.train_ids) and torch.equal(other.query_ids, first.query_ids)):
             raise ValueError(
                 "aggregate() needs results over the same training examples and queries "
-                f"(step {first.step} and step {other.step} differ); use li.compare to match ids"
+                f"(step {first.step} and step {other.step} differ): pass the results of one run, whose "
+                "checkpoints all score the same pool and queries (li.compare can still relate the two)"
             )
     if isinstance(weighting, str):
         if weighting not in ("mean_abs", "none"):

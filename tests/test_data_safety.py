@@ -260,3 +260,10 @@ def test_example_help_prints_each_default_once(arithmetic_lm, capsys):
                       "(default: auto)", "training sequences (default: 1500)"):
         assert text.count(flag_help) == 1, flag_help
     assert text.count("(default: 0)") == 1 and "(default: None)" not in text and "(default: False)" not in text
+
+
+def test_aggregate_over_different_pools_points_to_one_run():
+    """The hint used to send users to li.compare, which cannot combine anything."""
+    a, b = make_result(1), make_result(2, n_train=9)
+    with pytest.raises(ValueError, match=r"step 1 and step 2 differ\): pass the results of one run"):
+        li.aggregate([a, b])
