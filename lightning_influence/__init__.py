@@ -6,12 +6,14 @@ Public names only; see README.md for a tour.
 from lightning_influence import analysis
 from lightning_influence._io import FormatError
 from lightning_influence.analysis import InfluenceSummary, PowerLawFit, fit_power_law, summarize
-from lightning_influence.compare import Comparison, compare, trajectory
+from lightning_influence.collector import StepStatistics
+from lightning_influence.compare import Comparison, RunAnalysis, compare, trajectory
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors, load_factors
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
-from lightning_influence.results import InfluenceResult, aggregate, load_results
+from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
 from lightning_influence.scoring import compute_influence, compute_self_influence
+from lightning_influence.session import InfluenceSession
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 from lightning_influence.tracking import TrackingError, select_layers
 
@@ -29,16 +31,20 @@ __all__ = [
     "InfluenceConcentration",
     "InfluenceConfig",
     "InfluenceResult",
+    "InfluenceSession",
     "InfluenceSummary",
     "LayerShare",
     "PowerLawFit",
     "RegressionTask",
     "RenderedExample",
     "ResultPublisher",
+    "RunAnalysis",
+    "StepStatistics",
     "Task",
     "TrackingError",
     "aggregate",
     "analysis",
+    "check_same_run",
     "compare",
     "compute_influence",
     "compute_self_influence",
