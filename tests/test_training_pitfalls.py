@@ -12,7 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from tests.reliability_helpers import COLLECT_ONLY, Classifier, fit, make_callback, seeded
+from torch import nn
+
+from tests.callback_models import planted_data
+from tests.reliability_helpers import COLLECT_ONLY, BlobData, Classifier, fit, make_callback, seeded
 
 EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False)
 
@@ -120,3 +123,45 @@ def test_a_moved_or_copied_run_resumes_with_its_own_results(tmp_path, how):
         ckpt_path=str(moved / "ckpt" / "epoch=0-step=12.ckpt"))
     assert [r.step for r in resumed.results] == [12, 24]
     assert all(str(r.path).startswith(str(moved)) for r in resumed.results)
+
+
+class AttentionClassifier(Classifier):
+    """A TransformerEncoderLayer over two tokens, taking dict batches ``{"x": ..., "y": ...}``."""
+
+    def __init__(self):
+        super().__init__()
+        del self.net
+        self.embed = nn.Linear(1, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.encoder(self.embed(x.unsqueeze(-1))).mean(1))
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["x"]), batch["y"])
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", F.cross_entropy(self(batch["x"]), batch["y"]))
+
+
+def _dict_batches(examples):
+    x, y = zip(*examples)
+    return {"x": torch.stack(x), "y": torch.stack(y)}
+
+
+def test_multihead_attention_and_dict_batches_in_the_callback(tmp_path):
+    """Used to fail at fit start (out_proj never fires) and on {x, y} batches (labels passed to
+    forward): now out_proj is left out with one warning and the run has its result."""
+    from torch.utils.data import DataLoader
+
+    train, val, _ = planted_data()
+    datamodule = BlobData(train, val, batch_size=8, shuffle=False)
+    datamodule.train_dataloader = lambda: DataLoader(train, batch_size=8, collate_fn=_dict_batches)
+    datamodule.val_dataloader = lambda: DataLoader(val, batch_size=8, collate_fn=_dict_batches)
+    cb = make_callback(tmp_path, **EPOCHS)
+    with pytest.warns(UserWarning, match=r"not tracking encoder\.self_attn\.out_proj"):
+        fit(tmp_path, cb, seeded(AttentionClassifier), datamodule=datamodule)
+    (result,) = cb.results
+    assert "encoder.self_attn.out_proj" not in result.layer_names and "encoder.linear1" in result.layer_names
+    assert torch.isfinite(result.scores).all() and result.scores.shape == (4, 96)
