@@ -165,3 +165,32 @@ def test_multihead_attention_and_dict_batches_in_the_callback(tmp_path):
     (result,) = cb.results
     assert "encoder.self_attn.out_proj" not in result.layer_names and "encoder.linear1" in result.layer_names
     assert torch.isfinite(result.scores).all() and result.scores.shape == (4, 96)
+
+
+def test_more_queries_than_the_validation_set_is_reported(tmp_path):
+    cb = make_callback(tmp_path, num_queries=64, **COLLECT_ONLY)
+    with pytest.warns(RuntimeWarning, match=r"num_queries=64 but the val dataset holds 16 examples; using all 16"):
+        fit(tmp_path, cb, seeded(Classifier))
+
+
+def test_a_non_finite_pool_example_is_reported_and_never_ranked(tmp_path):
+    """One NaN example in the candidate pool, inside the correction subset: it used to make every
+    score NaN there (and rank first for every query elsewhere). Now the other scores are finite, the
+    example is never among the top or bottom examples, and the result names it."""
+    from torch.utils.data import TensorDataset
+
+    train, val, planted = planted_data()
+    x, y = train.tensors
+    pool_x = x.clone()
+    pool_x[5] = float("nan")
+    cb = make_callback(tmp_path, train_data=TensorDataset(pool_x, y), correction_batches=None, top_k=3, **EPOCHS)
+    with pytest.warns(UserWarning, match="non-finite"):
+        fit(tmp_path, cb, seeded(Classifier), max_epochs=3)
+    result = cb.results[-1]
+    assert result.meta["nonfinite_train_ids"] == [5]
+    assert torch.isnan(result.scores[:, 5]).all()
+    others = torch.cat([result.scores[:, :5], result.scores[:, 6:]], 1)
+    assert torch.isfinite(others).all()
+    for name in ("top_ids", "bottom_ids"):
+        assert not (result.get(name) == 5).any()
+    assert int(result.get("top_ids")[0, 0]) == planted
