@@ -22,9 +22,12 @@ TEST_SETTINGS = dict(on_error="raise", show_progress=False, collect_every_n_step
 
 
 def assert_statistics_equal(collected, offline):
+    """Equal up to float32 summation order, relative to each sum's norm (a sum's small entries
+    carry its large entries' rounding)."""
     for name, parts in offline.state.items():
         for key, value in parts.items():
-            torch.testing.assert_close(collected.state[name][key], value, rtol=1e-5, atol=1e-6, msg=f"{name}/{key}")
+            error = float((collected.state[name][key] - value).double().norm())
+            assert error <= 1e-6 * float(value.double().norm()) + 1e-7, (name, key, error)
 
 
 def copied(statistics: CovarianceStatistics, layers) -> CovarianceStatistics:
@@ -117,3 +120,104 @@ def test_fabric_refuses_callback_only_settings(tmp_path):
         InfluenceMonitor(fabric, classifier(), "classification", train, val, every_n_epochs=1)
     with pytest.raises(ValueError, match="query_data='val' names a Lightning Trainer's split"):
         InfluenceMonitor(fabric, classifier(), "classification", train, "val")
+
+
+# -- Hugging Face Trainer -----------------------------------------------------------------------------
+transformers = pytest.importorskip("transformers")
+VOCAB, LENGTH = 24, 8
+
+
+class TokenData(Dataset):
+    """Integer token sequences with right padding (labels -100 and attention 0 on the padding)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (size, LENGTH), generator=generator)
+        self.lengths = torch.randint(4, LENGTH + 1, (size,), generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        mask = (torch.arange(LENGTH) < self.lengths[index]).long()
+        return {"input_ids": self.ids[index], "attention_mask": mask,
+                "labels": self.ids[index].masked_fill(mask == 0, -100)}
+
+
+def tiny_gpt2():
+    """A GPT-2 whose forward takes ``**kwargs``: the Trainer passes it ``num_items_in_batch``."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=LENGTH, n_embd=16, n_layer=1, n_head=2,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+class TinyLM(nn.Module):
+    """A model without ``**kwargs``: the Trainer divides its token-mean loss for accumulation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.hidden = nn.Linear(16, 16)
+        self.head = nn.Linear(16, VOCAB)
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = self.head(torch.tanh(self.hidden(self.embed(input_ids))))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), labels[:, 1:].reshape(-1), ignore_index=-100)
+        return {"loss": loss, "logits": logits}
+
+
+def hf_trainer(tmp_path, model, callback, *, learning_rate=0.0, accumulation=1, report_to=(), epochs=1, size=24):
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+        learning_rate=learning_rate, num_train_epochs=epochs, use_cpu=True, dataloader_num_workers=0,
+        save_strategy="no", report_to=list(report_to), logging_steps=1, disable_tqdm=True, seed=0,
+    )
+    return transformers.Trainer(model=model, args=args, train_dataset=TokenData(size, seed=0), callbacks=[callback])
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2, TinyLM], ids=["gpt2-num_items_in_batch", "module-divided-loss"])
+def test_hf_trainer_statistics_equal_offline_pass(tmp_path, make_model):
+    """lr=0, 6 micro-batches with 4 accumulated per step (so the last step accumulates 2): the
+    statistics from the Trainer's steps equal one offline pass, whichever way the Trainer scales."""
+    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+
+    callback = InfluenceTrainerCallback(li.CausalLMTask(), TokenData(4, seed=1), on_train_end=False,
+                                        every_n_train_steps=1000, report=False, **TEST_SETTINGS)
+    model = make_model()
+    trainer = hf_trainer(tmp_path, model, callback, accumulation=4)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    offline = accumulate_covariances(model, li.CausalLMTask(), TokenData(24, seed=0), li.select_layers(model),
+                                     fisher="empirical", batch_size=4)
+    assert_statistics_equal(callback.statistics, offline)
+
+
+def test_hf_trainer_writes_results_and_logs_to_wandb(tmp_path):
+    """Influence every 3 steps and at the end, on disk under <output_dir>/influence and in the W&B
+    run that report_to="wandb" started."""
+    wandb = pytest.importorskip("wandb")
+    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from tests import wandb_reader
+
+    callback = InfluenceTrainerCallback("causal_lm", TokenData(3, seed=1), every_n_train_steps=3, top_k=2,
+                                        log_artifacts=False, collect_every_n_steps=1, on_error="raise",
+                                        show_progress=False)
+    trainer = hf_trainer(tmp_path, tiny_gpt2(), callback, learning_rate=1e-2, report_to=["wandb"], size=20)
+    import os
+    os.environ["WANDB_DIR"] = str(tmp_path)
+    trainer.train()
+    run_dir = Path(wandb.run.dir).parent
+    wandb.finish()
+    results = li.load_results(tmp_path / "hf" / "influence")
+    assert [r.step for r in results] == [3, 5] and [r.epoch for r in results] == [0, 0]
+    assert results[-1].meta["reasons"] == ["every_n_train_steps", "train_end"] or results[-1].meta["reasons"] == ["train_end"]
+    assert results[0].scores.shape == (3, 20) and torch.isfinite(results[0].scores).all()
+    assert [r.step for r in callback.results] == [3, 5]
+    rows = wandb_reader.history(wandb_reader.skip_if_unsupported(run_dir))
+    logged = [r["trainer/global_step"] for r in rows if "influence/tail_alpha" in r or "influence/top1_share" in r]
+    assert any("train/loss" in r or "loss" in r for r in rows), "the Trainer's own metrics are in the same run"
+    assert logged == [3, 5], [sorted(r) for r in rows if any(k.startswith("influence/") for k in r)][:1]

@@ -22,13 +22,14 @@ from lightning_influence.tracking import select_layers
 log = logging.getLogger(__name__)
 
 
-def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str]) -> InfluenceConfig:
-    """A validated :class:`InfluenceConfig` from an integration's keyword arguments; settings that
-    belong to the Lightning callback only are refused with what to use instead."""
+def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **arguments: Any) -> InfluenceConfig:
+    """A validated :class:`InfluenceConfig` from an integration's own ``arguments`` and the user's
+    further ``settings``; settings that belong to the Lightning callback only are refused with what
+    to use instead."""
     for name, instead in not_applicable.items():
         if name in settings:
             raise ValueError(f"{name} does not apply here: {instead}")
-    config = InfluenceConfig.from_mapping(settings)
+    config = InfluenceConfig.from_mapping(dict(settings, **arguments))
     if isinstance(config.query_data, str):
         raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "
                          "Dataset or DataLoader")

@@ -59,8 +59,8 @@ class InfluenceMonitor:
     def __init__(self, fabric: Any, model: Any, task: Union[Task, str], train_data: Union[Dataset, DataLoader],
                  query_data: Union[Dataset, DataLoader], *, output_dir: Optional[Union[str, Path]] = None,
                  **settings: Any) -> None:
-        config = loop_config(dict(settings, task=task, train_data=train_data, query_data=query_data,
-                                  output_dir=output_dir), NOT_APPLICABLE)
+        config = loop_config(settings, NOT_APPLICABLE, task=task, train_data=train_data, query_data=query_data,
+                             output_dir=output_dir)
         self.fabric = fabric
         self.model = unwrapped(model)
         self.global_step = 0

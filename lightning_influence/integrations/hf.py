@@ -74,12 +74,13 @@ class InfluenceTrainerCallback(TrainerCallback):
                  train_data: Optional[Union[Dataset, DataLoader]] = None, every_n_train_steps: Optional[int] = None,
                  every_n_epochs: Optional[int] = None, on_save: bool = False, on_train_end: bool = True,
                  output_dir: Optional[str] = None, loss_reduction: str = "token_mean", **settings: Any) -> None:
-        self._settings = dict(settings, task=task, query_data=query_data, every_n_train_steps=every_n_train_steps,
-                              every_n_epochs=every_n_epochs, on_checkpoint=on_save, on_train_end=on_train_end,
-                              output_dir=output_dir, loss_reduction=loss_reduction)
+        self._settings = settings
+        self._arguments = dict(task=task, query_data=query_data, every_n_train_steps=every_n_train_steps,
+                               every_n_epochs=every_n_epochs, on_checkpoint=on_save, on_train_end=on_train_end,
+                               output_dir=output_dir, loss_reduction=loss_reduction)
         # Validate now, with a stand-in pool when the Trainer's dataset is meant: errors surface at construction.
-        self.config = loop_config(dict(self._settings, train_data=train_data if train_data is not None else [0]),
-                                  NOT_APPLICABLE)
+        self.config = loop_config(settings, NOT_APPLICABLE, **self._arguments,
+                                  train_data=train_data if train_data is not None else [0])
         self._train_data = train_data
         self._loop: Optional[LoopInfluence] = None
         self._hooks: List[Any] = []
@@ -106,7 +107,7 @@ class InfluenceTrainerCallback(TrainerCallback):
         train = self._train_data if self._train_data is not None else train_dataloader
         if train is None:
             raise ValueError("cannot find the Trainer's training data; pass train_data=<Dataset or DataLoader>")
-        config = loop_config(dict(self._settings, train_data=train), NOT_APPLICABLE)
+        config = loop_config(self._settings, NOT_APPLICABLE, **self._arguments, train_data=train)
         model = unwrapped(model)
         output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
         self._loop = LoopInfluence(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
