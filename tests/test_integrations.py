@@ -196,28 +196,40 @@ def test_hf_trainer_statistics_equal_offline_pass(tmp_path, make_model):
     assert_statistics_equal(callback.statistics, offline)
 
 
-def test_hf_trainer_writes_results_and_logs_to_wandb(tmp_path):
+def test_hf_trainer_writes_results_and_logs_to_wandb(tmp_path, monkeypatch):
     """Influence every 3 steps and at the end, on disk under <output_dir>/influence and in the W&B
     run that report_to="wandb" started."""
     wandb = pytest.importorskip("wandb")
     from lightning_influence.integrations.hf import InfluenceTrainerCallback
     from tests import wandb_reader
 
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     callback = InfluenceTrainerCallback("causal_lm", TokenData(3, seed=1), every_n_train_steps=3, top_k=2,
                                         log_artifacts=False, collect_every_n_steps=1, on_error="raise",
                                         show_progress=False)
     trainer = hf_trainer(tmp_path, tiny_gpt2(), callback, learning_rate=1e-2, report_to=["wandb"], size=20)
-    import os
-    os.environ["WANDB_DIR"] = str(tmp_path)
     trainer.train()
     run_dir = Path(wandb.run.dir).parent
     wandb.finish()
     results = li.load_results(tmp_path / "hf" / "influence")
-    assert [r.step for r in results] == [3, 5] and [r.epoch for r in results] == [0, 0]
-    assert results[-1].meta["reasons"] == ["every_n_train_steps", "train_end"] or results[-1].meta["reasons"] == ["train_end"]
+    assert [(r.step, r.epoch, r.meta["reasons"]) for r in results] == [(3, 0, ["every_n_train_steps"]),
+                                                                      (5, 0, ["train_end"])]
     assert results[0].scores.shape == (3, 20) and torch.isfinite(results[0].scores).all()
     assert [r.step for r in callback.results] == [3, 5]
     rows = wandb_reader.history(wandb_reader.skip_if_unsupported(run_dir))
-    logged = [r["trainer/global_step"] for r in rows if "influence/tail_alpha" in r or "influence/top1_share" in r]
-    assert any("train/loss" in r or "loss" in r for r in rows), "the Trainer's own metrics are in the same run"
-    assert logged == [3, 5], [sorted(r) for r in rows if any(k.startswith("influence/") for k in r)][:1]
+    assert any("train/loss" in r for r in rows), "the Trainer's own metrics are in the same run"
+    logged = [r["trainer/global_step"] for r in rows if "influence/tail_alpha" in r]
+    assert logged == [3, 5]
+
+
+def test_integrations_import_no_framework_they_do_not_need():
+    """``transformers`` and ``lightning`` stay optional: importing the package, the integrations
+    package and the Fabric helper (duck-typed over Fabric) loads neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lightning_influence, lightning_influence.integrations, lightning_influence.integrations.fabric; "
+            "print(sorted(m for m in ('transformers', 'lightning', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=str(Path(__file__).resolve().parents[1]))
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -213,9 +213,7 @@ class InfluenceTrainerCallback(TrainerCallback):
 
     def _compute(self, model: Any, state: Any, reason: str) -> None:
         epoch = max(math.ceil(state.epoch or 0) - 1, 0)  # Hugging Face's epoch is fractional: 1.0 ends the first
-        was_training = model.training
         self._loop.compute(unwrapped(model), step=state.global_step, epoch=epoch, reason=reason)
-        model.train(was_training)
 
 
 def _model_loss(outputs: Any) -> Optional[Tensor]:
