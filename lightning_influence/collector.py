@@ -79,7 +79,9 @@ class StepStatistics:
         self._batch_size = 0
         self._token_total: Optional[Tensor] = None
         self._grad_factor: Any = 1.0
-        self._loss_scale = 1.0
+        self._reduction: Any = 1.0
+        self._loss_divisor: Any = None
+        self._loss_scale: Any = 1.0
         self._accumulation = 1
 
     # -- hooks ----------------------------------------------------------------------------------
@@ -91,26 +93,41 @@ class StepStatistics:
         self.tracker.detach()
         self._own_tracker.detach()
 
-    def begin_batch(self, batch: Any, *, accumulation: int = 1, loss_scale: float = 1.0) -> None:
-        """Start recording the forward/backward of one training batch."""
+    def begin_batch(self, batch: Any, *, accumulation: int = 1, loss_scale: float = 1.0,
+                    loss_divisor: Any = None) -> None:
+        """Start recording the forward/backward of one training batch.
+
+        ``loss_divisor``: what the loss divides the batch's summed per-example losses by, when the
+        loop knows it better than ``loss_reduction`` (Hugging Face's ``num_items_in_batch``: the
+        label tokens of every micro-batch of the optimizer step)."""
         self._batch = batch
         self._batch_size = self.task.batch_size(batch)
         mask = self.task.token_mask(batch)
         self._token_total = mask.sum() if mask is not None else None
-        if self.loss_reduction == "mean":
-            reduction: Any = float(self._batch_size)
+        if loss_divisor is not None:
+            reduction: Any = torch.as_tensor(loss_divisor, dtype=torch.float32, device=self.device)
+        elif self.loss_reduction == "mean":
+            reduction = float(self._batch_size)
         elif self.loss_reduction == "token_mean":
             reduction = self.task.loss_token_count(batch).to(self.device, torch.float32)
         else:
             reduction = 1.0
-        self._loss_scale = float(loss_scale)
+        self._loss_divisor = loss_divisor
+        self._reduction = reduction
         self._accumulation = accumulation
-        self._grad_factor = reduction * (float(accumulation) / self._loss_scale)
+        self.set_loss_scale(float(loss_scale))
         self.tracker.reset()
         self.tracker.token_mask = mask
         self.tracker.active = True
         self.tracker.in_backward = False
         self._phase = _TRAIN
+
+    def set_loss_scale(self, loss_scale: Any) -> None:
+        """The factor the back-propagated loss carries beyond ``loss_reduction`` and accumulation
+        (the AMP scale), for loops where it is known only as the backward starts: Hugging Face's
+        Trainer rescales the model's loss after the forward. A tensor avoids a host synchronisation."""
+        self._loss_scale = loss_scale
+        self._grad_factor = self._reduction * (float(self._accumulation) / loss_scale)
 
     def begin_backward(self) -> None:
         """The user's backward pass of the batch starts: forwards from now on are recomputations
@@ -148,7 +165,8 @@ class StepStatistics:
         total = float(per_example.sum())
         expected = {"mean": total / self._batch_size, "sum": total,
                     "token_mean": total / max(float(self.task.loss_token_count(self._batch)), 1.0)}
-        declared = expected[self.loss_reduction]
+        declared = total / float(self._loss_divisor) if self._loss_divisor is not None else \
+            expected[self.loss_reduction]
 
         def fits(value: float) -> bool:
             return value > 0 and 1 / LOSS_RATIO_TOLERANCE <= actual / value <= LOSS_RATIO_TOLERANCE

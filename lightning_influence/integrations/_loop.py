@@ -1,0 +1,191 @@
+"""What every training-loop integration shares: settings, statistics, the session and the results
+on disk. Framework-free: the Fabric and Hugging Face integrations translate their loop's events
+into the calls below, as ``callback.py`` does for Lightning's Trainer."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from lightning_influence import passes
+from lightning_influence.collector import StepStatistics
+from lightning_influence.config import InfluenceConfig
+from lightning_influence.results import InfluenceResult
+from lightning_influence.session import InfluenceSession, ResultIndex, prepare_output_dir
+from lightning_influence.tracking import select_layers
+
+log = logging.getLogger(__name__)
+
+
+def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **arguments: Any) -> InfluenceConfig:
+    """A validated :class:`InfluenceConfig` from an integration's own ``arguments`` and the user's
+    further ``settings``; settings that belong to the Lightning callback only are refused with what
+    to use instead."""
+    for name, instead in not_applicable.items():
+        if name in settings:
+            raise ValueError(f"{name} does not apply here: {instead}")
+    config = InfluenceConfig.from_mapping(dict(settings, **arguments))
+    if isinstance(config.query_data, str):
+        raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "
+                         "Dataset or DataLoader")
+    if config.train_data is None:
+        raise ValueError("train_data is required: the candidate pool, a map-style Dataset or a DataLoader")
+    return config.validate()
+
+
+class LoopInfluence:
+    """Statistics from a loop's training steps and influence at the checkpoints the loop asks for.
+
+    Args:
+        config: validated settings (``train_data`` and ``query_data`` given as data).
+        model: the model being trained (unwrapped: the module whose layers are tracked).
+        output_dir: where results go, ``<output_dir>/step=<N>/``.
+        is_global_zero: this process writes files and logs (all processes compute: collectives).
+        loggers: what :class:`~lightning_influence.ResultPublisher` logs to (Lightning loggers, a
+            ``wandb`` run); resolved at each computation, so a run started later is found.
+        loss_reduction: overrides ``config.loss_reduction`` (a loop that knows its loss).
+    """
+
+    def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
+                 loggers: Any = (), loss_reduction: Optional[str] = None) -> None:
+        cfg = self.config = config
+        self.task = cfg.build_task()
+        mib = 2**20
+        layers = select_layers(
+            model, cfg.layers, cfg.exclude,
+            max_layer_bytes=int(cfg.max_layer_mb * mib) if cfg.max_layer_mb else None,
+            memory_budget_bytes=int(cfg.memory_budget_mb * mib) if cfg.memory_budget_mb else None,
+        )
+        self.is_global_zero = is_global_zero
+        self.session = InfluenceSession(
+            self.task, cfg.train_data, cfg.query_data, max_train_examples=cfg.max_train_examples,
+            strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
+            top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
+            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
+        )
+        self.index = ResultIndex()
+        self.index.output_dir = Path(output_dir)
+        if is_global_zero:
+            prepare_output_dir(self.index.output_dir)
+        self.statistics = StepStatistics(
+            layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
+            max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
+            dtype=getattr(torch, cfg.covariance_dtype), device=passes.model_device(model), seed=cfg.seed,
+        )
+        self.session.check(model, layers)
+        self._loggers = loggers
+        self._publisher = None
+        self._warned: set = set()
+        self.failures = 0
+        if is_global_zero:
+            log.info("lightning-influence: %s", self.session.memory_estimate(layers))
+
+    @property
+    def results(self) -> List[InfluenceResult]:
+        return self.index.results()
+
+    def warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned and self.is_global_zero:
+            self._warned.add(key)
+            warnings.warn(f"lightning-influence: {message}", RuntimeWarning, stacklevel=3)
+
+    def compute(self, model: nn.Module, *, step: int, epoch: Optional[int], reason: str) -> Optional[InfluenceResult]:
+        """Influence at ``step`` (once per step: another trigger at the same step only adds its
+        reason). A failure is warned about and returns ``None`` unless ``on_error="raise"``.
+        Collective: call on every process."""
+        entry = self.index.find(step)
+        if entry is not None:
+            if reason not in entry["reasons"]:
+                entry["reasons"].append(reason)
+                if self.is_global_zero:
+                    self.index.write_meta(entry)
+            return self._result_at(step)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                self._run(model, step, epoch, reason)
+        except Exception as err:  # noqa: BLE001 - the influence machinery never ends a training run
+            if self.config.on_error == "raise":
+                raise
+            self.failures += 1
+            warnings.warn(f"lightning-influence: influence computation at step {step} failed "
+                          f"({type(err).__name__}: {err}); training continues", RuntimeWarning, stacklevel=2)
+            return None
+        return self._result_at(step)
+
+    def _result_at(self, step: int) -> Optional[InfluenceResult]:
+        return next((r for r in self.results if r.step == step), None)
+
+    def _run(self, model: nn.Module, step: int, epoch: Optional[int], reason: str) -> None:
+        stats = self.statistics.reduced()
+        if stats.is_empty():
+            raise RuntimeError(f"no statistics were collected before step {step} (collect_every_n_steps="
+                               f"{self.config.collect_every_n_steps}); influence cannot be computed there")
+        collector = self.statistics
+        meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
+                "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
+        result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta)
+        if self.is_global_zero:
+            self._save(step, result, factors)
+        self.index.add(step, epoch, reason)
+        collector.reset()
+
+    def _save(self, step: int, result: InfluenceResult, factors: Any) -> None:
+        path = self.index.output_dir / f"step={step}"
+        try:
+            InfluenceSession.write(result, factors, path, overwrite=True)
+        except OSError as err:
+            self.warn_once(f"write-{step}", f"could not write the influence result to {path} ({err}); "
+                                            "training continues")
+            return
+        publisher = self._publisher_now()
+        if publisher is None:
+            return
+        try:
+            publisher.publish(result, step=step, train_dataset=self.session.pool,
+                              query_dataset=self.session.queries, history=self.results + [result])
+        except Exception as err:  # noqa: BLE001 - reporting never ends training
+            self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "
+                                      f"the result is saved under {path}")
+
+    def _publisher_now(self):
+        """The publisher, built at the first computation: the loggers exist by then (Hugging Face
+        starts its W&B run after the callbacks are set up)."""
+        if not self.config.report:
+            return None
+        if self._publisher is None:
+            loggers = list(self._loggers() if callable(self._loggers) else self._loggers)
+            from lightning_influence.reporting.publisher import ResultPublisher
+
+            cfg = self.config
+            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts)
+            try:
+                self._publisher = ResultPublisher(loggers, **kwargs)
+            except TypeError as err:
+                self.warn_once("publisher", f"influence results will only be written to disk: {err}")
+                self._publisher = ResultPublisher((), **kwargs)
+        return self._publisher
+
+    def add_checkpoint_path(self, step: int, path: str) -> None:
+        """Record a checkpoint saved at ``step`` in that step's result (process 0)."""
+        entry = self.index.find(step)
+        if entry is None or path in entry["checkpoint_paths"]:
+            return
+        entry["checkpoint_paths"].append(path)
+        if self.is_global_zero:
+            self.index.write_meta(entry)
+
+    def close(self) -> None:
+        self.statistics.end_batch()
+        self.statistics.detach()
+
+
+def unwrapped(model: Any) -> nn.Module:
+    """The user's module inside a framework wrapper (Fabric's ``_FabricModule``, DDP)."""
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return model

@@ -1,0 +1,157 @@
+"""Influence in a Lightning Fabric loop: statistics from your training steps, results on request.
+
+Usage (three touch points in the loop)::
+
+    monitor = InfluenceMonitor(fabric, model, li.ClassificationTask(), train_data=train_set,
+                               query_data=query_set, output_dir="runs/influence")
+    for batch in loader:
+        with monitor.step(batch):               # records the forward/backward of this batch
+            loss = F.cross_entropy(model(batch[0]), batch[1])
+            monitor.backward(loss)              # instead of fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        monitor.optimizer_step()                # commits the step's statistics
+        if monitor.global_step % 100 == 0:
+            monitor.compute()                   # writes <output_dir>/step=<N>/, logs to fabric.loggers
+
+Settings are :class:`~lightning_influence.InfluenceConfig` fields (validated there); the callback's
+triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. Under DDP
+(``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
+processes and only process 0 writes and logs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, List, Optional, Union
+
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_influence.integrations._loop import LoopInfluence, loop_config, unwrapped
+from lightning_influence.results import InfluenceResult
+from lightning_influence.tasks import Task
+
+__all__ = ["InfluenceMonitor"]
+
+_TRIGGER = "call monitor.compute() where the loop wants influence"
+NOT_APPLICABLE = {"every_n_epochs": _TRIGGER, "every_n_train_steps": _TRIGGER, "on_checkpoint": _TRIGGER,
+                  "on_train_end": _TRIGGER, "num_queries": "pass the queries themselves as query_data"}
+
+
+class InfluenceMonitor:
+    """EK-FAC statistics from a Fabric loop's own training steps, and influence when asked.
+
+    Args:
+        fabric: the ``lightning.fabric.Fabric`` running the loop (its backward, AMP scaler,
+            process rank and loggers are used).
+        model: the model being trained (as returned by ``fabric.setup`` or the plain module).
+        task: a :class:`~lightning_influence.Task` or a built-in task's name.
+        train_data: the candidate pool (map-style Dataset or DataLoader); ids index into it.
+        query_data: the queries (Dataset or DataLoader).
+        output_dir: where results go (``<output_dir>/step=<N>/``); default
+            ``<fabric.logger.log_dir>/influence`` or ``./influence``.
+        **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
+            ``fisher``, ``damping``, ``loss_reduction``, ``collect_every_n_steps``, ``top_k``, ...).
+    """
+
+    def __init__(self, fabric: Any, model: Any, task: Union[Task, str], train_data: Union[Dataset, DataLoader],
+                 query_data: Union[Dataset, DataLoader], *, output_dir: Optional[Union[str, Path]] = None,
+                 **settings: Any) -> None:
+        config = loop_config(settings, NOT_APPLICABLE, task=task, train_data=train_data, query_data=query_data,
+                             output_dir=output_dir)
+        self.fabric = fabric
+        self.model = unwrapped(model)
+        self.global_step = 0
+        self._collecting = False
+        self._loss_checked = False
+        self._window_scale: Optional[float] = None
+        self._loop = LoopInfluence(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
+                                   is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers)
+        self._loop.statistics.attach()
+
+    # -- the loop's steps ----------------------------------------------------------------------------
+    @contextmanager
+    def step(self, batch: Any, *, accumulation: int = 1) -> Iterator[None]:
+        """Record the forward and backward run inside the block on ``batch`` (on collected steps).
+
+        ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation."""
+        stats = self._loop.statistics
+        self._collecting = self.global_step % self._loop.config.collect_every_n_steps == 0
+        if self._collecting:
+            scale = _loss_scale(self.fabric)
+            if self._window_scale is None:
+                self._window_scale = scale
+            stats.begin_batch(batch, accumulation=accumulation, loss_scale=scale)
+        try:
+            yield
+        finally:
+            if stats.recording:
+                stats.end_batch()
+                stats.check_single_runs()
+
+    def backward(self, loss: Tensor, **kwargs: Any) -> None:
+        """``fabric.backward(loss)``, telling the statistics that the backward starts (and, once,
+        checking that ``loss`` is reduced as ``loss_reduction`` says)."""
+        stats = self._loop.statistics
+        if stats.recording:
+            stats.begin_backward()
+            if not self._loss_checked:
+                self._loss_checked = True
+                message = stats.check_loss_reduction(self.model, loss)
+                if message:
+                    self._loop.warn_once("loss-reduction", message)
+            if self._loop.config.fisher == "true":
+                stats.sample_true_fisher(self.model)
+        self.fabric.backward(loss, **kwargs)
+
+    def optimizer_step(self) -> None:
+        """After ``optimizer.step()``: commit the collected batches of this step, unless the AMP
+        scaler skipped it or its values were not finite."""
+        if self._window_scale is not None:
+            skipped = _loss_scale(self.fabric) < self._window_scale  # GradScaler backs off when it skips
+            self._loop.statistics.commit(valid=not skipped)
+            self._window_scale = None
+        self.global_step += 1
+
+    # -- influence -----------------------------------------------------------------------------------
+    def compute(self, step: Optional[int] = None, epoch: Optional[int] = None,
+                reason: str = "requested") -> Optional[InfluenceResult]:
+        """Influence at the current weights from the statistics since the last computation; writes
+        ``<output_dir>/step=<step>/`` (default: :attr:`global_step`) and logs to ``fabric.loggers``.
+        Every process must call it."""
+        step = self.global_step if step is None else step
+        return self._loop.compute(self.model, step=step, epoch=epoch, reason=reason)
+
+    @property
+    def results(self) -> List[InfluenceResult]:
+        """One :class:`~lightning_influence.InfluenceResult` per computation, oldest first."""
+        return self._loop.results
+
+    @property
+    def statistics(self):
+        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
+        return self._loop.statistics.stats
+
+    @property
+    def session(self):
+        """The :class:`~lightning_influence.session.InfluenceSession` computing the results."""
+        return self._loop.session
+
+    def close(self) -> None:
+        """Remove the hooks from the model (the statistics and results stay readable)."""
+        self._loop.close()
+
+
+def _loss_scale(fabric: Any) -> float:
+    """The AMP GradScaler's current scale (1 without one): Fabric's precision plugin holds it."""
+    scaler = getattr(getattr(fabric, "_precision", None), "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())
+
+
+def _default_dir(fabric: Any) -> Path:
+    log_dir = getattr(fabric.logger, "log_dir", None) if fabric.loggers else None
+    return Path(log_dir or ".") / "influence"

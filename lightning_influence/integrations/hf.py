@@ -1,0 +1,253 @@
+"""Influence in a Hugging Face ``Trainer`` run: a ``TrainerCallback`` over the same core.
+
+Usage::
+
+    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+
+    callback = InfluenceTrainerCallback(li.CausalLMTask(), query_data=queries, every_n_train_steps=200)
+    trainer = Trainer(model, args, train_dataset=train, data_collator=collator, callbacks=[callback])
+    trainer.train()
+    callback.results          # <args.output_dir>/influence/step=<N>/, oldest first
+
+How statistics come from the Trainer's own steps, which give callbacks no batch and no loss: a
+forward pre-hook on the model sees each training micro-batch (the Trainer calls ``model(**inputs)``)
+and starts recording it; a forward hook finds the model's loss (``outputs.loss``) and puts a tensor
+hook on it. The gradient reaching that hook is the factor by which the Trainer rescaled the model's
+loss before back-propagating it (``1 / gradient_accumulation_steps``, the AMP scale, the number of
+processes under ``average_tokens_across_devices``), measured rather than guessed. The model's loss
+itself is a token mean over the micro-batch (``loss_reduction="token_mean"``, the default here), or,
+when the Trainer passes ``num_items_in_batch`` to the model, the sum over the micro-batch divided by
+that count (the label tokens of the whole optimizer step).
+
+Results: written to disk always; logged to W&B when ``"wandb"`` is in ``args.report_to`` (the run
+Hugging Face's ``WandbCallback`` started), other trackers get nothing but the files.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, List, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+try:
+    from transformers import TrainerCallback
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("lightning_influence.integrations.hf needs transformers: "
+                      "pip install 'lightning-influence[hf]'") from err
+
+from lightning_influence.integrations._loop import LoopInfluence, loop_config, unwrapped
+from lightning_influence.results import InfluenceResult
+from lightning_influence.tasks import Task
+
+__all__ = ["InfluenceTrainerCallback"]
+
+NOT_APPLICABLE = {"on_checkpoint": "use on_save=True (compute when the Trainer saves a checkpoint)",
+                  "num_queries": "pass the queries themselves as query_data"}
+
+
+class InfluenceTrainerCallback(TrainerCallback):
+    """Accumulate EK-FAC curvature from a Hugging Face Trainer's steps; score the pool at triggers.
+
+    Args:
+        task: a :class:`~lightning_influence.Task` or a built-in task's name (``"causal_lm"``, ...).
+        query_data: the queries (Dataset or DataLoader; a Dataset is batched with the Trainer's
+            data collator).
+        train_data: the candidate pool; default: the Trainer's training dataset, with its collator.
+        every_n_train_steps: compute every n optimizer steps (``None``: never).
+        every_n_epochs: compute at the end of every n-th epoch (``None``: never).
+        on_save: compute when the Trainer saves a checkpoint, and record the checkpoint's path.
+        on_train_end: compute at the end of training.
+        output_dir: default ``<args.output_dir>/influence``.
+        loss_reduction: how the model's own loss reduces the micro-batch: ``"token_mean"``
+            (Hugging Face's losses: mean over the labels that count, which for one label per
+            example is the mean over examples), ``"mean"`` or ``"sum"``.
+        **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
+            ``fisher``, ``damping``, ``collect_every_n_steps``, ``top_k``, ``batch_size``, ...).
+    """
+
+    def __init__(self, task: Union[Task, str], query_data: Union[Dataset, DataLoader], *,
+                 train_data: Optional[Union[Dataset, DataLoader]] = None, every_n_train_steps: Optional[int] = None,
+                 every_n_epochs: Optional[int] = None, on_save: bool = False, on_train_end: bool = True,
+                 output_dir: Optional[str] = None, loss_reduction: str = "token_mean", **settings: Any) -> None:
+        self._settings = settings
+        self._arguments = dict(task=task, query_data=query_data, every_n_train_steps=every_n_train_steps,
+                               every_n_epochs=every_n_epochs, on_checkpoint=on_save, on_train_end=on_train_end,
+                               output_dir=output_dir, loss_reduction=loss_reduction)
+        # Validate now, with a stand-in pool when the Trainer's dataset is meant: errors surface at construction.
+        self.config = loop_config(settings, NOT_APPLICABLE, **self._arguments,
+                                  train_data=train_data if train_data is not None else [0])
+        self._train_data = train_data
+        self._loop: Optional[LoopInfluence] = None
+        self._hooks: List[Any] = []
+        self._collecting = False
+        self._loss_seen = False
+        self._loss_checked = False
+
+    # -- public state --------------------------------------------------------------------------------
+    @property
+    def results(self) -> List[InfluenceResult]:
+        """One :class:`~lightning_influence.InfluenceResult` per computation, oldest first."""
+        return self._loop.results if self._loop is not None else []
+
+    @property
+    def statistics(self):
+        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
+        return self._loop.statistics.stats if self._loop is not None else None
+
+    # -- set-up --------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        problem = _unsupported(args)
+        if problem:
+            raise ValueError(problem)
+        train = self._train_data if self._train_data is not None else train_dataloader
+        if train is None:
+            raise ValueError("cannot find the Trainer's training data; pass train_data=<Dataset or DataLoader>")
+        config = loop_config(self._settings, NOT_APPLICABLE, **self._arguments, train_data=train)
+        model = unwrapped(model)
+        output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
+        self._loop = LoopInfluence(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
+                                   loggers=lambda: _loggers(args))
+        self._loop.statistics.attach()
+        self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
+                       model.register_forward_hook(self._after_forward, with_kwargs=True)]
+
+    # -- collecting: the model's hooks ---------------------------------------------------------------
+    def _before_forward(self, model, args, kwargs):
+        stats = self._loop.statistics
+        if not (self._collecting and model.training and torch.is_grad_enabled()) or stats.recording:
+            return None  # evaluation, our own passes, or a second forward inside one micro-batch
+        batch = {key: value for key, value in kwargs.items() if key != "num_items_in_batch"}
+        if args or not batch:
+            raise ValueError("InfluenceTrainerCallback expects the Trainer to call the model with keyword inputs "
+                             "(model(**inputs)); a custom compute_loss must do the same")
+        stats.begin_batch(batch, loss_divisor=kwargs.get("num_items_in_batch"))
+        self._loss_seen = False
+        return None
+
+    def _after_forward(self, model, args, kwargs, outputs):
+        stats = self._loop.statistics
+        if not stats.recording or stats.tracker.in_backward:
+            return None
+        stats.begin_backward()  # the forward is over: layer calls from now on are recomputations
+        loss = _model_loss(outputs)
+        if loss is None or not loss.requires_grad:
+            raise ValueError("InfluenceTrainerCallback needs the model to compute its loss (outputs.loss, from the "
+                             "batch's labels); label_smoothing_factor, compute_loss_func and a compute_loss that "
+                             "computes the loss outside the model are not supported")
+        loss.register_hook(self._on_loss_gradient)
+        if not self._loss_checked:
+            self._loss_checked = True
+            message = stats.check_loss_reduction(model, loss)
+            if message:
+                self._loop.warn_once("loss-reduction", message)
+        if self._loop.config.fisher == "true":
+            stats.sample_true_fisher(model, outputs)
+        return None
+
+    def _on_loss_gradient(self, grad: Tensor) -> None:
+        """The Trainer back-propagates ``grad × outputs.loss``: the factor the statistics undo."""
+        self._loss_seen = True
+        self._loop.statistics.set_loss_scale(grad.detach().float())
+
+    def _end_micro_batch(self) -> None:
+        stats = self._loop.statistics
+        if not stats.recording:
+            return
+        stats.end_batch()
+        if not self._loss_seen:
+            raise ValueError("the Trainer did not back-propagate the model's own loss (outputs.loss), so the "
+                             "statistics cannot be scaled; a custom compute_loss must return the model's loss")
+        stats.check_single_runs()
+
+    # -- collecting: the Trainer's events ------------------------------------------------------------
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self._loop is not None:
+            self._collecting = state.global_step % self._loop.config.collect_every_n_steps == 0
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        if self._loop is not None:
+            self._end_micro_batch()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self._loop is not None:
+            self._end_micro_batch()
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # A step the AMP scaler skips has non-finite gradients: commit drops it.
+        if self._loop is not None and self._collecting:
+            self._loop.statistics.commit()
+            self._collecting = False
+
+    # -- triggers ------------------------------------------------------------------------------------
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        every = self.config.every_n_train_steps
+        if self._loop is not None and every and state.global_step % every == 0:
+            self._compute(model, state, "every_n_train_steps")
+
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        every = self.config.every_n_epochs
+        if self._loop is not None and every and round(state.epoch) % every == 0:
+            self._compute(model, state, "every_n_epochs")
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        if self._loop is None or not self.config.on_checkpoint:
+            return
+        self._compute(model, state, "checkpoint")
+        # The Trainer names its checkpoints <output_dir>/checkpoint-<global step>.
+        self._loop.add_checkpoint_path(state.global_step, str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if self._loop is None:
+            return
+        if self.config.on_train_end:
+            self._compute(model, state, "train_end")
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._loop.close()
+
+    def _compute(self, model: Any, state: Any, reason: str) -> None:
+        epoch = max(math.ceil(state.epoch or 0) - 1, 0)  # Hugging Face's epoch is fractional: 1.0 ends the first
+        self._loop.compute(unwrapped(model), step=state.global_step, epoch=epoch, reason=reason)
+
+
+def _model_loss(outputs: Any) -> Optional[Tensor]:
+    """The loss the Trainer reads from the model's outputs (``outputs["loss"]``, else ``outputs[0]``)."""
+    if isinstance(outputs, dict) or hasattr(outputs, "keys"):
+        loss = outputs.get("loss") if hasattr(outputs, "get") else None
+    elif isinstance(outputs, (tuple, list)) and outputs:
+        loss = outputs[0]
+    else:
+        loss = None
+    return loss if isinstance(loss, Tensor) and loss.dim() == 0 else None
+
+
+def _unsupported(args: Any) -> Optional[str]:
+    """Why the callback cannot monitor a run with these TrainingArguments, or ``None``."""
+    if getattr(args, "n_gpu", 1) > 1:
+        return ("InfluenceTrainerCallback does not support DataParallel (several GPUs in one process); "
+                "launch one process per GPU (torchrun / accelerate launch)")
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        return ("InfluenceTrainerCallback does not support FSDP / DeepSpeed (sharded parameters hide the layers "
+                "from the hooks); use a single device or DDP")
+    if getattr(args, "torch_compile", False):
+        return ("InfluenceTrainerCallback cannot track a torch.compile'd model (compiled graphs bypass module "
+                "hooks); set torch_compile=False while collecting influence")
+    if getattr(args, "label_smoothing_factor", 0):
+        return ("InfluenceTrainerCallback needs the model's own loss; label_smoothing_factor makes the Trainer "
+                "compute another one: set it to 0")
+    return None
+
+
+def _loggers(args: Any) -> List[Any]:
+    """The W&B run Hugging Face's WandbCallback started, when ``report_to`` includes ``"wandb"``."""
+    report_to = args.report_to if isinstance(args.report_to, (list, tuple)) else [args.report_to]
+    wandb = sys.modules.get("wandb")
+    if ("wandb" in report_to or "all" in report_to) and wandb is not None and wandb.run is not None:
+        return [wandb.run]
+    return []
