@@ -13,26 +13,20 @@ Trainer accepts only its package's callbacks): :class:`InfluenceCallback` here, 
 
 from __future__ import annotations
 
-import logging
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
-import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 
-from lightning_influence import _trainer, distributed, passes
+from lightning_influence import _trainer
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
+from lightning_influence.loop import LoopInfluence, warn_once
 from lightning_influence.results import InfluenceResult
-from lightning_influence.session import InfluenceSession, ResultIndex, prepare_output_dir
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import select_layers
-
-log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: result directories stored relative to output_dir
 
@@ -106,33 +100,35 @@ class InfluenceCallbackMixin:
 
     def _configure(self, config: InfluenceConfig) -> None:
         self.config = config.validate()
-        self.task: Task = config.build_task()
-        self._collector: Optional[StepStatistics] = None
-        self._session: Optional[InfluenceSession] = None
-        self._index = ResultIndex()  # one entry per computation, oldest first
-        self._restored: Optional[Dict[str, Any]] = None  # loaded before the collector existed
-        self._failures = 0
-        self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
-        self._warned: set = set()
+        self._loop: Optional[LoopInfluence] = None  # statistics, session, results: from on_fit_start
+        self._restored: Optional[Dict[str, Any]] = None  # loaded before the loop existed
         self._steps: Optional[_StepRecorder] = None
-        self._publisher = None
-        self._query_dataset: Any = None
+        self._warned: set = set()
 
     # -- public state ------------------------------------------------------------------------------
     @property
+    def task(self) -> Task:
+        """The task scores are computed for."""
+        return self._loop.task if self._loop is not None else self.config.build_task()
+
+    @property
     def results(self) -> List[InfluenceResult]:
         """One :class:`InfluenceResult` per computation, oldest first (tensors load lazily)."""
-        return self._index.results()
+        return self._loop.results if self._loop is not None else []
 
     @property
     def statistics(self):
         """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
-        return self._collector.stats if self._collector is not None else None
+        return self._loop.statistics.stats if self._loop is not None else None
 
     @property
     def steps_skipped(self) -> int:
         """Collected steps dropped because they were skipped (AMP) or not finite."""
-        return int(self._collector.steps_skipped) if self._collector is not None else 0
+        return int(self._loop.statistics.steps_skipped) if self._loop is not None else 0
+
+    @property
+    def _collector(self) -> Optional[StepStatistics]:
+        return self._loop.statistics if self._loop is not None else None
 
     # -- set-up: everything that can be wrong fails here, before the first training step -------------
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
@@ -144,56 +140,19 @@ class InfluenceCallbackMixin:
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         cfg = self.config
-        mib = 2**20
-        layers = select_layers(
-            pl_module, cfg.layers, cfg.exclude,
-            max_layer_bytes=int(cfg.max_layer_mb * mib) if cfg.max_layer_mb else None,
-            memory_budget_bytes=int(cfg.memory_budget_mb * mib) if cfg.memory_budget_mb else None,
-        )
-        self._session = self._make_session(trainer)
-        output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
-            trainer.log_dir or trainer.default_root_dir) / "influence"
-        self._index.output_dir = output_dir
-        if trainer.is_global_zero:
-            prepare_output_dir(output_dir)
-        self._collector = StepStatistics(
-            layers, self.task, fisher=cfg.fisher, loss_reduction=cfg.loss_reduction,
-            max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
-            dtype=getattr(torch, cfg.covariance_dtype), device=passes.model_device(pl_module), seed=cfg.seed,
-        )
-        if self._restored is not None:
-            self._apply_state(self._restored)
-            self._restored = None
-        self._session.check(pl_module, layers)
-        self._steps = _StepRecorder(self._collector, cfg.collect_every_n_steps, self._warn)
-        self._steps.attach(pl_module)
-        if trainer.is_global_zero:
-            log.info("lightning-influence: %s", self._session.memory_estimate(layers))
-            if cfg.report:
-                self._publisher = self._make_publisher(trainer)
-
-    def _make_session(self, trainer: Any) -> InfluenceSession:
-        cfg = self.config
         data = _trainer.influence_data(trainer, cfg.train_data, cfg.query_data, cfg.num_queries)
         if data.note and trainer.is_global_zero:
             self._warn("num_queries", data.note)
-        self._query_dataset = data.query_dataset
-        return InfluenceSession(
-            self.task, data.train, data.queries, query_ids=data.query_ids, max_train_examples=cfg.max_train_examples,
-            strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
-            top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
-            show_progress=cfg.show_progress and trainer.is_global_zero, run_config=cfg.to_dict(),
-        )
-
-    def _make_publisher(self, trainer: Any):
-        from lightning_influence.reporting.publisher import ResultPublisher
-
-        kwargs = dict(renderer=self.config.renderer, top_k=self.config.top_k, log_artifacts=self.config.log_artifacts)
-        try:
-            return ResultPublisher(trainer.loggers, **kwargs)
-        except TypeError as err:
-            self._warn("publisher", f"influence results will only be written to disk: {err}")
-            return ResultPublisher((), **kwargs)
+        output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
+            trainer.log_dir or trainer.default_root_dir) / "influence"
+        self._loop = LoopInfluence(cfg, pl_module, output_dir=output_dir, is_global_zero=trainer.is_global_zero,
+                                   loggers=trainer.loggers, train_data=data.train, query_data=data.queries,
+                                   query_ids=data.query_ids)
+        if self._restored is not None:
+            self._apply_state(self._restored)
+            self._restored = None
+        self._steps = _StepRecorder(self._loop.statistics, cfg.collect_every_n_steps, self._warn)
+        self._steps.attach(pl_module)
 
     # -- collecting during training ------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -238,7 +197,7 @@ class InfluenceCallbackMixin:
         self._resolve_pending(trainer)
         if self.config.on_checkpoint:
             self._compute(trainer, pl_module, "checkpoint")
-        entry = self._index.find(trainer.global_step)
+        entry = self._loop.index.find(trainer.global_step)
         if entry is not None:
             entry["awaiting_checkpoint"] = True  # the path is known once the save returns
         # Lightning gathered callback states before this hook: store the state as it is now.
@@ -266,88 +225,36 @@ class InfluenceCallbackMixin:
 
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
-        """One influence computation per global step, whatever triggered it."""
-        step = trainer.global_step
-        entry = self._index.find(step)
-        if entry is not None:
-            if reason not in entry["reasons"]:
-                entry["reasons"].append(reason)
-                if trainer.is_global_zero:
-                    self._index.write_meta(entry)
-            return
-        if trainer.sanity_checking or step == self._failed_step:
-            return
-        try:
-            with torch.inference_mode(False), torch.enable_grad():  # validation hooks run in inference mode
-                self._run(trainer, pl_module, step, reason)
-        except Exception as err:  # noqa: BLE001 - the influence machinery never ends a training run
-            if self.config.on_error == "raise":
-                raise
-            self._failures += 1
-            self._failed_step = step
-            warnings.warn(f"lightning-influence: influence computation at step {step} failed "
-                          f"({type(err).__name__}: {err}); training continues", RuntimeWarning, stacklevel=2)
-
-    def _run(self, trainer: Any, pl_module: Any, step: int, reason: str) -> None:
-        stats = self._collector.reduced()
-        if stats.is_empty():
-            raise RuntimeError(f"no statistics were collected before step {step} (collect_every_n_steps="
-                               f"{self.config.collect_every_n_steps}); influence cannot be computed there")
-        collector = self._collector
-        meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
-                "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
-        result, factors = self._session.compute(pl_module, stats, step=step, epoch=trainer.current_epoch, meta=meta)
-        if trainer.is_global_zero:
-            self._save(step, result, factors)
-        self._index.add(step, trainer.current_epoch, reason)
-        self._collector.reset()
-
-    def _save(self, step: int, result: InfluenceResult, factors: Any) -> None:
-        """Rank 0: write the result with its factors, then hand it to the loggers."""
-        path = self._index.output_dir / f"step={step}"
-        try:
-            # Replacing is safe: only a computation of this run at this step writes this directory.
-            InfluenceSession.write(result, factors, path, overwrite=True)
-        except OSError as err:
-            self._warn(f"write-{step}", f"could not write the influence result to {path} ({err}); "
-                                                 "training continues")
-            return
-        if self._publisher is not None:
-            history = self.results + [result]
-            try:
-                self._publisher.publish(result, step=step, train_dataset=self._session.pool,
-                                        query_dataset=self._query_dataset, history=history)
-            except Exception as err:  # noqa: BLE001 - reporting never ends training
-                self._warn("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "
-                                      f"the result is saved under {path}")
+        """One influence computation per global step, whatever triggered it (none in the sanity check)."""
+        if not trainer.sanity_checking:
+            self._loop.compute(pl_module, step=trainer.global_step, epoch=trainer.current_epoch, reason=reason)
 
     def _resolve_pending(self, trainer: Any) -> None:
         """Record the paths of checkpoints saved at a result's step (known only after the save)."""
         resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        for entry in self._index.record_checkpoints(partial(_trainer.checkpoints_saved_at, trainer), resumed_from,
-                                                    trainer.global_step):
+        index = self._loop.index
+        for entry in index.record_checkpoints(partial(_trainer.checkpoints_saved_at, trainer), resumed_from,
+                                              trainer.global_step):
             if trainer.is_global_zero:
-                self._index.write_meta(entry)
+                index.write_meta(entry)
 
     def _warn(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f"lightning-influence: {message}", RuntimeWarning, stacklevel=3)
+        warn_once(self._warned, key, message)
 
     # -- state ---------------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Statistics (summed over processes onto rank 0: collective), the pool subset, the result
         index (directories relative to ``output_dir``, so a moved run resumes) and pending
         checkpoint paths."""
-        state: Dict[str, Any] = {
-            "version": STATE_VERSION, "config": self.config.resume_fingerprint(), "index": self._index.state(),
-            "pool_ids": self._session.pool_ids if self._session is not None else None, "failures": self._failures,
-        }
-        if self._collector is not None:
-            self._collector.consolidate_()
-            state["collector"] = self._collector.state_dict()
+        loop = self._loop
+        state: Dict[str, Any] = {"version": STATE_VERSION, "config": self.config.resume_fingerprint()}
+        if loop is not None:
+            loop.statistics.consolidate_()
+            state.update(index=loop.index.state(), pool_ids=loop.session.pool_ids, failures=loop.failures,
+                         collector=loop.statistics.state_dict())
         elif self._restored is not None:
-            state.update({k: self._restored[k] for k in ("collector", "pool_ids") if k in self._restored})
+            state.update({k: self._restored[k] for k in ("index", "collector", "pool_ids", "failures")
+                          if k in self._restored})
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
@@ -355,19 +262,20 @@ class InfluenceCallbackMixin:
             raise ValueError(f"cannot resume InfluenceCallback state of version {state_dict.get('version')!r} "
                              f"(this version reads 1 and {STATE_VERSION})")
         self.config.check_resumable(state_dict["config"])
-        if self._collector is not None:
+        if self._loop is not None:
             self._apply_state(state_dict)
         else:
             self._restored = state_dict
 
     def _apply_state(self, state: Dict[str, Any]) -> None:
+        loop = self._loop
         if "collector" in state:  # version 1 kept the tracked layers beside the collector's state
-            self._collector.load_state_dict({"layers": state.get("layers"), **state["collector"]}
+            loop.statistics.load_state_dict({"layers": state.get("layers"), **state["collector"]}
                                             if "layers" in state else state["collector"])
-        self._index.load_state(state["index"])
-        self._failures = int(state.get("failures", 0))
+        loop.index.load_state(state.get("index", []))
+        loop.failures = int(state.get("failures", 0))
         if state.get("pool_ids") is not None:
-            self._session.pool_ids = state["pool_ids"]
+            loop.session.pool_ids = state["pool_ids"]
 
 
 class _StepRecorder:

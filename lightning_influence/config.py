@@ -10,8 +10,6 @@ every message names the field to change.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import reprlib

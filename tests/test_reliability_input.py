@@ -150,7 +150,7 @@ def _layer_bytes(d_in: int, d_out: int) -> int:
 
 
 def test_memory_estimate_is_logged_at_setup(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="lightning_influence.callback")
+    caplog.set_level(logging.INFO, logger="lightning_influence")
     fit(tmp_path, make_callback(tmp_path, **COLLECT_ONLY), Classifier(hidden=512), limit_train_batches=1)
     (record,) = [r for r in caplog.records if "lightning-influence: tracking" in r.getMessage()]
     statistics = 2 * (_layer_bytes(2, 512) + _layer_bytes(512, 3))  # sums + one step's buffer

@@ -29,7 +29,7 @@ from typing import Any, Iterator, List, Optional, Union
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.integrations._loop import LoopInfluence, loop_config, unwrapped
+from lightning_influence.loop import LoopInfluence, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 

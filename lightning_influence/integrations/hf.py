@@ -40,7 +40,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("lightning_influence.integrations.hf needs transformers: "
                       "pip install 'lightning-influence[hf]'") from err
 
-from lightning_influence.integrations._loop import LoopInfluence, loop_config, unwrapped
+from lightning_influence.loop import LoopInfluence, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 

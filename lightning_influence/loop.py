@@ -1,13 +1,13 @@
-"""What every training-loop integration shares: settings, statistics, the session and the results
-on disk. Framework-free: the Fabric and Hugging Face integrations translate their loop's events
-into the calls below, as ``callback.py`` does for Lightning's Trainer."""
+"""What every training loop's monitoring shares: settings, statistics, the session, the results on
+disk and their publishing. Framework-free: the Lightning callback, the Fabric helper and the Hugging
+Face callback translate their loop's events into the calls below."""
 
 from __future__ import annotations
 
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -42,17 +42,20 @@ class LoopInfluence:
     """Statistics from a loop's training steps and influence at the checkpoints the loop asks for.
 
     Args:
-        config: validated settings (``train_data`` and ``query_data`` given as data).
+        config: validated settings.
         model: the model being trained (unwrapped: the module whose layers are tracked).
         output_dir: where results go, ``<output_dir>/step=<N>/``.
         is_global_zero: this process writes files and logs (all processes compute: collectives).
         loggers: what :class:`~lightning_influence.ResultPublisher` logs to (Lightning loggers, a
             ``wandb`` run); resolved at each computation, so a run started later is found.
         loss_reduction: overrides ``config.loss_reduction`` (a loop that knows its loss).
+        train_data, query_data, query_ids: the pool and the queries when the loop found them itself
+            (e.g. a Trainer's own data); default ``config.train_data`` / ``config.query_data``.
     """
 
     def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
-                 loggers: Any = (), loss_reduction: Optional[str] = None) -> None:
+                 loggers: Any = (), loss_reduction: Optional[str] = None, train_data: Any = None,
+                 query_data: Any = None, query_ids: Optional[Sequence[int]] = None) -> None:
         cfg = self.config = config
         self.task = cfg.build_task()
         mib = 2**20
@@ -63,7 +66,9 @@ class LoopInfluence:
         )
         self.is_global_zero = is_global_zero
         self.session = InfluenceSession(
-            self.task, cfg.train_data, cfg.query_data, max_train_examples=cfg.max_train_examples,
+            self.task, train_data if train_data is not None else cfg.train_data,
+            query_data if query_data is not None else cfg.query_data, query_ids=query_ids,
+            max_train_examples=cfg.max_train_examples,
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
             top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
@@ -82,6 +87,7 @@ class LoopInfluence:
         self._publisher = None
         self._warned: set = set()
         self.failures = 0
+        self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
         if is_global_zero:
             log.info("lightning-influence: %s", self.session.memory_estimate(layers))
 
@@ -90,9 +96,8 @@ class LoopInfluence:
         return self.index.results()
 
     def warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned and self.is_global_zero:
-            self._warned.add(key)
-            warnings.warn(f"lightning-influence: {message}", RuntimeWarning, stacklevel=3)
+        if self.is_global_zero:
+            warn_once(self._warned, key, message)
 
     def compute(self, model: nn.Module, *, step: int, epoch: Optional[int], reason: str) -> Optional[InfluenceResult]:
         """Influence at ``step`` (once per step: another trigger at the same step only adds its
@@ -105,6 +110,8 @@ class LoopInfluence:
                 if self.is_global_zero:
                     self.index.write_meta(entry)
             return self._result_at(step)
+        if step == self._failed_step:
+            return None
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self._run(model, step, epoch, reason)
@@ -112,6 +119,7 @@ class LoopInfluence:
             if self.config.on_error == "raise":
                 raise
             self.failures += 1
+            self._failed_step = step
             warnings.warn(f"lightning-influence: influence computation at step {step} failed "
                           f"({type(err).__name__}: {err}); training continues", RuntimeWarning, stacklevel=2)
             return None
@@ -182,6 +190,13 @@ class LoopInfluence:
     def close(self) -> None:
         self.statistics.end_batch()
         self.statistics.detach()
+
+
+def warn_once(seen: set, key: str, message: str) -> None:
+    """A ``RuntimeWarning`` the first time ``key`` is reported (``seen`` remembers the keys)."""
+    if key not in seen:
+        seen.add(key)
+        warnings.warn(f"lightning-influence: {message}", RuntimeWarning, stacklevel=4)
 
 
 def unwrapped(model: Any) -> nn.Module:
