@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import pytorch_lightning as pl
 
-from lightning_influence import _trainer, distributed, passes
+from lightning_influence import _monitoring, _trainer, distributed, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.results import InfluenceResult
@@ -75,6 +75,8 @@ class InfluenceCallbackMixin:
         seed: int = 0,
         query_rank: Optional[int] = None,
         top_k: int = 10,
+        self_influence: bool = False,
+        ledger: bool = False,
         batch_size: int = 32,
         renderer: Optional[Callable] = None,
         max_layer_mb: Optional[float] = None,
@@ -92,7 +94,7 @@ class InfluenceCallbackMixin:
             layers=layers, exclude=exclude, collect_every_n_steps=collect_every_n_steps,
             max_tokens_per_step=max_tokens_per_step, loss_reduction=loss_reduction, window=window,
             ema_decay=ema_decay, correction_batches=correction_batches, max_train_examples=max_train_examples,
-            seed=seed, query_rank=query_rank, top_k=top_k, batch_size=batch_size, renderer=renderer,
+            seed=seed, query_rank=query_rank, top_k=top_k, self_influence=self_influence, ledger=ledger, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
             report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
         ))
@@ -165,7 +167,7 @@ class InfluenceCallbackMixin:
             self._apply_state(self._restored)
             self._restored = None
         self._session.check(pl_module, layers)
-        self._steps = _StepRecorder(self._collector, cfg.collect_every_n_steps, self._warn)
+        self._steps = _StepRecorder(self._collector, cfg, self._warn)
         self._steps.attach(pl_module)
         if trainer.is_global_zero:
             log.info("lightning-influence: %s", self._session.memory_estimate(layers))
@@ -181,7 +183,7 @@ class InfluenceCallbackMixin:
         return InfluenceSession(
             self.task, data.train, data.queries, query_ids=data.query_ids, max_train_examples=cfg.max_train_examples,
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
-            top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
+            top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and trainer.is_global_zero, run_config=cfg.to_dict(),
         )
 
@@ -205,6 +207,7 @@ class InfluenceCallbackMixin:
                 total_steps=_trainer.total_steps(trainer), steps_per_epoch=_trainer.steps_per_epoch(trainer)):
             if trainer.is_global_zero:
                 self._warn(message, message)
+        self._steps.monitor.start(trainer)
         self._resolve_pending(trainer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -297,6 +300,7 @@ class InfluenceCallbackMixin:
         meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
                 "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
         result, factors = self._session.compute(pl_module, stats, step=step, epoch=trainer.current_epoch, meta=meta)
+        self._steps.monitor.finish(trainer, pl_module, result, factors, self._session)
         if trainer.is_global_zero:
             self._save(step, result, factors)
         self._index.add(step, trainer.current_epoch, reason)
@@ -375,8 +379,9 @@ class _StepRecorder:
     the AMP loss scale and the steps its GradScaler skipped, the step's own outputs reused for the
     true Fisher, and one check of the declared loss reduction."""
 
-    def __init__(self, collector: StepStatistics, every_n_steps: int, warn: Callable[[str, str], None]) -> None:
-        self.collector, self.every_n_steps, self.warn = collector, every_n_steps, warn
+    def __init__(self, collector: StepStatistics, config: InfluenceConfig, warn: Callable[[str, str], None]) -> None:
+        self.collector, self.every_n_steps, self.warn = collector, config.collect_every_n_steps, warn
+        self.monitor = _monitoring.TrainingMonitor(collector, config, warn)
         self._output_hook = None
         self._last_outputs: Any = None
         self._step_at_batch_start = -1
@@ -391,6 +396,7 @@ class _StepRecorder:
 
     def detach(self) -> None:
         self.collector.detach()
+        self.monitor.stop()
         if self._output_hook is not None:
             self._output_hook.remove()
             self._output_hook = None
@@ -402,6 +408,7 @@ class _StepRecorder:
     def batch_start(self, trainer: Any, batch: Any) -> None:
         self._step_at_batch_start = trainer.global_step
         self._collecting = trainer.global_step % self.every_n_steps == 0
+        self.monitor.batch_start(trainer, batch, self._collecting)
         if not self._collecting:
             return
         scale = _trainer.loss_scale(trainer)
@@ -433,6 +440,7 @@ class _StepRecorder:
         if self._window_scale is not None:
             skipped = _trainer.loss_scale(trainer) < self._window_scale  # GradScaler backs off when it skips
             self.collector.commit(valid=not skipped)
+            self.monitor.commit(not skipped)
             self._window_scale = None
         return True
 

@@ -57,6 +57,9 @@ _TENSOR_FIELDS = (
     "bottom_token_scores",  # [n_query, k, seq_len]
     "top_token_mask",  # [n_query, k, seq_len] bool
     "bottom_token_mask",  # [n_query, k, seq_len] bool
+    # The per-step ledger of the window before this computation (sparse: the examples it saw):
+    "ledger_ids",  # [n_seen] training-dataset indices, sorted
+    "ledger_scores",  # [n_query, n_seen] learning-rate-weighted per-step scores, summed
 )
 
 
@@ -122,6 +125,13 @@ class InfluenceResult:
     token_scores = property(lambda self: self._field("token_scores"), doc="[n_query, n_train, seq_len]")
     token_mask = property(lambda self: self._field("token_mask"), doc="[n_train, seq_len] valid tokens")
     self_scores = property(lambda self: self._field("self_scores"), doc="[n_train] self-influence")
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Add or replace a tensor field (e.g. the callback's ``ledger_scores``) before saving."""
+        if name not in _TENSOR_FIELDS:
+            raise KeyError(f"unknown result field {name!r}; known: {list(_TENSOR_FIELDS)}")
+        self._field(name)  # load a saved result's tensors first, so they are not lost
+        self._tensors[name] = value.detach().cpu()
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         """Any tensor field by name (e.g. ``"top_ids"``), or ``None`` if the result lacks it."""
@@ -264,6 +274,11 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
     if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
         return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
                 f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    ledger_ids, ledger_scores = shapes.get("ledger_ids"), shapes.get("ledger_scores")
+    if (ledger_ids is None) != (ledger_scores is None) or (
+            ledger_ids is not None and (len(ledger_ids) != 1 or ledger_scores != (n_query, ledger_ids[0]))):
+        return (f"ledger_ids {ledger_ids} / ledger_scores {ledger_scores} must be [n_seen] / [{n_query}, n_seen], "
+                "and come together")
     return None
 
 
