@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from lightning_influence.collector import StepStatistics
+from lightning_influence.factors import Factors
 from lightning_influence.ledger import BatchIds, InfluenceLedger, ledger_queries
 from lightning_influence.monitors import monitor_scalars
 
@@ -39,12 +40,16 @@ class TrainingMonitor:
         self._previous: Any = None  # the run's last result (after a resume: none until the next one)
         self._lr_sum, self._steps = 0.0, 0
 
-    def start(self, trainer: Any) -> None:
+    def start(self, trainer: Any, pl_module: Any, session: Any) -> None:
         """Before the first training batch: trace the training DataLoader's example ids (refused
-        clearly when impossible, before any step runs)."""
+        clearly when impossible, before any step runs); until the first computation the ledger
+        scores against the plain query gradients (no curvature yet: TracIn itself)."""
         if self.ledger is not None and self._ids is None:
             self._ids = BatchIds(trainer.train_dataloader)
             self.collector.observer = self.ledger.on_gradient
+            if self.ledger.queries is None:
+                plain = Factors("identity", {layer.name: {} for layer in self.collector.layers})
+                self.ledger.refresh(ledger_queries(session, pl_module, plain, self.collector.layers))
 
     def batch_start(self, trainer: Any, batch: Any, collecting: bool) -> None:
         rate = learning_rate(trainer)

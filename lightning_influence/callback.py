@@ -207,7 +207,7 @@ class InfluenceCallbackMixin:
                 total_steps=_trainer.total_steps(trainer), steps_per_epoch=_trainer.steps_per_epoch(trainer)):
             if trainer.is_global_zero:
                 self._warn(message, message)
-        self._steps.monitor.start(trainer)
+        self._steps.monitor.start(trainer, pl_module, self._session)
         self._resolve_pending(trainer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:

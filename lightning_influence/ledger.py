@@ -11,7 +11,10 @@ layer) and adds, per training example and query,
 (each collected step stands for the ``collect_every_n_steps`` steps around it). At the next
 computation the window's sums — "which examples moved this query since the last checkpoint" —
 are stored with the result (``ledger_ids``, ``ledger_scores``) and the queries are re-preconditioned
-with the new factors. Storage is sparse: only the examples the collected steps saw.
+with the new factors (the preconditioner is refreshed at each computation, the only time the
+eigenbasis exists; before the first one the plain query gradients are used: TracIn itself).
+Storage is sparse: only the examples the collected steps saw. The query gradients are those of the
+last computation's weights (recomputing them every step would cost a pass over the queries).
 
 Example ids: the hooks see tensors, not dataset indices. :class:`BatchIds` wraps the training
 DataLoader's sampler and reads the indices as the sampler yields them (batches arrive in sampler
@@ -103,7 +106,7 @@ class InfluenceLedger:
     Feed it with :meth:`begin_batch` (ids and weight), :meth:`on_gradient` (from the collector's
     hooks, per-example gradients of the token-summed loss) and :meth:`commit` (once per optimizer
     step, after its batches: a skipped step is dropped); read and clear the window with
-    :meth:`take`. Nothing is recorded before the first :meth:`refresh` (no preconditioner yet).
+    :meth:`take`. Nothing is recorded before the first :meth:`refresh` (no queries yet).
     """
 
     def __init__(self) -> None:

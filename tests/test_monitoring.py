@@ -75,55 +75,58 @@ def test_live_self_influence_ranks_the_planted_mislabel_first_and_is_reported(tm
 
 
 class _StepSpy(pl.Callback):
-    """Records, for each training step of the second epoch, the weights, the batch and the lr."""
+    """Per epoch: the queries the ledger uses (set at train start, then refreshed at each epoch's
+    computation) and, per training step, the weights, the batch and the learning rate."""
 
     def __init__(self, ledger_holder):
-        self.steps, self.holder, self.queries = [], ledger_holder, None
+        self.holder, self.epochs = ledger_holder, []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.current_epoch == 1:
-            if self.queries is None:  # refreshed at the end of epoch 0: what the ledger uses in epoch 1
-                ledger = self.holder._steps.monitor.ledger
-                self.queries = {name: ledger.queries.dense_for(name).clone() for name in ("net.0", "net.2")}
-            params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
-            self.steps.append((params, batch[0].clone(), batch[1].clone(), trainer.optimizers[0].param_groups[0]["lr"]))
+        if batch_idx == 0:
+            ledger = self.holder._steps.monitor.ledger
+            self.epochs.append(({name: ledger.queries.dense_for(name).clone() for name in ("net.0", "net.2")}, []))
+        params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+        lr = trainer.optimizers[0].param_groups[0]["lr"]
+        self.epochs[-1][1].append((params, batch[0].clone(), batch[1].clone(), lr))
 
 
-def _expected_ledger(model, spy, train):
+def _expected_ledger(model, queries, steps, train):
     """Σ_steps lr × ⟨preconditioned query, per-example gradient⟩ from torch.func, ids found by
     matching each batch row to the dataset (independent of the sampler tracing)."""
-    total = torch.zeros(spy.queries["net.0"].shape[0], len(train), dtype=torch.float64)
+    total = torch.zeros(queries["net.0"].shape[0], len(train), dtype=torch.float64)
     x_all = train.tensors[0]
 
     def loss(params, x, y):
         return F.cross_entropy(functional_call(model, params, (x[None],)), y[None], reduction="sum")
 
-    for params, x, y, lr in spy.steps:
+    for params, x, y, lr in steps:
         grads = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
         ids = torch.cdist(x, x_all).argmin(1)
         for name in ("net.0", "net.2"):
             full = torch.cat([grads[f"{name}.weight"], grads[f"{name}.bias"].unsqueeze(-1)], -1)  # [B, out, in+1]
-            scores = torch.einsum("qoi,boi->qb", spy.queries[name].double(), full.double())
+            scores = torch.einsum("qoi,boi->qb", queries[name].double(), full.double())
             total.index_add_(1, ids, lr * scores)
     return total
 
 
 @pytest.mark.parametrize("shuffle", [False, True])
 def test_ledger_equals_the_learning_rate_weighted_per_step_scores(tmp_path, shuffle):
-    """Every step of epoch 1 collected: the ledger saved with the second result equals the sum over
-    those steps of lr × (preconditioned query · per-example gradient), per example id, also with a
-    shuffled loader (ids traced through the sampler)."""
+    """Every step collected: the ledger saved with each epoch's result equals the sum over that
+    epoch's steps of lr × (query · per-example gradient), per example id — plain query gradients
+    before the first computation, preconditioned ones after — also with a shuffled loader (ids
+    traced through the sampler)."""
     train, val, _ = planted_data()
     cb = make_callback(tmp_path, ledger=True, **EPOCHS)
     spy = _StepSpy(cb)
     model = Classifier()
     fit(tmp_path, cb, model, callbacks=[spy], max_epochs=2, datamodule=BlobData(train, val, batch_size=8,
                                                                                shuffle=shuffle))
-    first, second = cb.results
-    assert first.get("ledger_scores") is None  # no preconditioner before the first computation
-    assert torch.equal(second.get("ledger_ids"), torch.arange(96))
-    expected = _expected_ledger(model, spy, train)
-    torch.testing.assert_close(second.get("ledger_scores").double(), expected, rtol=1e-4, atol=1e-6)
+    assert len(cb.results) == len(spy.epochs) == 2
+    for result, (queries, steps) in zip(cb.results, spy.epochs):
+        assert torch.equal(result.get("ledger_ids"), torch.arange(96))
+        expected = _expected_ledger(model, queries, steps, train)
+        torch.testing.assert_close(result.get("ledger_scores").double(), expected, rtol=1e-4, atol=1e-6)
+    second = cb.results[1]
     assert second.meta["window"]["optimizer_batches"] == 12
     assert second.meta["window"]["lr_sum"] == pytest.approx(12 * 0.1)
 
