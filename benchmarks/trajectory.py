@@ -7,7 +7,7 @@ combined with each ``li.aggregate`` weighting and compared with the final checkp
 datamodeling score (ground truth: retraining on random half-subsets, several seeds), with paired
 bootstrap intervals over queries.
 
-    python benchmarks/trajectory.py [--quick] [--json PATH] [--markdown PATH]
+    python benchmarks/trajectory.py [--quick | --small] [--json PATH] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ import benchlib
 import lightning_influence as li
 from lds import lds_per_query
 
-FULL = dict(num_train=500, num_query=60, hidden=32, epochs=30, every=5, subsets=60, seeds=2)
+FULL = dict(num_train=1000, num_query=100, hidden=64, epochs=30, every=5, subsets=60, seeds=2)
+# --small: the reduced configuration (benchmarks/results/trajectory_500.md).
+SMALL = dict(FULL, num_train=500, num_query=60, hidden=32)
 QUICK = dict(num_train=120, num_query=12, hidden=16, epochs=6, every=2, subsets=8, seeds=2)
 SETTINGS = {
     "SGD lr 0.05, momentum 0.9, wd 1e-3": dict(lr=0.05, momentum=0.9, weight_decay=1e-3),
@@ -74,8 +76,9 @@ def run_setting(cfg: Dict, optimiser: Dict, data) -> Dict[str, torch.Tensor]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = benchlib.parse_args(__doc__.splitlines()[0], argv)
-    cfg = QUICK if args.quick else FULL
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
+        "--small": dict(action="store_true", help="500 training examples, hidden width 32")})
+    cfg = QUICK if args.quick else SMALL if args.small else FULL
     started = time.perf_counter()
     data = benchlib.digits(cfg["num_train"], cfg["num_query"])
     rows, diff_rows, payload = [], [], {}
