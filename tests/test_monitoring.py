@@ -146,3 +146,13 @@ def test_ledger_refuses_a_loader_without_dataset_indices(tmp_path):
         assert torch.equal(planted_data()[0].tensors[0][got], x)
     ids.release()
     assert type(loader.batch_sampler.sampler).__name__ == "RandomSampler"
+
+
+def test_aggregate_weights_checkpoints_by_learning_rate_sums_or_recency():
+    a = li.InfluenceResult(scores=torch.tensor([[1.0, 0.0]]), step=10, meta={"window": {"lr_sum": 3.0}})
+    b = li.InfluenceResult(scores=torch.tensor([[0.0, 2.0]]), step=20, meta={"window": {"lr_sum": 1.0}})
+    torch.testing.assert_close(li.aggregate([a, b], weighting="lr").scores, torch.tensor([[1.5, 1.0]]))
+    # recency: equal shares (each divided by its mean |score|), the later one doubled
+    torch.testing.assert_close(li.aggregate([a, b], weighting="recency").scores, torch.tensor([[1.0, 2.0]]))
+    with pytest.raises(ValueError, match=r"weighting='lr' needs each result's meta\['window'\]\['lr_sum'\]"):
+        li.aggregate([a, li.InfluenceResult(scores=torch.ones(1, 2), step=30)], weighting="lr")
