@@ -97,7 +97,9 @@ def run(setting, steps: int, batch_size: int, tmp: str) -> StepTimer:
     callbacks = [timer]
     if setting is not None:
         # Only the end-of-training trigger, on a tiny pool: its cost is outside the timed steps.
-        callbacks.insert(0, InfluenceCallback(li.CausalLMTask(), query_data=torch.utils.data.Subset(data, range(2)),
+        setting = dict(setting)
+        queries = torch.utils.data.Subset(data, range(setting.pop("num_query_examples", 2)))
+        callbacks.insert(0, InfluenceCallback(li.CausalLMTask(), query_data=queries,
                                               train_data=torch.utils.data.Subset(data, range(4)), every_n_epochs=None,
                                               on_checkpoint=False, report=False, show_progress=False,
                                               output_dir=tmp, correction_batches=1, batch_size=4, **setting))
@@ -135,7 +137,9 @@ def main(argv=None) -> dict:
     # amortised ratio over all steps is 1 + (paired - 1) / collect_every_n_steps.
     paired = {"callback, default settings (amortised)": {},
               "collecting on every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
-              "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256)}
+              "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256),
+              # The per-step ledger (issue 16) at defaults, with 64 queries: it scores each collected batch.
+              "callback, default settings + ledger, 64 queries (amortised)": dict(ledger=True, num_query_examples=64)}
     times = {name: [] for name in settings}
     ratios = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,7 +149,8 @@ def main(argv=None) -> dict:
             for name, setting in paired.items():
                 every = setting.get("collect_every_n_steps", default_every)
                 ratio = paired_ratio(run(setting, args.steps, args.batch_size, tmp), every)
-                ratios[name].append(1 + (ratio - 1) / default_every if not setting else ratio)
+                amortised = "collect_every_n_steps" not in setting
+                ratios[name].append(1 + (ratio - 1) / default_every if amortised else ratio)
     base = statistics.median(times["plain"])
     rows = [[name, 1000 * statistics.median(values), statistics.median(values) / base, "alternating runs"]
             for name, values in times.items()]

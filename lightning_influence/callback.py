@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 
-from lightning_influence import _trainer
+from lightning_influence import _monitoring, _trainer
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.loop import LoopInfluence, warn_once
@@ -69,6 +69,8 @@ class InfluenceCallbackMixin:
         seed: int = 0,
         query_rank: Optional[int] = None,
         top_k: int = 10,
+        self_influence: bool = False,
+        ledger: bool = False,
         batch_size: int = 32,
         renderer: Optional[Callable] = None,
         max_layer_mb: Optional[float] = None,
@@ -86,7 +88,8 @@ class InfluenceCallbackMixin:
             layers=layers, exclude=exclude, collect_every_n_steps=collect_every_n_steps,
             max_tokens_per_step=max_tokens_per_step, loss_reduction=loss_reduction, window=window,
             ema_decay=ema_decay, correction_batches=correction_batches, max_train_examples=max_train_examples,
-            seed=seed, query_rank=query_rank, top_k=top_k, batch_size=batch_size, renderer=renderer,
+            seed=seed, query_rank=query_rank, top_k=top_k, self_influence=self_influence, ledger=ledger,
+            batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
             report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
         ))
@@ -151,7 +154,7 @@ class InfluenceCallbackMixin:
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
-        self._steps = _StepRecorder(self._loop.statistics, cfg.collect_every_n_steps, self._warn)
+        self._steps = _StepRecorder(self._loop.statistics, cfg, self._warn)
         self._steps.attach(pl_module)
 
     # -- collecting during training ------------------------------------------------------------------
@@ -164,6 +167,7 @@ class InfluenceCallbackMixin:
                 total_steps=_trainer.total_steps(trainer), steps_per_epoch=_trainer.steps_per_epoch(trainer)):
             if trainer.is_global_zero:
                 self._warn(message, message)
+        self._steps.monitor.start(trainer, pl_module, self._loop.session)
         self._resolve_pending(trainer)
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
@@ -227,7 +231,9 @@ class InfluenceCallbackMixin:
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
         """One influence computation per global step, whatever triggered it (none in the sanity check)."""
         if not trainer.sanity_checking:
-            self._loop.compute(pl_module, step=trainer.global_step, epoch=trainer.current_epoch, reason=reason)
+            self._loop.compute(pl_module, step=trainer.global_step, epoch=trainer.current_epoch, reason=reason,
+                               observe=partial(self._steps.monitor.finish, trainer, pl_module,
+                                               session=self._loop.session))
 
     def _resolve_pending(self, trainer: Any) -> None:
         """Record the paths of checkpoints saved at a result's step (known only after the save)."""
@@ -283,8 +289,9 @@ class _StepRecorder:
     the AMP loss scale and the steps its GradScaler skipped, the step's own outputs reused for the
     true Fisher, and one check of the declared loss reduction."""
 
-    def __init__(self, collector: StepStatistics, every_n_steps: int, warn: Callable[[str, str], None]) -> None:
-        self.collector, self.every_n_steps, self.warn = collector, every_n_steps, warn
+    def __init__(self, collector: StepStatistics, config: InfluenceConfig, warn: Callable[[str, str], None]) -> None:
+        self.collector, self.every_n_steps, self.warn = collector, config.collect_every_n_steps, warn
+        self.monitor = _monitoring.TrainingMonitor(collector, config, warn)
         self._output_hook = None
         self._last_outputs: Any = None
         self._step_at_batch_start = -1
@@ -299,6 +306,7 @@ class _StepRecorder:
 
     def detach(self) -> None:
         self.collector.detach()
+        self.monitor.stop()
         if self._output_hook is not None:
             self._output_hook.remove()
             self._output_hook = None
@@ -310,6 +318,7 @@ class _StepRecorder:
     def batch_start(self, trainer: Any, batch: Any) -> None:
         self._step_at_batch_start = trainer.global_step
         self._collecting = trainer.global_step % self.every_n_steps == 0
+        self.monitor.batch_start(trainer, batch, self._collecting)
         if not self._collecting:
             return
         scale = _trainer.loss_scale(trainer)
@@ -341,6 +350,7 @@ class _StepRecorder:
         if self._window_scale is not None:
             skipped = _trainer.loss_scale(trainer) < self._window_scale  # GradScaler backs off when it skips
             self.collector.commit(valid=not skipped)
+            self.monitor.commit(not skipped)
             self._window_scale = None
         return True
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +74,8 @@ class StepStatistics:
         self.steps_committed = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps_skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
+        # Sees each recorded layer's (activations, per-example gradients of the token-summed loss): the ledger.
+        self.observer: Optional[Callable[[TrackedLayer, Tensor, Tensor], None]] = None
         self._phase = _IDLE
         self._batch: Any = None
         self._batch_size = 0
@@ -207,6 +209,8 @@ class StepStatistics:
             if self.fisher == "empirical":
                 self._pending.add_gradients(layer.name, grads_kept.float() * self._grad_factor,
                                             self._batch_size, weight)
+            if self.observer is not None:
+                self.observer(layer, acts, grads.float() * self._grad_factor)
 
     def _token_subset(self, positions: int) -> Tuple[Optional[Tensor], float]:
         """Which of ``positions`` token rows to keep (``None``: all of them) and the weight on ``S``

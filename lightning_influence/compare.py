@@ -128,7 +128,7 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor) -> float:
 # -- matching ------------------------------------------------------------------------------------
 
 
-def _match(a: Any, b: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def match_ids(a: Any, b: Any) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Positions ``(q_a, q_b, t_a, t_b)`` of the query and train ids both results share, in ``a``'s order."""
     q_a, q_b = _shared_positions(a.query_ids, b.query_ids, "query", a, b, minimum=1)
     t_a, t_b = _shared_positions(a.train_ids, b.train_ids, "training", a, b, minimum=2)
@@ -158,7 +158,7 @@ def _layer_scores_matched(result: Any, query_pos: torch.Tensor, train_pos: torch
     return None if layer_scores is None else layer_scores[:, query_pos][:, :, train_pos]
 
 
-def _median_alpha(scores: torch.Tensor) -> Optional[float]:
+def median_alpha(scores: torch.Tensor) -> Optional[float]:
     alphas = [fit.alpha for fit in fit_query_tails(scores, compare_alternatives=False) if fit is not None]
     return float(np.median(alphas)) if alphas else None
 
@@ -309,7 +309,7 @@ def compare(
             two training examples.
     """
     check_same_run([a, b], allow_different_runs)
-    q_a, q_b, t_a, t_b = _match(a, b)
+    q_a, q_b, t_a, t_b = match_ids(a, b)
     scores_a = a.scores[q_a][:, t_a].double()
     scores_b = b.scores[q_b][:, t_b].double()
     n_train = scores_a.shape[1]
@@ -330,7 +330,7 @@ def compare(
         kendall=kendall_tau_b(scores_a, scores_b, max_n=kendall_max_n, seed=seed),
         topk_jaccard={k: _nanmean(topk_jaccard(scores_a, scores_b, k)) for k in valid_ks},
         topk_rbo={k: _nanmean(rank_biased_overlap(scores_a, scores_b, k)) for k in valid_ks},
-        tail_alpha=(_median_alpha(scores_a), _median_alpha(scores_b)),
+        tail_alpha=(median_alpha(scores_a), median_alpha(scores_b)),
         concentration=(concentration(scores_a), concentration(scores_b)),
         layer_js=layer_js,
         entered=entered,
@@ -356,12 +356,12 @@ def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, A
     """One checkpoint's trajectory statistics; churn and rank agreement are measured against ``previous``."""
     scores = result.scores.double()
     spread = concentration(scores)
-    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": _median_alpha(scores)}
+    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": median_alpha(scores)}
     row.update({key: _finite_or_none(spread[key]) for key in _SPREAD_KEYS})
     row["topk_churn"] = row["spearman_prev"] = None
     if previous is not None:
         try:
-            q_a, q_b, t_a, t_b = _match(previous, result)
+            q_a, q_b, t_a, t_b = match_ids(previous, result)
         except ValueError:
             pass  # no shared queries or training examples: the change is undefined
         else:

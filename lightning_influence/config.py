@@ -27,7 +27,7 @@ WINDOWS = ("reset", "ema")
 COVARIANCE_DTYPES = ("float32", "float64")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
-BOOL_FIELDS = ("on_checkpoint", "on_train_end", "report", "log_artifacts", "show_progress")
+BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "log_artifacts", "show_progress")
 # Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
 # mapping the callback and the CLI resolve names with.
 BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -84,6 +84,11 @@ class InfluenceConfig:
         seed: seed of every private random generator.
         query_rank: rank of the low-rank query approximation (``None``: exact).
         top_k: per query, the most positive / negative examples kept with per-token scores.
+        self_influence: also score each pool example on itself at every computation (mislabel and
+            memorisation candidates): ``result.self_scores``, a logged table and ``influence/self/*``.
+        ledger: on each collected step, score the batch against the queries preconditioned at the
+            last computation, weighted by the learning rate (TracIn-style); stored with the next
+            result as ``ledger_ids`` / ``ledger_scores`` (see ``lightning_influence.ledger``).
         batch_size: batch size of the callback's own passes.
         renderer: shows examples in logged tables (see ``ResultPublisher``).
         max_layer_mb: skip, with a warning, layers whose statistics exceed this many MiB.
@@ -121,6 +126,8 @@ class InfluenceConfig:
     seed: int = 0
     query_rank: Optional[int] = None
     top_k: int = 10
+    self_influence: bool = False
+    ledger: bool = False
     batch_size: int = 32
     renderer: Any = None
     max_layer_mb: Optional[float] = None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -70,7 +70,8 @@ class LoopInfluence:
             query_data if query_data is not None else cfg.query_data, query_ids=query_ids,
             max_train_examples=cfg.max_train_examples,
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
-            top_k=cfg.top_k, batch_size=cfg.batch_size, correction_batches=cfg.correction_batches, seed=cfg.seed,
+            top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
+            correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
         )
         self.index = ResultIndex()
@@ -99,9 +100,11 @@ class LoopInfluence:
         if self.is_global_zero:
             warn_once(self._warned, key, message)
 
-    def compute(self, model: nn.Module, *, step: int, epoch: Optional[int], reason: str) -> Optional[InfluenceResult]:
+    def compute(self, model: nn.Module, *, step: int, epoch: Optional[int], reason: str,
+                observe: Optional[Callable[..., None]] = None) -> Optional[InfluenceResult]:
         """Influence at ``step`` (once per step: another trigger at the same step only adds its
         reason). A failure is warned about and returns ``None`` unless ``on_error="raise"``.
+        ``observe(result, factors)`` completes a new result before it is saved (e.g. monitors).
         Collective: call on every process."""
         entry = self.index.find(step)
         if entry is not None:
@@ -114,7 +117,7 @@ class LoopInfluence:
             return None
         try:
             with torch.inference_mode(False), torch.enable_grad():
-                self._run(model, step, epoch, reason)
+                self._run(model, step, epoch, reason, observe)
         except Exception as err:  # noqa: BLE001 - the influence machinery never ends a training run
             if self.config.on_error == "raise":
                 raise
@@ -128,7 +131,8 @@ class LoopInfluence:
     def _result_at(self, step: int) -> Optional[InfluenceResult]:
         return next((r for r in self.results if r.step == step), None)
 
-    def _run(self, model: nn.Module, step: int, epoch: Optional[int], reason: str) -> None:
+    def _run(self, model: nn.Module, step: int, epoch: Optional[int], reason: str,
+             observe: Optional[Callable[..., None]]) -> None:
         stats = self.statistics.reduced()
         if stats.is_empty():
             raise RuntimeError(f"no statistics were collected before step {step} (collect_every_n_steps="
@@ -137,6 +141,8 @@ class LoopInfluence:
         meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
                 "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
         result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta)
+        if observe is not None:
+            observe(result, factors)
         if self.is_global_zero:
             self._save(step, result, factors)
         self.index.add(step, epoch, reason)

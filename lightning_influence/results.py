@@ -57,6 +57,9 @@ _TENSOR_FIELDS = (
     "bottom_token_scores",  # [n_query, k, seq_len]
     "top_token_mask",  # [n_query, k, seq_len] bool
     "bottom_token_mask",  # [n_query, k, seq_len] bool
+    # The per-step ledger of the window before this computation (sparse: the examples it saw):
+    "ledger_ids",  # [n_seen] training-dataset indices, sorted
+    "ledger_scores",  # [n_query, n_seen] learning-rate-weighted per-step scores, summed
 )
 
 
@@ -122,6 +125,13 @@ class InfluenceResult:
     token_scores = property(lambda self: self._field("token_scores"), doc="[n_query, n_train, seq_len]")
     token_mask = property(lambda self: self._field("token_mask"), doc="[n_train, seq_len] valid tokens")
     self_scores = property(lambda self: self._field("self_scores"), doc="[n_train] self-influence")
+
+    def set(self, name: str, value: torch.Tensor) -> None:
+        """Add or replace a tensor field (e.g. the callback's ``ledger_scores``) before saving."""
+        if name not in _TENSOR_FIELDS:
+            raise KeyError(f"unknown result field {name!r}; known: {list(_TENSOR_FIELDS)}")
+        self._field(name)  # load a saved result's tensors first, so they are not lost
+        self._tensors[name] = value.detach().cpu()
 
     def get(self, name: str) -> Optional[torch.Tensor]:
         """Any tensor field by name (e.g. ``"top_ids"``), or ``None`` if the result lacks it."""
@@ -264,6 +274,11 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
     if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
         return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
                 f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    ledger_ids, ledger_scores = shapes.get("ledger_ids"), shapes.get("ledger_scores")
+    if (ledger_ids is None) != (ledger_scores is None) or (
+            ledger_ids is not None and (len(ledger_ids) != 1 or ledger_scores != (n_query, ledger_ids[0]))):
+        return (f"ledger_ids {ledger_ids} / ledger_scores {ledger_scores} must be [n_seen] / [{n_query}, n_seen], "
+                "and come together")
     return None
 
 
@@ -361,8 +376,12 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
         results: results over the same queries and training examples (matched on their ids).
         weighting: ``"mean_abs"`` (default) divides each checkpoint's scores by their mean absolute
             value before averaging, so that every checkpoint counts equally whatever its scale;
-            ``"none"`` averages raw scores; a sequence of floats gives explicit per-checkpoint weights
-            applied to raw scores (e.g. learning rates, as in TracIn).
+            ``"none"`` averages raw scores; ``"lr"`` weights raw scores by the sum of the learning
+            rates over the optimizer steps each checkpoint's window covered (TracIn's weighting;
+            the callback records it as ``meta["window"]["lr_sum"]``); ``"recency"`` normalises as
+            ``"mean_abs"`` and doubles the weight from one checkpoint to the next (the latest counts
+            as much as all earlier ones together); a sequence of floats gives explicit
+            per-checkpoint weights applied to raw scores.
         allow_different_runs: combine results whose ``meta["run"]`` identities differ (refused by
             default: see :func:`check_same_run`).
     """
@@ -378,12 +397,7 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
                 "checkpoints all score the same pool and queries (li.compare can still relate the two)"
             )
     if isinstance(weighting, str):
-        if weighting not in ("mean_abs", "none"):
-            raise ValueError(f"weighting must be 'mean_abs', 'none' or a list of floats, got {weighting!r}")
-        if weighting == "mean_abs":
-            weights = [1.0 / max(r.scores.abs().mean().item(), 1e-30) for r in results]
-        else:
-            weights = [1.0] * len(results)
+        weights = _trajectory_weights(results, weighting)
     else:
         weights = [float(w) for w in weighting]
         if len(weights) != len(results):
@@ -413,6 +427,28 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
             **same_run,  # an aggregate of one run still identifies it
         },
     )
+
+
+WEIGHTINGS = ("mean_abs", "none", "lr", "recency")
+
+
+def _trajectory_weights(results: Sequence[InfluenceResult], weighting: str) -> List[float]:
+    """Per-checkpoint weights of a named weighting (see :func:`aggregate`)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {list(WEIGHTINGS)} or a list of floats, got {weighting!r}")
+    if weighting == "none":
+        return [1.0] * len(results)
+    if weighting == "lr":
+        missing = [r.step for r in results if not isinstance(r.meta.get("window"), Mapping)]
+        if missing:
+            raise ValueError(f"weighting='lr' needs each result's meta['window']['lr_sum'] (recorded by the "
+                             f"callback); the results at steps {missing} lack it: pass the learning-rate sums "
+                             "as a list of weights instead")
+        return [float(r.meta["window"]["lr_sum"]) for r in results]
+    normalised = [1.0 / max(r.scores.abs().mean().item(), 1e-30) for r in results]
+    if weighting == "recency":
+        return [w * 2.0 ** position for position, w in enumerate(normalised)]
+    return normalised
 
 
 def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: bool = False) -> None:

@@ -75,6 +75,7 @@ class InfluenceSession:
         max_train_examples: score a fixed random subset of this many examples (seeded).
         strategy, fisher, damping, query_rank: as in :func:`~lightning_influence.compute_influence`.
         top_k: per query, the most positive / negative examples kept with per-token scores.
+        self_influence: :meth:`compute` also scores each pool example on itself (``self_scores``).
         batch_size: batch size of the session's own passes.
         correction_batches: batches of the pool in the eigenvalue-correction pass (``None``: all).
         seed: seed of every private random generator.
@@ -86,7 +87,7 @@ class InfluenceSession:
     def __init__(self, task: Task, train_data: Any, query_data: Any, *, query_ids: Optional[Sequence[int]] = None,
                  pool_ids: Optional[Tensor] = None, max_train_examples: Optional[int] = None,
                  strategy: str = "ekfac", fisher: str = "empirical", damping: Optional[float] = None,
-                 query_rank: Optional[int] = None, top_k: int = 10, batch_size: int = 32,
+                 query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
                  run_config: Optional[Dict[str, Any]] = None) -> None:
         self.task = task
@@ -106,6 +107,7 @@ class InfluenceSession:
                              f"({len(self.pool)} examples); lower it or set it to None")
         self.strategy, self.fisher, self.damping, self.query_rank = strategy, fisher, damping, query_rank
         self.top_k, self.batch_size, self.correction_batches = top_k, batch_size, correction_batches
+        self.self_influence = self_influence
         self.seed, self.show_progress = seed, show_progress
         self.run_config = run_config if run_config is not None else {
             "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
@@ -277,7 +279,7 @@ class InfluenceSession:
         started = time.perf_counter()
         factors = self.fit_factors(model, statistics, step=step)
         fitted = time.perf_counter() - started
-        result = self.score(model, factors, step=step, epoch=epoch, meta=meta)
+        result = self.score(model, factors, step=step, epoch=epoch, self_influence=self.self_influence, meta=meta)
         result.meta["timings"] = {"factors": fitted, **result.meta["timings"]}
         return result, factors
 

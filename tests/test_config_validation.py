@@ -55,6 +55,8 @@ BAD_VALUE = {
     "max_layer_mb": (math.inf, "max_layer_mb must be a finite positive number of MiB or None, got inf"),
     "memory_budget_mb": (math.nan, "memory_budget_mb must be a finite positive number of MiB or None, got nan"),
     "covariance_dtype": ("bfloat16", "covariance_dtype must be one of 'float32', 'float64', got 'bfloat16'"),
+    "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
+    "ledger": (1, "ledger must be True or False, got 1"),
     "report": ("yes", "report must be True or False, got 'yes'"),
     "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
     "show_progress": (None, "show_progress must be True or False, got None"),

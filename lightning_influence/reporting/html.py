@@ -140,6 +140,7 @@ def _build_page(results, analysis: Analysis, render, shows, top_k, max_queries, 
         _tail_section(latest, summary, report),
         _layer_section(summary, report),
     ]
+    sections += [_monitoring_section(name, rows, "train" in shows) for name, rows in report.tables.items() if rows]
     if report.trajectory is not None:
         sections.append(_trajectory_section(report))
         sections.append(_comparison_section(analysis))
@@ -193,6 +194,27 @@ def _queries_section(result, report, shows) -> str:
         )
     parts.append("</section>")
     return "\n".join(parts)
+
+
+_MONITORING_TITLES = {
+    "self_influence": ("Highest self-influence (mislabel and memorisation candidates)",
+                       "Each training example scored on itself: examples the model needs an unusually large step to fit."),
+    "ledger": ("Per-step ledger: examples that moved each query in the last window",
+               "Learning-rate-weighted scores of the training steps since the previous computation (TracIn-style)."),
+}
+
+
+def _monitoring_section(name, rows, with_examples) -> str:
+    title, note = _MONITORING_TITLES.get(name, (name, ""))
+    header = ["query", "rank", "train id", "score"] + (["example"] if with_examples else [])
+    cells = []
+    for row in rows:
+        line = [_esc(row.query_id if row.query_id >= 0 else "-"), str(row.rank), _esc(row.train_id), _score_cell(row.score)]
+        if with_examples:
+            line.append(f"<div class=\"example\">{_example_html(row.example)}</div>")
+        cells.append(line)
+    return (f"<section id=\"{name}\"><h2>{_esc(title)}</h2><p class=\"note\">{_esc(note)}</p>"
+            f"<table class=\"{name}\">{_header_row(header)}{''.join(_raw_row(c) for c in cells)}</table></section>")
 
 
 def _ranked_table(query_id, which, rows, with_examples) -> str:

@@ -42,7 +42,11 @@ class TensorBoardSink(LoggerSink):
         writer.add_histogram(report.key("scores"), report.scores, global_step=report.step)
         for name in report.pngs:
             writer.add_image(report.key(name), report.image(name), global_step=report.step, dataformats="HWC")
-        for name, rows in (("top_examples", report.top_rows), ("bottom_examples", report.bottom_rows)):
+        for name, values in report.histograms.items():
+            if values.size:
+                writer.add_histogram(report.key(name), values, global_step=report.step)
+        for name, rows in (("top_examples", report.top_rows), ("bottom_examples", report.bottom_rows),
+                           *report.tables.items()):
             if rows:
                 writer.add_text(report.key(name), _markdown_table(rows), global_step=report.step)
         writer.flush()

@@ -207,9 +207,11 @@ class ResultPublisher:
             "epoch": report.epoch,
             "namespace": report.namespace,
             **summary.to_dict(),
+            "scalars": report.scalars,  # what every logger got, monitors included
             "figures": figure_files,
             "top_examples": [row.to_dict() for row in report.top_rows],
             "bottom_examples": [row.to_dict() for row in report.bottom_rows],
+            **{f"{name}_examples": [row.to_dict() for row in rows] for name, rows in report.tables.items()},
             "trajectory": report.trajectory,
         }
         text = json.dumps(json_ready(payload), indent=2, sort_keys=True, allow_nan=False)

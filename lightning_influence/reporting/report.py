@@ -56,6 +56,9 @@ class Report:
         pngs: figure name (e.g. ``tail/q3``) to PNG bytes.
         top_rows, bottom_rows: top-k / bottom-k training examples per query.
         trajectory: statistics over this and previous results (``compare.trajectory``), or None.
+        tables: further example tables by name: ``self_influence`` (highest self-influence, query
+            id -1) and ``ledger`` (per query, the examples the per-step ledger credits most).
+        histograms: further value distributions by name (``self_scores``).
         result_path: the result directory on disk, if saved.
     """
 
@@ -68,6 +71,8 @@ class Report:
     top_rows: List[ExampleRow]
     bottom_rows: List[ExampleRow]
     trajectory: Optional[Dict[str, list]] = None
+    tables: Dict[str, List[ExampleRow]] = field(default_factory=dict)
+    histograms: Dict[str, np.ndarray] = field(default_factory=dict)
     result_path: Optional[Path] = None
     _arrays: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
@@ -137,6 +142,30 @@ def _table_rows(result: Any, queries: Sequence[int], k: int, largest: bool, rend
     return rows
 
 
+def _monitoring_tables(result: Any, queries: Sequence[int], k: int, render: RenderFn) -> Dict[str, List[ExampleRow]]:
+    """The self-influence ranking and, per query, the ledger's most credited examples."""
+    tables: Dict[str, List[ExampleRow]] = {}
+    self_scores = result.get("self_scores")
+    if self_scores is not None:
+        found = finite_topk(self_scores.unsqueeze(0), k)
+        itself = RenderedExample(text="self-influence")
+        tables["self_influence"] = [
+            ExampleRow(-1, itself, rank, int(result.train_ids[j]), float(v),
+                       render("train", int(result.train_ids[j]), None, None))
+            for rank, (v, j) in enumerate(zip(found.values[0].tolist(), found.indices[0].tolist()), 1) if j >= 0]
+    ledger_ids, ledger_scores = result.get("ledger_ids"), result.get("ledger_scores")
+    if ledger_scores is not None and ledger_scores.shape[1]:
+        found = finite_topk(ledger_scores, k)
+        rows = []
+        for q in queries:
+            query_id = int(result.query_ids[q])
+            query = render("query", query_id, None, None)
+            rows += [ExampleRow(query_id, query, rank, int(ledger_ids[j]), float(v), render("train", int(ledger_ids[j]), None, None))
+                     for rank, (v, j) in enumerate(zip(found.values[q].tolist(), found.indices[q].tolist()), 1) if j >= 0]
+        tables["ledger"] = rows
+    return tables
+
+
 def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int, trajectory) -> Dict[str, Any]:
     figures = {"score_histogram": plots.score_histogram(result.scores)}
     layer_scores = result.layer_scores
@@ -187,11 +216,15 @@ def build_report(
         step=int(step),
         epoch=result.epoch,
         namespace=namespace,
-        scalars={name: float(value) for name, value in summary.scalars.items() if np.isfinite(value)},
+        scalars={name: float(value) for name, value in {**summary.scalars, **result.meta.get("monitors", {})}.items()
+                 if np.isfinite(value)},
         scores=scores[torch.isfinite(scores)].numpy(),
         pngs={name: plots.figure_to_png(fig) for name, fig in figures.items()},
         top_rows=_table_rows(result, queries, top_k, True, render),
         bottom_rows=_table_rows(result, queries, top_k, False, render),
         trajectory=analysis.trajectory,
+        tables=_monitoring_tables(result, queries, top_k, render),
+        histograms={"self_scores": result.self_scores[torch.isfinite(result.self_scores)].double().numpy()}
+        if result.self_scores is not None else {},
         result_path=result.path,
     )

@@ -68,7 +68,11 @@ class WandbSink:
             payload[report.key("scores")] = wandb.Histogram(report.scores)
         for name in report.pngs:
             payload[report.key(name)] = wandb.Image(report.image(name), caption=f"{name} at step {report.step}")
-        for name, rows in (("top_examples", report.top_rows), ("bottom_examples", report.bottom_rows)):
+        for name, values in report.histograms.items():
+            if values.size:
+                payload[report.key(name)] = wandb.Histogram(values)
+        for name, rows in (("top_examples", report.top_rows), ("bottom_examples", report.bottom_rows),
+                           *report.tables.items()):
             if rows:
                 payload[report.key(name)] = self._table(wandb, rows)
         if report.trajectory:

@@ -1,0 +1,121 @@
+"""Scalars that watch influence over training: drift between computations, concentration on one
+example (memorisation), and the self-influence top set.
+
+Each influence computation yields a flat ``{name: float}`` dict that the callback writes into
+``trainer.callback_metrics`` as ``influence/<name>`` (so ``EarlyStopping``, ``ModelCheckpoint`` and
+W&B alerts can watch it) and records in the result's ``meta["monitors"]`` (so every logger gets it).
+Only cheap statistics: rank correlation, top-k overlap, shares and one power-law fit per query.
+
+Plain PyTorch: no Lightning, W&B or reporting import.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from lightning_influence.analysis import concentration, layer_shares
+from lightning_influence.compare import match_ids, median_alpha, js_divergence, spearman, topk_jaccard
+
+# Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``.
+DRIFT_KEYS = ("drift/spearman", "drift/topk_jaccard", "drift/topk_churn", "drift/tail_alpha_change",
+              "drift/top1pct_share_change", "drift/layer_js")
+ALWAYS_KEYS = ("max_top1_share", "top1pct_share")
+SELF_KEYS = ("self/max", "self/median", "self/top_share", "self/topk_churn")
+
+
+def top1_shares(scores: torch.Tensor) -> torch.Tensor:
+    """Per query, the share of its positive influence held by its single most positive example
+    ``[Q]`` (NaN for a query without positive influence): 1.0 means one training example alone
+    supports the query, the signature of memorisation."""
+    positive = torch.nan_to_num(scores.double(), nan=0.0).clamp_min(0.0)
+    total = positive.sum(1)
+    return torch.where(total > 0, positive.max(1).values / total.clamp_min(1e-300), torch.full_like(total, math.nan))
+
+
+def _finite(values: Dict[str, Optional[float]]) -> Dict[str, float]:
+    return {key: float(value) for key, value in values.items() if value is not None and math.isfinite(value)}
+
+
+def _nanmean(values: torch.Tensor) -> float:
+    finite = values[torch.isfinite(values)]
+    return float(finite.mean()) if len(finite) else math.nan
+
+
+def drift_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
+    """How ``result`` moved from ``previous`` (two results over shared ids): mean Spearman
+    correlation, top-k Jaccard and churn (``1 -`` Jaccard), the change of the median tail exponent
+    and of the top-1% share, and the Jensen-Shannon divergence (bits) of the mean layer shares."""
+    try:
+        q_a, q_b, t_a, t_b = match_ids(previous, result)
+    except ValueError:
+        return {}  # nothing shared to compare
+    before = previous.scores[q_a][:, t_a].double()
+    after = result.scores[q_b][:, t_b].double()
+    jaccard = _nanmean(topk_jaccard(torch.nan_to_num(before, nan=-math.inf),
+                                    torch.nan_to_num(after, nan=-math.inf), min(k, len(t_a))))
+    alpha_before, alpha_after = median_alpha(before), median_alpha(after)
+    out: Dict[str, Optional[float]] = {
+        "drift/spearman": _nanmean(spearman(before, after)),
+        "drift/topk_jaccard": jaccard,
+        "drift/topk_churn": 1.0 - jaccard,
+        "drift/tail_alpha_change": (alpha_after - alpha_before
+                                    if alpha_before is not None and alpha_after is not None else None),
+        "drift/top1pct_share_change": concentration(after)["top1pct_share"] - concentration(before)["top1pct_share"],
+    }
+    if previous.layer_scores is not None and result.layer_scores is not None \
+            and previous.layer_names == result.layer_names:
+        shares_before = layer_shares(previous.layer_scores[:, q_a][:, :, t_a]).nanmean(0)
+        shares_after = layer_shares(result.layer_scores[:, q_b][:, :, t_b]).nanmean(0)
+        if torch.isfinite(shares_before).all() and torch.isfinite(shares_after).all():
+            out["drift/layer_js"] = js_divergence(shares_before, shares_after)
+    return _finite(out)
+
+
+def self_influence_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
+    """Distribution of the self-influence scores and how their top-k set changed since ``previous``."""
+    values = result.self_scores
+    if values is None:
+        return {}
+    finite = values.double()[torch.isfinite(values)]
+    if not len(finite):
+        return {}
+    k = min(k, len(finite))
+    top = finite.topk(k).values
+    out: Dict[str, Optional[float]] = {
+        "self/max": float(top[0]), "self/median": float(finite.median()),
+        "self/top_share": float(top.sum() / finite.clamp_min(0).sum().clamp_min(1e-300)),
+    }
+    before = previous.self_scores if previous is not None else None
+    if before is not None:
+        out["self/topk_churn"] = 1.0 - len(top_self_ids(previous, k) & top_self_ids(result, k)) / float(
+            len(top_self_ids(previous, k) | top_self_ids(result, k)))
+    return _finite(out)
+
+
+def top_self_ids(result: Any, k: int) -> set:
+    """Training ids of the ``k`` highest finite self-influence scores."""
+    values = torch.nan_to_num(result.self_scores.double(), nan=-math.inf)
+    order = values.topk(min(k, len(values))).indices
+    return {int(result.train_ids[i]) for i in order if math.isfinite(float(values[i]))}
+
+
+def monitor_scalars(result: Any, previous: Optional[Any] = None, k: int = 10) -> Dict[str, float]:
+    """Every monitor of ``result`` (``previous``: the run's result before it, or ``None``).
+
+    Keys (undefined values are left out): ``max_top1_share`` (over queries, the largest share of
+    a query's positive influence held by one example: memorisation), ``top1pct_share`` (mean over
+    queries), the ``drift/...`` keys of :func:`drift_scalars` when ``previous`` is given, and the
+    ``self/...`` keys of :func:`self_influence_scalars` when ``result`` has self-influence scores.
+    """
+    out: Dict[str, Optional[float]] = {
+        "max_top1_share": float(torch.nan_to_num(top1_shares(result.scores), nan=-math.inf).max()),
+        "top1pct_share": concentration(result.scores.double())["top1pct_share"],
+    }
+    scalars = _finite(out)
+    if previous is not None:
+        scalars.update(drift_scalars(previous, result, k))
+    scalars.update(self_influence_scalars(previous, result, k))
+    return scalars
