@@ -95,14 +95,18 @@ def fork_rng(device: torch.device):
 
 @contextmanager
 def buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Every module buffer (e.g. batch-norm running statistics) as it was before the block."""
+    """Every module buffer (e.g. batch-norm running statistics) as it was before the block.
+
+    Only buffers the block changed are written back: an in-place copy bumps a tensor's version, and
+    a training step's graph may hold an unchanged buffer for its backward (BERT's ``token_type_ids``
+    feed an embedding lookup), which would then refuse to run."""
     buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
     try:
         yield
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
-                if name in buffers:
+                if name in buffers and not torch.equal(buf, buffers[name]):
                     buf.copy_(buffers[name])
 
 
