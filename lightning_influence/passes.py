@@ -95,19 +95,19 @@ def fork_rng(device: torch.device):
 
 @contextmanager
 def buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Every module buffer (e.g. batch-norm running statistics) as it was before the block.
-
-    Only buffers the block changed are written back: an in-place copy bumps a tensor's version, and
-    a training step's graph may hold an unchanged buffer for its backward (BERT's ``token_type_ids``
-    feed an embedding lookup), which would then refuse to run."""
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    """Run the block on copies of every module buffer (e.g. batch-norm running statistics) and put
+    the originals back untouched. Untouched matters: the training step's graph may hold a buffer
+    for its backward (batch norm's running statistics in training mode, BERT's ``token_type_ids``),
+    and any in-place write to it, even restoring its value, makes that backward fail."""
+    originals = [(module, name, buf) for module in model.modules()
+                 for name, buf in module._buffers.items() if buf is not None]
+    for module, name, buf in originals:
+        module._buffers[name] = buf.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name in buffers and not torch.equal(buf, buffers[name]):
-                    buf.copy_(buffers[name])
+        for module, name, buf in originals:
+            module._buffers[name] = buf
 
 
 @contextmanager

@@ -22,13 +22,16 @@ AT_END = dict(every_n_epochs=None, on_checkpoint=False, on_train_end=True)
 
 
 def train(tmp_path, model, examples, queries, task, *, epochs: int = 1, max_steps: int = -1, collate=None,
-          lr: float = 1e-2, **settings):
-    """Fit ``HFModule(model)`` on ``examples`` (unshuffled, batches of 8) with the callback; returns it."""
+          lr: float = 1e-2, optimizer: type = torch.optim.Adam, **settings):
+    """Fit ``HFModule(model)`` on ``examples`` (unshuffled, batches of 8) with the callback; returns
+    it and the statistics it had when training ended (before computing influence resets them)."""
     settings = {"num_queries": len(queries), "top_k": 3, **settings}
     cb = make_callback(tmp_path, task=task, query_data=loader(queries, collate=collate), **settings)
+    snapshot = StatisticsAtTrainEnd(cb)
     torch.manual_seed(0)
-    trainer = make_trainer(tmp_path, [cb], max_epochs=epochs, max_steps=max_steps, limit_val_batches=0)
-    trainer.fit(HFModule(model, lr=lr), loader(examples, collate=collate))
+    trainer = make_trainer(tmp_path, [snapshot, cb], max_epochs=epochs, max_steps=max_steps, limit_val_batches=0)
+    trainer.fit(HFModule(model, lr=lr, optimizer=optimizer), loader(examples, collate=collate))
+    cb.statistics_at_end = snapshot.statistics
     return cb
 
 
@@ -36,8 +39,9 @@ class StatisticsAtTrainEnd(pl.Callback):
     """Copies the influence callback's statistics when training ends, before it computes (and
     resets them): placed before it in the trainer's callbacks."""
 
-    source = None
-    statistics = None
+    def __init__(self, source) -> None:
+        self.source = source
+        self.statistics = None
 
     def on_train_end(self, trainer, pl_module):
         self.statistics = copy.deepcopy(self.source.statistics)
@@ -116,19 +120,11 @@ def test_extra_padding_changes_neither_statistics_nor_scores(tmp_path, name):
         build, task, settings = tiny_gpt2, li.CausalLMTask(), {"loss_reduction": "token_mean"}
         labels = None
     pool = token_examples(16, seed=4, min_len=6, labels=labels)
-    snapshots, results = [], []
-    for pad_to in (12, 16):
-        examples = repadded(pool, pad_to)
-        snapshot = StatisticsAtTrainEnd()
-        cb = make_callback(tmp_path / str(pad_to), task=task, query_data=loader(examples[:3]), num_queries=3,
-                           **AT_END, **settings)
-        snapshot.source = cb
-        torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / str(pad_to), [snapshot, cb], max_epochs=1, limit_val_batches=0)
-        # SGD: Adam's normalised steps would blow up float rounding differences in near-zero gradients
-        trainer.fit(HFModule(build(), lr=0.1, optimizer=torch.optim.SGD), loader(examples))
-        snapshots.append(snapshot.statistics)
-        results.append(cb.results[-1])
+    # SGD: Adam's normalised steps would blow up float rounding differences in near-zero gradients
+    runs = [train(tmp_path / str(pad_to), build(), repadded(pool, pad_to), repadded(pool[:3], pad_to), task,
+                  lr=0.1, optimizer=torch.optim.SGD, **AT_END, **settings) for pad_to in (12, 16)]
+    snapshots = [cb.statistics_at_end for cb in runs]
+    results = [cb.results[-1] for cb in runs]
     assert_statistics_close(snapshots[1], snapshots[0], rtol=1e-4)
     torch.testing.assert_close(results[1].scores, results[0].scores, rtol=1e-3, atol=1e-3 * float(
         results[0].scores.abs().max()))
@@ -149,30 +145,31 @@ def test_hf_activation_checkpointing_collects_the_same_statistics(tmp_path, name
     block's forward in the backward pass: the statistics and the scores at the end equal those of
     the same run without checkpointing, and the callback's own passes (eval mode) work."""
     pool = token_examples(16, seed=6, min_len=8)
-    runs = []
+    runs, block_calls = [], []
     for checkpointed in (False, True):
         model = MODELS[name]()
         if checkpointed:
             enable_activation_checkpointing(model, use_reentrant)
-        snapshot = StatisticsAtTrainEnd()
-        cb = make_callback(tmp_path / str(checkpointed), task=li.CausalLMTask(), query_data=loader(pool[:3]),
-                           num_queries=3, loss_reduction="token_mean", **AT_END)
-        snapshot.source = cb
-        torch.manual_seed(0)
-        trainer = make_trainer(tmp_path / str(checkpointed), [snapshot, cb], max_epochs=1, limit_val_batches=0)
-        module = HFModule(model)
-        trainer.fit(module, loader(pool))
-        runs.append((snapshot.statistics, cb.results[-1]))
-    (plain_stats, plain), (ckpt_stats, ckpt) = runs
-    assert float(next(iter(plain_stats.state.values()))["s_count"]) > 0
-    assert_statistics_close(ckpt_stats, plain_stats, rtol=1e-4)
-    torch.testing.assert_close(ckpt.scores, plain.scores, rtol=1e-3, atol=1e-4 * float(plain.scores.abs().max()))
+        calls = []
+        # a tracked layer early in a block (torch stops recomputing once the saved tensors are back)
+        layer = model.transformer.h[0].attn.c_attn if name == "gpt2" else model.model.layers[0].self_attn.q_proj
+        layer.register_forward_hook(lambda module, *_: calls.append(module.training))
+        runs.append(train(tmp_path / str(checkpointed), model, pool, pool[:3], li.CausalLMTask(),
+                          loss_reduction="token_mean", **AT_END))
+        block_calls.append(sum(calls))  # forwards in training mode
+    plain, checkpointed = runs
+    assert block_calls[1] > block_calls[0]  # the blocks were recomputed in the backward passes
+    assert float(next(iter(plain.statistics_at_end.state.values()))["s_count"]) > 0
+    assert_statistics_close(checkpointed.statistics_at_end, plain.statistics_at_end, rtol=1e-4)
+    scores = plain.results[-1].scores
+    torch.testing.assert_close(checkpointed.results[-1].scores, scores, rtol=1e-3,
+                               atol=1e-4 * float(scores.abs().max()))
 
 
 def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_path):
     """PEFT LoRA on the Llama's q_proj / v_proj: only the adapters are tracked (the frozen base
     weights are not), and influence after the first step, whose statistics saw ``lora_B = 0`` (no
-    curvature for ``lora_A``), is finite under both EK-FAC and K-FAC."""
+    curvature for ``lora_A``: K-FAC's S eigenvalues are all 0), is finite under EK-FAC and K-FAC."""
     peft = pytest.importorskip("peft")
     pool = token_examples(16, seed=7, min_len=8)
     for strategy in ("ekfac", "kfac"):
@@ -188,3 +185,6 @@ def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_pa
         assert {n.split(".self_attn.")[1].split(".")[0] for n in names} == {"q_proj", "v_proj"}
         for result in results:
             assert torch.isfinite(result.scores).all() and result.scores.abs().max() > 0
+        if strategy == "kfac":
+            first = li.load_factors(li.results.factors_path(results[0]))
+            assert all(float(first.layers[n]["eig_s"].abs().max()) == 0 for n in names if ".lora_A." in n)
