@@ -101,8 +101,9 @@ def buffers_restored(model: nn.Module) -> Iterator[None]:
     and any in-place write to it, even restoring its value, makes that backward fail."""
     originals = [(module, name, buf) for module in model.modules()
                  for name, buf in module._buffers.items() if buf is not None]
-    for module, name, buf in originals:
-        module._buffers[name] = buf.clone()
+    with torch.inference_mode(False):  # copies that may take part in a backward (entered from validation)
+        for module, name, buf in originals:
+            module._buffers[name] = buf.clone()
     try:
         yield
     finally:
