@@ -24,7 +24,8 @@ AT_END = dict(every_n_epochs=None, on_checkpoint=False, on_train_end=True)
 def train(tmp_path, model, examples, queries, task, *, epochs: int = 1, max_steps: int = -1, collate=None,
           lr: float = 1e-2, optimizer: type = torch.optim.Adam, **settings):
     """Fit ``HFModule(model)`` on ``examples`` (unshuffled, batches of 8) with the callback; returns
-    it and the statistics it had when training ended (before computing influence resets them)."""
+    it, with ``statistics_at_end``: its statistics when training ended (before computing influence
+    resets them)."""
     settings = {"num_queries": len(queries), "top_k": 3, **settings}
     cb = make_callback(tmp_path, task=task, query_data=loader(queries, collate=collate), **settings)
     snapshot = StatisticsAtTrainEnd(cb)
