@@ -6,7 +6,6 @@ change the extra pass makes to them is still undone."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightning_influence import passes
