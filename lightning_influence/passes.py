@@ -95,15 +95,20 @@ def fork_rng(device: torch.device):
 
 @contextmanager
 def buffers_restored(model: nn.Module) -> Iterator[None]:
-    """Every module buffer (e.g. batch-norm running statistics) as it was before the block."""
-    buffers = {name: buf.detach().clone() for name, buf in model.named_buffers()}
+    """Run the block on copies of every module buffer (e.g. batch-norm running statistics) and put
+    the originals back untouched. Untouched matters: the training step's graph may hold a buffer
+    for its backward (batch norm's running statistics in training mode, BERT's ``token_type_ids``),
+    and any in-place write to it, even restoring its value, makes that backward fail."""
+    originals = [(module, name, buf) for module in model.modules()
+                 for name, buf in module._buffers.items() if buf is not None]
+    with torch.inference_mode(False):  # copies that may take part in a backward (entered from validation)
+        for module, name, buf in originals:
+            module._buffers[name] = buf.clone()
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, buf in model.named_buffers():
-                if name in buffers:
-                    buf.copy_(buffers[name])
+        for module, name, buf in originals:
+            module._buffers[name] = buf
 
 
 @contextmanager

@@ -112,7 +112,12 @@ class Task:
         return -self.loss(model, batch)
 
     def token_mask(self, batch: Any) -> Optional[Tensor]:
-        """``[B, T]`` bool mask of real (non-padding) input positions, or ``None`` (all real)."""
+        """``[B, T]`` bool mask of real (non-padding) input positions, or ``None`` (all real): the
+        ``attention_mask`` of a dict batch (or of a tuple's input dict), as tokenizers pad. Inside
+        the model padded positions still have activations; they must count in no statistic."""
+        inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        if isinstance(inputs, Mapping) and "attention_mask" in inputs:
+            return inputs["attention_mask"].bool()
         return None
 
     def loss_token_count(self, batch: Any) -> Tensor:
@@ -242,12 +247,6 @@ class CausalLMTask(ClassificationTask):
         shifted = labels.new_full(labels.shape, self.ignore_index)
         shifted[:, :-1] = labels[:, 1:]  # the logits at t are scored against the token at t+1
         return shifted
-
-    def token_mask(self, batch: Any) -> Optional[Tensor]:
-        batch = _token_fields(batch)
-        if "attention_mask" in batch:
-            return batch["attention_mask"].bool()
-        return None
 
     def batch_size(self, batch: Any) -> int:
         return int(_token_fields(batch)["input_ids"].shape[0])
