@@ -117,6 +117,7 @@ class InfluenceCallbackMixin:
         self._output_hook = None
         self._last_outputs: Any = None
         self._step_at_batch_start = -1
+        self._backward_passes = 0
         self._collecting = False
         self._loss_checked = False
         self._window_scale: Optional[float] = None
@@ -155,6 +156,9 @@ class InfluenceCallbackMixin:
             max_layer_bytes=int(cfg.max_layer_mb * mib) if cfg.max_layer_mb else None,
             memory_budget_bytes=int(cfg.memory_budget_mb * mib) if cfg.memory_budget_mb else None,
         )
+        problem = _trainer.unsupported_training(trainer, pl_module, [layer.module for layer in layers])
+        if problem:
+            raise ValueError(problem)
         self._session = self._make_session(trainer)
         output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "influence"
@@ -169,10 +173,16 @@ class InfluenceCallbackMixin:
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
-        self._session.check(pl_module, layers)
+        with passes.eager():
+            self._session.check(pl_module, layers)
         self._collector.attach()
         if cfg.fisher == "true":
-            self._output_hook = pl_module.register_forward_hook(self._capture_outputs)
+            self._output_hook = pl_module.register_forward_hook(torch.compiler.disable(self._capture_outputs))
+        if _trainer.compiled_contexts(pl_module, [layer.module for layer in layers]):
+            # Code compiled before the hooks existed would skip them (torch.compile does not guard
+            # on module hooks): recompile from scratch, once.
+            log.info("lightning-influence: clearing torch.compile caches so compiled code runs the influence hooks")
+            torch._dynamo.reset()
         if trainer.is_global_zero:
             log.info("lightning-influence: %s", self._session.memory_estimate(layers))
             if cfg.report:
@@ -222,6 +232,7 @@ class InfluenceCallbackMixin:
             return
         self._resolve_pending(trainer)
         self._step_at_batch_start = trainer.global_step
+        self._backward_passes = 0
         self._collecting = trainer.global_step % self.config.collect_every_n_steps == 0
         if not self._collecting:
             return
@@ -231,17 +242,25 @@ class InfluenceCallbackMixin:
         self._collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches, loss_scale=scale)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._backward_passes += 1
+        if self._backward_passes > 1:  # only manual optimization can run several per batch
+            raise ValueError(
+                f"training_step ran {self._backward_passes} backward passes (manual_backward calls) in one step, "
+                "e.g. one per optimizer as in a GAN; InfluenceCallback's statistics need one backward pass of one "
+                "loss per training step: add the losses and call manual_backward once, or train without "
+                "InfluenceCallback")
         if not (self._collecting and self._collector.recording):
             return
         self._collector.begin_backward()
         outputs, self._last_outputs = self._last_outputs, None
-        if not self._loss_checked:  # once, on the first collected step
-            self._loss_checked = True
-            message = self._collector.check_loss_reduction(pl_module, loss)
-            if message and trainer.is_global_zero:
-                self._warn("loss-reduction", message)
-        if self.config.fisher == "true":
-            self._collector.sample_true_fisher(pl_module, outputs)
+        with passes.eager():
+            if not self._loss_checked:  # once, on the first collected step
+                self._loss_checked = True
+                message = self._collector.check_loss_reduction(pl_module, loss)
+                if message and trainer.is_global_zero:
+                    self._warn("loss-reduction", message)
+            if self.config.fisher == "true":
+                self._collector.sample_true_fisher(pl_module, outputs)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is None:
@@ -319,7 +338,8 @@ class InfluenceCallbackMixin:
         if trainer.sanity_checking or step == self._failed_step:
             return
         try:
-            with torch.inference_mode(False), torch.enable_grad():  # validation hooks run in inference mode
+            # Validation hooks run in inference mode; the engine's passes run compiled models eagerly.
+            with torch.inference_mode(False), torch.enable_grad(), passes.eager():
                 self._run(trainer, pl_module, step, reason)
         except Exception as err:  # noqa: BLE001 - the influence machinery never ends a training run
             if self.config.on_error == "raise":

@@ -74,6 +74,7 @@ class StepStatistics:
         self.steps_committed = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps_skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
+        self.hooks_bypassed = False  # a batch back-propagated while no tracked layer's hook fired
         self._phase = _IDLE
         self._batch: Any = None
         self._batch_size = 0
@@ -119,6 +120,8 @@ class StepStatistics:
 
     def end_batch(self) -> None:
         """Stop recording and drop references to the batch's tensors."""
+        if self.tracker.in_backward and not any(self.tracker.call_counts().values()):
+            self.hooks_bypassed = True
         self.tracker.active = False
         self.tracker.in_backward = False
         self.tracker.reset()
@@ -166,7 +169,14 @@ class StepStatistics:
     def check_single_runs(self) -> None:
         """Refuse layers that ran more than once in a training step's forward pass (the set-up
         check saw each run once): shared weights, or a training step that runs the model twice.
-        Their per-example gradients would be mixed up."""
+        Their per-example gradients would be mixed up. Also refuse a step that back-propagated while
+        no tracked layer's hook fired: its statistics would be missing without a sign."""
+        if self.hooks_bypassed:
+            raise ValueError(
+                "a training step back-propagated without running any tracked layer's hooks: its forward bypasses "
+                "module hooks, e.g. code compiled by torch.compile before the hooks existed (compile the module "
+                "itself, or call torch._dynamo.reset() before fit) or a training_step that calls the layers' "
+                "weights functionally")
         if not self.miscounted:
             return
         listing = ", ".join(f"{name} (x{calls})" for name, calls in self.miscounted.items())
