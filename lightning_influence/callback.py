@@ -156,7 +156,8 @@ class InfluenceCallbackMixin:
             max_layer_bytes=int(cfg.max_layer_mb * mib) if cfg.max_layer_mb else None,
             memory_budget_bytes=int(cfg.memory_budget_mb * mib) if cfg.memory_budget_mb else None,
         )
-        problem = _trainer.unsupported_training(trainer, pl_module, [layer.module for layer in layers])
+        tracked = [layer.module for layer in layers]
+        problem = _trainer.unsupported_training(trainer, pl_module, tracked)
         if problem:
             raise ValueError(problem)
         self._session = self._make_session(trainer)
@@ -178,7 +179,7 @@ class InfluenceCallbackMixin:
         self._collector.attach()
         if cfg.fisher == "true":
             self._output_hook = pl_module.register_forward_hook(torch.compiler.disable(self._capture_outputs))
-        if _trainer.compiled_contexts(pl_module, [layer.module for layer in layers]):
+        if _trainer.compiled_contexts(pl_module, tracked):
             # Code compiled before the hooks existed would skip them (torch.compile does not guard
             # on module hooks): recompile from scratch, once.
             log.info("lightning-influence: clearing torch.compile caches so compiled code runs the influence hooks")
@@ -243,12 +244,12 @@ class InfluenceCallbackMixin:
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._backward_passes += 1
-        if self._backward_passes > 1:  # only manual optimization can run several per batch
+        if self._backward_passes > 1:
             raise ValueError(
-                f"training_step ran {self._backward_passes} backward passes (manual_backward calls) in one step, "
-                "e.g. one per optimizer as in a GAN; InfluenceCallback's statistics need one backward pass of one "
-                "loss per training step: add the losses and call manual_backward once, or train without "
-                "InfluenceCallback")
+                f"training_step ran {self._backward_passes} backward passes in one step (manual_backward calls, e.g. "
+                "one per optimizer as in a GAN, or an optimizer such as LBFGS that re-evaluates its closure); "
+                "InfluenceCallback's statistics need one backward pass of one loss per training step: add the "
+                "losses and call manual_backward once, or train without InfluenceCallback")
         if not (self._collecting and self._collector.recording):
             return
         self._collector.begin_backward()

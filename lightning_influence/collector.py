@@ -174,9 +174,9 @@ class StepStatistics:
         if self.hooks_bypassed:
             raise ValueError(
                 "a training step back-propagated without running any tracked layer's hooks: its forward bypasses "
-                "module hooks, e.g. code compiled by torch.compile before the hooks existed (compile the module "
-                "itself, or call torch._dynamo.reset() before fit) or a training_step that calls the layers' "
-                "weights functionally")
+                "module hooks: code compiled by torch.compile before the hooks existed and not recognised as compiled "
+                "(call torch._dynamo.reset() before fit), or a training_step that applies the layers' weights "
+                "functionally (call the modules)")
         if not self.miscounted:
             return
         listing = ", ".join(f"{name} (x{calls})" for name, calls in self.miscounted.items())
