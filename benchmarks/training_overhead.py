@@ -5,6 +5,10 @@ each training step (``on_train_batch_start`` to ``on_train_batch_end``: forward,
 optimizer step, and the callback's statistics) is recorded for plain training and for each
 callback setting, in alternating rounds so that machine noise hits every setting alike. Influence
 computations are not training steps and are excluded (they run only at the end of each run).
+Two training set-ups are measured with and without the callback as well: activation checkpointing
+(``torch.utils.checkpoint`` on every block) and ``torch.compile`` (with ``--quick``, the
+``aot_eager`` backend, which compiles in seconds; otherwise the default inductor backend). The
+first 4 steps of every run (compilation, warm-up) are left out.
 
     python benchmarks/training_overhead.py [--steps 40] [--rounds 3] [--quick] [--json out.json]
 """
@@ -22,6 +26,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DataLoader, Dataset
 
 import benchlib
@@ -46,8 +51,10 @@ class Block(nn.Module):
 
 
 class TinyGPT(pl.LightningModule):
-    def __init__(self, vocab: int = 256, width: int = 128, depth: int = 2, heads: int = 4, context: int = 64):
+    def __init__(self, vocab: int = 256, width: int = 128, depth: int = 2, heads: int = 4, context: int = 64,
+                 checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.embed, self.pos = nn.Embedding(vocab, width), nn.Embedding(context, width)
         self.blocks = nn.ModuleList(Block(width, heads) for _ in range(depth))
         self.norm, self.head = nn.LayerNorm(width), nn.Linear(width, vocab)
@@ -55,7 +62,7 @@ class TinyGPT(pl.LightningModule):
     def forward(self, input_ids):
         h = self.embed(input_ids) + self.pos(torch.arange(input_ids.shape[1], device=input_ids.device))
         for block in self.blocks:
-            h = block(h)
+            h = checkpoint(block, h, use_reentrant=False) if self.checkpointing and self.training else block(h)
         return self.head(self.norm(h))
 
     def training_step(self, batch, batch_idx):
@@ -91,7 +98,8 @@ class StepTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def run(setting, steps: int, batch_size: int, tmp: str) -> StepTimer:
+def run(setting, steps: int, batch_size: int, tmp: str, checkpointing: bool = False,
+        compile_backend=None) -> StepTimer:
     data = RandomTokens(steps * batch_size, 64, 256)
     timer = StepTimer()
     callbacks = [timer]
@@ -106,7 +114,9 @@ def run(setting, steps: int, batch_size: int, tmp: str) -> StepTimer:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-    trainer.fit(TinyGPT(), DataLoader(data, batch_size=batch_size))
+    model = TinyGPT(checkpointing=checkpointing)
+    trainer.fit(torch.compile(model, backend=compile_backend) if compile_backend else model,
+                DataLoader(data, batch_size=batch_size))
     return timer
 
 
@@ -140,12 +150,20 @@ def main(argv=None) -> dict:
               "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256),
               # The per-step ledger (issue 16) at defaults, with 64 queries: it scores each collected batch.
               "callback, default settings + ledger, 64 queries (amortised)": dict(ledger=True, num_query_examples=64)}
+    # Training set-ups, each measured without and with the callback (default settings).
+    backend = "aot_eager" if args.quick else "inductor"
+    setups = {"activation checkpointing": dict(checkpointing=True),
+              f"torch.compile ({backend})": dict(compile_backend=backend)}
     times = {name: [] for name in settings}
+    setup_times = {(name, with_callback): [] for name in setups for with_callback in (False, True)}
     ratios = {name: [] for name in paired}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.rounds):
             for name, setting in settings.items():
                 times[name].extend(run(setting, args.steps, args.batch_size, tmp).times[4:])
+            for (name, with_callback), values in setup_times.items():
+                values.extend(run({} if with_callback else None, args.steps, args.batch_size, tmp,
+                                  **setups[name]).times[4:])
             for name, setting in paired.items():
                 every = setting.get("collect_every_n_steps", default_every)
                 ratio = paired_ratio(run(setting, args.steps, args.batch_size, tmp), every)
@@ -156,11 +174,16 @@ def main(argv=None) -> dict:
             for name, values in times.items()]
     rows += [[name, "-", statistics.median(values), "collected vs idle steps of one run"]
              for name, values in ratios.items()]
+    for name in setups:
+        own_base = statistics.median(setup_times[name, False])
+        rows += [[f"{name}, plain", 1000 * own_base, own_base / base, "alternating runs, vs plain"],
+                 [f"{name}, callback, default settings", 1000 * statistics.median(setup_times[name, True]),
+                  statistics.median(setup_times[name, True]) / own_base, f"alternating runs, vs {name}, plain"]]
     intro = (f"Training-step time of a small GPT-style transformer (2 blocks, width 128, context 64, batch "
              f"{args.batch_size}), {torch.get_num_threads()} CPU thread(s); callback defaults: "
              f"collect_every_n_steps={default_every}, max_tokens_per_step={default_tokens}. A step is forward, "
              "backward, optimizer step and the callback's statistics; influence computations are excluded.")
-    table = benchlib.markdown_table(["setting", "median step (ms)", "ratio to plain", "measured as"], rows)
+    table = benchlib.markdown_table(["setting", "median step (ms)", "ratio", "measured as"], rows)
     payload = {"rows": rows, "batch_size": args.batch_size, "collect_every_n_steps": default_every,
                "max_tokens_per_step": default_tokens, **benchlib.environment()}
     benchlib.emit(args, "Training overhead of the callback", [intro, table], payload)

@@ -7,7 +7,7 @@ one to change.
 
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -21,13 +21,49 @@ def unsupported(trainer: Any, pl_module: Any) -> Optional[str]:
     if any(tag.lower() in strategy.lower() for tag in SHARDED_STRATEGIES):
         return (f"InfluenceCallback does not support the {strategy} strategy (sharded parameters hide the "
                 "layers' weights from the hooks); use a single device or DDP")
-    if not getattr(pl_module, "automatic_optimization", True):
-        return ("InfluenceCallback needs automatic optimization (the loss it rescales is the one Lightning "
-                "back-propagates); manual optimization / multiple optimizers are not supported")
-    if getattr(pl_module, "_compiler_ctx", None) or any(type(m).__name__ == "OptimizedModule"
-                                                        for m in pl_module.modules()):
-        return ("InfluenceCallback cannot track a torch.compile'd model (compiled graphs bypass the module "
-                "hooks it records layers with); train without torch.compile while collecting influence")
+    return None
+
+
+def unsupported_training(trainer: Any, pl_module: Any, tracked: Sequence[Any]) -> Optional[str]:
+    """Why the training of the ``tracked`` modules cannot be monitored, or ``None``; known once the
+    optimizers exist (``on_fit_start``). Manual optimisation is monitored like automatic
+    optimisation when each training step runs one backward pass for one optimizer (several
+    backward passes are refused at the first step that runs them)."""
+    optimizers = len(trainer.optimizers)
+    if not getattr(pl_module, "automatic_optimization", True) and optimizers > 1:
+        return (f"InfluenceCallback supports manual optimization with one optimizer; configure_optimizers returned "
+                f"{optimizers}. The curvature statistics belong to one loss and one set of parameters: train with "
+                "one optimizer (several parameter groups are fine) while collecting influence")
+    return _compile_problem(compiled_contexts(pl_module, tracked), trainer.strategy.root_device.type)
+
+
+def compiled_contexts(pl_module: Any, tracked: Sequence[Any]) -> List[Tuple[str, Any]]:
+    """``(where, torch.compile context)`` for every compiled region holding a ``tracked`` module:
+    the LightningModule compiled as a whole (what ``trainer.fit(torch.compile(model))`` makes of
+    it: Lightning's ``from_compiled``) or a compiled submodule."""
+    found = []
+    lightning_ctx = getattr(pl_module, "_compiler_ctx", None)
+    if lightning_ctx:
+        found.append(("the LightningModule", lightning_ctx.get("dynamo_ctx")))
+    tracked_ids = {id(module) for module in tracked}
+    found += [(f"submodule {name!r}", getattr(module, "dynamo_ctx", None)) for name, module in pl_module.named_modules()
+              if type(module).__name__ == "OptimizedModule" and any(id(m) in tracked_ids for m in module.modules())]
+    return found
+
+
+def _compile_problem(contexts: Sequence[Tuple[str, Any]], device_type: str) -> Optional[str]:
+    """Compilation modes the callback cannot monitor. Its hooks run eagerly at every tracked layer
+    (``torch.compiler.disable``): a graph break, which ``fullgraph=True`` forbids."""
+    for where, ctx in contexts:
+        if getattr(ctx, "fullgraph", False):
+            return (f"InfluenceCallback cannot monitor {where}, compiled with torch.compile(fullgraph=True): its "
+                    "hooks run eagerly at every tracked layer, a graph break that fullgraph=True forbids; compile "
+                    "without fullgraph=True (the code between tracked layers stays compiled)")
+        if device_type == "cuda" and (getattr(ctx, "compiler_config", None) or {}).get("triton.cudagraphs"):
+            return (f"InfluenceCallback cannot monitor {where}, compiled with CUDA graphs (torch.compile "
+                    "mode='reduce-overhead' or 'max-autotune'): its hooks keep layer inputs from the forward to the "
+                    "backward pass, and CUDA graph replays reuse static memory (not verified to be safe); compile "
+                    "with mode='default' or 'max-autotune-no-cudagraphs'")
     return None
 
 

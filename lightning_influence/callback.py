@@ -13,20 +13,24 @@ Trainer accepts only its package's callbacks): :class:`InfluenceCallback` here, 
 
 from __future__ import annotations
 
+import logging
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 
-from lightning_influence import _monitoring, _trainer
+from lightning_influence import _monitoring, _trainer, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.loop import LoopInfluence, warn_once
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 2  # 2: result directories stored relative to output_dir
 
@@ -148,9 +152,19 @@ class InfluenceCallbackMixin:
             self._warn("num_queries", data.note)
         output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "influence"
-        self._loop = LoopInfluence(cfg, pl_module, output_dir=output_dir, is_global_zero=trainer.is_global_zero,
-                                   loggers=trainer.loggers, train_data=data.train, query_data=data.queries,
-                                   query_ids=data.query_ids)
+        with passes.eager():  # the set-up check runs a compiled model's code eagerly
+            self._loop = LoopInfluence(cfg, pl_module, output_dir=output_dir, is_global_zero=trainer.is_global_zero,
+                                       loggers=trainer.loggers, train_data=data.train, query_data=data.queries,
+                                       query_ids=data.query_ids)
+        tracked = [layer.module for layer in self._loop.statistics.layers]
+        problem = _trainer.unsupported_training(trainer, pl_module, tracked)
+        if problem:
+            raise ValueError(problem)
+        if _trainer.compiled_contexts(pl_module, tracked):
+            # Code compiled before the hooks existed would skip them (torch.compile does not guard
+            # on module hooks): recompile from scratch, once.
+            log.info("lightning-influence: clearing torch.compile caches so compiled code runs the influence hooks")
+            torch._dynamo.reset()
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
@@ -230,7 +244,9 @@ class InfluenceCallbackMixin:
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
         """One influence computation per global step, whatever triggered it (none in the sanity check)."""
-        if not trainer.sanity_checking:
+        if trainer.sanity_checking:
+            return
+        with passes.eager():  # the engine's passes run a compiled model's code eagerly
             self._loop.compute(pl_module, step=trainer.global_step, epoch=trainer.current_epoch, reason=reason,
                                observe=partial(self._steps.monitor.finish, trainer, pl_module,
                                                session=self._loop.session))
@@ -295,6 +311,7 @@ class _StepRecorder:
         self._output_hook = None
         self._last_outputs: Any = None
         self._step_at_batch_start = -1
+        self._backward_passes = 0
         self._collecting = False
         self._loss_checked = False
         self._window_scale: Optional[float] = None
@@ -302,7 +319,7 @@ class _StepRecorder:
     def attach(self, pl_module: Any) -> None:
         self.collector.attach()
         if self.collector.fisher == "true":
-            self._output_hook = pl_module.register_forward_hook(self._capture_outputs)
+            self._output_hook = pl_module.register_forward_hook(torch.compiler.disable(self._capture_outputs))
 
     def detach(self) -> None:
         self.collector.detach()
@@ -317,6 +334,7 @@ class _StepRecorder:
 
     def batch_start(self, trainer: Any, batch: Any) -> None:
         self._step_at_batch_start = trainer.global_step
+        self._backward_passes = 0
         self._collecting = trainer.global_step % self.every_n_steps == 0
         self.monitor.batch_start(trainer, batch, self._collecting)
         if not self._collecting:
@@ -327,17 +345,25 @@ class _StepRecorder:
         self.collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches, loss_scale=scale)
 
     def before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
+        self._backward_passes += 1
+        if self._backward_passes > 1:
+            raise ValueError(
+                f"training_step ran {self._backward_passes} backward passes in one step (manual_backward calls, e.g. "
+                "one per optimizer as in a GAN, or an optimizer such as LBFGS that re-evaluates its closure); "
+                "InfluenceCallback's statistics need one backward pass of one loss per training step: add the "
+                "losses and call manual_backward once, or train without InfluenceCallback")
         if not (self._collecting and self.collector.recording):
             return
         self.collector.begin_backward()
         outputs, self._last_outputs = self._last_outputs, None
-        if not self._loss_checked:  # once, on the first collected step
-            self._loss_checked = True
-            message = self.collector.check_loss_reduction(pl_module, loss)
-            if message and trainer.is_global_zero:
-                self.warn("loss-reduction", message)
-        if self.collector.fisher == "true":
-            self.collector.sample_true_fisher(pl_module, outputs)
+        with passes.eager():
+            if not self._loss_checked:  # once, on the first collected step
+                self._loss_checked = True
+                message = self.collector.check_loss_reduction(pl_module, loss)
+                if message and trainer.is_global_zero:
+                    self.warn("loss-reduction", message)
+            if self.collector.fisher == "true":
+                self.collector.sample_true_fisher(pl_module, outputs)
 
     def batch_end(self, trainer: Any) -> bool:
         """Stop recording the batch; commit the statistics when the optimizer stepped (returned)."""

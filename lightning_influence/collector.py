@@ -76,6 +76,7 @@ class StepStatistics:
         self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
         # Sees each recorded layer's (activations, per-example gradients of the token-summed loss): the ledger.
         self.observer: Optional[Callable[[TrackedLayer, Tensor, Tensor], None]] = None
+        self.hooks_bypassed = False  # a batch back-propagated while no tracked layer's hook fired
         self._phase = _IDLE
         self._batch: Any = None
         self._batch_size = 0
@@ -138,6 +139,8 @@ class StepStatistics:
 
     def end_batch(self) -> None:
         """Stop recording and drop references to the batch's tensors."""
+        if self.tracker.in_backward and not any(self.tracker.call_counts().values()):
+            self.hooks_bypassed = True
         self.tracker.active = False
         self.tracker.in_backward = False
         self.tracker.reset()
@@ -186,7 +189,14 @@ class StepStatistics:
     def check_single_runs(self) -> None:
         """Refuse layers that ran more than once in a training step's forward pass (the set-up
         check saw each run once): shared weights, or a training step that runs the model twice.
-        Their per-example gradients would be mixed up."""
+        Their per-example gradients would be mixed up. Also refuse a step that back-propagated while
+        no tracked layer's hook fired: its statistics would be missing without a sign."""
+        if self.hooks_bypassed:
+            raise ValueError(
+                "a training step back-propagated without running any tracked layer's hooks: its forward bypasses "
+                "module hooks: code compiled by torch.compile before the hooks existed and not recognised as compiled "
+                "(call torch._dynamo.reset() before fit), or a training_step that applies the layers' weights "
+                "functionally (call the modules)")
         if not self.miscounted:
             return
         listing = ", ".join(f"{name} (x{calls})" for name, calls in self.miscounted.items())

@@ -125,6 +125,13 @@ def evaluation_mode(model: nn.Module) -> Iterator[None]:
             module.training = flag
 
 
+def eager():
+    """Run compiled code eagerly inside the block (``torch.compile`` is ignored): the engine's own
+    passes run the model in eval mode and without gradients, which would otherwise compile new
+    graphs of a training model, and differentiate w.r.t. layer outputs that only eager code exposes."""
+    return torch.compiler.set_stance("force_eager")
+
+
 def progress(iterable, total: Optional[int], desc: str, enabled: bool):
     """Wrap in a tqdm bar (the library behind Lightning's own progress bar) when enabled."""
     if not enabled:

@@ -317,7 +317,9 @@ class LayerTracker:
 
                 output.register_hook(on_grad)
 
-        return hook
+        # Under torch.compile the hook runs eagerly (a graph break): it sees real tensors and
+        # registers its gradient hook on them, exactly as without compilation.
+        return torch.compiler.disable(hook)
 
     @contextmanager
     def capture(self, token_mask: Optional[Tensor] = None) -> Iterator["LayerTracker"]:

@@ -53,13 +53,3 @@ def test_rejected_before_training(tmp_path, name):
         else:
             trainer.fit(model, data)
     assert counter.batches == 0
-
-
-def test_compiled_model_is_refused(tmp_path):
-    model = Classifier()
-    model.net = torch.compile(model.net)
-    train, val, _ = planted_data()
-    trainer = pl.Trainer(callbacks=[InfluenceCallback("classification", output_dir=str(tmp_path), report=False)],
-                         logger=False, enable_progress_bar=False, max_epochs=1, default_root_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="torch.compile"):
-        trainer.fit(model, BlobData(train, val))
