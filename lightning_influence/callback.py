@@ -26,8 +26,7 @@ import pytorch_lightning as pl
 from lightning_influence import _monitoring, _trainer, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.loop import LoopInfluence, warn_once
-from lightning_influence.results import InfluenceResult
+from lightning_influence.loop import LoopInfluence, MonitorState, warn_once
 from lightning_influence.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -35,7 +34,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 2  # 2: result directories stored relative to output_dir
 
 
-class InfluenceCallbackMixin:
+class InfluenceCallbackMixin(MonitorState):
     """Accumulate EK-FAC curvature while training; score training examples at checkpoints.
 
     The arguments are the fields of :class:`~lightning_influence.InfluenceConfig`, where each is
@@ -117,21 +116,6 @@ class InfluenceCallbackMixin:
     def task(self) -> Task:
         """The task scores are computed for."""
         return self._loop.task if self._loop is not None else self.config.build_task()
-
-    @property
-    def results(self) -> List[InfluenceResult]:
-        """One :class:`InfluenceResult` per computation, oldest first (tensors load lazily)."""
-        return self._loop.results if self._loop is not None else []
-
-    @property
-    def statistics(self):
-        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
-        return self._loop.statistics.stats if self._loop is not None else None
-
-    @property
-    def steps_skipped(self) -> int:
-        """Collected steps dropped because they were skipped (AMP) or not finite."""
-        return int(self._loop.statistics.steps_skipped) if self._loop is not None else 0
 
     @property
     def _collector(self) -> Optional[StepStatistics]:

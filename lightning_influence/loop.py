@@ -38,6 +38,28 @@ def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **argu
     return config.validate()
 
 
+class MonitorState:
+    """What every integration exposes of its :class:`LoopInfluence` (``self._loop``, ``None`` until
+    the loop starts)."""
+
+    _loop: Optional["LoopInfluence"] = None
+
+    @property
+    def results(self) -> List[InfluenceResult]:
+        """One :class:`~lightning_influence.InfluenceResult` per computation, oldest first (tensors load lazily)."""
+        return self._loop.results if self._loop is not None else []
+
+    @property
+    def statistics(self):
+        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
+        return self._loop.statistics.stats if self._loop is not None else None
+
+    @property
+    def steps_skipped(self) -> int:
+        """Collected steps dropped because they were skipped (AMP) or not finite."""
+        return int(self._loop.statistics.steps_skipped) if self._loop is not None else 0
+
+
 class LoopInfluence:
     """Statistics from a loop's training steps and influence at the checkpoints the loop asks for.
 

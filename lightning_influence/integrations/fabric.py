@@ -24,12 +24,12 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, List, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence.loop import LoopInfluence, loop_config, unwrapped
+from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 
@@ -40,7 +40,7 @@ NOT_APPLICABLE = {"every_n_epochs": _TRIGGER, "every_n_train_steps": _TRIGGER, "
                   "on_train_end": _TRIGGER, "num_queries": "pass the queries themselves as query_data"}
 
 
-class InfluenceMonitor:
+class InfluenceMonitor(MonitorState):
     """EK-FAC statistics from a Fabric loop's own training steps, and influence when asked.
 
     Args:
@@ -123,16 +123,6 @@ class InfluenceMonitor:
         Every process must call it."""
         step = self.global_step if step is None else step
         return self._loop.compute(self.model, step=step, epoch=epoch, reason=reason)
-
-    @property
-    def results(self) -> List[InfluenceResult]:
-        """One :class:`~lightning_influence.InfluenceResult` per computation, oldest first."""
-        return self._loop.results
-
-    @property
-    def statistics(self):
-        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
-        return self._loop.statistics.stats
 
     @property
     def session(self):

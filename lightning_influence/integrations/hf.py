@@ -40,8 +40,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("lightning_influence.integrations.hf needs transformers: "
                       "pip install 'lightning-influence[hf]'") from err
 
-from lightning_influence.loop import LoopInfluence, loop_config, unwrapped
-from lightning_influence.results import InfluenceResult
+from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.tasks import Task
 
 __all__ = ["InfluenceTrainerCallback"]
@@ -50,7 +49,7 @@ NOT_APPLICABLE = {"on_checkpoint": "use on_save=True (compute when the Trainer s
                   "num_queries": "pass the queries themselves as query_data"}
 
 
-class InfluenceTrainerCallback(TrainerCallback):
+class InfluenceTrainerCallback(MonitorState, TrainerCallback):
     """Accumulate EK-FAC curvature from a Hugging Face Trainer's steps; score the pool at triggers.
 
     Args:
@@ -89,16 +88,6 @@ class InfluenceTrainerCallback(TrainerCallback):
         self._loss_checked = False
 
     # -- public state --------------------------------------------------------------------------------
-    @property
-    def results(self) -> List[InfluenceResult]:
-        """One :class:`~lightning_influence.InfluenceResult` per computation, oldest first."""
-        return self._loop.results if self._loop is not None else []
-
-    @property
-    def statistics(self):
-        """The accumulated :class:`~lightning_influence.CovarianceStatistics` of this process."""
-        return self._loop.statistics.stats if self._loop is not None else None
-
     # -- set-up --------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         problem = _unsupported(args)
