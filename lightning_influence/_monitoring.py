@@ -79,6 +79,7 @@ class TrainingMonitor:
             if taken is not None:
                 result.set("ledger_ids", taken[0])
                 result.set("ledger_scores", taken[1])
+                result.meta["ledger"] = {"captured": dict(self.ledger.queries.captured)}
             self.ledger.refresh(ledger_queries(session, pl_module, factors, self.collector.layers))
         scalars = monitor_scalars(result, self._previous, self.top_k)
         result.meta["monitors"] = scalars

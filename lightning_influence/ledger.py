@@ -3,12 +3,18 @@ example ids it needs.
 
 On each collected training step the tracker's hooks already hold every tracked layer's
 activations and output gradients; the ledger contracts them with the queries preconditioned at the
-last influence computation (rank-r factors, so a step costs ``O(B·T·Q·r·(d_in + d_out))`` per
-layer) and adds, per training example and query,
+last influence computation and adds, per training example and query,
 
     weight × ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)        with weight = learning rate × collect_every_n_steps
 
-(each collected step stands for the ``collect_every_n_steps`` steps around it). At the next
+(each collected step stands for the ``collect_every_n_steps`` steps around it). The ledger's
+queries are those preconditioned queries (rank :data:`LEDGER_QUERY_RANK`) projected, per layer, onto
+one subspace shared by all queries: the top :data:`LEDGER_SUBSPACE` left and right singular
+directions of the stacked queries (exact when a layer's queries span no more). A batch then costs
+``O(B·T·k·(d_in + d_out) + B·Q·k²)`` per layer: two thin GEMMs, one batched ``k × k`` outer
+product, and no per-example gradient (rank-16 contraction of 64 queries cost 0.56 of a training
+step of the overhead benchmark's transformer, this one about a tenth of that). How much of the queries the
+subspace keeps is stored with each result (``meta["ledger"]["captured"]``). At the next
 computation the window's sums — "which examples moved this query since the last checkpoint" —
 are stored with the result (``ledger_ids``, ``ledger_scores``) and the queries are re-preconditioned
 with the new factors (the preconditioner is refreshed at each computation, the only time the
@@ -28,19 +34,22 @@ Plain PyTorch: no Lightning, W&B or reporting import.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Deque, Iterator, List, Optional, Tuple
+from typing import Any, Deque, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_influence import passes
-from lightning_influence.scoring import PreconditionedQueries, contract, precondition_queries
+from lightning_influence.scoring import PreconditionedQueries, precondition_queries
 from lightning_influence.tracking import TrackedLayer
 
-# Rank of the preconditioned queries the ledger contracts with (unless query_rank is set): the
-# paper's rank-32 queries reached Pearson 0.995 with full rank; 16 halves the per-step cost.
+# Rank of the preconditioned queries before their projection (unless query_rank is set): the
+# paper's rank-32 queries reached Pearson 0.995 with full rank.
 LEDGER_QUERY_RANK = 16
+# Directions per side of each layer's shared query subspace: bounds the per-step cost independently
+# of the number of queries.
+LEDGER_SUBSPACE = 32
 # Per-batch chunks kept before merging repeated example ids (bounds memory between computations).
 _MERGE_EVERY = 64
 
@@ -100,6 +109,65 @@ class BatchIds:
         self._batch_sampler.sampler = self._inner
 
 
+class SubspaceQueries:
+    """Preconditioned queries projected, per layer, onto shared bases ``U [d_out, k]`` and
+    ``V [d_in, k]``: query ``q`` becomes ``U C_q Vᵀ``, and its score on an example is
+    ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩``. A side with at most ``size`` dimensions is kept whole (exact)."""
+
+    def __init__(self, queries: PreconditionedQueries, size: int = LEDGER_SUBSPACE) -> None:
+        self.num_queries = queries.num_queries
+        self.bases: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
+        self.cores: Dict[str, Tensor] = {}  # [Q, k_out·k_in]
+        self._in_width: Dict[str, int] = {}  # k_in (d_in when that side is kept whole)
+        self.captured: Dict[str, float] = {}  # share of the queries' squared norm the subspace keeps
+        for name in list(queries.dense) + list(queries.low_rank):
+            left, right = queries.low_rank.get(name) or (queries.dense[name].double(), None)
+            left = left.double()
+            right = right.double() if right is not None else None
+            # Gram matrices of the stacked queries on each side (Σ_q P Pᵀ, Σ_q Pᵀ P), from the factors when low-rank.
+            if right is None:
+                out_gram, in_gram = torch.einsum("qoi,qpi->op", left, left), torch.einsum("qoi,qoj->ij", left, left)
+            else:
+                inner_r, inner_l = right.transpose(1, 2) @ right, left.transpose(1, 2) @ left
+                out_gram = torch.einsum("qor,qrs,qps->op", left, inner_r, left)
+                in_gram = torch.einsum("qir,qrs,qjs->ij", right, inner_l, right)
+            u, v = _top_directions(out_gram, size), _top_directions(in_gram, size)
+            if right is None:
+                core = left if u is None else u.T @ left
+                core = core if v is None else core @ v
+            else:  # (Uᵀ L)(Vᵀ R)ᵀ: never the dense [Q, d_out, d_in]
+                core = (left if u is None else u.T @ left) @ (right if v is None else v.T @ right).transpose(1, 2)
+            total = float(out_gram.trace())
+            self.captured[name] = float(core.pow(2).sum()) / total if total > 0 else 1.0
+            dtype = queries.dense_for(name).dtype
+            self.bases[name] = (None if u is None else u.to(dtype), None if v is None else v.to(dtype))
+            self.cores[name] = core.flatten(1).to(dtype)
+            self._in_width[name] = core.shape[2]
+
+    def dense_for(self, name: str) -> Tensor:
+        """Layer ``name``'s projected queries ``[Q, d_out, d_in]`` (what the ledger scores with)."""
+        u, v = self.bases[name]
+        core = self.cores[name].view(self.num_queries, -1, self._in_width[name])
+        core = core if u is None else u @ core
+        return core if v is None else core @ v.T
+
+    def scores(self, layer: TrackedLayer, acts: Tensor, grads: Tensor) -> Tensor:
+        """``[Q, B]`` for a batch's ``acts [B, T, d_in]`` and per-example output gradients ``[B, T, d_out]``."""
+        u, v = self.bases[layer.name]
+        core = self.cores[layer.name]
+        grads = grads if u is None else grads @ u.to(grads.device)
+        acts = acts if v is None else acts @ v.to(acts.device)
+        per_example = grads.transpose(1, 2) @ acts  # [B, k_out, k_in]
+        return core.to(per_example) @ per_example.flatten(1).T
+
+
+def _top_directions(gram: Tensor, size: int) -> Optional[Tensor]:
+    """The ``size`` leading eigenvectors of a symmetric ``gram``, or ``None`` when that is all of them."""
+    if size >= gram.shape[0]:
+        return None
+    return torch.linalg.eigh(gram)[1][:, -size:]
+
+
 class InfluenceLedger:
     """Accumulates ``weight × score(query, example)`` over the collected training steps of a window.
 
@@ -110,14 +178,14 @@ class InfluenceLedger:
     """
 
     def __init__(self) -> None:
-        self.queries: Optional[PreconditionedQueries] = None
+        self.queries: Optional[SubspaceQueries] = None
         self._batch: Optional[Tuple[Tensor, float]] = None  # ids and weight of the batch being recorded
         self._batch_scores: Optional[Tensor] = None  # [Q, B], summed over the layers seen so far
         self._step: List[Tuple[Tensor, Tensor]] = []  # the current optimizer step's batches
         self._chunks: List[Tuple[Tensor, Tensor]] = []
         self.steps = torch.zeros((), dtype=torch.float64)
 
-    def refresh(self, queries: PreconditionedQueries) -> None:
+    def refresh(self, queries: SubspaceQueries) -> None:
         """Use ``queries`` from now on (after each influence computation)."""
         self.queries = queries
 
@@ -130,7 +198,7 @@ class InfluenceLedger:
         if self._batch is None:
             return
         with torch.no_grad():
-            scores = contract(self.queries, layer, acts.float(), grads.float(), per_token=False)
+            scores = self.queries.scores(layer, acts.float(), grads.float())
         self._batch_scores = scores if self._batch_scores is None else self._batch_scores + scores
 
     def end_batch(self) -> None:
@@ -169,14 +237,14 @@ class InfluenceLedger:
 
 @passes.outside_inference_mode
 def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: List[TrackedLayer]
-                   ) -> PreconditionedQueries:
+                   ) -> SubspaceQueries:
     """The session's queries preconditioned with ``factors`` at the current weights, at rank
-    ``session.query_rank`` or :data:`LEDGER_QUERY_RANK`: what the ledger scores steps against until
-    the next computation."""
+    ``session.query_rank`` or :data:`LEDGER_QUERY_RANK`, projected onto their shared subspace: what
+    the ledger scores steps against until the next computation."""
     device = passes.model_device(model)
     factors = factors.to(device)
     rank = session.query_rank or LEDGER_QUERY_RANK
     with passes.fork_rng(device):
         queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
                                           factors.damping_per_layer(session.damping), rank, session.batch_size)
-    return queries
+    return SubspaceQueries(queries)
