@@ -8,7 +8,7 @@ computation, examples never collected score 0). Once with the callback's default
 ``collect_every_n_steps`` and once collecting every step. Ground truth: retraining the recipe on
 random half-subsets (several seeds); LDS and paired bootstrap intervals over queries as in ``lds.py``.
 
-    python benchmarks/ledger_lds.py [--quick] [--json PATH] [--markdown PATH]
+    python benchmarks/ledger_lds.py [--quick | --small] [--json PATH] [--markdown PATH]
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from torch.utils.data import TensorDataset
 
 import benchlib
 import lightning_influence as li
+from lightning_influence import ledger
 from lds import TRAINING, callback_results, lds_per_query
 
-# The reduced configuration (trajectory.py --small sizes): a few minutes on two CPU cores.
+FULL = dict(num_train=1000, num_query=100, hidden=64, epochs=20, checkpoints=4, subsets=100, seeds=3)  # lds.py's
 SMALL = dict(num_train=500, num_query=60, hidden=32, epochs=20, checkpoints=4, subsets=60, seeds=2)
 QUICK = dict(num_train=120, num_query=12, hidden=16, epochs=4, checkpoints=2, subsets=8, seeds=2)
 
@@ -51,8 +52,9 @@ def coverage(results: List[li.InfluenceResult], num_train: int) -> float:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = benchlib.parse_args(__doc__.splitlines()[0], argv)
-    cfg = QUICK if args.quick else SMALL
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
+        "--small": dict(action="store_true", help="500 training examples, hidden width 32")})
+    cfg = QUICK if args.quick else SMALL if args.small else FULL
     started = time.perf_counter()
     (x, y), (xq, yq) = benchlib.digits(cfg["num_train"], cfg["num_query"])
     train, query = TensorDataset(x, y), TensorDataset(xq, yq)
@@ -70,6 +72,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         methods[f"trajectory ({len(results)}), lr | {label}"] = li.aggregate(results, weighting="lr").scores
         methods[f"ledger | {label}"] = ledger_total(results, n)
         covered[label] = coverage(results, n)
+    # The cost of the ledger's shared query subspace: the same run scored with the rank-16 queries themselves.
+    subspace, ledger.LEDGER_SUBSPACE = ledger.LEDGER_SUBSPACE, 10 ** 9
+    try:
+        results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=1)
+    finally:
+        ledger.LEDGER_SUBSPACE = subspace
+    methods["ledger, rank-16 queries without the shared subspace | collect_every_n_steps=1"] = ledger_total(results, n)
 
     gen = torch.Generator().manual_seed(1)
     subsets = torch.stack([torch.randperm(n, generator=gen)[: n // 2] for _ in range(cfg["subsets"])])
@@ -96,7 +105,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"trained by `pytorch_lightning` with `li.InfluenceCallback(ledger=True)` (otherwise its defaults: "
              f"empirical Fisher, EK-FAC) computing at {cfg['checkpoints']} evenly spaced epochs; ground truth "
              f"{cfg['subsets']} half-subsets x {cfg['seeds']} seeds. Ledger = all windows' ledgers added up "
-             "(first window: plain gradients, TracIn); share of training examples it saw: "
+             "(first window: plain gradients, TracIn), its queries projected onto a shared "
+             f"{ledger.LEDGER_SUBSPACE}-direction subspace per layer and side unless noted; share of training "
+             "examples it saw: "
              + ", ".join(f"{100 * v:.0f}% with {k}" for k, v in covered.items())
              + f". LDS: mean over queries [95% bootstrap interval]. {time.perf_counter() - started:.0f} s.")
     sections = [setup, benchlib.markdown_table(["collection", "influence", "LDS"], rows),

@@ -114,7 +114,7 @@ class SubspaceQueries:
     ``V [d_in, k]``: query ``q`` becomes ``U C_q Vᵀ``, and its score on an example is
     ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩``. A side with at most ``size`` dimensions is kept whole (exact)."""
 
-    def __init__(self, queries: PreconditionedQueries, size: int = LEDGER_SUBSPACE) -> None:
+    def __init__(self, queries: PreconditionedQueries, size: int) -> None:
         self.num_queries = queries.num_queries
         self.bases: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
         self.cores: Dict[str, Tensor] = {}  # [Q, k_out·k_in]
@@ -247,4 +247,4 @@ def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: L
     with passes.fork_rng(device):
         queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
                                           factors.damping_per_layer(session.damping), rank, session.batch_size)
-    return SubspaceQueries(queries)
+    return SubspaceQueries(queries, LEDGER_SUBSPACE)
