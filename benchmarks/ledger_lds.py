@@ -24,7 +24,6 @@ from torch.utils.data import TensorDataset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence import ledger
 from lds import TRAINING, callback_results, lds_per_query
 
 FULL = dict(num_train=1000, num_query=100, hidden=64, epochs=20, checkpoints=4, subsets=100, seeds=3)  # lds.py's
@@ -60,7 +59,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     train, query = TensorDataset(x, y), TensorDataset(xq, yq)
     make_model = partial(benchlib.mlp, [64, cfg["hidden"], 10])
     n = cfg["num_train"]
-    default_every = inspect.signature(li.InfluenceCallback.__init__).parameters["collect_every_n_steps"].default
+    defaults = inspect.signature(li.InfluenceCallback.__init__).parameters
+    default_every, subspace = defaults["collect_every_n_steps"].default, defaults["ledger_subspace"].default
 
     methods: Dict[str, Tensor] = {}
     covered: Dict[str, float] = {}
@@ -72,13 +72,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         methods[f"trajectory ({len(results)}), lr | {label}"] = li.aggregate(results, weighting="lr").scores
         methods[f"ledger | {label}"] = ledger_total(results, n)
         covered[label] = coverage(results, n)
-    # The cost of the ledger's shared query subspace: the same run scored with the rank-16 queries themselves.
-    subspace, ledger.LEDGER_SUBSPACE = ledger.LEDGER_SUBSPACE, 10 ** 9
-    try:
-        results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=1)
-    finally:
-        ledger.LEDGER_SUBSPACE = subspace
-    methods["ledger, rank-16 queries without the shared subspace | collect_every_n_steps=1"] = ledger_total(results, n)
+    # What the ledger's shared query subspace costs: the same recipe with a wider one, and with none.
+    for size in (2 * subspace, None):
+        results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=1,
+                                   ledger_subspace=size)
+        method = f"ledger, ledger_subspace={size}" if size else "ledger, ledger_subspace=None (rank-16 queries)"
+        methods[f"{method} | collect_every_n_steps=1"] = ledger_total(results, n)
 
     gen = torch.Generator().manual_seed(1)
     subsets = torch.stack([torch.randperm(n, generator=gen)[: n // 2] for _ in range(cfg["subsets"])])
@@ -106,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"empirical Fisher, EK-FAC) computing at {cfg['checkpoints']} evenly spaced epochs; ground truth "
              f"{cfg['subsets']} half-subsets x {cfg['seeds']} seeds. Ledger = all windows' ledgers added up "
              "(first window: plain gradients, TracIn), its queries projected onto a shared "
-             f"{ledger.LEDGER_SUBSPACE}-direction subspace per layer and side unless noted; share of training "
+             f"{subspace}-direction subspace per layer and side unless noted; share of training "
              "examples it saw: "
              + ", ".join(f"{100 * v:.0f}% with {k}" for k, v in covered.items())
              + f". LDS: mean over queries [95% bootstrap interval]. {time.perf_counter() - started:.0f} s.")

@@ -9,7 +9,7 @@ last influence computation and adds, per training example and query,
 
 (each collected step stands for the ``collect_every_n_steps`` steps around it). The ledger's
 queries are those preconditioned queries (rank :data:`LEDGER_QUERY_RANK`) projected, per layer, onto
-one subspace shared by all queries: the top :data:`LEDGER_SUBSPACE` left and right singular
+one subspace shared by all queries: the top ``ledger_subspace`` (default 32) left and right singular
 directions of the stacked queries (exact when a layer's queries span no more). A batch then costs
 ``O(B·T·k·(d_in + d_out) + B·Q·k²)`` per layer: two thin GEMMs, one batched ``k × k`` outer
 product, and no per-example gradient (rank-16 contraction of 64 queries cost 0.56 of a training
@@ -47,9 +47,6 @@ from lightning_influence.tracking import TrackedLayer
 # Rank of the preconditioned queries before their projection (unless query_rank is set): the
 # paper's rank-32 queries reached Pearson 0.995 with full rank.
 LEDGER_QUERY_RANK = 16
-# Directions per side of each layer's shared query subspace: bounds the per-step cost independently
-# of the number of queries.
-LEDGER_SUBSPACE = 32
 # Per-batch chunks kept before merging repeated example ids (bounds memory between computations).
 _MERGE_EVERY = 64
 
@@ -112,9 +109,10 @@ class BatchIds:
 class SubspaceQueries:
     """Preconditioned queries projected, per layer, onto shared bases ``U [d_out, k]`` and
     ``V [d_in, k]``: query ``q`` becomes ``U C_q Vᵀ``, and its score on an example is
-    ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩``. A side with at most ``size`` dimensions is kept whole (exact)."""
+    ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩``. A side with at most ``size`` dimensions (any, with ``None``)
+    is kept whole (exact)."""
 
-    def __init__(self, queries: PreconditionedQueries, size: int) -> None:
+    def __init__(self, queries: PreconditionedQueries, size: Optional[int]) -> None:
         self.num_queries = queries.num_queries
         self.bases: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
         self.cores: Dict[str, Tensor] = {}  # [Q, k_out·k_in]
@@ -161,9 +159,9 @@ class SubspaceQueries:
         return core.to(per_example) @ per_example.flatten(1).T
 
 
-def _top_directions(gram: Tensor, size: int) -> Optional[Tensor]:
+def _top_directions(gram: Tensor, size: Optional[int]) -> Optional[Tensor]:
     """The ``size`` leading eigenvectors of a symmetric ``gram``, or ``None`` when that is all of them."""
-    if size >= gram.shape[0]:
+    if size is None or size >= gram.shape[0]:
         return None
     return torch.linalg.eigh(gram)[1][:, -size:]
 
@@ -236,15 +234,15 @@ class InfluenceLedger:
 
 
 @passes.outside_inference_mode
-def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: List[TrackedLayer]
-                   ) -> SubspaceQueries:
+def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: List[TrackedLayer],
+                   subspace: Optional[int]) -> SubspaceQueries:
     """The session's queries preconditioned with ``factors`` at the current weights, at rank
-    ``session.query_rank`` or :data:`LEDGER_QUERY_RANK`, projected onto their shared subspace: what
-    the ledger scores steps against until the next computation."""
+    ``session.query_rank`` or :data:`LEDGER_QUERY_RANK`, projected onto their shared ``subspace``:
+    what the ledger scores steps against until the next computation."""
     device = passes.model_device(model)
     factors = factors.to(device)
     rank = session.query_rank or LEDGER_QUERY_RANK
     with passes.fork_rng(device):
         queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
                                           factors.damping_per_layer(session.damping), rank, session.batch_size)
-    return SubspaceQueries(queries, LEDGER_SUBSPACE)
+    return SubspaceQueries(queries, subspace)

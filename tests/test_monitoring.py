@@ -171,10 +171,11 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
     queries = PreconditionedQueries({"layer": torch.randn(5, 20, 24, generator=gen)}, rank=3)
     layer = TrackedLayer("layer", torch.nn.Linear(24, 20, bias=False), "linear")
     acts, grads = torch.randn(4, 7, 24, generator=gen), torch.randn(4, 7, 20, generator=gen)
-    exact = SubspaceQueries(queries, size=15)  # 5 queries x rank 3 = 15 directions per side
-    assert exact.captured["layer"] == pytest.approx(1.0)
-    torch.testing.assert_close(exact.scores(layer, acts, grads), contract(queries, layer, acts, grads, False),
-                               rtol=1e-4, atol=1e-4)
+    for size in (15, None):  # 5 queries x rank 3 = 15 directions per side; None: no projection
+        exact = SubspaceQueries(queries, size=size)
+        assert exact.captured["layer"] == pytest.approx(1.0)
+        torch.testing.assert_close(exact.scores(layer, acts, grads), contract(queries, layer, acts, grads, False),
+                                   rtol=1e-4, atol=1e-4)
     small = SubspaceQueries(queries, size=4)
     projected = small.dense_for("layer")
     expected = torch.einsum("qoi,bto,bti->qb", projected, grads, acts)
