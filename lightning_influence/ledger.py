@@ -108,21 +108,28 @@ class BatchIds:
 
 
 class SubspaceQueries:
-    """Preconditioned queries projected, per layer, onto shared bases ``U [d_out, k]`` and
-    ``V [d_in, k]``: query ``q`` becomes ``U C_q Vᵀ``, and its score on an example is
-    ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩``. A side with at most ``size`` dimensions (any, with ``None``)
-    is kept whole (exact)."""
+    """Preconditioned queries projected, per layer, onto ``k`` shared directions per side: query
+    ``q`` is scored as ``⟨C_q, Σ_t (Uᵀ g_t)(Vᵀ a_t)ᵀ⟩`` with ``U [d_out, k]``, ``V [d_in, k]``.
 
-    def __init__(self, queries: PreconditionedQueries, size: Optional[int]) -> None:
+    The directions are the leading singular directions of the stacked queries, measured in the
+    metric of the training gradients when ``scales`` gives it per layer (``(q_s, s, q_a, a)``:
+    eigenbases and second moments of the output gradients and activations): they keep what the
+    scores of training examples see, not merely what is large in the queries. A side with at most
+    ``size`` dimensions (any, with ``None``) is kept whole (exact)."""
+
+    def __init__(self, queries: PreconditionedQueries, size: Optional[int],
+                 scales: Optional[Dict[str, Tuple[Tensor, Tensor, Tensor, Tensor]]] = None) -> None:
         self.num_queries = queries.num_queries
         self.bases: Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]] = {}
         self.cores: Dict[str, Tensor] = {}  # [Q, k_out·k_in]
         self._in_width: Dict[str, int] = {}  # k_in (d_in when that side is kept whole)
-        self.captured: Dict[str, float] = {}  # share of the queries' squared norm the subspace keeps
+        self.captured: Dict[str, float] = {}  # share of the queries' (gradient-weighted) squared norm kept
         for name in list(queries.dense) + list(queries.low_rank):
-            factors = queries.low_rank.get(name) or (queries.dense[name], None)
-            u, v, core, self.captured[name] = _project(*factors, size)
-            dtype = factors[0].dtype
+            left, right = queries.low_rank.get(name) or (queries.dense[name], None)
+            dtype = left.dtype
+            layer_scales = (scales or {}).get(name)
+            out_side, in_side = (_Side(*layer_scales[:2]), _Side(*layer_scales[2:])) if layer_scales else (None, None)
+            u, v, core, self.captured[name] = _project(left, right, size, out_side, in_side)
             self.bases[name] = (None if u is None else u.to(dtype), None if v is None else v.to(dtype))
             self.cores[name] = core.flatten(1).to(dtype)
             self._in_width[name] = core.shape[2]
@@ -144,26 +151,46 @@ class SubspaceQueries:
         return core.to(per_example) @ per_example.flatten(1).T
 
 
-def _project(left: Tensor, right: Optional[Tensor], size: Optional[int]
-             ) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, float]:
+class _Side:
+    """One side's metric ``M = q diag(√scale) qᵀ`` (and ``M⁻¹``) in which its directions are chosen."""
+
+    def __init__(self, basis: Tensor, scale: Tensor) -> None:
+        root = scale.double().clamp_min(float(scale.max()) * 1e-12 + 1e-30).sqrt()
+        basis = basis.double()
+        self.metric = (basis * root) @ basis.T
+        self.inverse = (basis / root) @ basis.T
+
+
+def _project(left: Tensor, right: Optional[Tensor], size: Optional[int], out_side: Optional[_Side],
+             in_side: Optional[_Side]) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, float]:
     """One layer's queries, dense ``left [Q, d_out, d_in]`` (``right=None``) or ``left @ rightᵀ``:
-    the shared bases ``U``, ``V`` (``None``: that side kept whole), the cores ``[Q, k_out, k_in]``
-    and the share of the queries' squared norm they keep."""
+    the bases ``U``, ``V`` that score (``None``: that side kept whole), the cores
+    ``[Q, k_out, k_in]`` and the share of the queries' squared norm (in the metric) they keep."""
     left = left.double()
-    if right is None:  # Gram matrices of the stacked queries on each side: Σ_q P Pᵀ and Σ_q Pᵀ P
-        out_gram, in_gram = torch.einsum("qoi,qpi->op", left, left), torch.einsum("qoi,qoj->ij", left, left)
+    right = None if right is None else right.double()
+    m_left = left if out_side is None else out_side.metric @ left
+    if right is None:  # Gram matrices of the stacked queries (in the metric) on each side: Σ P Pᵀ, Σ Pᵀ P
+        m_left = m_left if in_side is None else m_left @ in_side.metric
+        out_gram, in_gram = torch.einsum("qoi,qpi->op", m_left, m_left), torch.einsum("qoi,qoj->ij", m_left, m_left)
     else:  # the same from the factors, never forming the dense [Q, d_out, d_in]
-        right = right.double()
-        out_gram = torch.einsum("qor,qrs,qps->op", left, right.transpose(1, 2) @ right, left)
-        in_gram = torch.einsum("qir,qrs,qjs->ij", right, left.transpose(1, 2) @ left, right)
+        m_right = right if in_side is None else in_side.metric @ right
+        out_gram = torch.einsum("qor,qrs,qps->op", m_left, m_right.transpose(1, 2) @ m_right, m_left)
+        in_gram = torch.einsum("qir,qrs,qjs->ij", m_right, m_left.transpose(1, 2) @ m_left, m_right)
     u, v = _top_directions(out_gram, size), _top_directions(in_gram, size)
-    projected_left = left if u is None else u.T @ left
+    # P ≈ M⁻¹u · uᵀ(M P M)v · vᵀM⁻¹: the cores uᵀ M P M v, the inputs mapped by M⁻¹u and M⁻¹v.
+    out_projector = None if u is None else (u.T if out_side is None else u.T @ out_side.metric)
+    in_projector = None if v is None else (v.T if in_side is None else v.T @ in_side.metric)
+    projected_left = left if out_projector is None else out_projector @ left
     if right is None:
-        core = projected_left if v is None else projected_left @ v
+        core = projected_left if in_projector is None else projected_left @ in_projector.T
     else:
-        core = projected_left @ (right if v is None else v.T @ right).transpose(1, 2)
+        core = projected_left @ (right if in_projector is None else in_projector @ right).transpose(1, 2)
+    apply_out = None if u is None else (u if out_side is None else out_side.inverse @ u)
+    apply_in = None if v is None else (v if in_side is None else in_side.inverse @ v)
     total = float(out_gram.trace())
-    return u, v, core, float(core.pow(2).sum()) / total if total > 0 else 1.0
+    kept = core if out_side is None or u is not None else out_side.metric @ core
+    kept = kept if in_side is None or v is not None else kept @ in_side.metric
+    return apply_out, apply_in, core, float(kept.pow(2).sum()) / total if total > 0 else 1.0
 
 
 def _top_directions(gram: Tensor, size: Optional[int]) -> Optional[Tensor]:
@@ -252,4 +279,16 @@ def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: L
     with passes.fork_rng(device):
         queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
                                           factors.damping_per_layer(session.damping), rank, session.batch_size)
-    return SubspaceQueries(queries, subspace)
+    return SubspaceQueries(queries, subspace, _gradient_scales(factors) if factors.has_eigenbasis else None)
+
+
+def _gradient_scales(factors: Any) -> Dict[str, Tuple[Tensor, Tensor, Tensor, Tensor]]:
+    """Per layer ``(q_s, s, q_a, a)``: the eigenbases and, along them, the second moments of the output
+    gradients and activations (the eigenvalues' row and column means: exact for K-FAC's outer
+    product, EK-FAC's corrected ones marginalised)."""
+    scales = {}
+    for name in factors.layer_names:
+        q_s, q_a = factors.eigenbasis(name)
+        eigenvalues = factors.eigenvalues(name).double()
+        scales[name] = (q_s, eigenvalues.mean(1), q_a, eigenvalues.mean(0))
+    return scales

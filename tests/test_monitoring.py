@@ -162,7 +162,8 @@ def test_aggregate_weights_checkpoints_by_learning_rate_sums_or_recency():
 def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_they_drop():
     """The ledger's shared query subspace: exact (equal to the low-rank contraction) when the
     queries span no more than its size; otherwise it scores with the projected queries and reports
-    the share of their squared norm it keeps."""
+    the share of their squared norm it keeps; chosen in the training gradients' metric, it keeps
+    exactly the scores of gradients that stay where the curvature says they go."""
     from lightning_influence.ledger import SubspaceQueries
     from lightning_influence.scoring import PreconditionedQueries, contract
     from lightning_influence.tracking import TrackedLayer
@@ -183,3 +184,13 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
     kept = projected.double().pow(2).sum() / queries.dense_for("layer").double().pow(2).sum()
     assert small.captured["layer"] == pytest.approx(float(kept), rel=1e-4)
     assert 0.1 < small.captured["layer"] < 0.9
+    # In the training gradients' metric: the directions the gradients visit are kept.
+    grads[..., 10:], acts[..., 10:] = 0, 0  # the training data never leave 10 directions per side ...
+    visited = [torch.cat([torch.ones(10), torch.full((width - 10,), 1e-8)]) for width in (20, 24)]
+    scales = {"layer": (torch.eye(20), visited[0], torch.eye(24), visited[1])}  # ... and the curvature says so
+    weighted = SubspaceQueries(queries, size=10, scales=scales)
+    torch.testing.assert_close(weighted.scores(layer, acts, grads), contract(queries, layer, acts, grads, False),
+                               rtol=1e-4, atol=1e-4)
+    assert SubspaceQueries(queries, size=None, scales=scales).captured["layer"] == pytest.approx(1.0)
+    unweighted = SubspaceQueries(queries, size=10).scores(layer, acts, grads)
+    assert not torch.allclose(unweighted, contract(queries, layer, acts, grads, False), rtol=1e-2, atol=1e-2)
