@@ -105,8 +105,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"empirical Fisher, EK-FAC) computing at {cfg['checkpoints']} evenly spaced epochs; ground truth "
              f"{cfg['subsets']} half-subsets x {cfg['seeds']} seeds. Ledger = all windows' ledgers added up "
              "(first window: plain gradients, TracIn), its queries projected onto a shared "
-             f"{subspace}-direction subspace per layer and side unless noted; share of training "
-             "examples it saw: "
+             f"{subspace}-direction subspace per layer and side (chosen in the curvature's metric) unless noted; "
+             "share of training examples it saw: "
              + ", ".join(f"{100 * v:.0f}% with {k}" for k, v in covered.items())
              + f". LDS: mean over queries [95% bootstrap interval]. {time.perf_counter() - started:.0f} s.")
     sections = [setup, benchlib.markdown_table(["collection", "influence", "LDS"], rows),

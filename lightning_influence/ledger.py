@@ -152,52 +152,75 @@ class SubspaceQueries:
 
 
 class _Side:
-    """One side's metric ``M = q diag(√scale) qᵀ`` (and ``M⁻¹``) in which its directions are chosen."""
+    """One side's metric ``M = q diag(√scale) qᵀ``, in which its directions are chosen; applied
+    without forming the ``d × d`` matrix."""
 
     def __init__(self, basis: Tensor, scale: Tensor) -> None:
-        root = scale.double().clamp_min(float(scale.max()) * 1e-12 + 1e-30).sqrt()
-        basis = basis.double()
-        self.metric = (basis * root) @ basis.T
-        self.inverse = (basis / root) @ basis.T
+        self.basis = basis.double()
+        self.root = scale.double().clamp_min(float(scale.max()) * 1e-12 + 1e-30).sqrt()
+
+    def metric(self, x: Tensor) -> Tensor:
+        return self.basis @ (self.root[:, None] * (self.basis.T @ x))
+
+    def inverse(self, x: Tensor) -> Tensor:
+        return self.basis @ ((self.basis.T @ x) / self.root[:, None])
 
 
 def _project(left: Tensor, right: Optional[Tensor], size: Optional[int], out_side: Optional[_Side],
              in_side: Optional[_Side]) -> Tuple[Optional[Tensor], Optional[Tensor], Tensor, float]:
     """One layer's queries, dense ``left [Q, d_out, d_in]`` (``right=None``) or ``left @ rightᵀ``:
     the bases ``U``, ``V`` that score (``None``: that side kept whole), the cores
-    ``[Q, k_out, k_in]`` and the share of the queries' squared norm (in the metric) they keep."""
-    left = left.double()
-    right = None if right is None else right.double()
-    m_left = left if out_side is None else out_side.metric @ left
-    if right is None:  # Gram matrices of the stacked queries (in the metric) on each side: Σ P Pᵀ, Σ Pᵀ P
-        m_left = m_left if in_side is None else m_left @ in_side.metric
-        out_gram, in_gram = torch.einsum("qoi,qpi->op", m_left, m_left), torch.einsum("qoi,qoj->ij", m_left, m_left)
-    else:  # the same from the factors, never forming the dense [Q, d_out, d_in]
-        m_right = right if in_side is None else in_side.metric @ right
-        out_gram = torch.einsum("qor,qrs,qps->op", m_left, m_right.transpose(1, 2) @ m_right, m_left)
-        in_gram = torch.einsum("qir,qrs,qjs->ij", m_right, m_left.transpose(1, 2) @ m_left, m_right)
-    u, v = _top_directions(out_gram, size), _top_directions(in_gram, size)
-    # P ≈ M⁻¹u · uᵀ(M P M)v · vᵀM⁻¹: the cores uᵀ M P M v, the inputs mapped by M⁻¹u and M⁻¹v.
-    out_projector = None if u is None else (u.T if out_side is None else u.T @ out_side.metric)
-    in_projector = None if v is None else (v.T if in_side is None else v.T @ in_side.metric)
-    projected_left = left if out_projector is None else out_projector @ left
+    ``[Q, k_out, k_in]`` and the share of the queries' squared norm (in the metric) they keep.
+
+    With ``M`` each side's metric and ``u``, ``v`` the leading singular directions of the stacked
+    ``M P M``: ``P ≈ M⁻¹u · uᵀ(M P M)v · vᵀM⁻¹``, so the cores are ``uᵀ M P M v`` and the inputs
+    are mapped by ``M⁻¹u`` and ``M⁻¹v``."""
+    out_metric = (lambda x: x) if out_side is None else out_side.metric
+    in_metric = (lambda x: x) if in_side is None else in_side.metric
+    left = out_metric(left.double())
     if right is None:
-        core = projected_left if in_projector is None else projected_left @ in_projector.T
+        weighted = in_metric(left.transpose(1, 2)).transpose(1, 2)  # M P M, [Q, d_out, d_in]
+        out_stack, in_stack = weighted.permute(1, 0, 2).flatten(1), weighted.permute(2, 0, 1).flatten(1)
+    else:  # M P M = (M L)(M R)ᵀ: stack each side's factor times the square root of the other's Gram matrix
+        right = in_metric(right.double())
+        out_stack = (left @ _psd_root(right.transpose(1, 2) @ right)).permute(1, 0, 2).flatten(1)
+        in_stack = (right @ _psd_root(left.transpose(1, 2) @ left)).permute(1, 0, 2).flatten(1)
+    u, v = _leading_directions(out_stack, size), _leading_directions(in_stack, size)
+    if right is None:
+        core = weighted if u is None else u.T @ weighted
+        core = core if v is None else core @ v
     else:
-        core = projected_left @ (right if in_projector is None else in_projector @ right).transpose(1, 2)
-    apply_out = None if u is None else (u if out_side is None else out_side.inverse @ u)
-    apply_in = None if v is None else (v if in_side is None else in_side.inverse @ v)
-    total = float(out_gram.trace())
-    kept = core if out_side is None or u is not None else out_side.metric @ core
-    kept = kept if in_side is None or v is not None else kept @ in_side.metric
-    return apply_out, apply_in, core, float(kept.pow(2).sum()) / total if total > 0 else 1.0
+        core = (left if u is None else u.T @ left) @ (right if v is None else v.T @ right).transpose(1, 2)
+    total = float(out_stack.pow(2).sum())
+    captured = float(core.pow(2).sum()) / total if total > 0 else 1.0
+    # Sides kept whole score the inputs as they are: take their metric back out of the cores.
+    if u is None and out_side is not None:
+        core = out_side.inverse(core)
+    if v is None and in_side is not None:
+        core = in_side.inverse(core.transpose(1, 2)).transpose(1, 2)
+    apply_out = u if u is None or out_side is None else out_side.inverse(u)
+    apply_in = v if v is None or in_side is None else in_side.inverse(v)
+    return apply_out, apply_in, core, captured
 
 
-def _top_directions(gram: Tensor, size: Optional[int]) -> Optional[Tensor]:
-    """The ``size`` leading eigenvectors of a symmetric ``gram``, or ``None`` when that is all of them."""
-    if size is None or size >= gram.shape[0]:
+def _psd_root(matrices: Tensor) -> Tensor:
+    """Symmetric square roots of positive semi-definite ``[..., r, r]`` matrices."""
+    values, vectors = torch.linalg.eigh(matrices)
+    return (vectors * values.clamp_min(0).sqrt().unsqueeze(-2)) @ vectors.transpose(-1, -2)
+
+
+def _leading_directions(stack: Tensor, size: Optional[int]) -> Optional[Tensor]:
+    """The ``size`` leading left singular vectors of ``stack [d, n]`` (``None``: ``size`` covers
+    all ``d``), from the smaller of its two Gram matrices."""
+    dim, count = stack.shape
+    if size is None or size >= dim:
         return None
-    return torch.linalg.eigh(gram)[1][:, -size:]
+    if count >= dim:
+        return torch.linalg.eigh(stack @ stack.T)[1][:, -size:]
+    values, vectors = torch.linalg.eigh(stack.T @ stack)
+    values, vectors = values[-size:], vectors[:, -size:]
+    keep = values > values.max().clamp_min(0) * 1e-12  # directions the stack has at all
+    return stack @ vectors[:, keep] / values[keep].sqrt()
 
 
 class InfluenceLedger:
