@@ -4,7 +4,8 @@ Ground truth by construction: for every held-out query problem (``examples/arith
 templates, measurement = log-probability of the answer), ``copies`` near-duplicates are planted in
 the training corpus: the same template, operands and answer under another name and object. Every
 training problem with the query's template and operands (planted or occurring naturally) is
-*relevant*: training on it teaches exactly the query's answer. A tiny GPT trains with
+*relevant*: training on it teaches exactly the query's answer (checked causally: retraining without
+the relevant problems lowers the queries' answer log-probability). A tiny GPT trains with
 ``pytorch_lightning`` and ``li.InfluenceCallback`` (also ``ledger=True``), computing influence at
 evenly spaced epochs; each influence ranking of the corpus is scored per query by the average
 precision of its relevant problems, for the final checkpoint, the trajectory (``li.aggregate``,
@@ -28,7 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import benchlib
 import lightning_influence as li
@@ -87,20 +88,39 @@ def average_precision(scores: Tensor, relevant: List[List[int]]) -> Tensor:
     return torch.tensor(values, dtype=torch.float64)
 
 
+def train(cfg: Dict, seed: int, data: Dataset, callbacks: Sequence[pl.Callback] = ()) -> TinyGPT:
+    """The recipe: TinyGPT, AdamW, ``cfg["epochs"]`` shuffled epochs, all seeded by ``seed``."""
+    pl.seed_everything(seed, verbose=False)
+    model = TinyGPT(len(WordTokenizer().vocab), SEQUENCE_LENGTH, width=cfg["width"])
+    trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=list(callbacks), logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
+    trainer.fit(model, DataLoader(data, batch_size=BATCH_SIZE, shuffle=True,
+                                  generator=torch.Generator().manual_seed(seed)))
+    return model
+
+
+def removal_effect(cfg: Dict, seed: int) -> Tensor:
+    """Per query: how much lower its answer's log-probability is after training without every
+    relevant problem (of all queries): the check that the ground truth is causal, not a label."""
+    train_set, query_set, relevant = corpus(cfg, seed)
+    removed = {index for members in relevant for index in members}
+    kept = Subset(train_set, [i for i in range(len(train_set)) if i not in removed])
+    queries = next(iter(DataLoader(query_set, batch_size=len(query_set))))
+    with torch.no_grad():
+        full, without = (li.CausalLMTask().measurement(train(cfg, seed, data).eval(), queries).double()
+                         for data in (train_set, kept))
+        return full - without
+
+
 def run_seed(cfg: Dict, seed: int) -> Dict[str, Tensor]:
     """Per-query average precision of every method, for one corpus and training seed."""
     train_set, query_set, relevant = corpus(cfg, seed)
-    pl.seed_everything(seed, verbose=False)
-    model = TinyGPT(len(WordTokenizer().vocab), SEQUENCE_LENGTH, width=cfg["width"])
     with tempfile.TemporaryDirectory() as tmp:
         callback = li.InfluenceCallback(task=li.CausalLMTask(), query_data=query_set, train_data=train_set,
                                         every_n_epochs=cfg["every"], on_train_end=False, loss_reduction="token_mean",
                                         ledger=True, output_dir=tmp, report=False, log_artifacts=False,
                                         show_progress=False)
-        trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=[callback], logger=False, enable_checkpointing=False,
-                             enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
-        trainer.fit(model, DataLoader(train_set, batch_size=BATCH_SIZE, shuffle=True,
-                                      generator=torch.Generator().manual_seed(seed)))
+        train(cfg, seed, train_set, [callback])
         results = callback.results
         methods = {"final checkpoint": results[-1].scores,
                    **{f"trajectory ({len(results)}), {w}": li.aggregate(results, weighting=w).scores
@@ -116,6 +136,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     per_seed = [run_seed(cfg, seed) for seed in range(cfg["seeds"])]
+    effect = benchlib.bootstrap_ci(torch.cat([removal_effect(cfg, seed) for seed in range(cfg["seeds"])]))
     per_query = {name: torch.cat([values[name] for values in per_seed]) for name in per_seed[0]}
     final = per_query["final checkpoint"]
     rows, diff_rows, payload = [], [], {}
@@ -135,13 +156,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"(defaults, EK-FAC from the training steps, `ledger=True`) every {cfg['every']} epochs; "
              f"{cfg['seeds']} seeds (corpus, initialisation and order). Metric: average precision of the query's "
              f"relevant training problems (same template and operands) in the ranking by influence (chance about "
-             f"{chance:.3f}); mean over seed x query pairs [95% bootstrap interval]. "
-             f"{time.perf_counter() - started:.0f} s.")
+             f"{chance:.3f}); mean over seed x query pairs [95% bootstrap interval]. Ground-truth check: retraining "
+             "without all relevant problems lowers the queries' answer log-probability by "
+             f"{benchlib.fmt_ci(*effect)} nats. {time.perf_counter() - started:.0f} s.")
     sections = [setup, benchlib.markdown_table(["influence", "average precision"], rows),
                 "Paired differences to the final checkpoint (an interval excluding 0 is a real difference):",
                 benchlib.markdown_table(["influence", "minus final"], diff_rows)]
     benchlib.emit(args, "Trajectory on the arithmetic language model (planted near-duplicates)", sections,
-                  {"config": cfg, "methods": payload})
+                  {"config": cfg, "methods": payload, "removal_effect": {"nats": effect[0], "ci": list(effect[1:])}})
     return payload
 
 

@@ -52,6 +52,9 @@ def test_average_precision_of_a_ranking():
 
 
 def test_trajectory_lm_quick(tmp_path):
-    methods = run(trajectory_lm, tmp_path)["methods"]
+    payload = run(trajectory_lm, tmp_path)
+    methods = payload["methods"]
+    low, high = payload["removal_effect"]["ci"]
+    assert low <= payload["removal_effect"]["nats"] <= high
     assert "final checkpoint" in methods and any(name.startswith("trajectory") for name in methods)
     assert all(0 <= m["average_precision"] <= 1 for m in methods.values())
