@@ -36,9 +36,11 @@ def lds_per_query(scores: Tensor, masks: Tensor, actual: Tensor) -> Tensor:
     return benchlib.spearman(predicted, actual.T)
 
 
-def callback_results(make_model, train: TensorDataset, query: TensorDataset, cfg: Dict) -> List[li.InfluenceResult]:
+def callback_results(make_model, train: TensorDataset, query: TensorDataset, cfg: Dict,
+                     **options) -> List[li.InfluenceResult]:
     """Train the same recipe with ``pytorch_lightning`` and ``li.InfluenceCallback`` (its defaults,
-    except where noted) computing influence at the checkpoint epochs: the real training-time path."""
+    except where noted, and ``options``) computing influence at the checkpoint epochs: the real
+    training-time path. The results keep their step, meta and per-step ledger."""
     import pytorch_lightning as pl
     import torch.nn.functional as F
     from torch.utils.data import DataLoader
@@ -66,12 +68,14 @@ def callback_results(make_model, train: TensorDataset, query: TensorDataset, cfg
         callback = li.InfluenceCallback(task=li.ClassificationTask(), query_data=query, num_queries=len(query),
                                         train_data=train, every_n_epochs=cfg["epochs"] // cfg["checkpoints"],
                                         on_train_end=False, output_dir=tmp, batch_size=256, report=False,
-                                        log_artifacts=False, show_progress=False)
+                                        log_artifacts=False, show_progress=False, **options)
         trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=[callback], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
         trainer.fit(module, DataLoader(train, batch_size=TRAINING["batch_size"], shuffle=True,
                                        generator=torch.Generator().manual_seed(0)))
-        return [li.InfluenceResult(scores=r.scores.clone(), train_ids=r.train_ids, query_ids=r.query_ids)
+        kept = ("ledger_ids", "ledger_scores")
+        return [li.InfluenceResult(scores=r.scores.clone(), train_ids=r.train_ids, query_ids=r.query_ids, step=r.step,
+                                   meta=r.meta, **{name: r.get(name).clone() for name in kept if r.get(name) is not None})
                 for r in callback.results]
 
 

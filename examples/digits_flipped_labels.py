@@ -3,7 +3,9 @@
 A small convolutional network learns scikit-learn's bundled 8x8 digits (no download), after 10%
 of the training labels have been flipped to a wrong class. ``InfluenceCallback`` fits EK-FAC
 curvature during training and, at the end, scores every training image against a clean
-validation set. Two influence signals should single out the flipped labels:
+validation set and, with ``self_influence=True``, on itself (live: in the same computation, saved with
+the result, logged as ``influence/self/...`` scalars and as the report's self-influence table). Two
+influence signals should single out the flipped labels:
 
 * **self-influence** ``∇ℓ(z)ᵀ (G + λI)⁻¹ ∇ℓ(z)``: how far the model must move to fit ``z``; a
   wrong label needs an unusually large, unusual step;
@@ -33,7 +35,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.results import factors_path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import HelpFormatter, add_common_arguments, logger_location, make_logger, section, set_up  # noqa: E402
@@ -137,6 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         query_data="val", num_queries=args.queries,  # clean images
         every_n_epochs=None, on_checkpoint=False,      # once, when training ends
         fisher="true",                                 # sampled labels: the flipped ones do not shape the curvature
+        self_influence=True,                           # each training image scored on itself, live
         output_dir=str(args.output_dir / "influence"),
         show_progress=False,
     )
@@ -149,10 +151,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     trainer.fit(model, datamodule=data)
     result = influence.results[-1]
 
-    # Self-influence reuses the factors saved next to the result: no second curvature pass.
-    factors = li.load_factors(factors_path(result))
-    task = li.ClassificationTask()
-    self_influence = li.compute_self_influence(model, task, train_set, factors)
+    # The live self-influence of the result, per training index (-inf: not in the scored pool).
+    self_influence = torch.full((len(train_set),), float("-inf")).index_copy_(0, result.train_ids,
+                                                                             result.self_scores.float())
     on_clean = torch.zeros(len(train_set)).index_add_(0, result.train_ids, result.scores.sum(0))
     with torch.no_grad():
         images, labels = train_set.tensors
@@ -168,13 +169,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     seconds = time.perf_counter() - started
 
     section("Where everything is")
-    print(f"influence result : {result.path}  (report: {Path(result.path) / 'report'})")
+    print(f"influence result : {result.path}  (report: {Path(result.path) / 'report'}, its self-influence table "
+          "lists the top candidates)")
     print(f"logger run       : {logger_location(logger)}")
     print(f"validation accuracy {float(trainer.callback_metrics['val/accuracy']):.1%}; total time {seconds:.0f} s")
     section("Finding the flipped labels")
     print(f"{count} of {len(train_set)} training labels were flipped. Precision of the {count} examples "
           "each signal flags:")
-    for key, label in (("self_influence", "highest self-influence"),
+    for key, label in (("self_influence", "highest self-influence (live, from the callback)"),
                        ("negative_influence", f"most negative influence on {result.num_queries} clean images"),
                        ("training_loss", "highest training loss (baseline)"),
                        ("chance", "chance")):
@@ -184,7 +186,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
         wandb.finish()
     return {"rates": rates, "result": result, "self_influence": self_influence, "flipped": flipped,
-            "seconds": seconds}
+            "seconds": seconds, "model": model, "train_set": train_set}
 
 
 if __name__ == "__main__":

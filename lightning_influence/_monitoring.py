@@ -36,6 +36,7 @@ class TrainingMonitor:
         self.collector, self.warn = collector, warn
         self.every_n_steps, self.top_k = config.collect_every_n_steps, config.top_k
         self.ledger = InfluenceLedger() if config.ledger else None
+        self.ledger_subspace = config.ledger_subspace
         self._ids: Optional[BatchIds] = None
         self._previous: Any = None  # the run's last result (after a resume: none until the next one)
         self._lr_sum, self._steps = 0.0, 0
@@ -49,7 +50,8 @@ class TrainingMonitor:
             self.collector.observer = self.ledger.on_gradient
             if self.ledger.queries is None:
                 plain = Factors("identity", {layer.name: {} for layer in self.collector.layers})
-                self.ledger.refresh(ledger_queries(session, pl_module, plain, self.collector.layers))
+                self.ledger.refresh(ledger_queries(session, pl_module, plain, self.collector.layers,
+                                                   self.ledger_subspace))
 
     def batch_start(self, trainer: Any, batch: Any, collecting: bool) -> None:
         rate = learning_rate(trainer)
@@ -79,7 +81,9 @@ class TrainingMonitor:
             if taken is not None:
                 result.set("ledger_ids", taken[0])
                 result.set("ledger_scores", taken[1])
-            self.ledger.refresh(ledger_queries(session, pl_module, factors, self.collector.layers))
+                result.meta["ledger"] = {"captured": dict(self.ledger.queries.captured)}
+            self.ledger.refresh(ledger_queries(session, pl_module, factors, self.collector.layers,
+                                               self.ledger_subspace))
         scalars = monitor_scalars(result, self._previous, self.top_k)
         result.meta["monitors"] = scalars
         self._previous = result

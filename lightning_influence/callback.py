@@ -74,6 +74,7 @@ class InfluenceCallbackMixin(MonitorState):
         top_k: int = 10,
         self_influence: bool = False,
         ledger: bool = False,
+        ledger_subspace: Optional[int] = 32,
         batch_size: int = 32,
         renderer: Optional[Callable] = None,
         max_layer_mb: Optional[float] = None,
@@ -92,7 +93,7 @@ class InfluenceCallbackMixin(MonitorState):
             max_tokens_per_step=max_tokens_per_step, loss_reduction=loss_reduction, window=window,
             ema_decay=ema_decay, correction_batches=correction_batches, max_train_examples=max_train_examples,
             seed=seed, query_rank=query_rank, top_k=top_k, self_influence=self_influence, ledger=ledger,
-            batch_size=batch_size, renderer=renderer,
+            ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
             report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
         ))

@@ -89,6 +89,9 @@ class InfluenceConfig:
         ledger: on each collected step, score the batch against the queries preconditioned at the
             last computation, weighted by the learning rate (TracIn-style); stored with the next
             result as ``ledger_ids`` / ``ledger_scores`` (see ``lightning_influence.ledger``).
+        ledger_subspace: the ledger scores with its queries projected onto this many shared
+            directions per layer and side, which bounds its per-step cost whatever the number of
+            queries (``None``: the queries themselves, exact and slower).
         batch_size: batch size of the callback's own passes.
         renderer: shows examples in logged tables (see ``ResultPublisher``).
         max_layer_mb: skip, with a warning, layers whose statistics exceed this many MiB.
@@ -128,6 +131,7 @@ class InfluenceConfig:
     top_k: int = 10
     self_influence: bool = False
     ledger: bool = False
+    ledger_subspace: Optional[int] = 32
     batch_size: int = 32
     renderer: Any = None
     max_layer_mb: Optional[float] = None
@@ -157,7 +161,7 @@ class InfluenceConfig:
         for name in ("num_queries", "collect_every_n_steps", "top_k", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("every_n_epochs", "every_n_train_steps", "max_tokens_per_step", "correction_batches",
-                     "max_train_examples", "query_rank"):
+                     "max_train_examples", "query_rank", "ledger_subspace"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)

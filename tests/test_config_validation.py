@@ -57,6 +57,7 @@ BAD_VALUE = {
     "covariance_dtype": ("bfloat16", "covariance_dtype must be one of 'float32', 'float64', got 'bfloat16'"),
     "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
     "ledger": (1, "ledger must be True or False, got 1"),
+    "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
     "report": ("yes", "report must be True or False, got 'yes'"),
     "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
     "show_progress": (None, "show_progress must be True or False, got None"),

@@ -14,7 +14,10 @@ import pytest
 pytest.importorskip("pytorch_lightning")
 pytest.importorskip("sklearn")
 
+import torch  # noqa: E402
+
 import lightning_influence as li  # noqa: E402
+from lightning_influence.results import factors_path  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -84,6 +87,10 @@ def test_digits_flipped_labels(tmp_path, capsys):
     assert rates["negative_influence"] > 5 * rates["chance"], rates
     assert out["self_influence"].shape == out["flipped"].shape
     assert (Path(out["result"].path) / "factors").is_dir()
+    # The live self-influence (callback, self_influence=True) is the offline one from the saved factors.
+    factors = li.load_factors(factors_path(out["result"]))
+    offline = li.compute_self_influence(out["model"], li.ClassificationTask(), out["train_set"], factors)
+    torch.testing.assert_close(out["self_influence"], offline.float(), rtol=1e-3, atol=1e-5)
     assert "highest self-influence" in capsys.readouterr().out
 
 

@@ -126,6 +126,7 @@ def test_ledger_equals_the_learning_rate_weighted_per_step_scores(tmp_path, shuf
         assert torch.equal(result.get("ledger_ids"), torch.arange(96))
         expected = _expected_ledger(model, queries, steps, train)
         torch.testing.assert_close(result.get("ledger_scores").double(), expected, rtol=1e-4, atol=1e-6)
+        assert result.meta["ledger"]["captured"] == pytest.approx({"net.0": 1.0, "net.2": 1.0})
     second = cb.results[1]
     assert second.meta["window"]["optimizer_batches"] == 12
     assert second.meta["window"]["lr_sum"] == pytest.approx(12 * 0.1)
@@ -156,3 +157,40 @@ def test_aggregate_weights_checkpoints_by_learning_rate_sums_or_recency():
     torch.testing.assert_close(li.aggregate([a, b], weighting="recency").scores, torch.tensor([[1.0, 2.0]]))
     with pytest.raises(ValueError, match=r"weighting='lr' needs each result's meta\['window'\]\['lr_sum'\]"):
         li.aggregate([a, li.InfluenceResult(scores=torch.ones(1, 2), step=30)], weighting="lr")
+
+
+def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_they_drop():
+    """The ledger's shared query subspace: exact (equal to the low-rank contraction) when the
+    queries span no more than its size; otherwise it scores with the projected queries and reports
+    the share of their squared norm it keeps; chosen in the training gradients' metric, it keeps
+    exactly the scores of gradients that stay where the curvature says they go."""
+    from lightning_influence.ledger import SubspaceQueries
+    from lightning_influence.scoring import PreconditionedQueries, contract
+    from lightning_influence.tracking import TrackedLayer
+
+    gen = torch.Generator().manual_seed(0)
+    queries = PreconditionedQueries({"layer": torch.randn(5, 20, 24, generator=gen)}, rank=3)
+    layer = TrackedLayer("layer", torch.nn.Linear(24, 20, bias=False), "linear")
+    acts, grads = torch.randn(4, 7, 24, generator=gen), torch.randn(4, 7, 20, generator=gen)
+    for size in (15, None):  # 5 queries x rank 3 = 15 directions per side; None: no projection
+        exact = SubspaceQueries(queries, size=size)
+        assert exact.captured["layer"] == pytest.approx(1.0)
+        torch.testing.assert_close(exact.scores(layer, acts, grads), contract(queries, layer, acts, grads, False),
+                                   rtol=1e-4, atol=1e-4)
+    small = SubspaceQueries(queries, size=4)
+    projected = small.dense_for("layer")
+    expected = torch.einsum("qoi,bto,bti->qb", projected, grads, acts)
+    torch.testing.assert_close(small.scores(layer, acts, grads), expected, rtol=1e-4, atol=1e-4)
+    kept = projected.double().pow(2).sum() / queries.dense_for("layer").double().pow(2).sum()
+    assert small.captured["layer"] == pytest.approx(float(kept), rel=1e-4)
+    assert 0.1 < small.captured["layer"] < 0.9
+    # In the training gradients' metric: the directions the gradients visit are kept.
+    grads[..., 10:], acts[..., 10:] = 0, 0  # the training data never leave 10 directions per side ...
+    visited = [torch.cat([torch.ones(10), torch.full((width - 10,), 1e-8)]) for width in (20, 24)]
+    scales = {"layer": (torch.eye(20), visited[0], torch.eye(24), visited[1])}  # ... and the curvature says so
+    weighted = SubspaceQueries(queries, size=10, scales=scales)
+    torch.testing.assert_close(weighted.scores(layer, acts, grads), contract(queries, layer, acts, grads, False),
+                               rtol=1e-4, atol=1e-4)
+    assert SubspaceQueries(queries, size=None, scales=scales).captured["layer"] == pytest.approx(1.0)
+    unweighted = SubspaceQueries(queries, size=10).scores(layer, acts, grads)
+    assert not torch.allclose(unweighted, contract(queries, layer, acts, grads, False), rtol=1e-2, atol=1e-2)
