@@ -47,6 +47,7 @@ _TENSOR_FIELDS = (
     "train_ids",  # [n_train] indices into the training dataset
     "query_ids",  # [n_query] indices into the query dataset
     "layer_scores",  # [n_layers, n_query, n_train]
+    "layer_abs_sums",  # [n_layers, n_query] float64: Σ_n |layer score| over finite examples (layer distribution)
     "token_scores",  # [n_query, n_train, seq_len], indexed by the input position a layer reads
     "token_mask",  # [n_train, seq_len] bool: which token scores are real (not padding)
     "self_scores",  # [n_train] self-influence
@@ -57,6 +58,8 @@ _TENSOR_FIELDS = (
     "bottom_token_scores",  # [n_query, k, seq_len]
     "top_token_mask",  # [n_query, k, seq_len] bool
     "bottom_token_mask",  # [n_query, k, seq_len] bool
+    "top_layer_scores",  # [n_layers, n_query, k] per-layer scores of the top_ids examples
+    "bottom_layer_scores",  # [n_layers, n_query, k]
 )
 
 
@@ -263,6 +266,10 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
     layer_scores = shapes.get("layer_scores")
     if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
         return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
+                f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    layer_sums = shapes.get("layer_abs_sums")
+    if layer_sums is not None and layer_sums != (len(layer_names), n_query):
+        return (f"layer_abs_sums has shape {layer_sums}, expected ({len(layer_names)}, {n_query}) "
                 f"for the {len(layer_names)} layer_names {list(layer_names)}")
     return None
 

@@ -265,7 +265,8 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
 def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data: Any,
                       factors: Optional[Factors] = None, damping: Damping = None, *,
                       per_layer: bool = False, per_token: bool = False, query_rank: Optional[int] = None,
-                      query_truncation: str = "randomized", self_influence: bool = False, batch_size: int = 32,
+                      query_truncation: str = "randomized", layer_sums: bool = False, self_influence: bool = False,
+                      batch_size: int = 32,
                       train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
                       show_progress: bool = False) -> InfluenceResult:
     """Influence of every training example on every query.
@@ -279,6 +280,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         damping: ``None`` for the per-layer heuristic 0.1 × mean eigenvalue (with a floor, see
             :meth:`Factors.damping_per_layer`), a float for an absolute λ, or a dict ``{layer: λ}``.
         per_layer: also return ``layer_scores [L, Q, N]`` (they sum to ``scores``).
+        layer_sums: also return ``layer_abs_sums [L, Q]`` (float64), each layer's ``Σ_n |score|``
+            over the examples with finite scores: the layer distribution of every query in ``L·Q``
+            memory instead of ``L·Q·N`` (see :func:`~lightning_influence.analysis.layer_shares`).
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
         query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
@@ -316,6 +320,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     token_chunks: List[Tensor] = []
     mask_chunks: List[Tensor] = []
     self_chunks: List[Tensor] = []
+    abs_sums = torch.zeros(len(layers), queries.num_queries, dtype=torch.float64)
     tracker = LayerTracker(layers)
     with passes.evaluation_mode(model), tracker:
         for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
@@ -329,12 +334,18 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                     mask = task.token_mask(batch)
                     mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
                     per_layer_scores = [s.sum(-1) for s in per_layer_scores]
-                stacked = torch.stack(per_layer_scores).float()
+                stacked = torch.stack(per_layer_scores).float().cpu()
+                total = stacked.double().sum(0).float()
                 # Without per-layer scores keep only their sum: memory then grows with the score matrix
                 # alone, not with the number of layers times it.
-                layer_chunks.append((stacked if per_layer else stacked.double().sum(0, keepdim=True).float()).cpu())
+                layer_chunks.append(stacked if per_layer else total.unsqueeze(0))
                 if self_influence:
                     self_chunks.append(_self_scores(factors, layers, acts, grads, lambdas))
+                if layer_sums:
+                    usable = torch.isfinite(total[~bad_queries.cpu()]).all(0)  # as _mark_nonfinite decides
+                    if self_influence:
+                        usable &= torch.isfinite(self_chunks[-1])
+                    abs_sums += stacked[:, :, usable].double().abs().sum(2)
     timings["train"] = time.perf_counter() - stage
 
     layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
@@ -342,6 +353,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     fields: Dict[str, Tensor] = {"scores": layer_scores.double().sum(0).float() if per_layer else layer_scores[0]}
     if per_layer:
         fields["layer_scores"] = layer_scores
+    if layer_sums:
+        fields["layer_abs_sums"] = abs_sums.masked_fill(bad_queries.cpu().unsqueeze(0), 0.0)
     if per_token:
         fields["token_scores"], fields["token_mask"] = _pad_tokens(token_chunks, mask_chunks)
     if self_influence:
