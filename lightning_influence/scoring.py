@@ -4,10 +4,11 @@ For training example ``z`` and query ``q``: ``score = -∇f(q)ᵀ (G + λI)⁻¹
 measurement ``f`` (by default its log-likelihood, so ``∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)``: positive means
 ``z`` helps ``q``), with ``ℓ(z)`` the example's token-summed loss and ``G`` the curvature averaged
 per training example, computed per layer (block-diagonal ``G``) and summed. Per layer the
-contraction with a batch of training examples is done one of three ways, whichever costs fewer
+contraction of dense queries with a batch of training examples is done whichever way costs fewer
 FLOPs: materialising per-example gradients ``ΔW_n = Σ_t g_t a_tᵀ`` and taking one matrix product
-with all preconditioned queries, or contracting activations and output gradients directly (with
-the dense or the rank-r preconditioned queries) — the only way that yields per-token scores.
+with all preconditioned queries, or contracting activations and output gradients directly — the
+only way that yields per-token scores. Rank-r queries are always contracted directly, so that they
+are never held dense.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class PreconditionedQueries:
         key = (name, kind, dtype)
         if key not in self._layouts:
             if kind == "rows":
-                value = self.dense_for(name).flatten(1)
+                value = self.dense[name].flatten(1)
             elif kind == "columns":
                 value = self.dense[name].permute(1, 0, 2).reshape(self.dense[name].shape[1], -1)
             else:
@@ -134,9 +135,7 @@ def _cost_materialised(batch: int, tokens: int, d_out: int, d_in: int, queries: 
     return batch * d_out * d_in * (tokens + queries)
 
 
-def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int, rank: Optional[int]) -> int:
-    if rank is not None:
-        return batch * tokens * queries * rank * (d_out + d_in + 1)
+def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int) -> int:
     return batch * tokens * queries * d_in * (d_out + 1)
 
 
@@ -148,8 +147,10 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     n_query = queries.num_queries
     low_rank = queries.low_rank.get(layer.name)
     rank = low_rank[0].shape[-1] if low_rank is not None else None
-    direct = per_token or _cost_direct(batch, tokens, d_out, d_in, n_query, rank) <= _cost_materialised(
-        batch, tokens, d_out, d_in, n_query)
+    # Low-rank queries are contracted directly: materialising them would take the dense memory
+    # the truncation exists to avoid.
+    direct = per_token or low_rank is not None or _cost_direct(batch, tokens, d_out, d_in, n_query) <= \
+        _cost_materialised(batch, tokens, d_out, d_in, n_query)
     if not direct:
         return queries.layout(layer.name, "rows", grads.dtype) @ per_example_gradients(acts, grads).flatten(1).T
     flat_grads = grads.reshape(batch * tokens, d_out)
@@ -236,23 +237,29 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
 
 def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tensor, damping: float,
                          rank: Optional[int], truncation: str) -> Tuple[Any, Tensor]:
-    """One layer's preconditioned gradients of a chunk of queries (float64 inside): dense in the
-    gradients' dtype, or truncated to ``rank`` — in the eigenbasis, rotating only the factors back
-    (saves a ``[d_out, d_out] x [d_out, d_in]`` product per query). Also which are not finite in
-    that dtype (zeroed)."""
+    """One layer's preconditioned gradients of a chunk of queries: dense in the gradients' dtype,
+    or truncated to ``rank`` — in the eigenbasis, rotating only the factors back (saves a
+    ``[d_out, d_out] x [d_out, d_in]`` product per query). Also which are not finite in that dtype
+    (zeroed). The division by the eigenvalues runs in float64; the rotations in the gradients'
+    dtype (the rotation back of a dense query, ``d_out·d_in·(d_out + d_in)`` per query, is the
+    largest cost of preparation), except with the ``"exact"`` truncation, float64 throughout."""
     dtype = grads.dtype
+    rotation_dtype = torch.float64 if truncation == "exact" else dtype
     truncated = rank is not None and rank < min(grads.shape[-1], acts.shape[-1])
     if factors.has_eigenbasis:
         preconditioned = factors.precondition_in_eigenbasis(
-            name, factors.example_gradients_in_eigenbasis(name, acts, grads), damping)
+            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping)
         if not truncated:
-            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned)
+            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned.to(rotation_dtype))
     else:
         preconditioned = factors.precondition(name, per_example_gradients(acts, grads).double(), damping)
-    unusable = ~(preconditioned.abs() <= torch.finfo(dtype).max).flatten(1).all(1)
+    lowered = preconditioned.to(dtype)  # float32 overflow shows as inf here
+    unusable = ~torch.isfinite(lowered).flatten(1).all(1)
+    if not truncated or truncation == "randomized":
+        preconditioned = lowered
     preconditioned.masked_fill_(unusable[:, None, None], 0.0)
     if not truncated:
-        return preconditioned.to(dtype), unusable
+        return preconditioned, unusable
     left, right = (randomized_truncate(preconditioned, rank) if truncation == "randomized"
                    else truncate(preconditioned, rank))
     if factors.has_eigenbasis:
@@ -286,8 +293,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
         query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
-        query_truncation: ``"randomized"`` (float32 subspace iteration, scores within 1e-3 of the
-            exact truncation's) or ``"exact"`` (float64 eigensolver, slower); see :func:`precondition_queries`.
+        query_truncation: ``"randomized"`` (float32 rotations and subspace iteration, scores within
+            1e-3 of the exact truncation's) or ``"exact"`` (float64 rotations and eigensolver, as
+            in the paper; slower); see :func:`precondition_queries`.
         self_influence: also return ``self_scores [N]`` (each training example on itself).
         batch_size: batch size for Datasets.
         train_ids, query_ids: dataset indices to record (default ``0..N-1``).
