@@ -239,13 +239,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     small_pool = Subset(pool, range(min(256, len(pool))))
     results = {}
     for label, kwargs in (("full", {}), (f"rank {rank}", dict(query_rank=rank)),
-                          (f"rank {rank} exact", dict(query_rank=rank, query_truncation="exact"))):
+                          (f"rank {rank} randomized", dict(query_rank=rank, query_truncation="randomized"))):
         results[label] = stage(f"pairwise scoring, {label} queries", lambda: li.compute_influence(
             model, task, pool, queries, factors, batch_size=bs, **kwargs))
         stages[f"query preparation, {label}"] = {"seconds": results[label].meta["timings"]["queries"],
                                                  "peak_bytes": math.nan}
-    small = stage("pairwise scoring of 256 sequences, full", lambda: li.compute_influence(
-        model, task, small_pool, queries, factors, batch_size=bs))
+    small_stage = "pairwise scoring, full queries" + (", 256 sequences" if len(pool) > 256 else "")
+    if len(pool) > 256:
+        stage(small_stage, lambda: li.compute_influence(
+            model, task, small_pool, queries, factors, batch_size=bs))
     stage("self-influence", lambda: li.compute_self_influence(model, task, pool, factors, batch_size=bs))
 
     statistics = accumulate_covariances(model, task, pool, select_layers(model), fisher="empirical", batch_size=bs)
@@ -254,7 +256,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     stage("callback computation at a checkpoint (InfluenceSession.compute)",
           lambda: session.compute(model, statistics, step=1))
 
-    exact, randomized = results[f"rank {rank} exact"].scores, results[f"rank {rank}"].scores
+    exact, randomized = results[f"rank {rank}"].scores, results[f"rank {rank} randomized"].scores
     truncation_error = float((randomized - exact).abs().max() / exact.abs().max())
     kron = None
     if not args.no_kronfluence and benchlib.kronfluence_available():
@@ -277,18 +279,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             rows.append([f"kronfluence pairwise scoring, {label} (Pearson with ours {pearson:.4f})",
                          theirs["seconds"], theirs["seconds"] / epoch, theirs["peak"] / mib,
                          theirs["seconds"] / ours["seconds"]])
-    small_seconds = stages["pairwise scoring of 256 sequences, full"]["seconds"]
+    small_seconds = stages[small_stage]["seconds"]
     ratios = {
         "fit_factors / epoch": stages["fit_factors (EK-FAC, empirical)"]["seconds"] / epoch,
-        f"query preparation rank {rank} / scoring 256": stages[f"query preparation, rank {rank}"]["seconds"] / small_seconds,
-        "query preparation full / scoring 256": stages["query preparation, full"]["seconds"] / small_seconds,
+        f"query preparation rank {rank} / scoring {len(small_pool)}": stages[f"query preparation, rank {rank}"]["seconds"] / small_seconds,
+        f"query preparation rank {rank} randomized / scoring {len(small_pool)}":
+            stages[f"query preparation, rank {rank} randomized"]["seconds"] / small_seconds,
+        f"query preparation full / scoring {len(small_pool)}": stages["query preparation, full"]["seconds"] / small_seconds,
         "self-influence / pairwise (full)": stages["self-influence"]["seconds"]
         / stages["pairwise scoring, full queries"]["seconds"],
         "checkpoint computation / epoch": stages["callback computation at a checkpoint (InfluenceSession.compute)"][
             "seconds"] / epoch,
-        f"scoring peak (full) / float32 dense queries": stages["pairwise scoring, full queries"]["peak_bytes"]
+        "scoring peak growth (full) / float32 dense queries": stages["pairwise scoring, full queries"]["peak_bytes"]
         / dense_queries,
-        f"rank-{rank} randomised vs exact truncation: max score difference / max score": truncation_error,
+        f"scoring peak growth (rank {rank}) / float32 dense queries":
+            stages[f"pairwise scoring, rank {rank} queries"]["peak_bytes"] / dense_queries,
+        f"rank-{rank} randomized vs exact truncation: max score difference / max score": truncation_error,
     }
     parameters = sum(p.numel() for p in model.parameters())
     setup = (f"GPT: {cfg['blocks']} blocks, width {cfg['width']}, {cfg['heads']} heads, vocabulary {cfg['vocab']}, "
