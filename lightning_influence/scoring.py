@@ -277,6 +277,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                       query_truncation: str = "exact", layer_sums: bool = False, self_influence: bool = False,
                       batch_size: int = 32,
                       train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
+                      prepared_queries: Optional[Tuple[PreconditionedQueries, Tensor]] = None,
                       show_progress: bool = False) -> InfluenceResult:
     """Influence of every training example on every query.
 
@@ -302,6 +303,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         self_influence: also return ``self_scores [N]`` (each training example on itself).
         batch_size: batch size for Datasets.
         train_ids, query_ids: dataset indices to record (default ``0..N-1``).
+        prepared_queries: what :func:`precondition_queries` returned for these factors, damping
+            and rank, to score another part of the pool without preparing the queries again
+            (``query_data`` is then not read).
         show_progress: show progress bars.
 
     A training example or query whose gradients (or scores) are not finite gets NaN scores
@@ -322,8 +326,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     factors = factors.to(device)
 
     stage = time.perf_counter()
-    queries, bad_queries = precondition_queries(model, task, query_data, factors, layers, lambdas, query_rank,
-                                                batch_size, show_progress, query_truncation)
+    queries, bad_queries = prepared_queries or precondition_queries(
+        model, task, query_data, factors, layers, lambdas, query_rank, batch_size, show_progress, query_truncation)
     timings["queries"] = time.perf_counter() - stage
 
     stage = time.perf_counter()

@@ -50,9 +50,9 @@ from lightning_influence.results import (
     save_result_with_factors,
     update_result_meta,
 )
-from lightning_influence.scoring import compute_influence
+from lightning_influence.scoring import PreconditionedQueries, compute_influence, precondition_queries
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError
+from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
 
 log = logging.getLogger(__name__)
 
@@ -223,20 +223,22 @@ class InfluenceSession:
         mine = ids[_share(len(ids))]
         device = passes.model_device(model)
         with passes.fork_rng(device):
+            queries = self._prepared_queries(model, factors)
+            prepared = time.perf_counter() - started
             part = compute_influence(
-                model, self.task, self.pool_loader(mine), self.query_loader(), factors, self.damping,
+                model, self.task, self.pool_loader(mine), None, factors, self.damping,
                 per_layer=per_layer, layer_sums=True, per_token=per_token, query_rank=self.query_rank,
-                self_influence=self_influence,
-                batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids, show_progress=self.show_progress,
+                self_influence=self_influence, batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids,
+                prepared_queries=queries, show_progress=self.show_progress,
             )
             tensors = _gathered(part, len(ids), device)
-            timings = {"scores": time.perf_counter() - started}
+            timings = {"queries": prepared, "scores": time.perf_counter() - started}
             scores = tensors.pop("scores")
             stage = time.perf_counter()
             token_note = None
             if self.top_k:
                 try:
-                    tensors.update(self._top_examples(model, factors, scores))
+                    tensors.update(self._top_examples(model, factors, scores, queries))
                 except ValueError as err:  # e.g. layers reading different token axes
                     token_note = str(err)
             timings["token_scores"] = time.perf_counter() - stage
@@ -251,7 +253,15 @@ class InfluenceSession:
         return InfluenceResult(scores=scores, train_ids=ids, query_ids=self.query_ids, layer_names=part.layer_names,
                                step=step, epoch=epoch, meta=result_meta, **tensors)
 
-    def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor) -> Dict[str, Tensor]:
+    def _prepared_queries(self, model: nn.Module, factors: Factors) -> Tuple[PreconditionedQueries, Tensor]:
+        """The preconditioned queries, prepared once per checkpoint for the pool and its top examples."""
+        layers = layers_by_name(model, factors.layer_names)
+        return precondition_queries(model, self.task, self.query_loader(), factors.to(passes.model_device(model)),
+                                    layers, factors.damping_per_layer(self.damping), self.query_rank,
+                                    self.batch_size, self.show_progress)
+
+    def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor,
+                      queries: Tuple[PreconditionedQueries, Tensor]) -> Dict[str, Tensor]:
         """Per query, the ``top_k`` most positive / negative examples' ids, per-token and per-layer
         scores, computed for the union of those examples only. Non-finite scores are never ranked: a query
         with fewer finite scores than ``top_k`` gets id -1 (and no token scores) in the gaps."""
@@ -262,8 +272,9 @@ class InfluenceSession:
         if len(union) == 0:
             raise ValueError("no finite score to rank: per-token scores of the top examples are skipped")
         tokens = compute_influence(
-            model, self.task, self.pool_loader(self.pool_ids[union]), self.query_loader(), factors, self.damping,
+            model, self.task, self.pool_loader(self.pool_ids[union]), None, factors, self.damping,
             per_layer=True, per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
+            prepared_queries=queries,
         )
         rows = torch.arange(scores.shape[0]).unsqueeze(1)
         out = {}
