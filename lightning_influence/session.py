@@ -152,9 +152,9 @@ class InfluenceSession:
         """What the statistics and scores of this session will hold, for a log line."""
         stats_bytes = 2 * sum(layer.factor_bytes for layer in layers)  # statistics + one step's buffer
         n_train, n_query = len(self.pool_ids), len(self.queries)
-        score_bytes = 4 * n_query * n_train * (1 + len(layers))
+        score_bytes = 4 * n_query * n_train + 8 * n_query * len(layers)  # scores + per-layer sums
         return (f"tracking {len(layers)} layers; statistics {stats_bytes / 2**20:.3g} MiB, scores "
-                f"{score_bytes / 2**20:.3g} MiB ({n_query} queries x {n_train} training examples x {len(layers)} layers)")
+                f"{score_bytes / 2**20:.3g} MiB ({n_query} queries x {n_train} training examples, and per-layer sums)")
 
     # -- set-up check --------------------------------------------------------------------------------
     def check(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
