@@ -464,6 +464,21 @@ def layer_shares(layer_scores: ArrayLike, *, top_k: Optional[int] = None, groups
     return shares_from_sums(per_layer, groups)
 
 
+def result_layer_shares(result: Any, top_k: Optional[int] = None) -> Optional[torch.Tensor]:
+    """:func:`layer_shares` ``[Q, L]`` of a result, from its ``layer_scores``, or from what a result
+    of the callback keeps instead (``layer_abs_sums`` for all examples, ``top_layer_scores`` for the
+    top ``k`` it kept per query); ``None`` when the result holds neither for this ``top_k``."""
+    if result.layer_scores is not None:
+        return layer_shares(result.layer_scores, top_k=top_k)
+    if top_k is None:
+        sums = result.get("layer_abs_sums")
+        return None if sums is None else shares_from_sums(sums.double().T, None)
+    top = result.get("top_layer_scores")
+    if top is None or top.shape[2] < min(int(top_k), result.num_train):
+        return None
+    return shares_from_sums(top[:, :, :top_k].double().abs().nan_to_num(0.0).sum(2).T, None)
+
+
 def shares_from_sums(per_layer: torch.Tensor, groups: Optional[Groups]) -> torch.Tensor:
     """Normalise ``[Q, L]`` sums of absolute scores into (grouped) shares."""
     blocks = _layer_groups(per_layer.shape[1], groups)
@@ -607,9 +622,8 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         ratio = token_distribution(*tokens)["l2_l1_ratio"]
         defined = ratio[torch.isfinite(ratio)]
         scalars["spurious_fraction"] = float((defined > SPURIOUS_L2_L1).double().mean()) if defined.numel() else math.nan
-    shares = None
-    if result.layer_scores is not None:
-        shares = layer_shares(result.layer_scores, top_k=top_k_layers)
+    shares = result_layer_shares(result, top_k_layers)
+    if shares is not None:
         mean_shares = shares.nanmean(0)
         for name, share in zip(result.layer_names, mean_shares.tolist()):
             scalars[f"layer_share/{name}"] = share

@@ -19,7 +19,7 @@ import torch
 
 from lightning_influence._format import format_number
 from lightning_influence._io import json_ready
-from lightning_influence.analysis import InfluenceSummary, concentration, fit_query_tails, layer_shares, summarize
+from lightning_influence.analysis import InfluenceSummary, concentration, fit_query_tails, layer_shares, result_layer_shares, summarize
 from lightning_influence.results import check_same_run
 
 RBO_PERSISTENCE = 0.9
@@ -153,9 +153,14 @@ def _id_range(ids: torch.Tensor) -> str:
     return f"{int(ids.min())}..{int(ids.max())}" if len(ids) else "none"
 
 
-def _layer_scores_matched(result: Any, query_pos: torch.Tensor, train_pos: torch.Tensor) -> Optional[torch.Tensor]:
-    layer_scores = result.layer_scores
-    return None if layer_scores is None else layer_scores[:, query_pos][:, :, train_pos]
+def _matched_shares(result: Any, query_pos: torch.Tensor, train_pos: torch.Tensor,
+                    same_pool: bool) -> Optional[torch.Tensor]:
+    """Mean layer shares over the matched queries: from the per-layer scores of the matched
+    examples, or from the per-layer sums (callback results) when both results scored the same pool."""
+    if result.layer_scores is not None:
+        return layer_shares(result.layer_scores[:, query_pos][:, :, train_pos]).nanmean(0)
+    shares = result_layer_shares(result) if same_pool else None
+    return None if shares is None else shares[query_pos].nanmean(0)
 
 
 def median_alpha(scores: torch.Tensor) -> Optional[float]:
@@ -317,10 +322,11 @@ def compare(
     k_changes = min(int(top_k_changes), n_train)
     entered, left = _topk_changes(scores_a, scores_b, a.train_ids[t_a], k_changes)
     layer_js = None
-    if a.layer_scores is not None and b.layer_scores is not None and a.layer_names == b.layer_names:
-        shares_a = layer_shares(_layer_scores_matched(a, q_a, t_a)).nanmean(0)
-        shares_b = layer_shares(_layer_scores_matched(b, q_b, t_b)).nanmean(0)
-        if torch.isfinite(shares_a).all() and torch.isfinite(shares_b).all():
+    if a.layer_names == b.layer_names:
+        same_pool = torch.equal(a.train_ids, b.train_ids)
+        shares_a, shares_b = _matched_shares(a, q_a, t_a, same_pool), _matched_shares(b, q_b, t_b, same_pool)
+        if shares_a is not None and shares_b is not None and bool(
+                torch.isfinite(shares_a).all() and torch.isfinite(shares_b).all()):
             layer_js = js_divergence(shares_a, shares_b)
     return Comparison(
         steps=(a.step, b.step),
@@ -369,8 +375,9 @@ def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, A
             row["topk_churn"] = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
             row["spearman_prev"] = _finite_or_none(_nanmean(spearman(before, after)))
     shares: Dict[str, float] = {}
-    if result.layer_scores is not None:
-        shares = dict(zip(result.layer_names, layer_shares(result.layer_scores).nanmean(0).tolist()))
+    result_shares = result_layer_shares(result)
+    if result_shares is not None:
+        shares = dict(zip(result.layer_names, result_shares.nanmean(0).tolist()))
     row["layer_share"] = {name: _finite_or_none(shares.get(name)) for name in result.layer_names}
     return row
 

@@ -220,7 +220,7 @@ def squared_example_gradients(acts: Tensor, grads: Tensor) -> Tensor:
     if acts.shape[1] == 1:
         return grads[:, 0].square().T @ acts[:, 0].square()
     total = grads.new_zeros(grads.shape[-1], acts.shape[-1])
-    for start, stop in _chunks(acts.shape[0], grads.shape[-1] * acts.shape[-1]):
+    for start, stop in chunk_ranges(acts.shape[0], grads.shape[-1] * acts.shape[-1]):
         total += per_example_gradients(acts[start:stop], grads[start:stop]).square().sum(0)
     return total
 
@@ -230,7 +230,8 @@ def per_example_gradients(acts: Tensor, grads: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", grads, acts)
 
 
-def _chunks(total: int, elements_per_item: int) -> Iterable[tuple]:
+def chunk_ranges(total: int, elements_per_item: int) -> Iterable[tuple]:
+    """``(start, stop)`` slices of ``total`` items with at most ``CHUNK_ELEMENTS`` elements each."""
     step = max(1, CHUNK_ELEMENTS // max(1, elements_per_item))
     for start in range(0, total, step):
         yield start, min(total, start + step)
@@ -352,25 +353,33 @@ class Factors:
         q_s, q_a = (basis.to(rotated) for basis in self.eigenbasis(name))
         return q_s @ rotated @ q_a.T
 
-    def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor) -> Tensor:
-        """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in float64, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``.
+    def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor,
+                                        dtype: torch.dtype = torch.float64) -> Tensor:
+        """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in ``dtype``, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``.
 
         Rotating the ``T`` token vectors first costs ``T·d²`` per example instead of the ``d³`` of
         rotating the formed gradient: much cheaper whenever ``T`` is small (one token: ``d²``)."""
-        q_s, q_a = (basis.to(acts.device) for basis in self.eigenbasis(name))
+        q_s, q_a = (basis.to(acts.device, dtype) for basis in self.eigenbasis(name))
         tokens, d_out, d_in = acts.shape[1], grads.shape[-1], acts.shape[-1]
         if tokens * (d_out ** 2 + d_in ** 2 + d_out * d_in) < d_out * d_in * (d_out + d_in):
-            return per_example_gradients(acts.double() @ q_a, grads.double() @ q_s)
-        return q_s.T @ per_example_gradients(acts, grads).double() @ q_a
+            return per_example_gradients(acts.to(dtype) @ q_a, grads.to(dtype) @ q_s)
+        return q_s.T @ per_example_gradients(acts, grads).to(dtype) @ q_a
 
-    def quadratic_form(self, name: str, grads: Tensor, damping: float) -> Tensor:
-        """``vec(ΔW_n)ᵀ (G_ℓ + λ I)⁻¹ vec(ΔW_n)`` for ``grads [N, d_out, d_in]`` -> ``[N]``."""
-        grads = grads.double()
-        if self.strategy == "identity":
-            return grads.square().sum((1, 2))
-        if self.has_eigenbasis:
-            grads = self.rotate_to_eigenbasis(name, grads)
-        return (grads.square() / self._damped_eigenvalues(name, damping, grads.device)).sum((1, 2))
+    def example_quadratic_form(self, name: str, acts: Tensor, grads: Tensor, damping: float) -> Tensor:
+        """``vec(ΔW_n)ᵀ (G_ℓ + λ I)⁻¹ vec(ΔW_n)`` for each example's gradient ``ΔW_n = Σ_t g_t a_tᵀ``,
+        from its activations ``[N,T,d_in]`` and output gradients ``[N,T,d_out]`` -> ``[N]`` float64: the rotation in
+        the inputs' dtype (tokens first when cheaper), squares and sums in float64. Self-influence
+        then costs about one product per token instead of two float64 ``d³`` rotations per example."""
+        out = torch.empty(acts.shape[0], dtype=torch.float64, device=acts.device)
+        damped = None if self.strategy == "identity" else self._damped_eigenvalues(name, damping, acts.device)
+        for start, stop in chunk_ranges(acts.shape[0], grads.shape[-1] * acts.shape[-1]):
+            if self.has_eigenbasis:
+                example = self.example_gradients_in_eigenbasis(name, acts[start:stop], grads[start:stop], acts.dtype)
+            else:
+                example = per_example_gradients(acts[start:stop], grads[start:stop])
+            squares = example.double().square()
+            out[start:stop] = (squares if damped is None else squares / damped).sum((1, 2))
+        return out
 
     def to(self, device: Union[str, torch.device]) -> "Factors":
         layers = {n: {k: v.to(device) for k, v in parts.items()} for n, parts in self.layers.items()}

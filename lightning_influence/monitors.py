@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_influence.analysis import concentration, layer_shares
+from lightning_influence.analysis import concentration, result_layer_shares
 from lightning_influence.compare import match_ids, median_alpha, js_divergence, spearman, topk_jaccard
 
 # Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``.
@@ -65,10 +65,10 @@ def drift_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
                                     if alpha_before is not None and alpha_after is not None else None),
         "drift/top1pct_share_change": concentration(after)["top1pct_share"] - concentration(before)["top1pct_share"],
     }
-    if previous.layer_scores is not None and result.layer_scores is not None \
-            and previous.layer_names == result.layer_names:
-        shares_before = layer_shares(previous.layer_scores[:, q_a][:, :, t_a]).nanmean(0)
-        shares_after = layer_shares(result.layer_scores[:, q_b][:, :, t_b]).nanmean(0)
+    before_shares, after_shares = result_layer_shares(previous), result_layer_shares(result)
+    if before_shares is not None and after_shares is not None and previous.layer_names == result.layer_names:
+        # Over each result's whole pool: callback results keep per-layer sums, not per-example layer scores.
+        shares_before, shares_after = before_shares[q_a].nanmean(0), after_shares[q_b].nanmean(0)
         if torch.isfinite(shares_before).all() and torch.isfinite(shares_after).all():
             out["drift/layer_js"] = js_divergence(shares_before, shares_after)
     return _finite(out)

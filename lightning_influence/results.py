@@ -47,6 +47,7 @@ _TENSOR_FIELDS = (
     "train_ids",  # [n_train] indices into the training dataset
     "query_ids",  # [n_query] indices into the query dataset
     "layer_scores",  # [n_layers, n_query, n_train]
+    "layer_abs_sums",  # [n_layers, n_query] float64: Σ_n |layer score| over finite examples (layer distribution)
     "token_scores",  # [n_query, n_train, seq_len], indexed by the input position a layer reads
     "token_mask",  # [n_train, seq_len] bool: which token scores are real (not padding)
     "self_scores",  # [n_train] self-influence
@@ -60,6 +61,8 @@ _TENSOR_FIELDS = (
     # The per-step ledger of the window before this computation (sparse: the examples it saw):
     "ledger_ids",  # [n_seen] training-dataset indices, sorted
     "ledger_scores",  # [n_query, n_seen] learning-rate-weighted per-step scores, summed
+    "top_layer_scores",  # [n_layers, n_query, k] per-layer scores of the top_ids examples
+    "bottom_layer_scores",  # [n_layers, n_query, k]
 )
 
 
@@ -279,6 +282,10 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
             ledger_ids is not None and (len(ledger_ids) != 1 or ledger_scores != (n_query, ledger_ids[0]))):
         return (f"ledger_ids {ledger_ids} / ledger_scores {ledger_scores} must be [n_seen] / [{n_query}, n_seen], "
                 "and come together")
+    layer_sums = shapes.get("layer_abs_sums")
+    if layer_sums is not None and layer_sums != (len(layer_names), n_query):
+        return (f"layer_abs_sums has shape {layer_sums}, expected ({len(layer_names)}, {n_query}) "
+                f"for the {len(layer_names)} layer_names {list(layer_names)}")
     return None
 
 

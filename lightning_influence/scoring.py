@@ -4,10 +4,11 @@ For training example ``z`` and query ``q``: ``score = -∇f(q)ᵀ (G + λI)⁻¹
 measurement ``f`` (by default its log-likelihood, so ``∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)``: positive means
 ``z`` helps ``q``), with ``ℓ(z)`` the example's token-summed loss and ``G`` the curvature averaged
 per training example, computed per layer (block-diagonal ``G``) and summed. Per layer the
-contraction with a batch of training examples is done one of three ways, whichever costs fewer
+contraction of dense queries with a batch of training examples is done whichever way costs fewer
 FLOPs: materialising per-example gradients ``ΔW_n = Σ_t g_t a_tᵀ`` and taking one matrix product
-with all preconditioned queries, or contracting activations and output gradients directly (with
-the dense or the rank-r preconditioned queries) — the only way that yields per-token scores.
+with all preconditioned queries, or contracting activations and output gradients directly — the
+only way that yields per-token scores. Rank-r queries are always contracted directly, so that they
+are never held dense.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_influence import passes
-from lightning_influence.factors import CHUNK_ELEMENTS, Damping, Factors, fit_factors, per_example_gradients
+from lightning_influence.factors import CHUNK_ELEMENTS, Damping, Factors, chunk_ranges, fit_factors, per_example_gradients
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
@@ -29,32 +30,21 @@ from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_n
 
 class PreconditionedQueries:
     """``(G_ℓ + λ_ℓ I)⁻¹ ∇ℓ(q)`` per layer, dense ``[Q, d_out, d_in]`` or as a rank-r factorisation
-    ``left [Q, d_out, r] @ right [Q, d_in, r]ᵀ`` (truncated SVD in float64, as in the paper)."""
+    ``left [Q, d_out, r] @ right [Q, d_in, r]ᵀ``."""
 
     def __init__(self, dense: Dict[str, Tensor], rank: Optional[int] = None,
-                 bases: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None,
-                 dtype: Optional[torch.dtype] = None) -> None:
-        """``dense`` per layer ``[Q, d_out, d_in]``. A layer with ``bases[name] = (q_s, q_a)`` is given
-        in that eigenbasis (``q_sᵀ M q_a``) and must be truncated: it is truncated there and only the
-        rank-r factors are rotated back (exact, the bases are orthogonal). Factors are cast to
-        ``dtype`` (default: each input's dtype)."""
+                 low_rank: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None) -> None:
+        """``dense`` per layer ``[Q, d_out, d_in]``; with ``rank``, a layer whose factorisation is
+        smaller is truncated (exact, float64). ``low_rank``: layers already factorised."""
         self.rank = rank
         self.dense: Dict[str, Tensor] = {}
-        self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = {}
+        self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = dict(low_rank or {})
         self._layouts: Dict[Tuple[str, str, torch.dtype], Tensor] = {}
-        bases = bases or {}
         for name, grads in dense.items():
-            out_dtype = dtype or grads.dtype
             if rank is None or rank >= min(grads.shape[1:]):
-                if name in bases:
-                    raise ValueError(f"layer {name!r} is given in its eigenbasis but needs no truncation")
-                self.dense[name] = grads.to(out_dtype)  # the factorisation would not be smaller: keep it exact
+                self.dense[name] = grads  # the factorisation would not be smaller: keep it exact
             else:
-                left, right = truncate(grads, rank)
-                if name in bases:
-                    q_s, q_a = bases[name]
-                    left, right = q_s.to(left) @ left, q_a.to(right) @ right
-                self.low_rank[name] = (left.to(out_dtype), right.to(out_dtype))
+                self.low_rank[name] = tuple(f.to(grads.dtype) for f in truncate(grads, rank))
 
     @property
     def num_queries(self) -> int:
@@ -77,7 +67,7 @@ class PreconditionedQueries:
         key = (name, kind, dtype)
         if key not in self._layouts:
             if kind == "rows":
-                value = self.dense_for(name).flatten(1)
+                value = self.dense[name].flatten(1)
             elif kind == "columns":
                 value = self.dense[name].permute(1, 0, 2).reshape(self.dense[name].shape[1], -1)
             else:
@@ -105,13 +95,49 @@ def truncate(matrices: Tensor, rank: int) -> Tuple[Tensor, Tensor]:
     return (projected, top) if transposed else (top, projected)
 
 
+# Randomised truncation (Halko, Martinsson & Tropp 2011, algorithm 4.4): extra sampled directions
+# and subspace iterations. Opt-in, not the default: on the query gradients of a trained GPT
+# (benchmarks/lm_scale.py, rank 32) the singular values fall slowly past r, and its scores differ
+# from the exact truncation's by a few percent of the largest (1e-3 was the bar for a default);
+# on the small models of tests/test_query_memory.py they agree within 1e-3.
+RANDOMIZED_OVERSAMPLING = 10
+RANDOMIZED_ITERATIONS = 3
+TRUNCATIONS = ("randomized", "exact")
+
+
+def randomized_truncate(matrices: Tensor, rank: int, seed: int = 0) -> Tuple[Tensor, Tensor]:
+    """``left @ rightᵀ`` close to the best rank-r approximation of each ``[Q, m, n]`` matrix, in
+    float32: a randomised range finder with subspace iteration instead of an eigensolver on the
+    ``m x m`` Gram matrix (``O(m·n·r)`` instead of ``O(m²·n + m³)``, and float32 instead of float64).
+    Same output form as :func:`truncate` (``left`` orthonormal when ``m <= n``); exact when
+    ``min(m, n) <= rank + oversampling``, where it defers to :func:`truncate`."""
+    transposed = matrices.shape[1] > matrices.shape[2]
+    if transposed:
+        matrices = matrices.transpose(1, 2)
+    width = rank + RANDOMIZED_OVERSAMPLING
+    if matrices.shape[1] <= width:
+        left, right = truncate(matrices, rank)
+        left, right = left.float(), right.float()
+    else:
+        matrices = matrices.float()
+        generator = torch.Generator(matrices.device).manual_seed(seed)
+        probe = torch.randn(matrices.shape[0], matrices.shape[2], width, generator=generator,
+                            device=matrices.device, dtype=matrices.dtype)
+        basis = torch.linalg.qr(matrices @ probe).Q  # [Q, m, k]
+        for _ in range(RANDOMIZED_ITERATIONS):
+            basis = torch.linalg.qr(matrices @ torch.linalg.qr(matrices.transpose(1, 2) @ basis).Q).Q
+        small = basis.transpose(1, 2) @ matrices  # [Q, k, n]: M ≈ basis @ small
+        _, vectors = torch.linalg.eigh(small @ small.transpose(1, 2))
+        left = basis @ vectors[:, :, -rank:].flip(-1)
+        right = matrices.transpose(1, 2) @ left
+    return (right, left) if transposed else (left, right)
+
+
 def _cost_materialised(batch: int, tokens: int, d_out: int, d_in: int, queries: int) -> int:
     return batch * d_out * d_in * (tokens + queries)
 
 
-def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int, rank: Optional[int]) -> int:
-    if rank is not None:
-        return batch * tokens * queries * rank * (d_out + d_in + 1)
+def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int) -> int:
     return batch * tokens * queries * d_in * (d_out + 1)
 
 
@@ -123,8 +149,10 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     n_query = queries.num_queries
     low_rank = queries.low_rank.get(layer.name)
     rank = low_rank[0].shape[-1] if low_rank is not None else None
-    direct = per_token or _cost_direct(batch, tokens, d_out, d_in, n_query, rank) <= _cost_materialised(
-        batch, tokens, d_out, d_in, n_query)
+    # Low-rank queries are contracted directly: materialising them would take the dense memory
+    # the truncation exists to avoid.
+    direct = per_token or low_rank is not None or _cost_direct(batch, tokens, d_out, d_in, n_query) <= \
+        _cost_materialised(batch, tokens, d_out, d_in, n_query)
     if not direct:
         return queries.layout(layer.name, "rows", grads.dtype) @ per_example_gradients(acts, grads).flatten(1).T
     flat_grads = grads.reshape(batch * tokens, d_out)
@@ -167,49 +195,89 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
 
 def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
                          layers: Sequence[TrackedLayer], damping: Dict[str, float], query_rank: Optional[int] = None,
-                         batch_size: int = 32, show_progress: bool = False) -> Tuple[PreconditionedQueries, Tensor]:
+                         batch_size: int = 32, show_progress: bool = False,
+                         truncation: str = "exact") -> Tuple[PreconditionedQueries, Tensor]:
     """Gradients of minus each query's measurement, preconditioned layer by layer with ``damping``
     (λ per layer), and which queries' preconditioned gradients are not finite in the gradients'
-    dtype ``[Q]`` (they are zeroed, so they cannot disturb the truncation or other queries)."""
+    dtype ``[Q]`` (they are zeroed, so they cannot disturb the truncation or other queries).
+
+    Built one query batch and one layer at a time, each truncated to ``query_rank`` as soon as it
+    is ready: the float64 preconditioning only ever holds one layer of one chunk of queries, and
+    memory grows with the kept queries (``Q·r·(d_out + d_in)`` per layer at rank r).
+    ``truncation``: ``"exact"`` (float64 eigensolver, :func:`truncate`) or ``"randomized"``
+    (float32 subspace iteration, :func:`randomized_truncate`: faster, approximate)."""
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
     tracker = LayerTracker(layers)
-    collected: Dict[str, List[Tensor]] = {layer.name: [] for layer in layers}
-    dtype = None
+    kept: Dict[str, List[Any]] = {layer.name: [] for layer in layers}
+    unusable: List[Tensor] = []
     with passes.evaluation_mode(model), tracker:
         for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
                                                         "query gradients", show_progress):
-            for layer, act, grad in zip(layers, acts, grads):
-                dtype = grad.dtype
-                if factors.has_eigenbasis:  # rotate before forming the gradient: T·d² instead of d³ per query
-                    collected[layer.name].append(factors.example_gradients_in_eigenbasis(layer.name, act, grad))
-                else:
-                    collected[layer.name].append(per_example_gradients(act, grad).detach())
-    preconditioned: Dict[str, Tensor] = {}
-    bases: Dict[str, Tuple[Tensor, Tensor]] = {}
-    for name, chunks in collected.items():
-        grads = torch.cat(chunks)
-        if not factors.has_eigenbasis:
-            preconditioned[name] = factors.precondition(name, grads, damping[name])
-            continue
-        preconditioned[name] = factors.precondition_in_eigenbasis(name, grads, damping[name])
-        if query_rank is not None and query_rank < min(grads.shape[1:]):
-            # Truncate in the eigenbasis and rotate only the rank-r factors back: saves a
-            # [d_out, d_out] x [d_out, d_in] product per query and layer.
-            bases[name] = factors.eigenbasis(name)
+            with torch.no_grad():
+                batch_unusable = torch.zeros(grads[0].shape[0], dtype=torch.bool, device=grads[0].device)
+                for layer, act, grad in zip(layers, acts, grads):
+                    parts, part_unusable = zip(*(
+                        _prepare_query_chunk(factors, layer.name, act[start:stop], grad[start:stop],
+                                             damping[layer.name], query_rank, truncation)
+                        for start, stop in chunk_ranges(grad.shape[0], layer.d_out * layer.d_in)))
+                    batch_unusable |= torch.cat(part_unusable)
+                    kept[layer.name].extend(parts)
+                unusable.append(batch_unusable)
+    bad = torch.cat(unusable)
+    dense: Dict[str, Tensor] = {}
+    low_rank: Dict[str, Tuple[Tensor, Tensor]] = {}
+    for name, parts in kept.items():
+        if isinstance(parts[0], tuple):
+            left, right = (torch.cat(side) for side in zip(*parts))
+            low_rank[name] = (left.masked_fill_(bad[:, None, None], 0.0), right.masked_fill_(bad[:, None, None], 0.0))
         else:
-            preconditioned[name] = factors.rotate_from_eigenbasis(name, preconditioned[name])
-    limit = torch.finfo(dtype).max
-    unusable = torch.stack([~(p.abs() <= limit).flatten(1).all(1) for p in preconditioned.values()]).any(0)
-    if bool(unusable.any()):
-        preconditioned = {name: p.masked_fill(unusable[:, None, None], 0.0) for name, p in preconditioned.items()}
-    return PreconditionedQueries(preconditioned, query_rank, bases, dtype), unusable
+            dense[name] = torch.cat(parts).masked_fill_(bad[:, None, None], 0.0)
+        parts.clear()  # the chunks are copied into the concatenation: let them go layer by layer
+    return PreconditionedQueries(dense, query_rank, low_rank), bad
+
+
+def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tensor, damping: float,
+                         rank: Optional[int], truncation: str) -> Tuple[Any, Tensor]:
+    """One layer's preconditioned gradients of a chunk of queries: dense in the gradients' dtype,
+    or truncated to ``rank`` — in the eigenbasis, rotating only the factors back (saves a
+    ``[d_out, d_out] x [d_out, d_in]`` product per query). Also which are not finite in that dtype
+    (zeroed). The division by the eigenvalues runs in float64; the rotations in the gradients'
+    dtype (the rotation back of a dense query, ``d_out·d_in·(d_out + d_in)`` per query, is the
+    largest cost of preparation), except with the ``"exact"`` truncation, float64 throughout."""
+    dtype = grads.dtype
+    rotation_dtype = torch.float64 if truncation == "exact" else dtype
+    truncated = rank is not None and rank < min(grads.shape[-1], acts.shape[-1])
+    if factors.has_eigenbasis:
+        preconditioned = factors.precondition_in_eigenbasis(
+            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping)
+        if not truncated:
+            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned.to(rotation_dtype))
+    else:
+        preconditioned = factors.precondition(name, per_example_gradients(acts, grads).double(), damping)
+    lowered = preconditioned.to(dtype)  # float32 overflow shows as inf here
+    unusable = ~torch.isfinite(lowered).flatten(1).all(1)
+    if not truncated or truncation == "randomized":
+        preconditioned = lowered
+    preconditioned.masked_fill_(unusable[:, None, None], 0.0)
+    if not truncated:
+        return preconditioned, unusable
+    left, right = (randomized_truncate(preconditioned, rank) if truncation == "randomized"
+                   else truncate(preconditioned, rank))
+    if factors.has_eigenbasis:
+        q_s, q_a = factors.eigenbasis(name)
+        left, right = q_s.to(left) @ left, q_a.to(right) @ right
+    return (left.to(dtype), right.to(dtype)), unusable
 
 
 @passes.outside_inference_mode
 def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data: Any,
                       factors: Optional[Factors] = None, damping: Damping = None, *,
                       per_layer: bool = False, per_token: bool = False, query_rank: Optional[int] = None,
-                      self_influence: bool = False, batch_size: int = 32,
+                      query_truncation: str = "exact", layer_sums: bool = False, self_influence: bool = False,
+                      batch_size: int = 32,
                       train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
+                      prepared_queries: Optional[Tuple[PreconditionedQueries, Tensor]] = None,
                       show_progress: bool = False) -> InfluenceResult:
     """Influence of every training example on every query.
 
@@ -222,12 +290,22 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         damping: ``None`` for the per-layer heuristic 0.1 × mean eigenvalue (with a floor, see
             :meth:`Factors.damping_per_layer`), a float for an absolute λ, or a dict ``{layer: λ}``.
         per_layer: also return ``layer_scores [L, Q, N]`` (they sum to ``scores``).
+        layer_sums: also return ``layer_abs_sums [L, Q]`` (float64), each layer's ``Σ_n |score|``
+            over the examples with finite scores: the layer distribution of every query in ``L·Q``
+            memory instead of ``L·Q·N`` (see :func:`~lightning_influence.analysis.layer_shares`).
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
         query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
+        query_truncation: ``"exact"`` (float64 rotations and eigensolver, as in the paper) or
+            ``"randomized"`` (float32 rotations and subspace iteration: about 3x faster to prepare,
+            but on GPT queries its scores differ from the exact truncation's by a few percent of
+            the largest); see :func:`precondition_queries`.
         self_influence: also return ``self_scores [N]`` (each training example on itself).
         batch_size: batch size for Datasets.
         train_ids, query_ids: dataset indices to record (default ``0..N-1``).
+        prepared_queries: what :func:`precondition_queries` returned for these factors, damping
+            and rank, to score another part of the pool without preparing the queries again
+            (``query_data`` is then not read).
         show_progress: show progress bars.
 
     A training example or query whose gradients (or scores) are not finite gets NaN scores
@@ -248,8 +326,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     factors = factors.to(device)
 
     stage = time.perf_counter()
-    queries, bad_queries = precondition_queries(model, task, query_data, factors, layers, lambdas, query_rank,
-                                                batch_size, show_progress)
+    queries, bad_queries = prepared_queries or precondition_queries(
+        model, task, query_data, factors, layers, lambdas, query_rank, batch_size, show_progress, query_truncation)
     timings["queries"] = time.perf_counter() - stage
 
     stage = time.perf_counter()
@@ -257,6 +335,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     token_chunks: List[Tensor] = []
     mask_chunks: List[Tensor] = []
     self_chunks: List[Tensor] = []
+    abs_sums = torch.zeros(len(layers), queries.num_queries, dtype=torch.float64)
     tracker = LayerTracker(layers)
     with passes.evaluation_mode(model), tracker:
         for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
@@ -270,14 +349,18 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                     mask = task.token_mask(batch)
                     mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
                     per_layer_scores = [s.sum(-1) for s in per_layer_scores]
-                stacked = torch.stack(per_layer_scores).float()
+                stacked = torch.stack(per_layer_scores).float().cpu()
+                total = stacked.double().sum(0).float()
                 # Without per-layer scores keep only their sum: memory then grows with the score matrix
                 # alone, not with the number of layers times it.
-                layer_chunks.append((stacked if per_layer else stacked.double().sum(0, keepdim=True).float()).cpu())
+                layer_chunks.append(stacked if per_layer else total.unsqueeze(0))
                 if self_influence:
-                    self_chunks.append(sum(
-                        factors.quadratic_form(layer.name, per_example_gradients(act, grad), lambdas[layer.name])
-                        for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+                    self_chunks.append(_self_scores(factors, layers, acts, grads, lambdas))
+                if layer_sums:
+                    usable = torch.isfinite(total[~bad_queries.cpu()]).all(0)  # as _mark_nonfinite decides
+                    if self_influence:
+                        usable &= torch.isfinite(self_chunks[-1])
+                    abs_sums += stacked[:, :, usable].double().abs().sum(2)
     timings["train"] = time.perf_counter() - stage
 
     layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
@@ -285,6 +368,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     fields: Dict[str, Tensor] = {"scores": layer_scores.double().sum(0).float() if per_layer else layer_scores[0]}
     if per_layer:
         fields["layer_scores"] = layer_scores
+    if layer_sums:
+        fields["layer_abs_sums"] = abs_sums.masked_fill(bad_queries.cpu().unsqueeze(0), 0.0)
     if per_token:
         fields["token_scores"], fields["token_mask"] = _pad_tokens(token_chunks, mask_chunks)
     if self_influence:
@@ -304,6 +389,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
             "fisher": factors.meta.get("fisher"),
             "damping": lambdas,
             "query_rank": query_rank,
+            "query_truncation": query_truncation if query_rank is not None else None,
             "n_train": n_train,
             "n_query": n_query,
             "timings": timings,
@@ -357,13 +443,18 @@ def compute_self_influence(model: nn.Module, task: Task, data: Any, factors: Fac
         for _, acts, grads in _example_gradient_batches(model, task, data, tracker, batch_size, False,
                                                         "self-influence", show_progress):
             with torch.no_grad():
-                chunks.append(sum(factors.quadratic_form(layer.name, per_example_gradients(act, grad),
-                                                         lambdas[layer.name])
-                                  for layer, act, grad in zip(layers, acts, grads)).float().cpu())
+                chunks.append(_self_scores(factors, layers, acts, grads, lambdas))
     scores = torch.cat(chunks)
     bad = ~torch.isfinite(scores)
     _warn_nonfinite({"nonfinite_train_ids": torch.nonzero(bad).flatten().tolist(), "nonfinite_query_ids": []})
     return scores.masked_fill(bad, math.nan)
+
+
+def _self_scores(factors: Factors, layers: Sequence[TrackedLayer], acts: Sequence[Tensor], grads: Sequence[Tensor],
+                 lambdas: Dict[str, float]) -> Tensor:
+    """Each example of a batch on itself, summed over layers: ``[B]`` float32 on the CPU."""
+    return sum(factors.example_quadratic_form(layer.name, act, grad, lambdas[layer.name])
+               for layer, act, grad in zip(layers, acts, grads)).float().cpu()
 
 
 def _check_token_axes(layers: Sequence[TrackedLayer], acts: Sequence[Tensor]) -> None:

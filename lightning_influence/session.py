@@ -26,6 +26,7 @@ a single process and must run on every rank otherwise.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
@@ -49,9 +50,9 @@ from lightning_influence.results import (
     save_result_with_factors,
     update_result_meta,
 )
-from lightning_influence.scoring import compute_influence
+from lightning_influence.scoring import PreconditionedQueries, compute_influence, precondition_queries
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError
+from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
 
 log = logging.getLogger(__name__)
 
@@ -153,9 +154,9 @@ class InfluenceSession:
         """What the statistics and scores of this session will hold, for a log line."""
         stats_bytes = 2 * sum(layer.factor_bytes for layer in layers)  # statistics + one step's buffer
         n_train, n_query = len(self.pool_ids), len(self.queries)
-        score_bytes = 4 * n_query * n_train * (1 + len(layers))
+        score_bytes = 4 * n_query * n_train + 8 * n_query * len(layers)  # scores + per-layer sums
         return (f"tracking {len(layers)} layers; statistics {stats_bytes / 2**20:.3g} MiB, scores "
-                f"{score_bytes / 2**20:.3g} MiB ({n_query} queries x {n_train} training examples x {len(layers)} layers)")
+                f"{score_bytes / 2**20:.3g} MiB ({n_query} queries x {n_train} training examples, and per-layer sums)")
 
     # -- set-up check --------------------------------------------------------------------------------
     def check(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
@@ -208,10 +209,12 @@ class InfluenceSession:
 
     @passes.outside_inference_mode
     def score(self, model: nn.Module, factors: Factors, *, step: Optional[int] = None, epoch: Optional[int] = None,
-              per_layer: bool = True, per_token: bool = False, self_influence: bool = False,
+              per_layer: bool = False, per_token: bool = False, self_influence: bool = False,
               meta: Optional[Dict[str, Any]] = None) -> InfluenceResult:
         """Score the pool against the queries (each process its share; collective), then keep the
-        per-token scores of each query's ``top_k`` most positive and negative examples.
+        per-token and per-layer scores of each query's ``top_k`` most positive and negative examples.
+        Per layer over the whole pool only the sums ``layer_abs_sums [L, Q]`` (the layer
+        distribution) are kept, unless ``per_layer`` asks for ``layer_scores [L, Q, N]``.
 
         Returns the same complete :class:`InfluenceResult` on every process; ``meta`` is merged into
         its metadata (with the run identity, timings and pool size)."""
@@ -222,19 +225,22 @@ class InfluenceSession:
         mine = ids[_share(len(ids))]
         device = passes.model_device(model)
         with passes.fork_rng(device):
+            queries = self._prepared_queries(model, factors)
+            prepared = time.perf_counter() - started
             part = compute_influence(
-                model, self.task, self.pool_loader(mine), self.query_loader(), factors, self.damping,
-                per_layer=per_layer, per_token=per_token, query_rank=self.query_rank, self_influence=self_influence,
-                batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids, show_progress=self.show_progress,
+                model, self.task, self.pool_loader(mine), None, factors, self.damping,
+                per_layer=per_layer, layer_sums=True, per_token=per_token, query_rank=self.query_rank,
+                self_influence=self_influence, batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids,
+                prepared_queries=queries, show_progress=self.show_progress,
             )
             tensors = _gathered(part, len(ids), device)
-            timings = {"scores": time.perf_counter() - started}
+            timings = {"queries": prepared, "scores": time.perf_counter() - started}
             scores = tensors.pop("scores")
             stage = time.perf_counter()
             token_note = None
             if self.top_k:
                 try:
-                    tensors.update(self._top_examples(model, factors, scores))
+                    tensors.update(self._top_examples(model, factors, scores, queries))
                 except ValueError as err:  # e.g. layers reading different token axes
                     token_note = str(err)
             timings["token_scores"] = time.perf_counter() - stage
@@ -249,9 +255,17 @@ class InfluenceSession:
         return InfluenceResult(scores=scores, train_ids=ids, query_ids=self.query_ids, layer_names=part.layer_names,
                                step=step, epoch=epoch, meta=result_meta, **tensors)
 
-    def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor) -> Dict[str, Tensor]:
-        """Per query, the ``top_k`` most positive / negative examples' ids and per-token scores,
-        computed for the union of those examples only. Non-finite scores are never ranked: a query
+    def _prepared_queries(self, model: nn.Module, factors: Factors) -> Tuple[PreconditionedQueries, Tensor]:
+        """The preconditioned queries, prepared once per checkpoint for the pool and its top examples."""
+        layers = layers_by_name(model, factors.layer_names)
+        return precondition_queries(model, self.task, self.query_loader(), factors.to(passes.model_device(model)),
+                                    layers, factors.damping_per_layer(self.damping), self.query_rank,
+                                    self.batch_size, self.show_progress)
+
+    def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor,
+                      queries: Tuple[PreconditionedQueries, Tensor]) -> Dict[str, Tensor]:
+        """Per query, the ``top_k`` most positive / negative examples' ids, per-token and per-layer
+        scores, computed for the union of those examples only. Non-finite scores are never ranked: a query
         with fewer finite scores than ``top_k`` gets id -1 (and no token scores) in the gaps."""
         k = min(self.top_k, scores.shape[1])
         picked = {"top": finite_topk(scores, k).indices, "bottom": finite_topk(scores, k, largest=False).indices}
@@ -260,8 +274,9 @@ class InfluenceSession:
         if len(union) == 0:
             raise ValueError("no finite score to rank: per-token scores of the top examples are skipped")
         tokens = compute_influence(
-            model, self.task, self.pool_loader(self.pool_ids[union]), self.query_loader(), factors, self.damping,
-            per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
+            model, self.task, self.pool_loader(self.pool_ids[union]), None, factors, self.damping,
+            per_layer=True, per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
+            prepared_queries=queries,
         )
         rows = torch.arange(scores.shape[0]).unsqueeze(1)
         out = {}
@@ -271,6 +286,7 @@ class InfluenceSession:
             out[f"{name}_ids"] = torch.where(ranked, self.pool_ids[chosen.clamp_min(0)], -1)
             out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * ranked.unsqueeze(-1)
             out[f"{name}_token_mask"] = tokens.token_mask[where] & ranked.unsqueeze(-1)
+            out[f"{name}_layer_scores"] = tokens.layer_scores[:, rows, where].masked_fill(~ranked, math.nan)
         return out
 
     def compute(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int, epoch: Optional[int] = None,
@@ -306,9 +322,14 @@ def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:
 def _gathered(part: InfluenceResult, total: int, device: torch.device) -> Dict[str, Tensor]:
     """Every process's share of the pool's score tensors, concatenated along the pool axis."""
     out = {}
-    for name in ("scores", "layer_scores", "token_scores", "token_mask", "self_scores"):
+    for name in ("scores", "layer_scores", "layer_abs_sums", "token_scores", "token_mask", "self_scores"):
         local = part.get(name)
         if local is None:
+            continue
+        if name == "layer_abs_sums":  # sums over each process's share of the pool
+            total_sums = local.to(device)
+            distributed.all_reduce_sum_([total_sums])
+            out[name] = total_sums.cpu()
             continue
         if name in ("token_scores", "token_mask"):  # single-process only (see score)
             out[name] = local

@@ -50,7 +50,7 @@ def main(out: Path, mode: str) -> None:
         first = torch.load(out / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)["callbacks"]["InfluenceCallback"]
         torch.save({
             "world_size": trainer.world_size, "step": result.step, "scores": result.scores,
-            "layer_scores": result.layer_scores, "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
+            "layer_abs_sums": result.get("layer_abs_sums"), "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
             "epoch0_stats": first["collector"]["stats"], "planted": planted,
             "result_dirs": sorted(p.name for p in (out / "influence").iterdir()),
         }, out / "summary.pt")

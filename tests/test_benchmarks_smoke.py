@@ -19,6 +19,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import accuracy  # noqa: E402
 import benchlib  # noqa: E402
 import lds  # noqa: E402
+import lm_scale  # noqa: E402
 import speed  # noqa: E402
 from oracle import DenseGaussNewton  # noqa: E402
 
@@ -53,6 +54,12 @@ def test_speed_quick(tmp_path):
     payload = run(speed, tmp_path, "--no-kronfluence")
     assert len(payload["memory"]) == 2 and all(p["peak_growth_bytes"] >= 0 for p in payload["memory"])
     assert all(v["streaming"] > 0 and v["query_seconds"] >= 0 for v in payload["throughput"].values())
+
+
+def test_lm_scale_quick(tmp_path):
+    payload = run(lm_scale, tmp_path, "--no-kronfluence", "--device", "cpu")
+    assert payload["epoch_seconds"] > 0 and all(s["seconds"] > 0 for s in payload["stages"].values())
+    assert payload["ratios"]["rank-4 randomized vs exact truncation: max score difference / max score"] < 1e-2
 
 
 def test_vectorised_oracle_equals_reference():

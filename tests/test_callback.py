@@ -55,12 +55,15 @@ def test_planted_near_copy_ranked_first_and_results_on_disk(tmp_path):
     assert int(final.scores[0].argmax()) == planted
     assert int(final.get("top_ids")[0, 0]) == planted
     assert torch.equal(final.query_ids, torch.arange(4))
-    # Per-layer scores sum to the scores; top/bottom-k carry per-token scores that sum to theirs.
-    torch.testing.assert_close(final.layer_scores.sum(0), final.scores, atol=1e-5, rtol=1e-4)
+    # Top/bottom-k carry per-token and per-layer scores that sum to theirs; over the whole pool only
+    # the per-layer sums are kept (no [L, Q, N]).
     top_ids, top_tokens = final.get("top_ids"), final.get("top_token_scores")
     assert top_ids.shape == (4, 10) and top_tokens.shape == (4, 10, 1)
     positions = torch.searchsorted(final.train_ids, top_ids)
     torch.testing.assert_close(top_tokens.sum(-1), final.scores.gather(1, positions), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(final.get("top_layer_scores").sum(0), final.scores.gather(1, positions),
+                               atol=1e-5, rtol=1e-4)
+    assert final.layer_scores is None and final.get("layer_abs_sums").shape == (2, 4)
     assert torch.equal(final.get("bottom_ids")[:, 0], final.train_ids[final.scores.argmin(1)])
     # On disk: result directories under output_dir, factors next to them, lazily loaded handles.
     on_disk = li.load_results(tmp_path / "influence")

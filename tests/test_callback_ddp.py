@@ -31,6 +31,6 @@ def test_ddp_matches_single_process(tmp_path):
     # The pool is scored in two halves and gathered in order; only rank 0 wrote one result.
     assert ddp["result_dirs"] == single["result_dirs"] == ["step=12"]
     assert torch.equal(ddp["train_ids"], single["train_ids"]) and len(single["train_ids"]) == 45
-    torch.testing.assert_close(ddp["layer_scores"], single["layer_scores"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(ddp["layer_abs_sums"], single["layer_abs_sums"], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-3, atol=1e-3)
     assert torch.equal(ddp["top_ids"], single["top_ids"])

@@ -154,9 +154,10 @@ def test_memory_estimate_is_logged_at_setup(tmp_path, caplog):
     fit(tmp_path, make_callback(tmp_path, **COLLECT_ONLY), Classifier(hidden=512), limit_train_batches=1)
     (record,) = [r for r in caplog.records if "lightning-influence: tracking" in r.getMessage()]
     statistics = 2 * (_layer_bytes(2, 512) + _layer_bytes(512, 3))  # sums + one step's buffer
-    scores = 4 * 4 * 96 * 3  # float32 [queries, examples] total + 2 layers
+    scores = 4 * 4 * 96 + 8 * 4 * 2  # float32 [queries, examples] + float64 per-layer sums [queries, 2 layers]
     assert record.getMessage() == (f"lightning-influence: tracking 2 layers; statistics {statistics / 2**20:.3g} MiB, "
-                                   f"scores {scores / 2**20:.3g} MiB (4 queries x 96 training examples x 2 layers)")
+                                   f"scores {scores / 2**20:.3g} MiB (4 queries x 96 training examples, and "
+                                   "per-layer sums)")
 
 
 def test_layers_over_the_per_layer_limit_are_skipped_with_a_warning(tmp_path):

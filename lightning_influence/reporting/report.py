@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -166,18 +166,29 @@ def _monitoring_tables(result: Any, queries: Sequence[int], k: int, render: Rend
     return tables
 
 
+def _top_layer_scores(result: Any, q: int, count: int) -> Optional[Tuple[torch.Tensor, List[str]]]:
+    """Per-layer scores ``[L, n]`` of query ``q``'s top examples and their ids as labels: from the
+    dense ``layer_scores``, or from the ``top_layer_scores`` a callback result keeps."""
+    if result.layer_scores is not None:
+        top = torch.topk(torch.nan_to_num(result.scores[q].double()), min(count, result.num_train))
+        return result.layer_scores[:, q, top.indices], [str(int(i)) for i in result.train_ids[top.indices]]
+    kept, ids = result.get("top_layer_scores"), result.get("top_ids")
+    if kept is None or ids is None:
+        return None
+    ranked = ids[q, :count] >= 0
+    return kept[:, q, :count][:, ranked], [str(int(i)) for i in ids[q, :count][ranked]]
+
+
 def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int, trajectory) -> Dict[str, Any]:
     figures = {"score_histogram": plots.score_histogram(result.scores)}
-    layer_scores = result.layer_scores
     for q in queries:
         query_id = int(result.query_ids[q])
         fit = summary.tail_fits[q] if q < len(summary.tail_fits) else None
         figures[f"tail/q{query_id}"] = plots.tail_ccdf(result.scores[q], fit, title=f"Influence tail, query {query_id}")
-        if layer_scores is not None and result.layer_names:
-            top = torch.topk(torch.nan_to_num(result.scores[q].double()), min(heatmap_examples, result.num_train))
-            labels = [str(int(i)) for i in result.train_ids[top.indices]]
+        heatmap = _top_layer_scores(result, q, heatmap_examples)
+        if heatmap is not None and result.layer_names:
             figures[f"layer_heatmap/q{query_id}"] = plots.layer_heatmap(
-                layer_scores[:, q, top.indices], result.layer_names, labels, title=f"Influence by layer, query {query_id}"
+                heatmap[0], result.layer_names, heatmap[1], title=f"Influence by layer, query {query_id}"
             )
     if summary.layer_shares is not None and summary.layer_names:
         figures["layer_shares"] = plots.layer_share_bars(summary.layer_shares.nanmean(0), summary.layer_names)
