@@ -35,6 +35,8 @@ def test_early_stopping_stops_a_run_on_an_influence_drift_scalar(tmp_path):
     assert -1.0 <= value <= 1.0
     assert cb.results[-1].meta["monitors"]["drift/spearman"] == pytest.approx(value)
     assert "drift/spearman" not in cb.results[0].meta["monitors"]  # nothing to drift from at the first
+    # Callback results keep per-layer sums, not [L, Q, N]: the layer drift comes from them.
+    assert cb.results[-1].layer_scores is None and 0.0 <= cb.results[-1].meta["monitors"]["drift/layer_js"] <= 1.0
 
 
 def test_drift_scalars_measure_the_change_between_results():
