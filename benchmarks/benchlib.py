@@ -30,6 +30,25 @@ from lightning_influence.factors import (
 )
 from lightning_influence.tracking import select_layers
 
+class Block(nn.Module):
+    """A pre-norm transformer block of ``nn.Linear`` layers (every projection is tracked), shared by
+    the speed benchmarks' GPT-style models."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, h: Tensor) -> Tensor:
+        b, t, w = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(b, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        attn = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, w)
+        h = h + self.proj(attn)
+        return h + self.out(F.gelu(self.fc(self.norm2(h))))
+
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 

@@ -26,7 +26,7 @@ import math
 import sys
 import time
 import warnings
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -44,28 +44,12 @@ QUICK = dict(width=64, blocks=2, heads=4, vocab=256, tokens=16, pool=64, queries
              train_steps=5)
 
 
-class Block(nn.Module):
-    def __init__(self, width: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
-        self.fc, self.out = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
-
-    def forward(self, x: Tensor) -> Tensor:
-        batch, tokens, width = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(batch, tokens, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
-        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, tokens, width))
-        return x + self.out(F.gelu(self.fc(self.ln2(x))))
-
-
 class GPT(nn.Module):
     def __init__(self, cfg: Dict[str, Any]) -> None:
         super().__init__()
         self.embed = nn.Embedding(cfg["vocab"], cfg["width"])
         self.position = nn.Parameter(0.02 * torch.randn(cfg["tokens"], cfg["width"]))
-        self.blocks = nn.ModuleList(Block(cfg["width"], cfg["heads"]) for _ in range(cfg["blocks"]))
+        self.blocks = nn.ModuleList(benchlib.Block(cfg["width"], cfg["heads"]) for _ in range(cfg["blocks"]))
         self.ln = nn.LayerNorm(cfg["width"])
         self.head = nn.Linear(cfg["width"], cfg["vocab"], bias=False)
 
