@@ -74,8 +74,9 @@ class StepStatistics:
         self.steps_committed = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps_skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
-        # Sees each recorded layer's (activations, per-example gradients of the token-summed loss): the ledger.
-        self.observer: Optional[Callable[[TrackedLayer, Tensor, Tensor], None]] = None
+        # Sees each recorded layer's activations and output gradients, with the factor that turns the
+        # gradients into those of each example's token-summed loss: the ledger.
+        self.observer: Optional[Callable[[TrackedLayer, Tensor, Tensor, Any], None]] = None
         self.hooks_bypassed = False  # a batch back-propagated while no tracked layer's hook fired
         self._phase = _IDLE
         self._batch: Any = None
@@ -219,8 +220,8 @@ class StepStatistics:
             if self.fisher == "empirical":
                 self._pending.add_gradients(layer.name, grads_kept.float() * self._grad_factor,
                                             self._batch_size, weight)
-            if self.observer is not None:
-                self.observer(layer, acts, grads.float() * self._grad_factor)
+            if self.observer is not None:  # scale the observer's result, not the gradients (cheaper)
+                self.observer(layer, acts, grads, self._grad_factor)
 
     def _token_subset(self, positions: int) -> Tuple[Optional[Tensor], float]:
         """Which of ``positions`` token rows to keep (``None``: all of them) and the weight on ``S``

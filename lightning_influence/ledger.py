@@ -252,11 +252,13 @@ class InfluenceLedger:
         self._batch = (ids, float(weight)) if ids is not None and self.queries is not None else None
         self._batch_scores = None
 
-    def on_gradient(self, layer: TrackedLayer, acts: Tensor, grads: Tensor) -> None:
+    def on_gradient(self, layer: TrackedLayer, acts: Tensor, grads: Tensor, grad_factor: Any = 1.0) -> None:
+        """Score one layer of the recorded batch; ``grad_factor`` turns ``grads`` into gradients of
+        each example's token-summed loss (applied to the scores: they are linear in it)."""
         if self._batch is None:
             return
         with torch.no_grad():
-            scores = self.queries.scores(layer, acts.float(), grads.float())
+            scores = self.queries.scores(layer, acts.float(), grads.float()) * grad_factor
         self._batch_scores = scores if self._batch_scores is None else self._batch_scores + scores
 
     def end_batch(self) -> None:
