@@ -11,6 +11,8 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_influence.collector import scaler_scale
+
 # Strategies Lightning shards the model with: hooks would see shards, not layers.
 SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
 
@@ -73,10 +75,7 @@ def fitting(trainer: Any) -> bool:
 
 def loss_scale(trainer: Any) -> float:
     """The AMP GradScaler's current scale (1 without one)."""
-    scaler = getattr(trainer.precision_plugin, "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
+    return scaler_scale(trainer.precision_plugin)
 
 
 def _source_loader(source: Any) -> Any:

@@ -298,8 +298,6 @@ class _StepRecorder:
         self._step_at_batch_start = -1
         self._backward_passes = 0
         self._collecting = False
-        self._loss_checked = False
-        self._window_scale: Optional[float] = None
 
     def attach(self, pl_module: Any) -> None:
         self.collector.attach()
@@ -324,10 +322,8 @@ class _StepRecorder:
         self.monitor.batch_start(trainer, batch, self._collecting)
         if not self._collecting:
             return
-        scale = _trainer.loss_scale(trainer)
-        if self._window_scale is None:
-            self._window_scale = scale
-        self.collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches, loss_scale=scale)
+        self.collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches,
+                                   loss_scale=_trainer.loss_scale(trainer))
 
     def before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._backward_passes += 1
@@ -339,16 +335,11 @@ class _StepRecorder:
                 "losses and call manual_backward once, or train without InfluenceCallback")
         if not (self._collecting and self.collector.recording):
             return
-        self.collector.begin_backward()
         outputs, self._last_outputs = self._last_outputs, None
         with passes.eager():
-            if not self._loss_checked:  # once, on the first collected step
-                self._loss_checked = True
-                message = self.collector.check_loss_reduction(pl_module, loss)
-                if message and trainer.is_global_zero:
-                    self.warn("loss-reduction", message)
-            if self.collector.fisher == "true":
-                self.collector.sample_true_fisher(pl_module, outputs)
+            message = self.collector.before_backward(pl_module, loss, outputs)
+        if message and trainer.is_global_zero:
+            self.warn("loss-reduction", message)
 
     def batch_end(self, trainer: Any) -> bool:
         """Stop recording the batch; commit the statistics when the optimizer stepped (returned)."""
@@ -358,11 +349,9 @@ class _StepRecorder:
             self.collector.check_single_runs()
         if trainer.global_step == self._step_at_batch_start:
             return False
-        if self._window_scale is not None:
-            skipped = _trainer.loss_scale(trainer) < self._window_scale  # GradScaler backs off when it skips
-            self.collector.commit(valid=not skipped)
-            self.monitor.commit(not skipped)
-            self._window_scale = None
+        counted = self.collector.commit_step(_trainer.loss_scale(trainer))  # GradScaler backs off when it skips
+        if counted is not None:
+            self.monitor.commit(counted)
         return True
 
 

@@ -87,6 +87,8 @@ class StepStatistics:
         self._loss_divisor: Any = None
         self._loss_scale: Any = 1.0
         self._accumulation = 1
+        self._loss_checked = False  # the loss reduction is checked once, on the first recorded backward
+        self._window_scale: Optional[float] = None  # AMP scale at the optimizer step's first recorded batch
 
     # -- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -119,6 +121,8 @@ class StepStatistics:
         self._loss_divisor = loss_divisor
         self._reduction = reduction
         self._accumulation = accumulation
+        if self._window_scale is None:
+            self._window_scale = float(loss_scale)
         self.set_loss_scale(float(loss_scale))
         self.tracker.reset()
         self.tracker.token_mask = mask
@@ -311,6 +315,29 @@ class StepStatistics:
             self.tracker.active = active
 
     # -- committing steps -----------------------------------------------------------------------
+    def before_backward(self, model: nn.Module, loss: Tensor, outputs: Any = None) -> Optional[str]:
+        """Between the forward and the backward of a recorded batch: mark the backward's start,
+        sample the true Fisher's targets (reusing ``outputs`` when given), and on the first such
+        batch check the loss reduction (the warning is returned)."""
+        self.begin_backward()
+        message = None
+        if not self._loss_checked:
+            self._loss_checked = True
+            message = self.check_loss_reduction(model, loss)
+        if self.fisher == "true":
+            self.sample_true_fisher(model, outputs)
+        return message
+
+    def commit_step(self, loss_scale: Optional[float] = None) -> Optional[bool]:
+        """The optimizer stepped: commit the batches recorded since the last step, unless the AMP
+        scaler skipped it (its scale fell below the one at the step's first recorded batch).
+        Returns whether the step counted, or ``None`` when no batch was recorded."""
+        if self._window_scale is None:
+            return None
+        valid = loss_scale is None or loss_scale >= self._window_scale
+        self.commit(valid=valid)
+        return valid
+
     def commit(self, valid: bool = True) -> None:
         """Fold the buffered batches of one optimizer step into the statistics, unless the step
         was skipped (``valid=False``) or produced non-finite values; no host synchronisation."""
@@ -325,6 +352,7 @@ class StepStatistics:
         self.steps_committed += ok
         self.steps_skipped += has_data & ~ok
         self._pending.zero_()
+        self._window_scale = None
 
     def reset(self) -> None:
         """Start a new window (``window="reset"``); moving averages keep going."""
@@ -380,3 +408,11 @@ class StepStatistics:
         self._token_generator.set_state(state["token_generator"])
         self._sample_generator.set_state(state["sample_generator"])
 
+
+def scaler_scale(precision: Any) -> float:
+    """The current scale of the AMP GradScaler a Lightning / Fabric precision plugin holds (1 without
+    one): what a training loop's loss carries beyond its reduction."""
+    scaler = getattr(precision, "scaler", None)
+    if scaler is None or not scaler.is_enabled():
+        return 1.0
+    return float(scaler.get_scale())

@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Union
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_influence.collector import scaler_scale
 from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
@@ -65,8 +66,6 @@ class InfluenceMonitor(MonitorState):
         self.model = unwrapped(model)
         self.global_step = 0
         self._collecting = False
-        self._loss_checked = False
-        self._window_scale: Optional[float] = None
         self._loop = LoopInfluence(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
                                    is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers)
         self._loop.statistics.attach()
@@ -80,10 +79,7 @@ class InfluenceMonitor(MonitorState):
         stats = self._loop.statistics
         self._collecting = self.global_step % self._loop.config.collect_every_n_steps == 0
         if self._collecting:
-            scale = _loss_scale(self.fabric)
-            if self._window_scale is None:
-                self._window_scale = scale
-            stats.begin_batch(batch, accumulation=accumulation, loss_scale=scale)
+            stats.begin_batch(batch, accumulation=accumulation, loss_scale=self._loss_scale())
         try:
             yield
         finally:
@@ -96,23 +92,15 @@ class InfluenceMonitor(MonitorState):
         checking that ``loss`` is reduced as ``loss_reduction`` says)."""
         stats = self._loop.statistics
         if stats.recording:
-            stats.begin_backward()
-            if not self._loss_checked:
-                self._loss_checked = True
-                message = stats.check_loss_reduction(self.model, loss)
-                if message:
-                    self._loop.warn_once("loss-reduction", message)
-            if self._loop.config.fisher == "true":
-                stats.sample_true_fisher(self.model)
+            message = stats.before_backward(self.model, loss)
+            if message:
+                self._loop.warn_once("loss-reduction", message)
         self.fabric.backward(loss, **kwargs)
 
     def optimizer_step(self) -> None:
         """After ``optimizer.step()``: commit the collected batches of this step, unless the AMP
         scaler skipped it or its values were not finite."""
-        if self._window_scale is not None:
-            skipped = _loss_scale(self.fabric) < self._window_scale  # GradScaler backs off when it skips
-            self._loop.statistics.commit(valid=not skipped)
-            self._window_scale = None
+        self._loop.statistics.commit_step(self._loss_scale())  # GradScaler backs off when it skips
         self.global_step += 1
 
     # -- influence -----------------------------------------------------------------------------------
@@ -129,17 +117,12 @@ class InfluenceMonitor(MonitorState):
         """The :class:`~lightning_influence.session.InfluenceSession` computing the results."""
         return self._loop.session
 
+    def _loss_scale(self) -> float:
+        return scaler_scale(getattr(self.fabric, "_precision", None))  # Fabric's precision plugin holds the scaler
+
     def close(self) -> None:
         """Remove the hooks from the model (the statistics and results stay readable)."""
         self._loop.close()
-
-
-def _loss_scale(fabric: Any) -> float:
-    """The AMP GradScaler's current scale (1 without one): Fabric's precision plugin holds it."""
-    scaler = getattr(getattr(fabric, "_precision", None), "scaler", None)
-    if scaler is None or not scaler.is_enabled():
-        return 1.0
-    return float(scaler.get_scale())
 
 
 def _default_dir(fabric: Any) -> Path:

@@ -85,7 +85,6 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         self._hooks: List[Any] = []
         self._collecting = False
         self._loss_seen = False
-        self._loss_checked = False
 
     # -- public state --------------------------------------------------------------------------------
     # -- set-up --------------------------------------------------------------------------------------
@@ -122,20 +121,16 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         stats = self._loop.statistics
         if not stats.recording or stats.tracker.in_backward:
             return None
-        stats.begin_backward()  # the forward is over: layer calls from now on are recomputations
         loss = _model_loss(outputs)
         if loss is None or not loss.requires_grad:
             raise ValueError("InfluenceTrainerCallback needs the model to compute its loss (outputs.loss, from the "
                              "batch's labels); label_smoothing_factor, compute_loss_func and a compute_loss that "
                              "computes the loss outside the model are not supported")
         loss.register_hook(self._on_loss_gradient)
-        if not self._loss_checked:
-            self._loss_checked = True
-            message = stats.check_loss_reduction(model, loss)
-            if message:
-                self._loop.warn_once("loss-reduction", message)
-        if self._loop.config.fisher == "true":
-            stats.sample_true_fisher(model, outputs)
+        # The forward is over: layer calls from now on are recomputations.
+        message = stats.before_backward(model, loss, outputs)
+        if message:
+            self._loop.warn_once("loss-reduction", message)
         return None
 
     def _on_loss_gradient(self, grad: Tensor) -> None:
