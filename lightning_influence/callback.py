@@ -260,7 +260,7 @@ class InfluenceCallbackMixin(MonitorState):
             state.update(index=loop.index.state(), pool_ids=loop.session.pool_ids, failures=loop.failures,
                          collector=loop.statistics.state_dict())
         elif self._restored is not None:
-            state.update({k: self._restored[k] for k in ("index", "collector", "pool_ids", "failures")
+            state.update({k: self._restored[k] for k in ("index", "collector", "pool_ids", "failures", "layers")
                           if k in self._restored})
         return state
 

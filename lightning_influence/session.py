@@ -246,7 +246,8 @@ class InfluenceSession:
             timings["token_scores"] = time.perf_counter() - stage
         result_meta = dict(part.meta)
         result_meta.update(
-            n_train=len(ids), nonfinite_train_ids=_nonfinite_examples(scores, ids), n_pool=len(self.pool), world_size=distributed.world_size(),
+            n_train=len(ids), nonfinite_train_ids=_nonfinite_examples(scores, ids), n_pool=len(self.pool),
+            world_size=distributed.world_size(),
             tokens_seen=factors.meta.get("tokens_seen"), token_scores_skipped=token_note,
             run=run_identity(model, self.task, ids, self.run_config),
             timings={**part.meta.get("timings", {}), **timings},
