@@ -230,6 +230,14 @@ def per_example_gradients(acts: Tensor, grads: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", grads, acts)
 
 
+def left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
+    """``matrix @ batch[n]`` for every n as one ``[m, k] x [k, N·n]`` product: a broadcast ``matrix @ batch``
+    runs N smaller products (measured 1.5x slower on ``[2048, 2048] x [8, 2048, 513]``)."""
+    count, rows, columns = batch.shape
+    folded = batch.transpose(0, 1).reshape(rows, count * columns)
+    return (matrix @ folded).view(matrix.shape[0], count, columns).transpose(0, 1)
+
+
 def chunk_ranges(total: int, elements_per_item: int) -> Iterable[tuple]:
     """``(start, stop)`` slices of ``total`` items with at most ``CHUNK_ELEMENTS`` elements each."""
     step = max(1, CHUNK_ELEMENTS // max(1, elements_per_item))
@@ -340,18 +348,19 @@ class Factors:
 
     def precondition_in_eigenbasis(self, name: str, rotated: Tensor, damping: float) -> Tensor:
         """Preconditioning of gradients given in the eigenbasis (see :meth:`example_gradients_in_eigenbasis`),
-        result also in the eigenbasis, float64: for callers that truncate before rotating back."""
-        return rotated.double() / self._damped_eigenvalues(name, damping, rotated.device)
+        result also in the eigenbasis and in ``rotated``'s dtype (float32 overflow shows as inf): for
+        callers that truncate before rotating back."""
+        return rotated / self._damped_eigenvalues(name, damping, rotated.device).to(rotated.dtype)
 
     def rotate_to_eigenbasis(self, name: str, grads: Tensor) -> Tensor:
         """``q_sᵀ ΔW q_a`` for ``grads [N, d_out, d_in]``."""
         q_s, q_a = (basis.to(grads) for basis in self.eigenbasis(name))
-        return q_s.T @ grads @ q_a
+        return left_multiply(q_s.T, grads @ q_a)
 
     def rotate_from_eigenbasis(self, name: str, rotated: Tensor) -> Tensor:
         """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates."""
         q_s, q_a = (basis.to(rotated) for basis in self.eigenbasis(name))
-        return q_s @ rotated @ q_a.T
+        return left_multiply(q_s, rotated @ q_a.T)
 
     def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor,
                                         dtype: torch.dtype = torch.float64) -> Tensor:
@@ -363,7 +372,7 @@ class Factors:
         tokens, d_out, d_in = acts.shape[1], grads.shape[-1], acts.shape[-1]
         if tokens * (d_out ** 2 + d_in ** 2 + d_out * d_in) < d_out * d_in * (d_out + d_in):
             return per_example_gradients(acts.to(dtype) @ q_a, grads.to(dtype) @ q_s)
-        return q_s.T @ per_example_gradients(acts, grads).to(dtype) @ q_a
+        return left_multiply(q_s.T, per_example_gradients(acts, grads).to(dtype) @ q_a)
 
     def example_quadratic_form(self, name: str, acts: Tensor, grads: Tensor, damping: float) -> Tensor:
         """``vec(ΔW_n)ᵀ (G_ℓ + λ I)⁻¹ vec(ΔW_n)`` for each example's gradient ``ΔW_n = Σ_t g_t a_tᵀ``,

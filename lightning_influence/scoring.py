@@ -247,7 +247,7 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
     """One layer's preconditioned gradients of a chunk of queries: dense in the gradients' dtype,
     or truncated to ``rank`` — in the eigenbasis, rotating only the factors back (saves a
     ``[d_out, d_out] x [d_out, d_in]`` product per query). Also which are not finite in that dtype
-    (zeroed). The division by the eigenvalues runs in float64; the rotations in the gradients'
+    (zeroed). The rotations and the division by the eigenvalues run in the gradients'
     dtype (the rotation back of a dense query, ``d_out·d_in·(d_out + d_in)`` per query, is the
     largest cost of preparation), except before an ``"exact"`` truncation, float64 throughout."""
     dtype = grads.dtype
@@ -257,14 +257,15 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
         preconditioned = factors.precondition_in_eigenbasis(
             name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping)
         if not truncated:
-            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned.to(rotation_dtype))
+            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned)
     else:
         preconditioned = factors.precondition(name, per_example_gradients(acts, grads).double(), damping)
     lowered = preconditioned.to(dtype)  # float32 overflow shows as inf here
-    unusable = ~torch.isfinite(lowered).flatten(1).all(1)
+    unusable = _not_finite(lowered)
     if not truncated or truncation == "randomized":
         preconditioned = lowered
-    preconditioned.masked_fill_(unusable[:, None, None], 0.0)
+    if unusable.any():
+        preconditioned.masked_fill_(unusable[:, None, None], 0.0)
     if not truncated:
         return preconditioned, unusable
     left, right = (randomized_truncate(preconditioned, rank) if truncation == "randomized"
@@ -273,6 +274,15 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
         q_s, q_a = factors.eigenbasis(name)
         left, right = q_s.to(left) @ left, q_a.to(right) @ right
     return (left.to(dtype), right.to(dtype)), unusable
+
+
+def _not_finite(matrices: Tensor) -> Tensor:
+    """Which of ``[N, m, n]`` hold a NaN or inf: a sum per matrix (one read, no mask of every
+    element) flags candidates, confirmed element-wise since finite values can overflow a sum."""
+    suspects = ~torch.isfinite(matrices.sum((1, 2)))
+    for index in suspects.nonzero().flatten().tolist():
+        suspects[index] = not bool(torch.isfinite(matrices[index]).all())
+    return suspects
 
 
 @passes.outside_inference_mode

@@ -11,7 +11,8 @@ from torch.utils.data import Subset
 import lightning_influence as li
 from lightning_influence.analysis import layer_shares, result_layer_shares
 from lightning_influence.factors import per_example_gradients
-from lightning_influence.scoring import _example_gradient_batches, precondition_queries, randomized_truncate, truncate
+from lightning_influence.scoring import (_example_gradient_batches, _not_finite, precondition_queries,
+                                         randomized_truncate, truncate)
 from lightning_influence.tracking import LayerTracker, layers_by_name
 from lightning_influence import passes
 from tests.tiny_models import TinyTransformer, TokenData
@@ -164,3 +165,11 @@ def test_session_keeps_sums_and_top_examples_and_their_layer_shares_are_unchange
     assert summary_compact.scalars == pytest.approx(summary_dense.scalars, rel=1e-5)
     assert [f.alpha if f else math.nan for f in summary_compact.tail_fits] == pytest.approx(
         [f.alpha if f else math.nan for f in summary_dense.tail_fits], nan_ok=True)
+
+
+def test_not_finite_flags_nan_and_inf_but_not_finite_values_that_overflow_a_sum():
+    matrices = torch.zeros(4, 3, 5)
+    matrices[1] = 3e38  # finite, but their float32 sum is inf
+    matrices[2, 1, 1] = float("nan")
+    matrices[3, 0, 4] = -float("inf")
+    assert _not_finite(matrices).tolist() == [False, False, True, True]
