@@ -14,6 +14,7 @@ of an example's token-summed loss w.r.t. its output:
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -626,7 +627,8 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     Returns:
         :class:`Factors`, to pass to ``compute_influence`` or ``save``. Examples with non-finite
         values (NaN/inf, or squares overflowing ``dtype``) are left out of the statistics, reported
-        in a warning, and counted in ``meta["nonfinite_examples"]``.
+        in a warning, and counted in ``meta["nonfinite_examples"]``; ``meta["timings"]`` holds the
+        seconds of each stage (covariances, eigendecomposition, correction).
     """
     check_strategy(strategy)
     check_fisher(fisher)
@@ -639,21 +641,30 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     left_out: List[int] = []
     kwargs = dict(fisher=fisher, num_samples=num_samples, batch_size=batch_size, max_batches=max_batches,
                   dtype=dtype, show_progress=show_progress, left_out=left_out)
+    timings: Dict[str, float] = {}
+    started = time.perf_counter()
     if strategy in ("kfac", "ekfac") and covariances is None:
         covariances = accumulate_covariances(model, task, data, chosen, seed=seed, **kwargs)
         if reduce is not None:
             reduce(covariances.tensors())
-    bases = covariances.eigendecompose() if strategy in ("kfac", "ekfac") else None
+        timings["covariances"] = time.perf_counter() - started
+    if strategy in ("kfac", "ekfac"):
+        started = time.perf_counter()
+        bases = covariances.eigendecompose()
+        timings["eigendecomposition"] = time.perf_counter() - started
+    else:
+        bases = None
     correction = None
-    if strategy == "ekfac":
-        correction = accumulate_eigenvalue_correction(model, task, data, chosen, bases, seed=seed + 1, **kwargs)
-    elif strategy == "diagonal":
-        correction = accumulate_eigenvalue_correction(model, task, data, chosen, None, seed=seed + 1, **kwargs)
-    if correction is not None and reduce is not None:
-        reduce(correction.tensors())
+    if strategy in ("ekfac", "diagonal"):
+        started = time.perf_counter()
+        correction = accumulate_eigenvalue_correction(model, task, data, chosen, bases if strategy == "ekfac" else None,
+                                                      seed=seed + 1, **kwargs)
+        if reduce is not None:
+            reduce(correction.tensors())
+        timings["correction"] = time.perf_counter() - started
     _warn_left_out(left_out)
     meta = {"fisher": fisher, "num_samples": num_samples, "layers": [l.name for l in chosen],
-            "nonfinite_examples": len(set(left_out))}
+            "nonfinite_examples": len(set(left_out)), "timings": timings}
     if covariances is not None:
         meta["tokens_seen"] = {n: float(p["a_count"]) for n, p in covariances.state.items()}
     return factors_from_statistics(strategy, chosen, bases, correction, meta)
