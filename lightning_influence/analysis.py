@@ -549,8 +549,8 @@ class InfluenceSummary:
             positive scores), ``tail_alpha_abs``, ``tail_p_value`` and ``tail_plausible_fraction``
             (with bootstrap), ``top1pct_share``, ``top10pct_share``, ``gini``, ``positive_fraction``,
             ``score_abs_mean``, ``score_std``, ``spurious_fraction`` (with token scores),
-            ``tail_truncated_fraction`` (a result with ``keep_top_scores``: the queries whose
-            fitted tail reaches the lowest kept score, so a dense fit could differ),
+            ``tail_partial_fraction`` (a result with ``keep_top_scores``: the share of queries
+            whose positive scores were not all kept, so that their tail fit may differ from a dense one),
             ``layer_share/<layer>`` (mean over queries, with layer scores). Undefined numbers are
             left out.
         tail_fits: per-query fits of the positive scores (``None`` where impossible).
@@ -625,7 +625,7 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
     if kept is not None:
         scalars.update(score_sketch.concentration(kept))
         scalars.update(score_sketch.score_spread(kept))
-        scalars["tail_truncated_fraction"] = float(np.mean(score_sketch.tail_truncated(kept, fits)))
+        scalars["tail_partial_fraction"] = float(np.mean(score_sketch.tail_partial(kept)))
     else:
         scalars.update(concentration(scores))
         finite = scores[torch.isfinite(scores)]

@@ -95,6 +95,7 @@ class LoopInfluence:
             top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
             correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
+            keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
         )
         self.index = ResultIndex()
         self.index.output_dir = Path(output_dir)

@@ -175,8 +175,8 @@ class InfluenceResult:
         return self.scores
 
     def _validate(self) -> None:
-        scores = self._tensors["scores"]
-        if scores.dim() == 2:
+        scores = self._tensors.get("scores")
+        if scores is not None and scores.dim() == 2:
             n_query, n_train = scores.shape
             self._tensors.setdefault("train_ids", torch.arange(n_train))
             self._tensors.setdefault("query_ids", torch.arange(n_query))

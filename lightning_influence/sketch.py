@@ -4,8 +4,10 @@ A :class:`ScoreSketch` is filled batch by batch and never holds more than ``O(Q�
 
 - per query the ``M`` largest and ``M`` smallest finite scores with their example ids (merged per
   batch with ``torch.topk`` on the concatenation). The power-law tail fit of the positive scores
-  reads only values at or above its ``xmin``, and the top ``M`` of ``|s|`` lie in the union of
-  the two lists, so both tail fits are exact whenever the fitted tail lies within the kept values;
+  reads only values at or above its ``xmin`` (and the top ``M`` of ``|s|`` lie in the union of
+  the two lists), but searches ``xmin`` among all values: from a sketch it searches the kept
+  ones, which gives the dense fit whenever every positive score was kept, and in practice once the
+  kept scores hold the dense fit's whole tail;
 - exact running moments: counts of finite and of positive scores, ``Σs``, ``Σ|s|``, ``Σs²`` and
   ``Σ max(s, 0)`` (positive fraction, mean magnitude, standard deviation, total positive influence);
 - a fixed histogram of ``log2 |s|`` per sign (counts and exact sums per bin) for what depends on
@@ -137,6 +139,14 @@ class ScoreSketch:
             return None
         return cls.from_fields({name: result.get(name) for name in SKETCH_FIELDS})
 
+    def rows(self, queries: Tensor) -> "ScoreSketch":
+        """The sketch of some queries only (positions)."""
+        part = ScoreSketch(len(queries), self.keep)
+        for name in ("top_values", "top_ids", "bottom_values", "bottom_ids", "moments", "histogram_counts",
+                     "histogram_sums"):
+            setattr(part, name, getattr(self, name)[queries])
+        return part
+
     # -- what the analyses read ----------------------------------------------------------------------
     def moment(self, name: str) -> Tensor:
         return self.moments[:, MOMENTS.index(name)]
@@ -184,7 +194,8 @@ class ScoreSketch:
 def tail_fits(sketch: ScoreSketch, use: str = "positive", **kwargs) -> List:
     """Per-query power-law fits (as :func:`~lightning_influence.analysis.fit_query_tails`) from the
     kept scores; ``n`` is the exact number of positive (``use="positive"``) or non-zero scores. A fit
-    equals the dense one when its tail lies within the kept scores (see :func:`tail_truncated`)."""
+    equals the dense one when every positive score was kept, and in practice once the kept scores
+    hold the dense fit's whole tail (see :func:`tail_partial`)."""
     from lightning_influence.analysis import fit_power_law
 
     if use not in ("positive", "abs"):
@@ -205,14 +216,11 @@ def tail_fits(sketch: ScoreSketch, use: str = "positive", **kwargs) -> List:
     return fits
 
 
-def tail_truncated(sketch: ScoreSketch, fits: Sequence) -> List[bool]:
-    """Per query: the fitted ``xmin`` is the smallest kept positive score while more positive
-    scores were not kept, so the dense fit could have chosen a lower ``xmin`` (keep more)."""
-    flags = []
-    for query, fit in enumerate(fits):
-        kept = sketch.kept_positive(query)
-        flags.append(fit is not None and not sketch.all_positives_kept(query) and fit.xmin <= float(kept.min()))
-    return flags
+def tail_partial(sketch: ScoreSketch) -> List[bool]:
+    """Per query: not every positive score was kept, so its tail fit searched ``xmin`` among the
+    kept scores only and may differ from the dense fit (which can choose a lower ``xmin``; measured
+    on digits, a fit equals the dense one once the kept scores hold its whole tail)."""
+    return [not sketch.all_positives_kept(query) for query in range(sketch.num_queries)]
 
 
 def concentration(sketch: ScoreSketch) -> Dict[str, float]:
