@@ -183,7 +183,8 @@ class LoopInfluence:
         if publisher is None:
             return
         try:
-            publisher.publish(result, step=step, train_dataset=self.session.pool,
+            pool = None if self.session.streaming else self.session.pool  # a stream cannot be indexed by id
+            publisher.publish(result, step=step, train_dataset=pool,
                               query_dataset=self.session.queries, history=self.results + [result])
         except Exception as err:  # noqa: BLE001 - reporting never ends training
             self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "

@@ -307,7 +307,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
             :class:`~lightning_influence.sketch.ScoreSketch`, stored as its result fields), so that
             memory does not grow with ``Q·N``. Not with ``per_layer`` or ``per_token``.
         batch_size: batch size for Datasets.
-        train_ids, query_ids: dataset indices to record (default ``0..N-1``).
+        train_ids, query_ids: dataset indices to record (default ``0..N-1``); ``train_ids`` is
+            read after the pass, so a list that fills while ``train_data`` is read (the ids of a
+            streaming pool, see :class:`~lightning_influence.session.PoolStream`) works too.
         prepared_queries: what :func:`precondition_queries` returned for these factors, damping
             and rank, to score another part of the pool without preparing the queries again
             (``query_data`` is then not read).

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_influence.analysis import fit_power_law
+
 # log2 |s| histogram: quarter-octave bins over [2^-64, 2^64); values beyond land in the end bins.
 BINS_PER_OCTAVE = 4
 LOWEST_OCTAVE = -64
@@ -196,8 +198,6 @@ def tail_fits(sketch: ScoreSketch, use: str = "positive", **kwargs) -> List:
     kept scores; ``n`` is the exact number of positive (``use="positive"``) or non-zero scores. A fit
     equals the dense one when every positive score was kept, and in practice once the kept scores
     hold the dense fit's whole tail (see :func:`tail_partial`)."""
-    from lightning_influence.analysis import fit_power_law
-
     if use not in ("positive", "abs"):
         raise ValueError(f"use must be 'positive' or 'abs', got {use!r}")
     fits = []

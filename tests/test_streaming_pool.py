@@ -19,6 +19,7 @@ from torch.utils.data import Subset
 import lightning_influence as li
 from lightning_influence.session import InfluenceSession
 from tests.callback_models import planted_data
+from tests.reliability_helpers import fit, make_callback
 from tests.stream_ddp_script import main as stream_ddp_main
 from tests.stream_helpers import ID_OFFSET, BlobStream, DictExamples, blob_statistics, trained_blob_model
 
@@ -117,3 +118,15 @@ def test_two_processes_score_each_streamed_example_once(tmp_path):
     assert torch.equal(ddp.train_ids, single.train_ids) and ddp.meta["world_size"] == 2
     torch.testing.assert_close(ddp.scores, single.scores, rtol=1e-4, atol=1e-5)
     assert torch.equal(ddp.get("top_ids"), single.get("top_ids"))
+
+
+def test_the_callback_scores_a_streaming_pool_with_kept_top_scores(tmp_path):
+    """A real Trainer with a streaming train_data and keep_top_scores: the saved result is keyed by
+    the stream's ids and reported (its tables show ids: a stream cannot be indexed)."""
+    cb = make_callback(tmp_path, train_data=BlobStream(), keep_top_scores=10, top_k=3, every_n_epochs=None,
+                       report=True)
+    fit(tmp_path, cb)
+    (result,) = cb.results
+    assert torch.equal(result.train_ids, torch.arange(96) + ID_OFFSET) and result.meta["n_pool"] == 96
+    assert result.scores is None and set(result.get("top_ids").flatten().tolist()) <= set(range(1000, 1096))
+    assert (Path(result.path) / "report" / "summary.json").is_file()
