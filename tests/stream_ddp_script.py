@@ -1,6 +1,7 @@
 """Score a streaming pool with ``InfluenceSession`` on one of ``WORLD`` CPU processes (gloo):
 ``python tests/stream_ddp_script.py OUT_DIR RANK WORLD PORT``. Every rank writes the ids it scored
-itself to ``OUT_DIR/rank<RANK>.pt``; rank 0 also writes the gathered result to ``OUT_DIR/result``."""
+itself to ``OUT_DIR/rank<RANK>.pt``; rank 0 also writes the gathered result to ``OUT_DIR/result``
+and that of a second scoring with ``keep_top_scores=10`` (merged sketches) to ``OUT_DIR/kept``."""
 
 import sys
 from pathlib import Path
@@ -30,8 +31,11 @@ def main(out: Path, rank: int, world: int, port: int) -> None:
     result, factors = session.compute(model, blob_statistics(model), step=1)
     scoring = next(s for s in streams if s.limit == 91 and s.wanted is None)  # this rank's share of the pool
     torch.save(torch.tensor(scoring.ids), out / f"rank{rank}.pt")
+    session.keep_top_scores = 10  # the same pool again, each process sketching its share
+    kept = session.score(model, factors)
     if rank == 0:
         InfluenceSession.write(result, factors, out / "result")
+        kept.save(out / "kept")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

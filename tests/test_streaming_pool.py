@@ -102,7 +102,8 @@ def _free_port() -> int:
 
 def test_two_processes_score_each_streamed_example_once(tmp_path):
     """2 gloo processes: each scores every other item of the stream's first 91, none twice, and
-    the gathered result equals the single-process one (scores, ids, top examples, factors)."""
+    the gathered result equals the single-process one (scores, ids, top examples), dense or with
+    keep_top_scores (the processes' sketches merged)."""
     port, env = _free_port(), dict(os.environ, PYTHONWARNINGS="ignore")
     ranks = [subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / "ddp"), str(rank), "2", str(port)],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -118,6 +119,11 @@ def test_two_processes_score_each_streamed_example_once(tmp_path):
     assert torch.equal(ddp.train_ids, single.train_ids) and ddp.meta["world_size"] == 2
     torch.testing.assert_close(ddp.scores, single.scores, rtol=1e-4, atol=1e-5)
     assert torch.equal(ddp.get("top_ids"), single.get("top_ids"))
+    single_kept, ddp_kept = (li.InfluenceResult.load(tmp_path / mode / "kept") for mode in ("single", "ddp"))
+    for name in ("kept_top_ids", "kept_bottom_ids", "top_ids"):  # the two sketches merged as one
+        assert torch.equal(ddp_kept.get(name), single_kept.get(name)), name
+    for name in ("kept_top_scores", "score_moments"):
+        torch.testing.assert_close(ddp_kept.get(name), single_kept.get(name), rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_the_callback_scores_a_streaming_pool_with_kept_top_scores(tmp_path):
