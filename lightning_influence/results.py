@@ -130,7 +130,8 @@ class InfluenceResult:
             self._tensor_file = None
         return self._tensors.get(name)
 
-    scores = property(lambda self: self._field("scores"), doc="[n_query, n_train] scores")
+    scores = property(lambda self: self._field("scores"),
+                      doc="[n_query, n_train] scores; None when computed with keep_top_scores (see is_sketch)")
     train_ids = property(lambda self: self._field("train_ids"), doc="[n_train] dataset indices")
     query_ids = property(lambda self: self._field("query_ids"), doc="[n_query] dataset indices")
     layer_scores = property(lambda self: self._field("layer_scores"), doc="[n_layers, n_query, n_train]")

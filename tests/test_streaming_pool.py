@@ -87,11 +87,16 @@ def test_items_without_a_usable_id_are_refused(stream, message):
         session.score(model, factors)
 
 
-def test_a_config_with_another_id_key_reads_it():
-    session = _session(BlobStream(id_key="row"), pool_id_key="row")
+def test_another_id_key_is_read_and_the_memory_estimate_says_what_grows():
     model = trained_blob_model()
-    session.check(model, li.select_layers(model))  # the check's batch is read without its id too
-    assert "4 queries" in session.memory_estimate(li.select_layers(model))
+    layers = li.select_layers(model)
+    session = _session(BlobStream(id_key="row"), pool_id_key="row")
+    session.check(model, layers)  # the check's batch is read without its id too
+    assert "scores 4 bytes x 4 queries per streamed training example (set keep_top_scores" in \
+        session.memory_estimate(layers)
+    assert "scores 0.0637 MiB (top/bottom 10 per query and a sketch of the rest, 4 queries" in \
+        _session(BlobStream(), keep_top_scores=10).memory_estimate(layers)
+    assert "(4 queries x 40 training examples" in _session(BlobStream(), max_train_examples=40).memory_estimate(layers)
 
 
 def _free_port() -> int:
