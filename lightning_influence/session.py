@@ -124,7 +124,8 @@ class InfluenceSession:
         self.strategy, self.fisher, self.damping, self.query_rank = strategy, fisher, damping, query_rank
         self.top_k, self.batch_size, self.correction_batches = top_k, batch_size, correction_batches
         self.self_influence = self_influence
-        self.keep_top_scores, self.pool_id_key, self.max_train_examples = keep_top_scores, pool_id_key, max_train_examples
+        self.keep_top_scores, self.pool_id_key = keep_top_scores, pool_id_key
+        self.max_train_examples = max_train_examples
         self.seed, self.show_progress = seed, show_progress
         self.run_config = run_config if run_config is not None else {
             "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
@@ -308,7 +309,8 @@ class InfluenceSession:
         if scores is not None:
             nonfinite = _nonfinite_examples(scores, ids)
         else:
-            nonfinite = sorted(i for found in distributed.gather_objects(part.meta["nonfinite_train_ids"]) for i in found)
+            found = distributed.gather_objects(part.meta["nonfinite_train_ids"])
+            nonfinite = sorted(example for share in found for example in share)
         result_meta = dict(part.meta)
         result_meta.update(
             n_train=len(ids), nonfinite_train_ids=nonfinite, n_pool=len(ids) if self.streaming else len(self.pool),

@@ -158,7 +158,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
         li.aggregate([loaded, kept])
     with pytest.raises(ValueError, match="at most that many"):
         loaded.top_k(201)
-    ResultPublisher((), top_k=3).publish(loaded, step=1, history=[loaded])
+    ResultPublisher((), top_k=3, max_queries=1).publish(loaded, step=1, history=[loaded])
     written = json.loads((tmp_path / "kept" / "report" / "summary.json").read_text())
     assert written["scalars"]["tail_partial_fraction"] == 1.0 and "tail/q0" in written["figures"]
     assert "score_histogram" not in written["figures"]  # no histogram of every score to draw
