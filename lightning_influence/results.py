@@ -301,15 +301,19 @@ def finite_topk(scores: torch.Tensor, k: int, largest: bool = True) -> "torch.re
 def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:
     """What is inconsistent between a result's tensor shapes and its layer names (``None``: nothing);
     shared by construction (tensors at hand) and loading (shapes from the file header)."""
-    if "scores" not in shapes:
-        return _sketch_shape_problem(shapes, layer_names)
-    scores = shapes["scores"]
-    if len(scores) != 2:
-        return f"scores must be [n_query, n_train], got shape {scores}"
-    n_query, n_train = scores
-    if shapes["train_ids"] != (n_train,) or shapes["query_ids"] != (n_query,):
-        return (f"train_ids {shapes['train_ids']} / query_ids {shapes['query_ids']} do not match "
-                f"the shape of scores {scores}")
+    if "scores" in shapes:
+        scores = shapes["scores"]
+        if len(scores) != 2:
+            return f"scores must be [n_query, n_train], got shape {scores}"
+        n_query, n_train = scores
+        if shapes["train_ids"] != (n_train,) or shapes["query_ids"] != (n_query,):
+            return (f"train_ids {shapes['train_ids']} / query_ids {shapes['query_ids']} do not match "
+                    f"the shape of scores {scores}")
+    else:
+        problem = _sketch_shape_problem(shapes)
+        if problem:
+            return problem
+        n_query, n_train = shapes["query_ids"][0], shapes["train_ids"][0]
     layer_scores = shapes.get("layer_scores")
     if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
         return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
@@ -326,7 +330,7 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
     return None
 
 
-def _sketch_shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:
+def _sketch_shape_problem(shapes: Mapping[str, Tuple[int, ...]]) -> Optional[str]:
     """What is inconsistent in a result that keeps a score sketch instead of dense scores."""
     missing = [name for name in SKETCH_FIELDS if name not in shapes]
     if missing or "train_ids" not in shapes or "query_ids" not in shapes:
@@ -340,12 +344,8 @@ def _sketch_shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Se
     if len(kept) != 2 or kept[0] != n_query or kept[1] > n_train or wrong:
         return (f"the score sketch's shapes do not fit {n_query} queries and {n_train} training examples "
                 f"(kept_top_scores {kept}, mismatched {wrong})")
-    if any(name in shapes for name in ("layer_scores", "token_scores")):
-        return "a result without dense scores holds no dense layer or token scores"
-    layer_sums = shapes.get("layer_abs_sums")
-    if layer_sums is not None and layer_sums != (len(layer_names), n_query):
-        return (f"layer_abs_sums has shape {layer_sums}, expected ({len(layer_names)}, {n_query}) "
-                f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    if "token_scores" in shapes:
+        return "a result without dense scores holds no dense token scores"
     return None
 
 

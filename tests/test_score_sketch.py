@@ -158,6 +158,10 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
         li.aggregate([loaded, kept])
     with pytest.raises(ValueError, match="at most that many"):
         loaded.top_k(201)
+    broken = {name: loaded.get(name) for name in score_sketch.SKETCH_FIELDS}
+    broken["kept_top_ids"] = broken["kept_top_ids"][:, :5]
+    with pytest.raises(ValueError, match="the score sketch's shapes do not fit 16 queries and 1397 training"):
+        li.InfluenceResult(train_ids=loaded.train_ids, query_ids=loaded.query_ids, **broken)
     ResultPublisher((), top_k=3, max_queries=1).publish(loaded, step=1, history=[loaded])
     written = json.loads((tmp_path / "kept" / "report" / "summary.json").read_text())
     assert written["scalars"]["tail_partial_fraction"] == 1.0 and "tail/q0" in written["figures"]
