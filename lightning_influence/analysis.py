@@ -549,6 +549,8 @@ class InfluenceSummary:
             positive scores), ``tail_alpha_abs``, ``tail_p_value`` and ``tail_plausible_fraction``
             (with bootstrap), ``top1pct_share``, ``top10pct_share``, ``gini``, ``positive_fraction``,
             ``score_abs_mean``, ``score_std``, ``spurious_fraction`` (with token scores),
+            ``tail_partial_fraction`` (a result with ``keep_top_scores``: the share of queries
+            whose positive scores were not all kept, so that their tail fit may differ from a dense one),
             ``layer_share/<layer>`` (mean over queries, with layer scores). Undefined numbers are
             left out.
         tail_fits: per-query fits of the positive scores (``None`` where impossible).
@@ -599,9 +601,16 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         bootstrap: bootstrap samples per query for the tail fit's p-value (0: none).
         top_k_layers: compute layer shares over each query's top-k examples only.
     """
-    scores = result.scores.double()
-    fits = fit_query_tails(scores, use="positive", bootstrap=bootstrap)
-    abs_fits = fit_query_tails(scores, use="abs", compare_alternatives=False)
+    from lightning_influence import sketch as score_sketch  # sketch.py builds on this module
+
+    kept = score_sketch.ScoreSketch.of(result) if result.scores is None else None
+    if kept is not None:
+        fits = score_sketch.tail_fits(kept, "positive", bootstrap=bootstrap)
+        abs_fits = score_sketch.tail_fits(kept, "abs", compare_alternatives=False)
+    else:
+        scores = result.scores.double()
+        fits = fit_query_tails(scores, use="positive", bootstrap=bootstrap)
+        abs_fits = fit_query_tails(scores, use="abs", compare_alternatives=False)
     scalars: Dict[str, float] = {
         "tail_alpha": _median([f.alpha for f in fits if f]),
         "tail_xmin": _median([f.xmin for f in fits if f]),
@@ -613,10 +622,15 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         p_values = [f.p_value for f in fits if f and f.p_value is not None]
         scalars["tail_p_value"] = _median(p_values)
         scalars["tail_plausible_fraction"] = float(np.mean([p > 0.1 for p in p_values])) if p_values else math.nan
-    scalars.update(concentration(scores))
-    finite = scores[torch.isfinite(scores)]
-    scalars["score_abs_mean"] = float(finite.abs().mean()) if finite.numel() else math.nan
-    scalars["score_std"] = float(finite.std()) if finite.numel() > 1 else math.nan
+    if kept is not None:
+        scalars.update(score_sketch.concentration(kept))
+        scalars.update(score_sketch.score_spread(kept))
+        scalars["tail_partial_fraction"] = float(np.mean(score_sketch.tail_partial(kept)))
+    else:
+        scalars.update(concentration(scores))
+        finite = scores[torch.isfinite(scores)]
+        scalars["score_abs_mean"] = float(finite.abs().mean()) if finite.numel() else math.nan
+        scalars["score_std"] = float(finite.std()) if finite.numel() > 1 else math.nan
     tokens = _token_scores_of(result)
     if tokens is not None:
         ratio = token_distribution(*tokens)["l2_l1_ratio"]

@@ -21,6 +21,9 @@ from lightning_influence._format import format_number
 from lightning_influence._io import json_ready
 from lightning_influence.analysis import InfluenceSummary, concentration, fit_query_tails, layer_shares, result_layer_shares, summarize
 from lightning_influence.results import check_same_run
+from lightning_influence.sketch import ScoreSketch
+from lightning_influence.sketch import concentration as sketch_concentration
+from lightning_influence.sketch import tail_fits as sketch_tail_fits
 
 RBO_PERSISTENCE = 0.9
 
@@ -168,6 +171,45 @@ def median_alpha(scores: torch.Tensor) -> Optional[float]:
     return float(np.median(alphas)) if alphas else None
 
 
+def distribution_of(result: Any, query_pos: torch.Tensor,
+                  train_pos: Optional[torch.Tensor] = None) -> Tuple[Optional[float], Dict[str, float]]:
+    """Median tail exponent and concentration over the given queries (and, of dense scores, the
+    given training examples; a result with ``keep_top_scores`` over its whole pool, from its sketch)."""
+    kept = ScoreSketch.of(result) if result.scores is None else None
+    if kept is None:
+        scores = result.scores[query_pos].double()
+        scores = scores if train_pos is None else scores[:, train_pos]
+        return median_alpha(scores), concentration(scores)
+    kept = kept.rows(query_pos)
+    alphas = [fit.alpha for fit in sketch_tail_fits(kept, compare_alternatives=False) if fit is not None]
+    return (float(np.median(alphas)) if alphas else None), sketch_concentration(kept)
+
+
+def kept_size(result: Any) -> int:
+    """How many top scores per query a result can rank: all, or those it kept (``keep_top_scores``)."""
+    return result.get("kept_top_scores").shape[1] if result.scores is None else result.num_train
+
+
+def top_rank_rows(a: Any, b: Any, q_a: torch.Tensor, q_b: torch.Tensor,
+                   k: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each result's top-``k`` train ids per matched query as rows over the union of those ids
+    (``k`` for the first, ``1`` for the k-th, 0 elsewhere): the top-k overlap measures read them
+    as score rows, which is all a result keeping only its top scores can give them."""
+    tops = [result.top_k(k).indices[positions] for result, positions in ((a, q_a), (b, q_b))]
+    union = torch.cat(tops, 1)
+    union = union[union >= 0].unique()
+    column = {int(i): j for j, i in enumerate(union.tolist())}
+    rows = []
+    for top in tops:
+        matrix = torch.zeros(top.shape[0], len(union), dtype=torch.float64)
+        for row, ids in enumerate(top.tolist()):
+            for rank, example in enumerate(ids):
+                if example >= 0:
+                    matrix[row, column[example]] = k - rank
+        rows.append(matrix)
+    return rows[0], rows[1], union
+
+
 # -- comparison ----------------------------------------------------------------------------------
 
 
@@ -179,7 +221,9 @@ class Comparison:
         steps: ``(a.step, b.step)``.
         n_query, n_train: queries and training examples both results share (compared on these).
         spearman, kendall: ``[Q]`` per-query rank correlations of the scores (Kendall tau-b,
-            possibly on a random subset of training examples).
+            possibly on a random subset of training examples); NaN when a result keeps only its
+            top scores (``keep_top_scores``), whose top-k measures then use the kept lists (``k``
+            up to the number kept) and whose distributions come from their sketches.
         topk_jaccard, topk_rbo: ``k ->`` mean over queries of the Jaccard overlap and of the
             rank-biased overlap (p=0.9) of the two top-k lists (``k`` above ``n_train`` left out).
         tail_alpha: median power-law exponent over queries for ``a`` and ``b`` (``None``: no fit).
@@ -315,12 +359,23 @@ def compare(
     """
     check_same_run([a, b], allow_different_runs)
     q_a, q_b, t_a, t_b = match_ids(a, b)
-    scores_a = a.scores[q_a][:, t_a].double()
-    scores_b = b.scores[q_b][:, t_b].double()
-    n_train = scores_a.shape[1]
-    valid_ks = [int(k) for k in ks if 1 <= int(k) <= n_train]
-    k_changes = min(int(top_k_changes), n_train)
-    entered, left = _topk_changes(scores_a, scores_b, a.train_ids[t_a], k_changes)
+    n_train = len(t_a)
+    if a.scores is None or b.scores is None:  # keep_top_scores: the kept top lists, no rank correlation
+        deepest = min(kept_size(a), kept_size(b), n_train)
+        valid_ks = [int(k) for k in ks if 1 <= int(k) <= deepest]
+        k_changes = min(int(top_k_changes), deepest)
+        scores_a, scores_b, ids = top_rank_rows(a, b, q_a, q_b, max(valid_ks + [k_changes]))
+        correlation = torch.full((len(q_a),), math.nan, dtype=torch.float64)
+        spearman_ab = kendall_ab = correlation
+    else:
+        scores_a = a.scores[q_a][:, t_a].double()
+        scores_b = b.scores[q_b][:, t_b].double()
+        valid_ks = [int(k) for k in ks if 1 <= int(k) <= n_train]
+        k_changes = min(int(top_k_changes), n_train)
+        ids = a.train_ids[t_a]
+        spearman_ab = spearman(scores_a, scores_b)
+        kendall_ab = kendall_tau_b(scores_a, scores_b, max_n=kendall_max_n, seed=seed)
+    entered, left = _topk_changes(scores_a, scores_b, ids, k_changes)
     layer_js = None
     if a.layer_names == b.layer_names:
         same_pool = torch.equal(a.train_ids, b.train_ids)
@@ -328,16 +383,17 @@ def compare(
         if shares_a is not None and shares_b is not None and bool(
                 torch.isfinite(shares_a).all() and torch.isfinite(shares_b).all()):
             layer_js = js_divergence(shares_a, shares_b)
+    (alpha_a, spread_a), (alpha_b, spread_b) = distribution_of(a, q_a, t_a), distribution_of(b, q_b, t_b)
     return Comparison(
         steps=(a.step, b.step),
-        n_query=scores_a.shape[0],
+        n_query=len(q_a),
         n_train=n_train,
-        spearman=spearman(scores_a, scores_b),
-        kendall=kendall_tau_b(scores_a, scores_b, max_n=kendall_max_n, seed=seed),
+        spearman=spearman_ab,
+        kendall=kendall_ab,
         topk_jaccard={k: _nanmean(topk_jaccard(scores_a, scores_b, k)) for k in valid_ks},
         topk_rbo={k: _nanmean(rank_biased_overlap(scores_a, scores_b, k)) for k in valid_ks},
-        tail_alpha=(median_alpha(scores_a), median_alpha(scores_b)),
-        concentration=(concentration(scores_a), concentration(scores_b)),
+        tail_alpha=(alpha_a, alpha_b),
+        concentration=(spread_a, spread_b),
         layer_js=layer_js,
         entered=entered,
         left=left,
@@ -360,9 +416,8 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
 
 def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, Any]:
     """One checkpoint's trajectory statistics; churn and rank agreement are measured against ``previous``."""
-    scores = result.scores.double()
-    spread = concentration(scores)
-    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": median_alpha(scores)}
+    alpha, spread = distribution_of(result, torch.arange(result.num_queries))
+    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": alpha}
     row.update({key: _finite_or_none(spread[key]) for key in _SPREAD_KEYS})
     row["topk_churn"] = row["spearman_prev"] = None
     if previous is not None:
@@ -371,9 +426,14 @@ def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, A
         except ValueError:
             pass  # no shared queries or training examples: the change is undefined
         else:
-            before, after = previous.scores[q_a][:, t_a].double(), scores[q_b][:, t_b]
-            row["topk_churn"] = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
-            row["spearman_prev"] = _finite_or_none(_nanmean(spearman(before, after)))
+            if previous.scores is None or result.scores is None:  # keep_top_scores: the kept top lists
+                depth = min(k, len(t_a), kept_size(previous), kept_size(result))
+                before, after, _ = top_rank_rows(previous, result, q_a, q_b, depth)
+                row["topk_churn"] = 1.0 - _nanmean(topk_jaccard(before, after, depth))
+            else:
+                before, after = previous.scores[q_a][:, t_a].double(), result.scores[q_b][:, t_b].double()
+                row["topk_churn"] = 1.0 - _nanmean(topk_jaccard(before, after, min(k, len(t_a))))
+                row["spearman_prev"] = _finite_or_none(_nanmean(spearman(before, after)))
     shares: Dict[str, float] = {}
     result_shares = result_layer_shares(result)
     if result_shares is not None:

@@ -84,6 +84,12 @@ class InfluenceConfig:
         seed: seed of every private random generator.
         query_rank: rank of the low-rank query approximation (``None``: exact).
         top_k: per query, the most positive / negative examples kept with per-token scores.
+        keep_top_scores: keep per query only this many most positive and most negative scores
+            (with their ids) and a sketch of the rest (exact sums, a log-magnitude histogram)
+            instead of every score ``[Q, N]``, for pools too large for that (``None``: every score).
+            At least ``top_k``. See ``lightning_influence.sketch``.
+        pool_id_key: a streaming pool (an ``IterableDataset`` as ``train_data``) yields mappings
+            holding a stable integer id under this key; the result's ``train_ids`` are those ids.
         self_influence: also score each pool example on itself at every computation (mislabel and
             memorisation candidates): ``result.self_scores``, a logged table and ``influence/self/*``.
         ledger: on each collected step, score the batch against the queries preconditioned at the
@@ -129,6 +135,8 @@ class InfluenceConfig:
     seed: int = 0
     query_rank: Optional[int] = None
     top_k: int = 10
+    keep_top_scores: Optional[int] = None
+    pool_id_key: str = "id"
     self_influence: bool = False
     ledger: bool = False
     ledger_subspace: Optional[int] = 32
@@ -161,9 +169,15 @@ class InfluenceConfig:
         for name in ("num_queries", "collect_every_n_steps", "top_k", "batch_size"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("every_n_epochs", "every_n_train_steps", "max_tokens_per_step", "correction_batches",
-                     "max_train_examples", "query_rank", "ledger_subspace"):
+                     "max_train_examples", "query_rank", "ledger_subspace", "keep_top_scores"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
+        if self.keep_top_scores is not None and self.keep_top_scores < self.top_k:
+            raise ValueError(f"keep_top_scores={self.keep_top_scores} is smaller than top_k={self.top_k}: the top "
+                             "examples are taken from the kept scores; raise keep_top_scores or lower top_k")
+        if not (isinstance(self.pool_id_key, str) and self.pool_id_key):
+            raise ValueError(f"pool_id_key must be a non-empty string (the key of a streaming pool item's integer "
+                             f"id), got {_shown(self.pool_id_key)}")
         _check_int("seed", self.seed, minimum=0)
         if self.seed >= SEED_LIMIT:
             raise ValueError(f"seed must be below 2**62 (derived seeds add the step and the process rank and must "

@@ -7,7 +7,7 @@ must be called on every rank when a process group is running.
 
 from __future__ import annotations
 
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -59,3 +59,13 @@ def gather_last_dim(local: Tensor, total: int) -> Tensor:
     dist.all_gather(pieces, padded.contiguous())
     base, extra = divmod(total, size)
     return torch.cat([piece[..., :base + (1 if r < extra else 0)] for r, piece in enumerate(pieces)], dim=-1)
+
+
+def gather_objects(value: Any) -> List[Any]:
+    """Every rank's ``value`` (e.g. tensors whose size differs between ranks), in rank order; held in
+    memory only, never written."""
+    if world_size() == 1:
+        return [value]
+    gathered: List[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

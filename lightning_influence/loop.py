@@ -95,6 +95,7 @@ class LoopInfluence:
             top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
             correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
+            keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
         )
         self.index = ResultIndex()
         self.index.output_dir = Path(output_dir)
@@ -182,7 +183,8 @@ class LoopInfluence:
         if publisher is None:
             return
         try:
-            publisher.publish(result, step=step, train_dataset=self.session.pool,
+            pool = None if self.session.streaming else self.session.pool  # a stream cannot be indexed by id
+            publisher.publish(result, step=step, train_dataset=pool,
                               query_dataset=self.session.queries, history=self.results + [result])
         except Exception as err:  # noqa: BLE001 - reporting never ends training
             self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "

@@ -17,7 +17,17 @@ from typing import Any, Dict, Optional
 import torch
 
 from lightning_influence.analysis import concentration, result_layer_shares
-from lightning_influence.compare import match_ids, median_alpha, js_divergence, spearman, topk_jaccard
+from lightning_influence.compare import (
+    distribution_of,
+    kept_size,
+    top_rank_rows,
+    js_divergence,
+    match_ids,
+    spearman,
+    topk_jaccard,
+)
+from lightning_influence.sketch import ScoreSketch
+from lightning_influence.sketch import concentration as sketch_concentration
 
 # Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``.
 DRIFT_KEYS = ("drift/spearman", "drift/topk_jaccard", "drift/topk_churn", "drift/tail_alpha_change",
@@ -52,18 +62,25 @@ def drift_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
         q_a, q_b, t_a, t_b = match_ids(previous, result)
     except ValueError:
         return {}  # nothing shared to compare
-    before = previous.scores[q_a][:, t_a].double()
-    after = result.scores[q_b][:, t_b].double()
-    jaccard = _nanmean(topk_jaccard(torch.nan_to_num(before, nan=-math.inf),
-                                    torch.nan_to_num(after, nan=-math.inf), min(k, len(t_a))))
-    alpha_before, alpha_after = median_alpha(before), median_alpha(after)
+    if previous.scores is None or result.scores is None:  # keep_top_scores: the kept top lists
+        depth = min(k, len(t_a), kept_size(previous), kept_size(result))
+        before, after, _ = top_rank_rows(previous, result, q_a, q_b, depth)
+        jaccard, rank_correlation = _nanmean(topk_jaccard(before, after, depth)), None
+    else:
+        before = previous.scores[q_a][:, t_a].double()
+        after = result.scores[q_b][:, t_b].double()
+        jaccard = _nanmean(topk_jaccard(torch.nan_to_num(before, nan=-math.inf),
+                                        torch.nan_to_num(after, nan=-math.inf), min(k, len(t_a))))
+        rank_correlation = _nanmean(spearman(before, after))
+    (alpha_before, spread_before), (alpha_after, spread_after) = (
+        distribution_of(previous, q_a, t_a), distribution_of(result, q_b, t_b))
     out: Dict[str, Optional[float]] = {
-        "drift/spearman": _nanmean(spearman(before, after)),
+        "drift/spearman": rank_correlation,
         "drift/topk_jaccard": jaccard,
         "drift/topk_churn": 1.0 - jaccard,
         "drift/tail_alpha_change": (alpha_after - alpha_before
                                     if alpha_before is not None and alpha_after is not None else None),
-        "drift/top1pct_share_change": concentration(after)["top1pct_share"] - concentration(before)["top1pct_share"],
+        "drift/top1pct_share_change": spread_after["top1pct_share"] - spread_before["top1pct_share"],
     }
     before_shares, after_shares = result_layer_shares(previous), result_layer_shares(result)
     if before_shares is not None and after_shares is not None and previous.layer_names == result.layer_names:
@@ -110,10 +127,17 @@ def monitor_scalars(result: Any, previous: Optional[Any] = None, k: int = 10) ->
     queries), the ``drift/...`` keys of :func:`drift_scalars` when ``previous`` is given, and the
     ``self/...`` keys of :func:`self_influence_scalars` when ``result`` has self-influence scores.
     """
-    out: Dict[str, Optional[float]] = {
-        "max_top1_share": float(torch.nan_to_num(top1_shares(result.scores), nan=-math.inf).max()),
-        "top1pct_share": concentration(result.scores.double())["top1pct_share"],
-    }
+    kept = ScoreSketch.of(result) if result.scores is None else None
+    if kept is None:
+        out: Dict[str, Optional[float]] = {
+            "max_top1_share": float(torch.nan_to_num(top1_shares(result.scores), nan=-math.inf).max()),
+            "top1pct_share": concentration(result.scores.double())["top1pct_share"],
+        }
+    else:  # keep_top_scores: the top score and the positive total are kept exactly
+        largest = kept.top_values[:, 0].double().nan_to_num(0.0, posinf=0.0, neginf=0.0).clamp_min(0.0)
+        total = kept.moment("positive_sum")
+        shares = torch.where(total > 0, largest / total.clamp_min(1e-300), torch.full_like(total, -math.inf))
+        out = {"max_top1_share": float(shares.max()), "top1pct_share": sketch_concentration(kept)["top1pct_share"]}
     scalars = _finite(out)
     if previous is not None:
         scalars.update(drift_scalars(previous, result, k))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Mapping
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
@@ -35,10 +36,13 @@ def iterate_batches(data: Any, batch_size: int, device: torch.device, desc: str,
                     max_batches: Optional[int] = None) -> Iterator[Any]:
     """The first ``max_batches`` batches of ``data``, on ``device``, with a progress bar."""
     loader = as_loader(data, batch_size)
-    total = len(loader) if max_batches is None else min(len(loader), max_batches)
-    iterator = iter(loader)
-    for _ in progress(range(total), total, desc, show_progress):
-        yield to_device(next(iterator), device)
+    try:
+        length: Optional[int] = len(loader)
+    except TypeError:  # a streaming pool (IterableDataset): its length is known once read
+        length = None
+    total = length if max_batches is None else max_batches if length is None else min(length, max_batches)
+    for batch in progress(itertools.islice(loader, total), total, desc, show_progress):
+        yield to_device(batch, device)
 
 
 def outside_inference_mode(function: Callable) -> Callable:

@@ -32,6 +32,7 @@ from lightning_influence._io import (
     write_file_atomic,
     write_json,
 )
+from lightning_influence.sketch import MOMENTS, NUM_BINS, SKETCH_FIELDS
 
 if TYPE_CHECKING:
     from lightning_influence.factors import Factors
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 RESULT_FORMAT = "lightning-influence/result"
 FORMAT_VERSION = 1
 FACTORS_DIR = "factors"  # the subdirectory of a result holding the factors it was computed with
-_REQUIRED_TENSORS = ("scores", "train_ids", "query_ids")
+_REQUIRED_TENSORS = ("train_ids", "query_ids")  # and either "scores" or a sketch's "score_moments"
 
 # Tensor fields a result may hold; everything else lives in ``meta``.
 _TENSOR_FIELDS = (
@@ -63,6 +64,14 @@ _TENSOR_FIELDS = (
     "ledger_scores",  # [n_query, n_seen] learning-rate-weighted per-step scores, summed
     "top_layer_scores",  # [n_layers, n_query, k] per-layer scores of the top_ids examples
     "bottom_layer_scores",  # [n_layers, n_query, k]
+    # Instead of ``scores`` for pools too large for [n_query, n_train] (see ``sketch.ScoreSketch``):
+    "kept_top_scores",  # [n_query, M] the M most positive finite scores, descending (-inf: none)
+    "kept_top_ids",  # [n_query, M] their train ids (-1: none)
+    "kept_bottom_scores",  # [n_query, M] the M most negative finite scores, ascending (+inf: none)
+    "kept_bottom_ids",  # [n_query, M]
+    "score_moments",  # [n_query, 6] float64: count, positive count, Σs, Σ|s|, Σs², Σmax(s, 0)
+    "score_histogram_counts",  # [n_query, 2, bins] float64: scores per sign (+, -) and log2|s| bin
+    "score_histogram_sums",  # [n_query, 2, bins] float64: Σ|s| per bin
 )
 
 
@@ -111,7 +120,7 @@ class InfluenceResult:
         self.meta: Dict[str, Any] = dict(meta or {})
         self.path: Optional[Path] = Path(path) if path is not None else None
         self._tensor_file: Optional[Path] = None  # set by ``load``: tensors not read yet
-        if path is None and scores is not None:
+        if path is None and (scores is not None or "score_moments" in self._tensors):
             self._validate()
 
     # -- tensor fields -------------------------------------------------------------------------
@@ -121,7 +130,8 @@ class InfluenceResult:
             self._tensor_file = None
         return self._tensors.get(name)
 
-    scores = property(lambda self: self._field("scores"), doc="[n_query, n_train] scores")
+    scores = property(lambda self: self._field("scores"),
+                      doc="[n_query, n_train] scores; None when computed with keep_top_scores (see is_sketch)")
     train_ids = property(lambda self: self._field("train_ids"), doc="[n_train] dataset indices")
     query_ids = property(lambda self: self._field("query_ids"), doc="[n_query] dataset indices")
     layer_scores = property(lambda self: self._field("layer_scores"), doc="[n_layers, n_query, n_train]")
@@ -144,15 +154,30 @@ class InfluenceResult:
 
     @property
     def num_queries(self) -> int:
-        return int(self.scores.shape[0])
+        return int(self.query_ids.shape[0])
 
     @property
     def num_train(self) -> int:
-        return int(self.scores.shape[1])
+        return int(self.train_ids.shape[0])
+
+    @property
+    def is_sketch(self) -> bool:
+        """Whether the result keeps per query only its top/bottom scores and a sketch of the rest
+        (``keep_top_scores``) instead of dense ``scores``."""
+        return self.scores is None and self.get("score_moments") is not None
+
+    def require_scores(self, what: str) -> torch.Tensor:
+        """The dense ``scores``, or a ``ValueError`` saying that ``what`` needs them."""
+        if self.scores is None:
+            kept = self.get("kept_top_scores")
+            detail = f" (it keeps the top/bottom {kept.shape[1]} scores per query)" if kept is not None else ""
+            raise ValueError(f"{what} needs every score [n_query, n_train], but this result was computed with "
+                             f"keep_top_scores{detail}; recompute with keep_top_scores=None on a pool that fits")
+        return self.scores
 
     def _validate(self) -> None:
-        scores = self._tensors["scores"]
-        if scores.dim() == 2:
+        scores = self._tensors.get("scores")
+        if scores is not None and scores.dim() == 2:
             n_query, n_train = scores.shape
             self._tensors.setdefault("train_ids", torch.arange(n_train))
             self._tensors.setdefault("query_ids", torch.arange(n_query))
@@ -167,6 +192,13 @@ class InfluenceResult:
         NaN scores (examples whose gradients were not finite) are never ranked: a query with fewer
         than ``k`` finite scores is padded at the end with id -1 and value ``-inf`` (``+inf`` for the
         lowest), as :func:`finite_topk` does."""
+        if self.is_sketch:
+            side = "top" if largest else "bottom"
+            values, ids = self.get(f"kept_{side}_scores"), self.get(f"kept_{side}_ids")
+            if k > values.shape[1] and values.shape[1] < self.num_train:
+                raise ValueError(f"this result keeps {values.shape[1]} scores per query (keep_top_scores); "
+                                 f"ask for at most that many, not k={k}")
+            return torch.return_types.topk((values[:, :k], ids[:, :k]))
         found = finite_topk(self.scores, k, largest)
         ids = torch.where(found.indices >= 0, self.train_ids[found.indices.clamp_min(0)], -1)
         return torch.return_types.topk((found.values, ids))
@@ -175,7 +207,8 @@ class InfluenceResult:
         if self._tensor_file is not None:
             shape = "not loaded"
         else:
-            shape = "x".join(map(str, self.scores.shape)) if self.scores is not None else "empty"
+            shape = "x".join(map(str, self.scores.shape)) if self.scores is not None else (
+                f"top/bottom {self.get('kept_top_scores').shape[1]} of {self.num_train}" if self.is_sketch else "empty")
         where = f", path='{self.path}'" if self.path else ""
         return f"InfluenceResult(step={self.step}, epoch={self.epoch}, scores={shape}{where})"
 
@@ -238,6 +271,8 @@ class InfluenceResult:
             raise FormatError(f"{path}: {TENSOR_FILE} is missing")
         shapes = read_tensor_shapes(tensor_file)
         missing = [name for name in _REQUIRED_TENSORS if name not in shapes]
+        if "scores" not in shapes and "score_moments" not in shapes:
+            missing.append("scores")
         problem = f"lacks the tensors {missing}" if missing else _shape_problem(shapes, layer_names)
         if problem:
             raise FormatError(f"{path}: {TENSOR_FILE} does not match {META_FILE}: {problem}")
@@ -266,13 +301,19 @@ def finite_topk(scores: torch.Tensor, k: int, largest: bool = True) -> "torch.re
 def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[str]) -> Optional[str]:
     """What is inconsistent between a result's tensor shapes and its layer names (``None``: nothing);
     shared by construction (tensors at hand) and loading (shapes from the file header)."""
-    scores = shapes["scores"]
-    if len(scores) != 2:
-        return f"scores must be [n_query, n_train], got shape {scores}"
-    n_query, n_train = scores
-    if shapes["train_ids"] != (n_train,) or shapes["query_ids"] != (n_query,):
-        return (f"train_ids {shapes['train_ids']} / query_ids {shapes['query_ids']} do not match "
-                f"the shape of scores {scores}")
+    if "scores" in shapes:
+        scores = shapes["scores"]
+        if len(scores) != 2:
+            return f"scores must be [n_query, n_train], got shape {scores}"
+        n_query, n_train = scores
+        if shapes["train_ids"] != (n_train,) or shapes["query_ids"] != (n_query,):
+            return (f"train_ids {shapes['train_ids']} / query_ids {shapes['query_ids']} do not match "
+                    f"the shape of scores {scores}")
+    else:
+        problem = _sketch_shape_problem(shapes)
+        if problem:
+            return problem
+        n_query, n_train = shapes["query_ids"][0], shapes["train_ids"][0]
     layer_scores = shapes.get("layer_scores")
     if layer_scores is not None and layer_scores != (len(layer_names), n_query, n_train):
         return (f"layer_scores has shape {layer_scores}, expected ({len(layer_names)}, {n_query}, {n_train}) "
@@ -286,6 +327,25 @@ def _shape_problem(shapes: Mapping[str, Tuple[int, ...]], layer_names: Sequence[
     if layer_sums is not None and layer_sums != (len(layer_names), n_query):
         return (f"layer_abs_sums has shape {layer_sums}, expected ({len(layer_names)}, {n_query}) "
                 f"for the {len(layer_names)} layer_names {list(layer_names)}")
+    return None
+
+
+def _sketch_shape_problem(shapes: Mapping[str, Tuple[int, ...]]) -> Optional[str]:
+    """What is inconsistent in a result that keeps a score sketch instead of dense scores."""
+    missing = [name for name in SKETCH_FIELDS if name not in shapes]
+    if missing or "train_ids" not in shapes or "query_ids" not in shapes:
+        return f"a result without scores needs train_ids, query_ids and the sketch fields; {missing} missing"
+    n_query, n_train = shapes["query_ids"][0], shapes["train_ids"][0]
+    kept = shapes["kept_top_scores"]
+    expected = {"kept_top_ids": kept, "kept_bottom_scores": kept, "kept_bottom_ids": kept,
+                "score_moments": (n_query, len(MOMENTS)), "score_histogram_counts": (n_query, 2, NUM_BINS),
+                "score_histogram_sums": (n_query, 2, NUM_BINS)}
+    wrong = {name: shapes[name] for name, shape in expected.items() if shapes[name] != shape}
+    if len(kept) != 2 or kept[0] != n_query or kept[1] > n_train or wrong:
+        return (f"the score sketch's shapes do not fit {n_query} queries and {n_train} training examples "
+                f"(kept_top_scores {kept}, mismatched {wrong})")
+    if "token_scores" in shapes:
+        return "a result without dense scores holds no dense token scores"
     return None
 
 
@@ -394,6 +454,8 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
     """
     if not results:
         raise ValueError("aggregate() needs at least one result")
+    for result in results:
+        result.require_scores("aggregate() (trajectory influence)")
     check_same_run(results, allow_different_runs)
     first = results[0]
     for other in results[1:]:

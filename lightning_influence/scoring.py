@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from lightning_influence import passes
 from lightning_influence.factors import CHUNK_ELEMENTS, Damping, Factors, chunk_ranges, fit_factors, per_example_gradients
 from lightning_influence.results import InfluenceResult
+from lightning_influence.sketch import ScoreSketch
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
 
@@ -290,7 +291,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                       factors: Optional[Factors] = None, damping: Damping = None, *,
                       per_layer: bool = False, per_token: bool = False, query_rank: Optional[int] = None,
                       query_truncation: str = "randomized", layer_sums: bool = False, self_influence: bool = False,
-                      batch_size: int = 32,
+                      keep_top: Optional[int] = None, batch_size: int = 32,
                       train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
                       prepared_queries: Optional[Tuple[PreconditionedQueries, Tensor]] = None,
                       show_progress: bool = False) -> InfluenceResult:
@@ -316,8 +317,14 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
             :func:`randomized_truncate`) or ``"exact"`` (float64 rotations and eigensolver); see
             :func:`precondition_queries`.
         self_influence: also return ``self_scores [N]`` (each training example on itself).
+        keep_top: keep no ``scores [Q, N]``: per query only the ``keep_top`` most positive and most
+            negative scores with their train ids, exact moments and a histogram of the rest (a
+            :class:`~lightning_influence.sketch.ScoreSketch`, stored as its result fields), so that
+            memory does not grow with ``Q·N``. Not with ``per_layer`` or ``per_token``.
         batch_size: batch size for Datasets.
-        train_ids, query_ids: dataset indices to record (default ``0..N-1``).
+        train_ids, query_ids: dataset indices to record (default ``0..N-1``); ``train_ids`` is
+            read after the pass, so a list that fills while ``train_data`` is read (the ids of a
+            streaming pool, see :class:`~lightning_influence.session.PoolStream`) works too.
         prepared_queries: what :func:`precondition_queries` returned for these factors, damping
             and rank, to score another part of the pool without preparing the queries again
             (``query_data`` is then not read).
@@ -330,6 +337,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     """
     if query_rank is not None and query_rank < 1:
         raise ValueError(f"query_rank must be a positive integer or None, got {query_rank}")
+    if keep_top is not None and (per_layer or per_token):
+        raise ValueError("keep_top keeps no dense scores, so it cannot return per_layer or per_token scores "
+                         "over the whole pool; score a subset with keep_top=None for those")
     timings: Dict[str, float] = {}
     started = time.perf_counter()
     if factors is None:
@@ -351,6 +361,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
     mask_chunks: List[Tensor] = []
     self_chunks: List[Tensor] = []
     abs_sums = torch.zeros(len(layers), queries.num_queries, dtype=torch.float64)
+    sketch = ScoreSketch(queries.num_queries, keep_top) if keep_top is not None else None
+    bad_train_chunks: List[Tensor] = []  # with a sketch: which examples were marked non-finite
+    seen = 0
     tracker = LayerTracker(layers)
     with passes.evaluation_mode(model), tracker:
         for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
@@ -366,11 +379,19 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                     per_layer_scores = [s.sum(-1) for s in per_layer_scores]
                 stacked = torch.stack(per_layer_scores).float().cpu()
                 total = stacked.double().sum(0).float()
-                # Without per-layer scores keep only their sum: memory then grows with the score matrix
-                # alone, not with the number of layers times it.
-                layer_chunks.append(stacked if per_layer else total.unsqueeze(0))
                 if self_influence:
                     self_chunks.append(_self_scores(factors, layers, acts, grads, lambdas))
+                if sketch is not None:
+                    fields = {"scores": total, **({"self_scores": self_chunks[-1]} if self_influence else {})}
+                    bad_train_chunks.append(_mark_nonfinite(fields, bad_queries.cpu()))
+                    if self_influence:
+                        self_chunks[-1] = fields["self_scores"]
+                    sketch.update(fields["scores"], torch.arange(seen, seen + total.shape[1]))
+                else:
+                    # Without per-layer scores keep only their sum: memory then grows with the score
+                    # matrix alone, not with the number of layers times it.
+                    layer_chunks.append(stacked if per_layer else total.unsqueeze(0))
+                seen += total.shape[1]
                 if layer_sums:
                     usable = torch.isfinite(total[~bad_queries.cpu()]).all(0)  # as _mark_nonfinite decides
                     if self_influence:
@@ -378,9 +399,11 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                     abs_sums += stacked[:, :, usable].double().abs().sum(2)
     timings["train"] = time.perf_counter() - stage
 
-    layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
-    n_train, n_query = layer_scores.shape[2], layer_scores.shape[1]
-    fields: Dict[str, Tensor] = {"scores": layer_scores.double().sum(0).float() if per_layer else layer_scores[0]}
+    n_train, n_query = seen, queries.num_queries
+    fields: Dict[str, Tensor] = {}
+    if sketch is None:
+        layer_scores = torch.cat(layer_chunks, dim=2)  # [L, Q, N], or [1, Q, N] summed over layers
+        fields["scores"] = layer_scores.double().sum(0).float() if per_layer else layer_scores[0]
     if per_layer:
         fields["layer_scores"] = layer_scores
     if layer_sums:
@@ -391,7 +414,12 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         fields["self_scores"] = torch.cat(self_chunks)
     train_ids = torch.as_tensor(train_ids).long() if train_ids is not None else torch.arange(n_train)
     query_ids = torch.as_tensor(query_ids).long() if query_ids is not None else torch.arange(n_query)
-    bad_train = _mark_nonfinite(fields, bad_queries.cpu())
+    if sketch is None:
+        bad_train = _mark_nonfinite(fields, bad_queries.cpu())
+    else:
+        bad_train = torch.cat(bad_train_chunks) if bad_train_chunks else torch.zeros(0, dtype=torch.bool)
+        sketch.relabel(train_ids)
+        fields.update(sketch.fields())
     nonfinite = {"nonfinite_train_ids": train_ids[bad_train].tolist(),
                  "nonfinite_query_ids": query_ids[bad_queries.cpu()].tolist()}
     _warn_nonfinite(nonfinite)

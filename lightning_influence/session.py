@@ -25,9 +25,12 @@ a single process and must run on every rank otherwise.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import numbers
 import os
+from collections.abc import Mapping
 import tempfile
 import time
 from contextlib import ExitStack
@@ -51,6 +54,7 @@ from lightning_influence.results import (
     update_result_meta,
 )
 from lightning_influence.scoring import PreconditionedQueries, compute_influence, precondition_queries
+from lightning_influence.sketch import MOMENTS, NUM_BINS, ScoreSketch
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
 
@@ -68,12 +72,19 @@ class InfluenceSession:
         task: per-example loss and query measurement.
         train_data: the candidate pool: a map-style Dataset, or a DataLoader (its dataset and
             ``collate_fn`` are used; its order and batch size are not). Example ids are indices
-            into the dataset.
+            into the dataset. Or a streaming pool, an ``IterableDataset`` of mappings each holding a
+            stable integer id under ``pool_id_key``: read in one pass per checkpoint, every
+            process taking every ``world_size``-th item; its ids become the result's ``train_ids``.
         query_data: the queries: a Dataset or DataLoader.
         query_ids: dataset indices recorded for the queries (default ``0..Q-1``; e.g. the
             positions of a ``Subset`` of a validation set).
         pool_ids: which pool examples to score (default: all, or ``max_train_examples`` of them).
-        max_train_examples: score a fixed random subset of this many examples (seeded).
+        max_train_examples: score a fixed random subset of this many examples (seeded); of a
+            streaming pool, its first ``max_train_examples`` items.
+        keep_top_scores: keep no dense ``scores [Q, N]``: per query the ``keep_top_scores`` most
+            positive and negative scores with their ids and a sketch of the rest (see
+            :mod:`lightning_influence.sketch`); at least ``top_k``. ``None``: dense scores.
+        pool_id_key: the key of a streaming pool item's integer id.
         strategy, fisher, damping, query_rank: as in :func:`~lightning_influence.compute_influence`.
         top_k: per query, the most positive / negative examples kept with per-token scores.
         self_influence: :meth:`compute` also scores each pool example on itself (``self_scores``).
@@ -90,39 +101,51 @@ class InfluenceSession:
                  strategy: str = "ekfac", fisher: str = "empirical", damping: Optional[float] = None,
                  query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
-                 run_config: Optional[Dict[str, Any]] = None) -> None:
+                 run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
+                 pool_id_key: str = "id") -> None:
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
         self.queries, self.query_collate = dataset_and_collate(query_data, "query_data")
         self.query_collate = self.query_collate or self.pool_collate
-        if isinstance(self.pool, IterableDataset) or not hasattr(self.pool, "__len__"):
-            raise ValueError(f"train_data ({type(self.pool).__name__}) has no __len__: influence scores examples by "
-                             "index, so the candidate pool must be a map-style Dataset; pass train_data=<map-style "
-                             "Dataset>")
-        if len(self.pool) == 0:
+        self.streaming = isinstance(self.pool, IterableDataset)
+        if not self.streaming and not hasattr(self.pool, "__len__"):
+            raise ValueError(f"train_data ({type(self.pool).__name__}) has no __len__: pass a map-style Dataset, or "
+                             "an IterableDataset whose items carry a stable integer id under pool_id_key")
+        if not self.streaming and len(self.pool) == 0:
             raise ValueError("the candidate pool (train_data) is empty")
         if not hasattr(self.queries, "__len__") or len(self.queries) == 0:
             raise ValueError("the query set is empty; pass query_data with at least one example")
-        if max_train_examples is not None and max_train_examples > len(self.pool):
+        if keep_top_scores is not None and keep_top_scores < top_k:
+            raise ValueError(f"keep_top_scores={keep_top_scores} is smaller than top_k={top_k}: the top examples are "
+                             "taken from the kept scores; raise keep_top_scores or lower top_k")
+        if not self.streaming and max_train_examples is not None and max_train_examples > len(self.pool):
             raise ValueError(f"max_train_examples={max_train_examples} is larger than the candidate pool "
                              f"({len(self.pool)} examples); lower it or set it to None")
         self.strategy, self.fisher, self.damping, self.query_rank = strategy, fisher, damping, query_rank
         self.top_k, self.batch_size, self.correction_batches = top_k, batch_size, correction_batches
         self.self_influence = self_influence
+        self.keep_top_scores, self.pool_id_key = keep_top_scores, pool_id_key
+        self.max_train_examples = max_train_examples
         self.seed, self.show_progress = seed, show_progress
         self.run_config = run_config if run_config is not None else {
             "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
             "correction_batches": correction_batches, "max_train_examples": max_train_examples, "seed": seed}
         self.query_ids = torch.as_tensor(list(query_ids) if query_ids is not None else range(len(self.queries)))
-        self.pool_ids = choose_pool_ids(len(self.pool), max_train_examples, seed) if pool_ids is None else pool_ids
+        if pool_ids is None and not self.streaming:
+            pool_ids = choose_pool_ids(len(self.pool), max_train_examples, seed)
+        self.pool_ids = pool_ids
 
     @property
-    def pool_ids(self) -> Tensor:
-        """Dataset indices of the scored pool examples, sorted (kept across checkpoints and resumes)."""
+    def pool_ids(self) -> Optional[Tensor]:
+        """Dataset indices of the scored pool examples, sorted (kept across checkpoints and resumes);
+        of a streaming pool, the ids read at the last checkpoint (``None`` before it)."""
         return self._pool_ids
 
     @pool_ids.setter
-    def pool_ids(self, ids: Tensor) -> None:
+    def pool_ids(self, ids: Optional[Tensor]) -> None:
+        if ids is None or self.streaming:  # a stream's ids are whatever it yields at each checkpoint
+            self._pool_ids = None if ids is None else torch.as_tensor(ids).long()
+            return
         ids = torch.as_tensor(ids).long()
         if len(ids) and (int(ids.max()) >= len(self.pool) or int(ids.min()) < 0):
             raise ValueError(f"the candidate pool subset does not fit this training dataset ({len(self.pool)} "
@@ -143,20 +166,50 @@ class InfluenceSession:
     def pool_loader(self, ids: Union[Tensor, Sequence[int]]) -> DataLoader:
         return self.loader(Subset(self.pool, torch.as_tensor(ids).tolist()))
 
+    def pool_stream(self, limit: Optional[int], shard: bool = True, wanted: Optional[Tensor] = None) -> "PoolStream":
+        """A streaming pool's first ``limit`` items (at most ``max_train_examples``): this process's
+        share of them, or those whose id is in ``wanted`` (all processes alike)."""
+        if self.max_train_examples is not None:
+            limit = self.max_train_examples if limit is None else min(limit, self.max_train_examples)
+        world, here = (distributed.world_size(), distributed.rank()) if shard and wanted is None else (1, 0)
+        return PoolStream(self.pool, self.pool_id_key, limit, world, here, wanted)
+
     def correction_ids(self) -> Tensor:
         """Fixed, seeded pool indices for the eigenvalue-correction pass."""
+        if self.streaming:
+            raise ValueError("a streaming pool has no random access: its eigenvalue-correction pass reads the "
+                             "stream's first correction_batches batches (see correction_loader)")
         size = len(self.pool)
         count = size if self.correction_batches is None else min(size, self.correction_batches * self.batch_size)
         order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + _CORRECTION_SUBSET_OFFSET))
         return order[:count]
 
+    def correction_loader(self) -> DataLoader:
+        """This process's share of the eigenvalue-correction examples: of a seeded random subset of
+        the pool, or of a streaming pool's first ``correction_batches`` batches."""
+        if self.streaming:
+            limit = None if self.correction_batches is None else self.correction_batches * self.batch_size
+            return self.loader(self.pool_stream(limit))
+        ids = self.correction_ids()
+        return self.pool_loader(ids[_share(len(ids))])
+
     def memory_estimate(self, layers: Sequence[TrackedLayer]) -> str:
         """What the statistics and scores of this session will hold, for a log line."""
         stats_bytes = 2 * sum(layer.factor_bytes for layer in layers)  # statistics + one step's buffer
-        n_train, n_query = len(self.pool_ids), len(self.queries)
-        score_bytes = 4 * n_query * n_train + 8 * n_query * len(layers)  # scores + per-layer sums
-        return (f"tracking {len(layers)} layers; statistics {stats_bytes / 2**20:.3g} MiB, scores "
-                f"{score_bytes / 2**20:.3g} MiB ({n_query} queries x {n_train} training examples, and per-layer sums)")
+        n_query = len(self.queries)
+        n_train = self.max_train_examples if self.streaming else len(self.pool_ids)
+        sums_bytes = 8 * n_query * len(layers)
+        if self.keep_top_scores is not None:
+            kept_bytes = n_query * (2 * 12 * self.keep_top_scores + 8 * (len(MOMENTS) + 4 * NUM_BINS))
+            scores = (f"scores {(kept_bytes + sums_bytes) / 2**20:.3g} MiB (top/bottom {self.keep_top_scores} per "
+                      f"query and a sketch of the rest, {n_query} queries, and per-layer sums)")
+        elif n_train is None:
+            scores = (f"scores 4 bytes x {n_query} queries per streamed training example (set keep_top_scores "
+                      "to bound them)")
+        else:
+            scores = (f"scores {(4 * n_query * n_train + sums_bytes) / 2**20:.3g} MiB ({n_query} queries x "
+                      f"{n_train} training examples, and per-layer sums)")
+        return f"tracking {len(layers)} layers; statistics {stats_bytes / 2**20:.3g} MiB, {scores}"
 
     # -- set-up check --------------------------------------------------------------------------------
     def check(self, model: nn.Module, layers: Sequence[TrackedLayer]) -> None:
@@ -169,9 +222,13 @@ class InfluenceSession:
             stack.enter_context(passes.fork_rng(device))
             stack.enter_context(passes.evaluation_mode(model))
             stack.enter_context(tracker)
-            for what, dataset, collate in (("training", self.pool, self.pool_collate),
+            first_pool_examples = self.pool_stream(self.batch_size, shard=False) if self.streaming else self.pool
+            for what, dataset, collate in (("training", first_pool_examples, self.pool_collate),
                                            ("query", self.queries, self.query_collate)):
-                batch = passes.to_device(next(iter(self.loader(dataset, collate))), device)
+                try:
+                    batch = passes.to_device(next(iter(self.loader(dataset, collate))), device)
+                except StopIteration:
+                    raise ValueError(f"the {what} data yielded no example; pass a non-empty train_data") from None
                 try:  # the loss / measurement too: e.g. labels out of range for the model's outputs
                     outputs = passes.forward(model, self.task, batch, tracker)
                     expected = (self.task.batch_size(batch),)
@@ -199,11 +256,9 @@ class InfluenceSession:
         """The strategy's factors at the current weights, from covariances accumulated in training.
         Each process corrects the eigenvalues on its share of the correction examples; the sums are
         all-reduced (collective). ``step`` varies the sampled targets between checkpoints."""
-        ids = self.correction_ids()
-        share = ids[_share(len(ids))]
         seed = self.seed + step + _CORRECTION_TARGETS_OFFSET * distributed.rank()
         with passes.fork_rng(passes.model_device(model)):
-            return fit_factors(model, self.task, self.pool_loader(share), self.strategy, self.fisher,
+            return fit_factors(model, self.task, self.correction_loader(), self.strategy, self.fisher,
                                covariances=statistics, batch_size=self.batch_size, seed=seed,
                                show_progress=self.show_progress, reduce=distributed.all_reduce_sum_)
 
@@ -214,40 +269,52 @@ class InfluenceSession:
         """Score the pool against the queries (each process its share; collective), then keep the
         per-token and per-layer scores of each query's ``top_k`` most positive and negative examples.
         Per layer over the whole pool only the sums ``layer_abs_sums [L, Q]`` (the layer
-        distribution) are kept, unless ``per_layer`` asks for ``layer_scores [L, Q, N]``.
+        distribution) are kept, unless ``per_layer`` asks for ``layer_scores [L, Q, N]``; with
+        ``keep_top_scores``, per query only its top/bottom scores and a sketch of the rest.
 
         Returns the same complete :class:`InfluenceResult` on every process; ``meta`` is merged into
         its metadata (with the run identity, timings and pool size)."""
         if per_token and distributed.world_size() > 1:
             raise ValueError("dense per_token scores are computed in a single process; score a subset offline")
         started = time.perf_counter()
-        ids = self.pool_ids
-        mine = ids[_share(len(ids))]
         device = passes.model_device(model)
+        if self.streaming:
+            stream = self.pool_stream(None)
+            loader, mine = self.loader(stream), stream.ids  # the list fills while the stream is read
+        else:
+            mine = self.pool_ids[_share(len(self.pool_ids))]
+            loader = self.pool_loader(mine)
         with passes.fork_rng(device):
             queries = self._prepared_queries(model, factors)
             prepared = time.perf_counter() - started
             part = compute_influence(
-                model, self.task, self.pool_loader(mine), None, factors, self.damping,
+                model, self.task, loader, None, factors, self.damping,
                 per_layer=per_layer, layer_sums=True, per_token=per_token, query_rank=self.query_rank,
-                self_influence=self_influence, batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids,
-                prepared_queries=queries, show_progress=self.show_progress,
+                self_influence=self_influence, keep_top=self.keep_top_scores, batch_size=self.batch_size,
+                train_ids=mine, query_ids=self.query_ids, prepared_queries=queries, show_progress=self.show_progress,
             )
-            tensors = _gathered(part, len(ids), device)
+            ids, tensors = self._gathered(part, device)
+            if self.streaming:
+                self.pool_ids = ids
             timings = {"queries": prepared, "scores": time.perf_counter() - started}
-            scores = tensors.pop("scores")
+            scores = tensors.pop("scores", None)
             stage = time.perf_counter()
             token_note = None
             if self.top_k:
                 try:
-                    tensors.update(self._top_examples(model, factors, scores, queries))
+                    tensors.update(self._top_examples(model, factors, self._picked(scores, ids, tensors), queries))
                 except ValueError as err:  # e.g. layers reading different token axes
                     token_note = str(err)
             timings["token_scores"] = time.perf_counter() - stage
+        if scores is not None:
+            nonfinite = _nonfinite_examples(scores, ids)
+        else:
+            found = distributed.gather_objects(part.meta["nonfinite_train_ids"])
+            nonfinite = sorted(example for share in found for example in share)
         result_meta = dict(part.meta)
         result_meta.update(
-            n_train=len(ids), nonfinite_train_ids=_nonfinite_examples(scores, ids), n_pool=len(self.pool),
-            world_size=distributed.world_size(),
+            n_train=len(ids), nonfinite_train_ids=nonfinite, n_pool=len(ids) if self.streaming else len(self.pool),
+            world_size=distributed.world_size(), keep_top_scores=self.keep_top_scores, streaming_pool=self.streaming,
             tokens_seen=factors.meta.get("tokens_seen"), token_scores_skipped=token_note,
             run=run_identity(model, self.task, ids, self.run_config),
             timings={**part.meta.get("timings", {}), **timings},
@@ -256,6 +323,52 @@ class InfluenceSession:
         return InfluenceResult(scores=scores, train_ids=ids, query_ids=self.query_ids, layer_names=part.layer_names,
                                step=step, epoch=epoch, meta=result_meta, **tensors)
 
+    def _gathered(self, part: InfluenceResult, device: torch.device) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """The scored ids and every process's share of the pool's score tensors, put together: per
+        example concatenated along the pool axis (a stream's sorted by id), per-layer sums added,
+        sketches merged."""
+        out: Dict[str, Tensor] = {}
+        sums = part.get("layer_abs_sums")
+        if sums is not None:  # sums over each process's share of the pool
+            total_sums = sums.to(device)
+            distributed.all_reduce_sum_([total_sums])
+            out["layer_abs_sums"] = total_sums.cpu()
+        for name in ("token_scores", "token_mask"):  # single-process only (see score)
+            if part.get(name) is not None:
+                out[name] = part.get(name)
+        per_example = {name: part.get(name) for name in ("scores", "layer_scores", "self_scores")
+                       if part.get(name) is not None}
+        if self.streaming:
+            pieces = distributed.gather_objects((part.train_ids, per_example))
+            ids = torch.cat([piece_ids for piece_ids, _ in pieces])
+            order = ids.argsort()
+            ids = ids[order]
+            repeated = ids[1:][ids[1:] == ids[:-1]].unique()
+            if len(repeated):
+                raise ValueError(f"the streaming pool yielded the ids {repeated[:10].tolist()} more than once; "
+                                 f"each item needs a unique, stable integer under {self.pool_id_key!r}")
+            for name in per_example:
+                out[name] = torch.cat([fields[name] for _, fields in pieces], dim=-1)[..., order]
+        else:
+            ids = self.pool_ids
+            for name, local in per_example.items():
+                out[name] = distributed.gather_last_dim(local.to(device), len(ids)).cpu()
+        sketch = ScoreSketch.of(part)
+        if sketch is not None:
+            out.update(ScoreSketch.merge(distributed.gather_objects(sketch)).fields())
+        return ids, out
+
+    def _picked(self, scores: Optional[Tensor], ids: Tensor, tensors: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """Per query, the train ids of the ``top_k`` most positive / negative finite scores (-1: none)."""
+        if scores is None:  # taken from the kept scores (keep_top_scores >= top_k)
+            return {side: tensors[f"kept_{side}_ids"][:, :self.top_k] for side in ("top", "bottom")}
+        k = min(self.top_k, scores.shape[1])
+        picked = {}
+        for side, largest in (("top", True), ("bottom", False)):
+            positions = finite_topk(scores, k, largest=largest).indices
+            picked[side] = torch.where(positions >= 0, ids[positions.clamp_min(0)], -1)
+        return picked
+
     def _prepared_queries(self, model: nn.Module, factors: Factors) -> Tuple[PreconditionedQueries, Tensor]:
         """The preconditioned queries, prepared once per checkpoint for the pool and its top examples."""
         layers = layers_by_name(model, factors.layer_names)
@@ -263,28 +376,36 @@ class InfluenceSession:
                                     layers, factors.damping_per_layer(self.damping), self.query_rank,
                                     self.batch_size, self.show_progress)
 
-    def _top_examples(self, model: nn.Module, factors: Factors, scores: Tensor,
+    def _top_examples(self, model: nn.Module, factors: Factors, picked: Dict[str, Tensor],
                       queries: Tuple[PreconditionedQueries, Tensor]) -> Dict[str, Tensor]:
-        """Per query, the ``top_k`` most positive / negative examples' ids, per-token and per-layer
-        scores, computed for the union of those examples only. Non-finite scores are never ranked: a query
-        with fewer finite scores than ``top_k`` gets id -1 (and no token scores) in the gaps."""
-        k = min(self.top_k, scores.shape[1])
-        picked = {"top": finite_topk(scores, k).indices, "bottom": finite_topk(scores, k, largest=False).indices}
-        positions = torch.cat(list(picked.values()), dim=1)
-        union = positions[positions >= 0].unique()  # sorted positions in the pool id list
+        """Per query, the ``picked`` top / bottom examples' ids, per-token and per-layer scores,
+        computed for the union of those examples only (a streaming pool is read again for them).
+        A gap (id -1: fewer finite scores than ``top_k``) gets no token scores."""
+        chosen = torch.cat(list(picked.values()), dim=1)
+        union = chosen[chosen >= 0].unique()  # sorted ids
         if len(union) == 0:
             raise ValueError("no finite score to rank: per-token scores of the top examples are skipped")
+        if self.streaming:
+            stream = self.pool_stream(None, wanted=union)
+            loader, read = self.loader(stream), stream.ids
+        else:
+            loader, read = self.pool_loader(union), union.tolist()
         tokens = compute_influence(
-            model, self.task, self.pool_loader(self.pool_ids[union]), None, factors, self.damping,
+            model, self.task, loader, None, factors, self.damping,
             per_layer=True, per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
             prepared_queries=queries,
         )
-        rows = torch.arange(scores.shape[0]).unsqueeze(1)
+        read_ids = torch.as_tensor(read, dtype=torch.long)
+        if not torch.equal(read_ids.sort().values, union):
+            raise ValueError("the streaming pool did not yield the same examples when read again for the top "
+                             "examples' token scores: it must be deterministic")
+        order = read_ids.argsort()
+        rows = torch.arange(chosen.shape[0]).unsqueeze(1)
         out = {}
-        for name, chosen in picked.items():
-            ranked = chosen >= 0
-            where = torch.searchsorted(union, chosen.clamp_min(0)).clamp_max(len(union) - 1)
-            out[f"{name}_ids"] = torch.where(ranked, self.pool_ids[chosen.clamp_min(0)], -1)
+        for name, ids in picked.items():
+            ranked = ids >= 0
+            where = order[torch.searchsorted(read_ids[order], ids.clamp_min(0)).clamp_max(len(union) - 1)]
+            out[f"{name}_ids"] = ids
             out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * ranked.unsqueeze(-1)
             out[f"{name}_token_mask"] = tokens.token_mask[where] & ranked.unsqueeze(-1)
             out[f"{name}_layer_scores"] = tokens.layer_scores[:, rows, where].masked_fill(~ranked, math.nan)
@@ -320,23 +441,46 @@ def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:
     return ids[(~torch.isfinite(scores[queries_ok])).any(0)].tolist()
 
 
-def _gathered(part: InfluenceResult, total: int, device: torch.device) -> Dict[str, Tensor]:
-    """Every process's share of the pool's score tensors, concatenated along the pool axis."""
-    out = {}
-    for name in ("scores", "layer_scores", "layer_abs_sums", "token_scores", "token_mask", "self_scores"):
-        local = part.get(name)
-        if local is None:
-            continue
-        if name == "layer_abs_sums":  # sums over each process's share of the pool
-            total_sums = local.to(device)
-            distributed.all_reduce_sum_([total_sums])
-            out[name] = total_sums.cpu()
-            continue
-        if name in ("token_scores", "token_mask"):  # single-process only (see score)
-            out[name] = local
-            continue
-        out[name] = distributed.gather_last_dim(local.to(device), total).cpu()
-    return out
+class PoolStream(IterableDataset):
+    """A streaming pool read once: its first ``limit`` items, of which every ``world``-th from
+    ``rank`` (or, with ``wanted``, only the items with those ids), each without its id key, so that
+    the task and the model see the item as it was. ``ids`` lists, in order, the ids of the items
+    read by the current iteration (filled as the DataLoader fetches them in this process)."""
+
+    def __init__(self, source: IterableDataset, id_key: str, limit: Optional[int], world: int = 1, rank: int = 0,
+                 wanted: Optional[Tensor] = None) -> None:
+        self.source, self.id_key, self.limit, self.world, self.rank = source, id_key, limit, world, rank
+        self.wanted = set(wanted.tolist()) if wanted is not None else None
+        self.ids: List[int] = []
+
+    def __iter__(self):
+        self.ids.clear()  # in place: callers hold this list to learn the ids after the pass
+        for position, item in enumerate(itertools.islice(self.source, self.limit)):
+            if position % self.world != self.rank:
+                continue
+            example_id = stable_id(item, self.id_key, position)
+            if self.wanted is not None and example_id not in self.wanted:
+                continue
+            self.ids.append(example_id)
+            yield {key: value for key, value in item.items() if key != self.id_key}
+
+
+def stable_id(item: Any, key: str, position: int) -> int:
+    """The integer id a streaming pool item carries under ``key``, or a ``ValueError`` saying what to change."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"item {position} of the streaming pool is a {type(item).__name__}, not a mapping: a "
+                         f"streaming train_data must yield dicts with a stable integer id under {key!r}")
+    if key not in item:
+        raise ValueError(f"item {position} of the streaming pool has no {key!r} key (it has {sorted(map(str, item))}): "
+                         "each item needs a stable integer id there (e.g. its row number in the source), or set "
+                         "pool_id_key to the key that holds it")
+    value = item[key]
+    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and not value.is_complex():
+        value = value.item()
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise ValueError(f"item {position} of the streaming pool has {key!r} = {value!r}; ids must be integers "
+                         "(map string keys to integers, e.g. a row number kept with the data)")
+    return int(value)
 
 
 def choose_pool_ids(size: int, max_train_examples: Optional[int], seed: int) -> Tensor:

@@ -58,6 +58,9 @@ BAD_VALUE = {
     "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
     "ledger": (1, "ledger must be True or False, got 1"),
     "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
+    "keep_top_scores": (0, "keep_top_scores must be an integer >= 1, got 0"),
+    "pool_id_key": ("", "pool_id_key must be a non-empty string (the key of a streaming pool item's integer id), "
+                        "got ''"),
     "report": ("yes", "report must be True or False, got 'yes'"),
     "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
     "show_progress": (None, "show_progress must be True or False, got None"),
@@ -93,8 +96,11 @@ def test_a_bad_value_fails_naming_the_field(field):
     (dict(task=object()), "task must be a lightning_influence.Task or one of ('classification', 'regression', "
                           "'causal_lm'), got <object objec"),
     (dict(exclude=["net.0", 3]), "exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
+    (dict(keep_top_scores=5, top_k=10), "keep_top_scores=5 is smaller than top_k=10"),
+    (dict(pool_id_key=7), "pool_id_key must be a non-empty string"),
 ], ids=["damping-huge", "damping-minus-inf", "damping-nan", "damping-string", "seed-negative", "seed-limit",
-        "query-none", "train-float", "output-bytes", "task-object", "exclude-non-string"])
+        "query-none", "train-float", "output-bytes", "task-object", "exclude-non-string", "keep-below-top-k",
+        "id-key-not-string"])
 def test_more_bad_values(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         _config(**changes).validate()

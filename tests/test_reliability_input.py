@@ -138,9 +138,11 @@ class _Stream(IterableDataset):
         yield from planted_data()[0]
 
 
-def test_train_data_without_len(tmp_path):
+def test_a_streaming_pool_without_ids(tmp_path):
+    """An IterableDataset pool is read as a stream, whose items must be mappings with an integer id."""
     assert_refused_before_training(tmp_path, make_callback(tmp_path, train_data=_Stream()),
-                                   r"train_data \(_Stream\) has no __len__: .*pass train_data=<map-style Dataset>")
+                                   r"item 0 of the streaming pool is a tuple, not a mapping: a streaming train_data "
+                                   r"must yield dicts with a stable integer id under 'id'")
 
 
 # -- memory ---------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ class TensorBoardSink(LoggerSink):
     def publish(self, report: Report) -> None:
         super().publish(report)
         writer = self.logger.experiment
-        writer.add_histogram(report.key("scores"), report.scores, global_step=report.step)
+        if report.scores.size:  # empty for a result with keep_top_scores
+            writer.add_histogram(report.key("scores"), report.scores, global_step=report.step)
         for name in report.pngs:
             writer.add_image(report.key(name), report.image(name), global_step=report.step, dataformats="HWC")
         for name, values in report.histograms.items():

@@ -97,12 +97,19 @@ def _ranked_examples(result: Any, q: int, k: int, largest: bool) -> List[tuple]:
     """``(train_id, score, token_scores, token_mask)`` of query ``q``'s k most extreme examples.
 
     Prefers the ids and token scores the callback kept (``top_ids`` / ``bottom_ids``); falls back
-    to ranking ``scores`` (with dense token scores, if the result has them).
+    to ranking ``scores`` (with dense token scores, if the result has them), or to the scores a
+    result with ``keep_top_scores`` kept.
     """
     prefix = "top" if largest else "bottom"
-    scores = result.scores[q]
-    columns = {int(train_id): j for j, train_id in enumerate(result.train_ids.tolist())}
     kept_ids = result.get(f"{prefix}_ids")
+    if result.scores is None:  # keep_top_scores: the kept extreme scores, by id
+        ids, values = result.get(f"kept_{prefix}_ids")[q], result.get(f"kept_{prefix}_scores")[q]
+        scores, columns = values, {int(i): j for j, i in enumerate(ids.tolist()) if i >= 0}
+        if kept_ids is None:
+            return [(int(i), float(v), None, None) for i, v in zip(ids[:k].tolist(), values[:k].tolist()) if i >= 0]
+    else:
+        scores = result.scores[q]
+        columns = {int(train_id): j for j, train_id in enumerate(result.train_ids.tolist())}
     if kept_ids is not None:
         token_scores, token_mask = result.get(f"{prefix}_token_scores"), result.get(f"{prefix}_token_mask")
         picked = []
@@ -180,11 +187,15 @@ def _top_layer_scores(result: Any, q: int, count: int) -> Optional[Tuple[torch.T
 
 
 def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int, trajectory) -> Dict[str, Any]:
-    figures = {"score_histogram": plots.score_histogram(result.scores)}
+    # A result with keep_top_scores has no histogram of every score, and its tails show the kept scores.
+    dense = result.scores is not None
+    figures = {"score_histogram": plots.score_histogram(result.scores)} if dense else {}
     for q in queries:
         query_id = int(result.query_ids[q])
         fit = summary.tail_fits[q] if q < len(summary.tail_fits) else None
-        figures[f"tail/q{query_id}"] = plots.tail_ccdf(result.scores[q], fit, title=f"Influence tail, query {query_id}")
+        values = result.scores[q] if dense else result.get("kept_top_scores")[q]
+        title = f"Influence tail, query {query_id}" + ("" if dense else f" (top {len(values)} kept)")
+        figures[f"tail/q{query_id}"] = plots.tail_ccdf(values, fit, title=title)
         heatmap = _top_layer_scores(result, q, heatmap_examples)
         if heatmap is not None and result.layer_names:
             figures[f"layer_heatmap/q{query_id}"] = plots.layer_heatmap(
@@ -222,7 +233,7 @@ def build_report(
     result, summary = analysis.result, analysis.summary
     queries = range(min(max_queries, result.num_queries))
     figures = _figures(result, summary, queries, heatmap_examples, analysis.trajectory)
-    scores = result.scores.double().ravel()
+    scores = result.scores.double().ravel() if result.scores is not None else torch.empty(0)
     return Report(
         step=int(step),
         epoch=result.epoch,
