@@ -13,6 +13,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+# Bytes this process sent and received through the reductions and broadcasts below (an all-reduce
+# counted as a ring all-reduce moves them): what the sharding benchmark reports; nothing depends on it.
+traffic = {"sent": 0, "received": 0}
+
+
+def _count(sent: int = 0, received: int = 0) -> None:
+    traffic["sent"] += sent
+    traffic["received"] += received
+
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -33,6 +42,8 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
         flat = torch.cat([t.reshape(-1) for t in group])
         flat = flat.to(_wire_device(flat))
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        ring = flat.numel() * flat.element_size() * 2 * (world_size() - 1) // world_size()
+        _count(sent=ring, received=ring)  # what a ring all-reduce moves per process
         offset = 0
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
@@ -63,16 +74,6 @@ def gather_last_dim(local: Tensor, total: int) -> Tensor:
 
 
 # -- curvature sharded across processes ---------------------------------------------------------------
-# Bytes this process sent and received through the functions below (the traffic of sharded curvature;
-# the benchmarks and tests read it, nothing else depends on it).
-traffic = {"sent": 0, "received": 0}
-
-
-def _count(sent: int = 0, received: int = 0) -> None:
-    traffic["sent"] += sent
-    traffic["received"] += received
-
-
 def _wire_device(tensor: Tensor) -> torch.device:
     """Where a collective can take ``tensor``: NCCL only moves GPU tensors, so statistics kept on the
     CPU (``statistics_device="cpu"``) travel through the current GPU under NCCL."""
