@@ -462,7 +462,8 @@ class Factors:
         moves them into the saved directory (collective; no process sends another its factors)."""
         staging = _staging_dir(path)
         staging.mkdir(parents=True, exist_ok=True)
-        save_tensors(staging / _shard_file(distributed.rank()), _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
+        save_tensors(staging / _shard_file(distributed.rank()),
+                     _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
         distributed.barrier()
         self._staged = staging
 

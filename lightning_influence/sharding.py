@@ -53,13 +53,14 @@ def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]
     are left as they are (moving averages keep going). Raises, on every process alike, when a
     layer has no statistics at all."""
     owners = owners_of(layers)
-    counts = torch.stack([local.state[layer.name][key].double().to(passes_device(local))
+    device = _device_of(local)
+    counts = torch.stack([local.state[layer.name][key].double().to(device)
                           for layer in layers for key in ("a_count", "s_count")])
     distributed.all_reduce_sum_([counts])
     if bool((counts == 0).any()):
         raise RuntimeError("no statistics were collected for some tracked layers; influence cannot be computed yet")
     mine = [layer for layer in layers if owners[layer.name] == distributed.rank()]
-    out = CovarianceStatistics(mine, dtype=local.state[layers[0].name]["a_sum"].dtype, device=passes_device(local))
+    out = CovarianceStatistics(mine, dtype=local.state[layers[0].name]["a_sum"].dtype, device=device)
     for position, layer in enumerate(layers):
         parts = local.state[layer.name]
         summed = distributed.reduce_to_owner([parts["a_sum"], parts["s_sum"]], owners[layer.name])
@@ -69,14 +70,11 @@ def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]
             target["s_sum"].copy_(summed[1])
             target["a_count"].fill_(float(counts[2 * position]))
             target["s_count"].fill_(float(counts[2 * position + 1]))
-    out.tokens_seen = {layer.name: float(counts[2 * i]) for i, layer in enumerate(layers)}
     return out
 
 
-def passes_device(stats: CovarianceStatistics) -> torch.device:
-    for parts in stats.state.values():
-        return parts["a_sum"].device
-    return torch.device("cpu")
+def _device_of(stats: CovarianceStatistics) -> torch.device:
+    return next(iter(stats.state.values()))["a_sum"].device
 
 
 def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStatistics,
@@ -101,9 +99,13 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
                                                     show_progress=show_progress, left_out=left_out)
             correction = part if correction is None else correction.merge_(part)
     _warn_left_out(left_out)
-    nonfinite = set().union(*distributed.all_gather_objects(sorted(set(left_out))))
+    nonfinite, tokens_seen = set(), {}
+    for positions, tokens in distributed.all_gather_objects(
+            (sorted(set(left_out)), {name: float(parts["a_count"]) for name, parts in statistics.state.items()})):
+        nonfinite.update(positions)
+        tokens_seen.update(tokens)
     meta = {"fisher": fisher, "num_samples": 1, "layers": [layer.name for layer in layers],
-            "nonfinite_examples": len(nonfinite), "tokens_seen": getattr(statistics, "tokens_seen", None),
+            "nonfinite_examples": len(nonfinite), "tokens_seen": {n.name: tokens_seen[n.name] for n in layers},
             "sharded": {"world_size": distributed.world_size()}}
     local = factors_from_statistics(strategy, mine, bases, correction, meta)
     summaries: Dict[str, Tuple[float, int, float]] = {}
@@ -137,7 +139,7 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
     dense: Dict[str, Tensor] = {}
     low_rank: Dict[str, Tuple[Tensor, ...]] = {}
     for layer in layers:
-        parts = _parts(local, layer.name) if layer.name in described and factors.owners[layer.name] == here else [
+        parts = _parts(local, layer.name) if factors.owners[layer.name] == here else [
             torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in described[layer.name]]
         distributed.broadcast_from(parts, factors.owners[layer.name])
         for part in parts:

@@ -5,6 +5,11 @@ Also the memory levers of a single process: ``statistics_device`` and ``eigenbas
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -12,6 +17,7 @@ import lightning_influence as li
 from lightning_influence import distributed
 from lightning_influence.factors import Factors
 from tests import sharding_helpers as helpers
+from tests.ddp_script import main as train_planted
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +64,11 @@ def _check_against_reference(ranks, reference, world):
 
 
 def test_two_processes_shard_the_curvature_and_score_as_one(tmp_path, reference):
-    """Sharded: the single process's statistics, factors and scores, half the factor bytes per
-    rank (each layer's eigenvalues
-    too; eigenvectors of near-degenerate eigenvalues are not comparable); with sampled targets (fisher="true") the same scores as the unsharded run of the same
-    process group (each share's correction keeps its rank's seed). Saved one file per owner, the
-    factors load whole in one process and give the same scores."""
+    """Sharded: the single process's statistics, factors (eigenvalues; eigenvectors of near-degenerate
+    eigenvalues are not comparable) and scores, half the factor bytes per rank; with sampled targets
+    (fisher="true") the same scores as the unsharded run of the same process group (each share's
+    correction keeps its rank's seed). Saved one file per owner, the factors load whole in one
+    process and give the same scores."""
     ranks = helpers.spawn(helpers.fit_and_score, 2, tmp_path,
                           [("empirical", True), ("true", True), ("true", False)])
     per_rank, total = _check_against_reference(ranks, reference, world=2)
@@ -162,3 +168,22 @@ def test_sharded_factors_refuse_self_influence_and_other_strategies():
     with pytest.raises(ValueError, match="shard_factors needs strategy 'ekfac' or 'kfac'"):
         helpers.session(train, queries, shard_factors=True, strategy="diagonal")
     assert Factors("ekfac", {}, owners={"x": 1}, summaries={"x": (1.0, 4, 0.5)}).damping_per_layer() == {"x": 0.1}
+
+
+def test_the_callback_under_ddp_with_sharded_factors_matches_one_process(tmp_path):
+    """``InfluenceCallback(shard_factors=True)`` in a Lightning DDP run of 2 processes: the
+    single process's scores and top examples, and the result's factors saved one file per owner."""
+    script = Path(__file__).with_name("ddp_script.py")
+    run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp"), "ddp-sharded"],
+                           env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+    train_planted(tmp_path / "single", "single")  # the reference, in this process meanwhile
+    output, _ = run.communicate(timeout=300)
+    assert run.returncode == 0, f"DDP run failed:\n{output[-4000:]}"
+    single, ddp = (torch.load(tmp_path / mode / "summary.pt", weights_only=True) for mode in ("single", "ddp"))
+    assert ddp["world_size"] == 2 and ddp["result_dirs"] == single["result_dirs"] == ["step=12"]
+    _close(ddp["scores"], single["scores"])
+    assert torch.equal(ddp["top_ids"], single["top_ids"])
+    assert ddp["factor_files"] == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    assert single["factor_files"] == ["meta.json", "tensors.safetensors"]
+    assert not list((tmp_path / "ddp" / "influence").glob(".*factor-shards"))  # staging removed
