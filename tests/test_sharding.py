@@ -144,7 +144,7 @@ def test_statistics_on_the_cpu_equal_the_default(reference):
             _close(moved.layers[name][key], value, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])  # measured 2.7e-7, 3.7e-3
 def test_eigenbases_in_lower_precision_stay_within_tolerance_of_float64(reference, dtype, tolerance):
     """Bases stored in float32 / bfloat16 (the eigenvalue correction runs in the stored basis):
     scores within ``tolerance`` of the float64 bases', relative to the largest score."""
@@ -161,13 +161,17 @@ def test_eigenbases_in_lower_precision_stay_within_tolerance_of_float64(referenc
     assert error > 0  # the dtype is really used
 
 
-def test_sharded_factors_refuse_self_influence_and_other_strategies():
+def test_sharded_factors_refuse_self_influence_other_strategies_and_plain_scoring():
     _, train, queries = helpers.model_and_data()
     with pytest.raises(ValueError, match="self_influence needs every layer's factors"):
         helpers.session(train, queries, shard_factors=True, self_influence=True)
     with pytest.raises(ValueError, match="shard_factors needs strategy 'ekfac' or 'kfac'"):
         helpers.session(train, queries, shard_factors=True, strategy="diagonal")
-    assert Factors("ekfac", {}, owners={"x": 1}, summaries={"x": (1.0, 4, 0.5)}).damping_per_layer() == {"x": 0.1}
+    elsewhere = Factors("ekfac", {}, owners={"x": 1}, summaries={"x": (1.0, 4, 0.5)})
+    assert elsewhere.damping_per_layer() == {"x": 0.1}  # from the owner's summary alone
+    model, train, queries = helpers.model_and_data()
+    with pytest.raises(ValueError, match="sharded across processes"):
+        li.compute_influence(model, li.ClassificationTask(), train, queries, factors=elsewhere)
 
 
 def test_the_callback_under_ddp_with_sharded_factors_matches_one_process(tmp_path):
