@@ -5,7 +5,10 @@ eigenvalue of the exact Gauss-Newton block ℓ) as the dense oracle, for several
 the Pearson and Spearman correlation with the oracle (per query, averaged over queries) and the
 relative Frobenius error of the curvature blocks themselves.
 
-    python benchmarks/accuracy.py [--quick] [--json PATH] [--markdown PATH]
+    python benchmarks/accuracy.py [--quick] [--json PATH] [--markdown PATH] [--eigenbasis-dtype bfloat16]
+
+``--eigenbasis-dtype`` stores the K-FAC / EK-FAC eigenbases of every post-hoc fit in that dtype
+(the memory lever ``eigenbasis_dtype``), to compare its table with the float64 default's.
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ def block_error(factors: li.Factors, oracle: DenseGaussNewton) -> Optional[float
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    args = benchlib.parse_args(__doc__.splitlines()[0], argv)
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{"--eigenbasis-dtype": dict(
+        default="float64", choices=("float64", "float32", "bfloat16"), help="dtype the eigenbases are stored in")})
+    bases = dict(eigenbasis_dtype=getattr(torch, args.eigenbasis_dtype))
     cfg = QUICK if args.quick else FULL
     started = time.perf_counter()
     (x, y), (xq, yq) = benchlib.digits(cfg["num_train"], cfg["num_query"])
@@ -74,11 +79,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if strategy == "identity":
             factors = li.fit_factors(model, task, train, "identity")
         elif source == "training":
-            factors = li.fit_factors(model, task, train, strategy, "empirical", covariances=last_epoch["stats"])
+            factors = li.fit_factors(model, task, train, strategy, "empirical", covariances=last_epoch["stats"],
+                                     **bases)
         elif source == "training, lagged basis":
             factors = collector.lagged_factors()
         else:
-            factors = li.fit_factors(model, task, train, strategy, source, batch_size=64)
+            factors = li.fit_factors(model, task, train, strategy, source, batch_size=64, **bases)
         row = [strategy, source]
         entry = {"strategy": strategy, "factors": source, "correlations": {}}
         for c, exact in truth.items():
@@ -104,7 +110,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              "alternative the callback did not take: eigenbasis from the previous epoch's statistics and "
              "eigenvalues accumulated from the last epoch's training steps in that basis. Correlations per "
              "query, averaged.")
+    setup += f" Eigenbases stored in {args.eigenbasis_dtype} (lagged-basis row: float64)."
     payload = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()},
+               "eigenbasis_dtype": args.eigenbasis_dtype,
                "environment": benchlib.environment(), "rows": payload_rows,
                "seconds": {"total": time.perf_counter() - started, "oracle": oracle_seconds}}
     benchlib.emit(args, "Accuracy against the exact damped Gauss-Newton influence", [setup,

@@ -15,7 +15,7 @@ import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -240,6 +240,20 @@ def load_tensors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Di
         raise FormatError(f"{path}: missing tensor file")
     try:
         return load_file(str(path), device=str(device))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise FormatError(f"{path}: corrupted or not a safetensors file ({err})") from err
+
+
+def load_tensor_subset(path: PathLike, names: Sequence[str],
+                       device: Union[str, torch.device] = "cpu") -> Dict[str, torch.Tensor]:
+    """The named tensors of a safetensors file, read without loading the others."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise FormatError(f"{path}: missing tensor file")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as fh:
+            return {name: fh.get_tensor(name) for name in names}
     except (SafetensorError, OSError, ValueError) as err:
         raise FormatError(f"{path}: corrupted or not a safetensors file ({err})") from err
 

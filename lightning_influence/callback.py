@@ -82,6 +82,9 @@ class InfluenceCallbackMixin(MonitorState):
         max_layer_mb: Optional[float] = None,
         memory_budget_mb: Optional[float] = None,
         covariance_dtype: str = "float32",
+        statistics_device: Optional[str] = None,
+        eigenbasis_dtype: str = "float64",
+        shard_factors: bool = False,
         report: bool = True,
         log_artifacts: bool = True,
         show_progress: bool = True,
@@ -98,6 +101,7 @@ class InfluenceCallbackMixin(MonitorState):
             pool_id_key=pool_id_key, self_influence=self_influence, ledger=ledger,
             ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
+            statistics_device=statistics_device, eigenbasis_dtype=eigenbasis_dtype, shard_factors=shard_factors,
             report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
         ))
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -49,14 +49,18 @@ class StepStatistics:
         window: ``"reset"`` (cleared by :meth:`reset` after each influence computation) or
             ``"ema"`` (each committed step first multiplies sums and counts by ``ema_decay``).
         dtype: accumulation dtype (float32 even when training runs in bf16 / fp16).
-        device: where the statistics live (the tracked modules' device).
+        device: the tracked modules' device (of the private generators, and of the statistics
+            unless ``statistics_device`` says otherwise).
         seed: seed of the private generators (token subsets, sampled targets).
+        statistics_device: where the sums live (e.g. ``"cpu"``: off the GPU; each layer's
+            product is computed on ``device`` and added there); default ``device``.
     """
 
     def __init__(self, layers: Sequence[TrackedLayer], task: Task, *, fisher: str = "empirical",
                  loss_reduction: str = "mean", max_tokens_per_step: Optional[int] = None,
                  window: str = "reset", ema_decay: float = 0.99, dtype: torch.dtype = torch.float32,
-                 device: Optional[torch.device] = None, seed: int = 0) -> None:
+                 device: Optional[torch.device] = None, seed: int = 0,
+                 statistics_device: Union[None, str, torch.device] = None) -> None:
         self.layers = list(layers)
         self.task = task
         self.fisher = fisher
@@ -65,8 +69,9 @@ class StepStatistics:
         self.window = window
         self.ema_decay = ema_decay
         self.device = device or torch.device("cpu")
-        self.stats = CovarianceStatistics(self.layers, dtype=dtype, device=self.device)
-        self._pending = CovarianceStatistics(self.layers, dtype=dtype, device=self.device)
+        self.statistics_device = torch.device(statistics_device) if statistics_device is not None else self.device
+        self.stats = CovarianceStatistics(self.layers, dtype=dtype, device=self.statistics_device)
+        self._pending = CovarianceStatistics(self.layers, dtype=dtype, device=self.statistics_device)
         self.tracker = LayerTracker(self.layers, on_gradient=self._on_gradient)
         self._own_tracker = LayerTracker(self.layers)  # for the extra forward of the true Fisher
         self._token_generator = torch.Generator().manual_seed(seed)
@@ -363,7 +368,7 @@ class StepStatistics:
     def reduced(self) -> CovarianceStatistics:
         """The statistics summed over every process (collective); the local sums stay as they are."""
         total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
-                                     device=self.device)
+                                     device=self.statistics_device)
         total.merge_(self.stats)
         distributed.all_reduce_sum_(total.tensors())
         return total

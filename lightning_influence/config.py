@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import torch
 from torch.utils.data import DataLoader
 
 from lightning_influence.factors import FISHER_KINDS, STRATEGIES
@@ -25,9 +26,11 @@ from lightning_influence.tasks import CausalLMTask, ClassificationTask, Regressi
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
 WINDOWS = ("reset", "ema")
 COVARIANCE_DTYPES = ("float32", "float64")
+EIGENBASIS_DTYPES = ("float64", "float32", "bfloat16")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
-BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "log_artifacts", "show_progress")
+BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "log_artifacts", "show_progress",
+               "shard_factors")
 # Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
 # mapping the callback and the CLI resolve names with.
 BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -103,6 +106,14 @@ class InfluenceConfig:
         max_layer_mb: skip, with a warning, layers whose statistics exceed this many MiB.
         memory_budget_mb: refuse before training a selection whose statistics exceed this.
         covariance_dtype: ``"float32"`` (default, also under bf16/fp16 training) or ``"float64"``.
+        statistics_device: where the covariance statistics are accumulated and decomposed
+            (``"cpu"``: off the GPU; default ``None``: the tracked modules' device).
+        eigenbasis_dtype: dtype of the stored eigenbases: ``"float64"`` (default), ``"float32"``
+            or ``"bfloat16"`` (half or a quarter of the factors' memory; accuracy cost in the README).
+        shard_factors: under DDP, each layer's statistics, eigenbases and preconditioned queries
+            live on one process (balanced by size): factor memory per process about ``1/world``,
+            the same scores; factors are saved one file per process (needs a file system shared by
+            the processes, and ``strategy`` ``"ekfac"`` or ``"kfac"``; no ``self_influence`` or ``ledger``).
         report: after saving each result, analyse it, write its figures and summary to
             ``<result>/report`` and log it to the trainer's loggers (``ResultPublisher``).
         log_artifacts: log each result directory as a W&B artifact.
@@ -145,6 +156,9 @@ class InfluenceConfig:
     max_layer_mb: Optional[float] = None
     memory_budget_mb: Optional[float] = None
     covariance_dtype: str = "float32"
+    statistics_device: Optional[str] = None
+    eigenbasis_dtype: str = "float64"
+    shard_factors: bool = False
     report: bool = True
     log_artifacts: bool = True
     show_progress: bool = True
@@ -163,6 +177,8 @@ class InfluenceConfig:
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("window", self.window, WINDOWS)
         _check_choice("covariance_dtype", self.covariance_dtype, COVARIANCE_DTYPES)
+        _check_choice("eigenbasis_dtype", self.eigenbasis_dtype, EIGENBASIS_DTYPES)
+        self._check_statistics_device()
         _check_choice("on_error", self.on_error, ON_ERROR)
         self._check_task()
         self._check_data()
@@ -189,6 +205,7 @@ class InfluenceConfig:
                     if isinstance(value, str) else ""
                 raise ValueError(f"{name} must be True or False, got {_shown(value)}{hint}")
         self._check_damping()
+        self._check_sharding()
         if not (_is_number(self.ema_decay) and 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in (0, 1), got {_shown(self.ema_decay)}")
         for name in ("max_layer_mb", "memory_budget_mb"):
@@ -219,6 +236,26 @@ class InfluenceConfig:
             raise ValueError(f"renderer must be callable or have a render() method, got {_shown(self.renderer)}")
         self._normalise()
         return self
+
+    def _check_statistics_device(self) -> None:
+        if self.statistics_device is None:
+            return
+        try:
+            torch.device(self.statistics_device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"statistics_device must be a device name such as 'cpu' or 'cuda:0', or None (the "
+                             f"tracked modules' device), got {_shown(self.statistics_device)}") from None
+
+    def _check_sharding(self) -> None:
+        if not self.shard_factors:
+            return
+        if self.strategy not in ("ekfac", "kfac"):
+            raise ValueError(f"shard_factors needs strategy 'ekfac' or 'kfac' (got {self.strategy!r}); "
+                             "set shard_factors=False")
+        for name in ("self_influence", "ledger"):
+            if getattr(self, name):
+                raise ValueError(f"{name} needs every layer's factors on every process; set {name}=False or "
+                                 "shard_factors=False")
 
     def _normalise(self) -> None:
         self.exclude = () if self.exclude is None else tuple(self.exclude)  # YAML `exclude: null`: nothing excluded

@@ -7,11 +7,20 @@ must be called on every rank when a process group is running.
 
 from __future__ import annotations
 
-from typing import Any, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+# Bytes this process sent and received through the reductions and broadcasts below (an all-reduce
+# counted as a ring all-reduce moves them): what the sharding benchmark reports; nothing depends on it.
+traffic = {"sent": 0, "received": 0}
+
+
+def _count(sent: int = 0, received: int = 0) -> None:
+    traffic["sent"] += sent
+    traffic["received"] += received
 
 
 def world_size() -> int:
@@ -31,16 +40,19 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
         by_dtype.setdefault(tensor.dtype, []).append(tensor)
     for group in by_dtype.values():
         flat = torch.cat([t.reshape(-1) for t in group])
+        flat = flat.to(_wire_device(flat))
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        ring = flat.numel() * flat.element_size() * 2 * (world_size() - 1) // world_size()
+        _count(sent=ring, received=ring)  # what a ring all-reduce moves per process
         offset = 0
         for tensor in group:
             tensor.copy_(flat[offset:offset + tensor.numel()].view_as(tensor))
             offset += tensor.numel()
 
 
-def split_range(total: int) -> range:
-    """This rank's contiguous share of ``range(total)`` (sizes differ by at most one)."""
-    size, here = world_size(), rank()
+def split_range(total: int, for_rank: Optional[int] = None) -> range:
+    """This rank's (or ``for_rank``'s) contiguous share of ``range(total)`` (sizes differ by at most one)."""
+    size, here = world_size(), rank() if for_rank is None else for_rank
     base, extra = divmod(total, size)
     start = here * base + min(here, extra)
     return range(start, start + base + (1 if here < extra else 0))
@@ -69,3 +81,70 @@ def gather_objects(value: Any) -> List[Any]:
     gathered: List[Any] = [None] * world_size()
     dist.all_gather_object(gathered, value)
     return gathered
+
+
+# -- curvature sharded across processes ---------------------------------------------------------------
+def _wire_device(tensor: Tensor) -> torch.device:
+    """Where a collective can take ``tensor``: NCCL only moves GPU tensors, so statistics kept on the
+    CPU (``statistics_device="cpu"``) travel through the current GPU under NCCL."""
+    if tensor.device.type == "cpu" and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return tensor.device
+
+
+def reduce_to_owner(tensors: Sequence[Tensor], owner: int) -> List[Tensor]:
+    """The sums over processes of ``tensors``, returned on ``owner`` (an empty list elsewhere); the
+    inputs are left as they are. One flat buffer per call: the caller passes one layer at a time, so
+    no process ever holds more than that layer twice."""
+    if world_size() == 1:
+        return [t.clone() for t in tensors]
+    device, dtype = _wire_device(tensors[0]), tensors[0].dtype
+    flat = torch.cat([t.reshape(-1).to(device, dtype) for t in tensors])
+    dist.reduce(flat, dst=owner, op=dist.ReduceOp.SUM)
+    nbytes = flat.numel() * flat.element_size()
+    if rank() != owner:
+        _count(sent=nbytes)
+        return []
+    _count(received=nbytes * (world_size() - 1))
+    out, offset = [], 0
+    for t in tensors:
+        out.append(flat[offset:offset + t.numel()].view_as(t).to(t.device).clone())
+        offset += t.numel()
+    return out
+
+
+def broadcast_from(tensors: Sequence[Tensor], owner: int) -> None:
+    """In place: every process's ``tensors`` (same shapes and dtypes everywhere) become ``owner``'s."""
+    if world_size() == 1:
+        return
+    for tensor in tensors:
+        wire = tensor if _wire_device(tensor) == tensor.device else tensor.to(_wire_device(tensor))
+        dist.broadcast(wire, src=owner)
+        if wire is not tensor:
+            tensor.copy_(wire)
+        nbytes = tensor.numel() * tensor.element_size()
+        _count(sent=nbytes * (world_size() - 1)) if rank() == owner else _count(received=nbytes)
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def assign_owners(costs: Dict[str, int], size: Optional[int] = None) -> Dict[str, int]:
+    """Layer -> owning rank, balanced greedily: largest cost first, each onto the least-loaded rank
+    (the lowest on ties). Deterministic, so every process (and any later loader) computes the same
+    assignment from the same costs. Per-rank load is at most ``total / size + the largest cost``."""
+    size = world_size() if size is None else size
+    load = [0] * size
+    owners: Dict[str, int] = {}
+    for position, name in sorted(enumerate(costs), key=lambda item: (-costs[item[1]], item[0])):
+        owner = min(range(size), key=lambda r: (load[r], r))
+        owners[name] = owner
+        load[owner] += costs[name]
+    return {name: owners[name] for name in costs}
+
+
+def factor_cost(d_out: int, d_in: int) -> int:
+    """Elements of one layer's EK-FAC factors (``q_a``, ``q_s``, eigenvalues): what ownership balances."""
+    return d_in * d_in + d_out * d_out + d_out * d_in

@@ -14,6 +14,8 @@ of an example's token-summed loss w.r.t. its output:
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -28,12 +30,14 @@ from lightning_influence._io import (
     FormatError,
     PathLike,
     atomic_directory,
+    load_tensor_subset,
     load_tensors,
     read_meta,
+    read_tensor_shapes,
     save_tensors,
     write_json,
 )
-from lightning_influence import passes
+from lightning_influence import distributed, passes
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name, select_layers
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -151,16 +155,14 @@ class CovarianceStatistics(_LayerSums):
     def add_activations(self, name: str, acts: Tensor, num_tokens: float) -> None:
         """``acts``: ``[B, T, d_in]`` with padded positions already zeroed; ``num_tokens`` real ones."""
         parts = self.state[name]
-        flat = acts.reshape(-1, acts.shape[-1]).to(parts["a_sum"].dtype)
-        parts["a_sum"].addmm_(flat.T, flat)
-        parts["a_count"] += num_tokens
+        _add_gram(parts["a_sum"], acts.reshape(-1, acts.shape[-1]))
+        _add_count(parts["a_count"], num_tokens)
 
     def add_gradients(self, name: str, grads: Tensor, num_examples: float, weight: float = 1.0) -> None:
         """``grads``: ``[B, T, d_out]`` gradients of each example's token-summed loss."""
         parts = self.state[name]
-        flat = grads.reshape(-1, grads.shape[-1]).to(parts["s_sum"].dtype)
-        parts["s_sum"].addmm_(flat.T, flat, alpha=weight)
-        parts["s_count"] += num_examples
+        _add_gram(parts["s_sum"], grads.reshape(-1, grads.shape[-1]), weight)
+        _add_count(parts["s_count"], num_examples)
 
     def is_empty(self) -> bool:
         return any(parts["a_count"] == 0 or parts["s_count"] == 0 for parts in self.state.values())
@@ -177,6 +179,31 @@ class CovarianceStatistics(_LayerSums):
             eig_s, q_s = torch.linalg.eigh(parts["s_sum"].double() / parts["s_count"])
             bases[name] = {"q_a": q_a, "eig_a": eig_a.clamp_min(0), "q_s": q_s, "eig_s": eig_s.clamp_min(0)}
         return bases
+
+
+def _add_gram(total: Tensor, rows: Tensor, alpha: float = 1.0) -> None:
+    """``total += alpha · rowsᵀ rows`` in ``total``'s dtype. Sums kept on another device than the
+    rows (``statistics_device="cpu"``) receive the product computed where the rows are: only one
+    layer's ``d x d`` product is ever in transit."""
+    rows = rows.to(total.dtype)
+    if rows.device == total.device:
+        total.addmm_(rows.T, rows, alpha=alpha)
+    else:
+        total.add_(torch.mm(rows.T, rows).to(total.device), alpha=alpha)
+
+
+def _add_count(count: Tensor, amount: Union[float, Tensor]) -> None:
+    count += amount.to(count.device) if isinstance(amount, Tensor) else amount
+
+
+def stored_bases(bases: Mapping[str, Mapping[str, Tensor]], dtype: torch.dtype,
+                 device: Optional[torch.device]) -> Dict[str, Dict[str, Tensor]]:
+    """Eigenbases as the factors keep them: ``q_a``, ``q_s`` in ``dtype`` (``eigenbasis_dtype``:
+    float32 or bfloat16 halve or quarter the factors' largest tensors), eigenvalues in float64, all
+    on ``device`` (the model's, when the statistics were decomposed on the CPU)."""
+    return {name: {key: value.to(device, dtype if key.startswith("q_") else value.dtype)
+                   for key, value in parts.items()}
+            for name, parts in bases.items()}
 
 
 class EigenvalueCorrection(_LayerSums):
@@ -204,8 +231,8 @@ class EigenvalueCorrection(_LayerSums):
         parts = self.state[name]
         if self.bases is not None:
             basis = self.bases[name]
-            acts = acts @ basis["q_a"].to(acts.dtype)
-            grads = grads @ basis["q_s"].to(grads.dtype)
+            acts = acts @ basis["q_a"].to(acts)
+            grads = grads @ basis["q_s"].to(grads)
         parts["sum"].add_(squared_example_gradients(acts, grads).to(parts["sum"].dtype), alpha=weight)
         parts["count"] += num_examples
 
@@ -253,16 +280,29 @@ class Factors:
     ``Λ``, ``[d_out, d_in]``); ``kfac``: ``q_a``, ``eig_a``, ``q_s``, ``eig_s``; ``diagonal``:
     ``eigenvalues`` (the diagonal of the Fisher, ``[d_out, d_in]``); ``identity``: nothing (plain
     gradient dot products, damping unused).
+
+    Sharded across processes (``owners`` given: layer -> rank), ``layers`` holds this process's
+    layers only, and ``summaries`` the ``(mean, count, min)`` of every other layer's eigenvalues:
+    all the damping heuristic needs of them.
     """
 
-    def __init__(self, strategy: str, layers: Dict[str, Dict[str, Tensor]], meta: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, strategy: str, layers: Dict[str, Dict[str, Tensor]], meta: Optional[Dict[str, Any]] = None,
+                 owners: Optional[Dict[str, int]] = None,
+                 summaries: Optional[Mapping[str, Sequence[float]]] = None) -> None:
         self.strategy = check_strategy(strategy)
         self.layers = layers
         self.meta = dict(meta or {})
+        self.owners = owners
+        self.summaries = {name: tuple(value) for name, value in (summaries or {}).items()}
 
     @property
     def layer_names(self) -> List[str]:
-        return list(self.layers)
+        """Every layer the factors describe (with sharding, also those held by other processes)."""
+        return list(self.owners) if self.owners is not None else list(self.layers)
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.owners is not None
 
     @property
     def has_eigenbasis(self) -> bool:
@@ -281,8 +321,19 @@ class Factors:
             return torch.outer(parts["eig_s"], parts["eig_a"])
         return parts.get("eigenvalues")
 
+    def eigenvalue_summary(self, name: str) -> Tuple[float, int, float]:
+        """Mean, number and minimum of the layer's eigenvalues (held here, or summarised by its owner)."""
+        if name not in self.layers:
+            return self.summaries[name]
+        mean, count = self._eigenvalue_mean(name)
+        smallest = self.layers[name]["eig_s"].min() * self.layers[name]["eig_a"].min() if self.strategy == "kfac" \
+            else self.layers[name]["eigenvalues"].min()
+        return mean, count, float(smallest)
+
     def _eigenvalue_mean(self, name: str) -> Tuple[float, int]:
         """Mean and number of the layer's eigenvalues (K-FAC: of the outer product, without forming it)."""
+        if name not in self.layers:
+            return tuple(self.summaries[name][:2])
         parts = self.layers[name]
         if self.strategy == "kfac":
             return float(parts["eig_s"].mean() * parts["eig_a"].mean()), parts["eig_s"].numel() * parts["eig_a"].numel()
@@ -305,17 +356,17 @@ class Factors:
         if damping is None:
             return self._heuristic_damping()
         if isinstance(damping, Mapping):
-            missing = [name for name in self.layers if name not in damping]
+            missing = [name for name in self.layer_names if name not in damping]
             if missing:
                 raise ValueError(f"the damping dict has no value for layers {missing[:5]}; give one per layer "
                                  f"({self.layer_names}) or a single float")
-            lambdas = {name: check_damping(damping[name], f"damping[{name!r}]") for name in self.layers}
+            lambdas = {name: check_damping(damping[name], f"damping[{name!r}]") for name in self.layer_names}
         else:
             value = check_damping(damping)
-            lambdas = {name: value for name in self.layers}
+            lambdas = {name: value for name in self.layer_names}
         if self.strategy != "identity":
             singular = [name for name, value in lambdas.items()
-                        if value == 0 and float(self.eigenvalues(name).min()) <= 0]
+                        if value == 0 and self.eigenvalue_summary(name)[2] <= 0]
             if singular:
                 raise ValueError(f"damping 0 on layers {singular[:5]}, whose curvature has a zero eigenvalue, "
                                  "has no inverse; pass damping=None (the heuristic) or a positive damping")
@@ -324,8 +375,8 @@ class Factors:
     def _heuristic_damping(self) -> Dict[str, float]:
         """0.1 × each layer's mean eigenvalue, with the floors (see :meth:`damping_per_layer`)."""
         if self.strategy == "identity":
-            return {name: 0.0 for name in self.layers}
-        means = {name: self._eigenvalue_mean(name) for name in self.layers}
+            return {name: 0.0 for name in self.layer_names}
+        means = {name: self._eigenvalue_mean(name) for name in self.layer_names}
         total = sum(mean * count for mean, count in means.values())
         count = sum(count for _, count in means.values())
         floor = max(RELATIVE_DAMPING_FLOOR * DEFAULT_DAMPING_FACTOR * total / max(count, 1), ABSOLUTE_DAMPING_FLOOR)
@@ -393,7 +444,11 @@ class Factors:
 
     def to(self, device: Union[str, torch.device]) -> "Factors":
         layers = {n: {k: v.to(device) for k, v in parts.items()} for n, parts in self.layers.items()}
-        return Factors(self.strategy, layers, self.meta)
+        return Factors(self.strategy, layers, self.meta, self.owners, self.summaries)
+
+    def held_bytes(self) -> int:
+        """Bytes of the factor tensors this process holds."""
+        return sum(v.numel() * v.element_size() for parts in self.layers.values() for v in parts.values())
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: PathLike, overwrite: bool = False) -> None:
@@ -401,33 +456,113 @@ class Factors:
 
         ``path`` may be new or an empty directory; factors or a result saved there before are
         replaced only with ``overwrite=True``; anything else there is refused (``FileExistsError``).
+        Sharded factors are saved collectively (call on every process; ``path`` on a file system
+        they share): one file per owner, which :func:`load_factors` reads on any number of processes.
         """
-        with atomic_directory(path, overwrite=overwrite) as tmp:
-            self.write_into(tmp)
+        if self.is_sharded:
+            self.stage_shards(path)
+        if distributed.rank() == 0 or not self.is_sharded:
+            with atomic_directory(path, overwrite=overwrite) as tmp:
+                self.write_into(tmp)
+        if self.is_sharded:
+            distributed.barrier()
+
+    def stage_shards(self, path: PathLike) -> None:
+        """Every process writes its layers next to ``path``, where :meth:`write_into` on process 0
+        moves them into the saved directory (collective; no process sends another its factors)."""
+        staging = _staging_dir(path)
+        staging.mkdir(parents=True, exist_ok=True)
+        save_tensors(staging / _shard_file(distributed.rank()),
+                     _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
+        distributed.barrier()
+        self._staged = staging
 
     def write_into(self, directory: PathLike) -> None:
-        """Write the factors' files into ``directory`` (non-atomic; :meth:`save` is the atomic form)."""
+        """Write the factors' files into ``directory`` (non-atomic; :meth:`save` is the atomic form).
+        Sharded factors move in the files :meth:`stage_shards` wrote."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_tensors(directory / TENSOR_FILE, _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
-        write_json(directory / META_FILE, {
-            "format": FACTORS_FORMAT, "version": 1, "strategy": self.strategy,
-            "layer_names": self.layer_names, "meta": self.meta,
-        })
+        header = {"format": FACTORS_FORMAT, "version": 1, "strategy": self.strategy,
+                  "layer_names": self.layer_names, "meta": self.meta}
+        if self.is_sharded:
+            staging = getattr(self, "_staged", None)
+            if staging is None:
+                raise RuntimeError("sharded factors are written collectively: call Factors.save on every process, "
+                                   "or stage_shards(path) on every process before writing on process 0")
+            shards: Dict[str, List[str]] = {}
+            for name, owner in self.owners.items():
+                shards.setdefault(_shard_file(owner), []).append(name)
+            for file in shards:
+                os.replace(staging / file, directory / file)
+            shutil.rmtree(staging, ignore_errors=True)
+            header.update(shards=shards, summaries={n: list(self.eigenvalue_summary(n)) for n in self.layer_names})
+        else:
+            save_tensors(directory / TENSOR_FILE, _state_to_flat(self.layers) or {"_empty": torch.zeros(0)})
+        write_json(directory / META_FILE, header)
 
     def __repr__(self) -> str:
-        return f"Factors(strategy={self.strategy!r}, layers={len(self.layers)})"
+        held = f", held here={len(self.layers)}" if self.is_sharded else ""
+        return f"Factors(strategy={self.strategy!r}, layers={len(self.layer_names)}{held})"
 
 
-def load_factors(path: PathLike, device: Union[str, torch.device] = "cpu") -> Factors:
-    """Load factors saved by :meth:`Factors.save` (or with a callback result: ``<result>/factors``)."""
+def _shard_file(owner: int) -> str:
+    return f"shard-{owner:05d}.safetensors"
+
+
+def _staging_dir(path: PathLike) -> Path:
+    """Where processes write their shards before process 0 moves them into ``path`` (same on every process)."""
+    path = Path(path)
+    return path.parent / f".{path.name}.factor-shards"
+
+
+def load_factors(path: PathLike, device: Union[str, torch.device] = "cpu", shard: bool = False) -> Factors:
+    """Load factors saved by :meth:`Factors.save` (or with a callback result: ``<result>/factors``).
+
+    Factors saved sharded (one file per owner) load whole by default, on one process. With
+    ``shard=True`` in a process group each process reads only the layers it owns for the current
+    number of processes (balanced as when fitting), whatever number saved them (collective-free)."""
     meta = read_meta(path, FACTORS_FORMAT)
-    flat = load_tensors(f"{path}/{TENSOR_FILE}", device=device)
-    state = _flat_to_state({k: v for k, v in flat.items() if k != "_empty"})
     names = meta.get("layer_names", [])
+    files = meta.get("shards") or {TENSOR_FILE: names}
+    if shard and distributed.world_size() > 1 and meta.get("strategy") in ("kfac", "ekfac"):
+        return _load_owned(path, meta, files, device)
+    flat: Dict[str, Tensor] = {}
+    for file in files:
+        flat.update(load_tensors(f"{path}/{file}", device=device))
+    state = _flat_to_state({k: v for k, v in flat.items() if k != "_empty"})
     if meta.get("strategy") != "identity" and sorted(state) != sorted(names):
         raise FormatError(f"{path}: factor tensors do not match the layers listed in {META_FILE}")
     return Factors(meta["strategy"], {n: state.get(n, {}) for n in names}, meta.get("meta", {}))
+
+
+def _load_owned(path: PathLike, meta: Dict[str, Any], files: Mapping[str, Sequence[str]],
+                device: Union[str, torch.device]) -> Factors:
+    """This process's layers of saved K-FAC / EK-FAC factors, and the others' eigenvalue summaries."""
+    where: Dict[str, Tuple[str, List[str]]] = {}  # layer -> (its file, its tensors' names)
+    shapes: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+    for file in files:
+        for key, shape in read_tensor_shapes(f"{path}/{file}").items():
+            layer, _, part = key.rpartition("/")
+            where.setdefault(layer, (file, []))[1].append(part)
+            shapes.setdefault(layer, {})[part] = shape
+    names = meta["layer_names"]
+    if sorted(where) != sorted(names):
+        raise FormatError(f"{path}: factor tensors do not match the layers listed in {META_FILE}")
+    owners = distributed.assign_owners({n: distributed.factor_cost(shapes[n]["q_s"][0], shapes[n]["q_a"][0])
+                                        for n in names})
+    here = distributed.rank()
+    layers, summaries = {}, dict(meta.get("summaries") or {})
+    for name in names:
+        file, parts = where[name]
+        if owners[name] != here and name in summaries:
+            continue
+        tensors = load_tensor_subset(f"{path}/{file}", [f"{name}/{part}" for part in parts], device)
+        held = Factors(meta["strategy"], {name: {k.rpartition("/")[2]: v for k, v in tensors.items()}})
+        if owners[name] == here:
+            layers[name] = held.layers[name]
+        else:  # saved whole: summarise a layer held elsewhere, one layer at a time
+            summaries[name] = held.eigenvalue_summary(name)
+    return Factors(meta["strategy"], layers, meta.get("meta", {}), owners, summaries)
 
 
 # -- fitting ---------------------------------------------------------------------------------------
@@ -599,7 +734,9 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
                 seed: int = 0, covariances: Optional[CovarianceStatistics] = None,
                 max_layer_bytes: Optional[int] = None, memory_budget_bytes: Optional[int] = None,
                 dtype: torch.dtype = torch.float32, show_progress: bool = False,
-                reduce: Optional[Callable[[List[Tensor]], None]] = None) -> Factors:
+                reduce: Optional[Callable[[List[Tensor]], None]] = None,
+                statistics_device: Union[None, str, torch.device] = None,
+                eigenbasis_dtype: torch.dtype = torch.float64) -> Factors:
     """Fit the curvature approximation of ``model`` on ``data``.
 
     Args:
@@ -623,6 +760,11 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
         show_progress: show progress bars.
         reduce: called in place on the sums this call accumulates (e.g. an all-reduce across
             processes, each of which passed its own share of ``data``) before they are used.
+        statistics_device: where the covariance sums are accumulated and decomposed (e.g.
+            ``"cpu"``: off the GPU, which then holds one layer's ``d x d`` product at a time);
+            default: the model's device. The bases are moved to the model's device afterwards.
+        eigenbasis_dtype: dtype the eigenbases are kept in (float64 default; float32 or bfloat16
+            halve or quarter the factors' memory: see the README for the accuracy cost).
 
     Returns:
         :class:`Factors`, to pass to ``compute_influence`` or ``save``. Examples with non-finite
@@ -644,16 +786,16 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     timings: Dict[str, float] = {}
     started = time.perf_counter()
     if strategy in ("kfac", "ekfac") and covariances is None:
-        covariances = accumulate_covariances(model, task, data, chosen, seed=seed, **kwargs)
+        into = CovarianceStatistics(chosen, dtype, statistics_device) if statistics_device is not None else None
+        covariances = accumulate_covariances(model, task, data, chosen, seed=seed, into=into, **kwargs)
         if reduce is not None:
             reduce(covariances.tensors())
         timings["covariances"] = time.perf_counter() - started
+    bases = None
     if strategy in ("kfac", "ekfac"):
         started = time.perf_counter()
-        bases = covariances.eigendecompose()
+        bases = stored_bases(covariances.eigendecompose(), eigenbasis_dtype, passes.model_device(model))
         timings["eigendecomposition"] = time.perf_counter() - started
-    else:
-        bases = None
     correction = None
     if strategy in ("ekfac", "diagonal"):
         started = time.perf_counter()

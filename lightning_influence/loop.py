@@ -96,6 +96,7 @@ class LoopInfluence:
             correction_batches=cfg.correction_batches, seed=cfg.seed,
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
             keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
+            shard_factors=cfg.shard_factors, eigenbasis_dtype=getattr(torch, cfg.eigenbasis_dtype),
         )
         self.index = ResultIndex()
         self.index.output_dir = Path(output_dir)
@@ -105,6 +106,7 @@ class LoopInfluence:
             layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
             dtype=getattr(torch, cfg.covariance_dtype), device=passes.model_device(model), seed=cfg.seed,
+            statistics_device=cfg.statistics_device,
         )
         self.session.check(model, layers)
         self._loggers = loggers
@@ -156,16 +158,18 @@ class LoopInfluence:
 
     def _run(self, model: nn.Module, step: int, epoch: Optional[int], reason: str,
              observe: Optional[Callable[..., None]]) -> None:
-        stats = self.statistics.reduced()
+        stats = self.session.reduce_statistics(self.statistics)
         if stats.is_empty():
             raise RuntimeError(f"no statistics were collected before step {step} (collect_every_n_steps="
                                f"{self.config.collect_every_n_steps}); influence cannot be computed there")
         collector = self.statistics
         meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
                 "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
-        result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta)
+        result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta,
+                                               layers=collector.layers)
         if observe is not None:
             observe(result, factors)
+        self.session.stage_factors(factors, self.index.output_dir / f"step={step}")
         if self.is_global_zero:
             self._save(step, result, factors)
         self.index.add(step, epoch, reason)

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_influence import distributed, passes
+from lightning_influence import distributed, passes, sharding
 from lightning_influence._io import remove_incomplete
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
 from lightning_influence.results import (
@@ -94,6 +94,10 @@ class InfluenceSession:
         show_progress: progress bars (pass ``False`` on all but one process).
         run_config: the settings recorded in each result's run identity (``meta["run"]``, which
             keeps results of different runs apart); default: this session's scoring settings.
+        shard_factors: in a process group, each layer's statistics, eigenbases and preconditioned
+            queries live on one owning process (:mod:`~lightning_influence.sharding`): factor memory
+            per process about ``1/world``; the same scores. No effect in a single process.
+        eigenbasis_dtype: dtype the eigenbases are kept in (``torch.float64``, ``float32``, ``bfloat16``).
     """
 
     def __init__(self, task: Task, train_data: Any, query_data: Any, *, query_ids: Optional[Sequence[int]] = None,
@@ -102,7 +106,8 @@ class InfluenceSession:
                  query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
                  run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
-                 pool_id_key: str = "id") -> None:
+                 pool_id_key: str = "id", shard_factors: bool = False,
+                 eigenbasis_dtype: torch.dtype = torch.float64) -> None:
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
         self.queries, self.query_collate = dataset_and_collate(query_data, "query_data")
@@ -127,6 +132,12 @@ class InfluenceSession:
         self.keep_top_scores, self.pool_id_key = keep_top_scores, pool_id_key
         self.max_train_examples = max_train_examples
         self.seed, self.show_progress = seed, show_progress
+        self.shard_factors, self.eigenbasis_dtype = shard_factors, eigenbasis_dtype
+        if shard_factors and strategy not in sharding.SHARDED_STRATEGIES:
+            raise ValueError(f"shard_factors needs strategy 'ekfac' or 'kfac', got {strategy!r}")
+        if shard_factors and self_influence:
+            raise ValueError("self_influence needs every layer's factors on every process; "
+                             "set shard_factors=False to compute self-influence")
         self.run_config = run_config if run_config is not None else {
             "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
             "correction_batches": correction_batches, "max_train_examples": max_train_examples, "seed": seed}
@@ -251,16 +262,42 @@ class InfluenceSession:
                                          "use fisher='empirical'") from err
 
     # -- one checkpoint ------------------------------------------------------------------------------
+    @property
+    def sharded(self) -> bool:
+        """Whether this checkpoint's factors are sharded across processes."""
+        return self.shard_factors and distributed.world_size() > 1
+
+    def reduce_statistics(self, collector: Any) -> CovarianceStatistics:
+        """The statistics of a :class:`~lightning_influence.collector.StepStatistics` summed over
+        every process (collective): all layers on every process, or with sharding each layer on its
+        owner only. The collector's own sums are left as they are."""
+        if self.sharded:
+            return sharding.reduce_to_owners(collector.stats, collector.layers)
+        return collector.reduced()
+
     @passes.outside_inference_mode
-    def fit_factors(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int = 0) -> Factors:
-        """The strategy's factors at the current weights, from covariances accumulated in training.
-        Each process corrects the eigenvalues on its share of the correction examples; the sums are
-        all-reduced (collective). ``step`` varies the sampled targets between checkpoints."""
-        seed = self.seed + step + _CORRECTION_TARGETS_OFFSET * distributed.rank()
+    def fit_factors(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int = 0,
+                    layers: Optional[Sequence[TrackedLayer]] = None) -> Factors:
+        """The strategy's factors at the current weights, from covariances accumulated in training
+        (from :meth:`reduce_statistics`). Each process corrects the eigenvalues on its share of the
+        correction examples; the sums are all-reduced (collective). ``step`` varies the sampled
+        targets between checkpoints. Sharded, ``layers`` are every tracked layer (``statistics``
+        hold this process's only) and each owner corrects its layers on every process's share."""
+        seeds = [self.seed + step + _CORRECTION_TARGETS_OFFSET * r for r in range(distributed.world_size())]
         with passes.fork_rng(passes.model_device(model)):
+            if self.sharded:
+                if layers is None:
+                    raise ValueError("sharded fit_factors needs layers=<every tracked layer>")
+                ids = self.correction_ids()
+                shares = [self.pool_loader(ids[slice(span.start, span.stop)]) for span in _all_shares(len(ids))]
+                return sharding.fit_sharded_factors(
+                    model, self.task, statistics, layers, shares, seeds, strategy=self.strategy, fisher=self.fisher,
+                    batch_size=self.batch_size, eigenbasis_dtype=self.eigenbasis_dtype,
+                    show_progress=self.show_progress)
             return fit_factors(model, self.task, self.correction_loader(), self.strategy, self.fisher,
-                               covariances=statistics, batch_size=self.batch_size, seed=seed,
-                               show_progress=self.show_progress, reduce=distributed.all_reduce_sum_)
+                               covariances=statistics, batch_size=self.batch_size, seed=seeds[distributed.rank()],
+                               show_progress=self.show_progress, reduce=distributed.all_reduce_sum_,
+                               eigenbasis_dtype=self.eigenbasis_dtype)
 
     @passes.outside_inference_mode
     def score(self, model: nn.Module, factors: Factors, *, step: Optional[int] = None, epoch: Optional[int] = None,
@@ -276,6 +313,8 @@ class InfluenceSession:
         its metadata (with the run identity, timings and pool size)."""
         if per_token and distributed.world_size() > 1:
             raise ValueError("dense per_token scores are computed in a single process; score a subset offline")
+        if self_influence and factors.is_sharded:
+            raise ValueError("self_influence needs every layer's factors on every process; use shard_factors=False")
         started = time.perf_counter()
         device = passes.model_device(model)
         if self.streaming:
@@ -372,7 +411,12 @@ class InfluenceSession:
     def _prepared_queries(self, model: nn.Module, factors: Factors) -> Tuple[PreconditionedQueries, Tensor]:
         """The preconditioned queries, prepared once per checkpoint for the pool and its top examples."""
         layers = layers_by_name(model, factors.layer_names)
-        return precondition_queries(model, self.task, self.query_loader(), factors.to(passes.model_device(model)),
+        factors = factors.to(passes.model_device(model))
+        if factors.is_sharded:
+            return sharding.precondition_sharded_queries(
+                model, self.task, self.query_loader(), factors, layers, factors.damping_per_layer(self.damping),
+                len(self.queries), self.query_rank, self.batch_size, self.show_progress)
+        return precondition_queries(model, self.task, self.query_loader(), factors,
                                     layers, factors.damping_per_layer(self.damping), self.query_rank,
                                     self.batch_size, self.show_progress)
 
@@ -412,10 +456,11 @@ class InfluenceSession:
         return out
 
     def compute(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int, epoch: Optional[int] = None,
-                meta: Optional[Dict[str, Any]] = None) -> Tuple[InfluenceResult, Factors]:
+                meta: Optional[Dict[str, Any]] = None,
+                layers: Optional[Sequence[TrackedLayer]] = None) -> Tuple[InfluenceResult, Factors]:
         """:meth:`fit_factors` then :meth:`score`: the influence at one checkpoint (collective)."""
         started = time.perf_counter()
-        factors = self.fit_factors(model, statistics, step=step)
+        factors = self.fit_factors(model, statistics, step=step, layers=layers)
         fitted = time.perf_counter() - started
         result = self.score(model, factors, step=step, epoch=epoch, self_influence=self.self_influence, meta=meta)
         result.meta["timings"] = {"factors": fitted, **result.meta["timings"]}
@@ -425,13 +470,26 @@ class InfluenceSession:
     def write(result: InfluenceResult, factors: Factors, path: Union[str, os.PathLike],
               overwrite: bool = False) -> Path:
         """Write the result with its factors (``<path>/factors``) as one atomic directory; call on
-        one process only."""
+        one process only (sharded factors: after :meth:`stage_factors` on every process)."""
         return save_result_with_factors(path, result, factors, overwrite=overwrite)
+
+    @staticmethod
+    def stage_factors(factors: Factors, path: Union[str, os.PathLike]) -> None:
+        """Before :meth:`write` of sharded factors: every process writes its layers next to
+        ``path`` (a file system all processes share), for process 0 to move in (collective; a
+        no-op for factors that are not sharded)."""
+        if factors.is_sharded:
+            factors.stage_shards(path)
 
 
 def _share(total: int) -> slice:
     span = distributed.split_range(total)
     return slice(span.start, span.stop)
+
+
+def _all_shares(total: int) -> List[range]:
+    """Every process's share of ``range(total)``, by rank."""
+    return [distributed.split_range(total, r) for r in range(distributed.world_size())]
 
 
 def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:

@@ -1,7 +1,7 @@
 """Train the planted classifier with InfluenceCallback in one process or with DDP on 2 CPU processes.
 
 Run as a script (Lightning's ``ddp`` strategy re-runs ``sys.argv`` for the other ranks):
-``python tests/ddp_script.py OUT_DIR single|ddp``. The same examples make up each optimizer step
+``python tests/ddp_script.py OUT_DIR single|ddp|ddp-sharded`` (``ddp-sharded``: ``shard_factors=True``). The same examples make up each optimizer step
 in both modes (16 per step: one batch of 16, or 8 per rank with an unshuffled distributed
 sampler), so the two runs must agree up to floating-point summation order. Rank 0 writes
 ``OUT_DIR/summary.pt``.
@@ -31,12 +31,13 @@ class UnshuffledData(make_datamodule_class(pl)):
 
 
 def main(out: Path, mode: str) -> None:
-    ddp = mode == "ddp"
+    ddp = mode.startswith("ddp")
     pl.seed_everything(0, verbose=False)
     train, val, planted = planted_data()
     callback = InfluenceCallback(li.ClassificationTask(), num_queries=4, output_dir=str(out / "influence"),
                                  every_n_epochs=None, on_checkpoint=False, report=False, show_progress=False,
-                                 on_error="raise", max_train_examples=45, collect_every_n_steps=1)
+                                 on_error="raise", max_train_examples=45, collect_every_n_steps=1,
+                                 shard_factors=mode == "ddp-sharded")
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
         callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1)], logger=False,
@@ -53,6 +54,7 @@ def main(out: Path, mode: str) -> None:
             "layer_abs_sums": result.get("layer_abs_sums"), "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
             "epoch0_stats": first["collector"]["stats"], "planted": planted,
             "result_dirs": sorted(p.name for p in (out / "influence").iterdir()),
+            "factor_files": sorted(p.name for p in (out / "influence" / f"step={result.step}" / "factors").iterdir()),
         }, out / "summary.pt")
 
 

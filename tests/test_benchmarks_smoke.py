@@ -20,6 +20,7 @@ import accuracy  # noqa: E402
 import benchlib  # noqa: E402
 import lds  # noqa: E402
 import lm_scale  # noqa: E402
+import sharding  # noqa: E402
 import speed  # noqa: E402
 from oracle import DenseGaussNewton  # noqa: E402
 
@@ -54,6 +55,12 @@ def test_speed_quick(tmp_path):
     payload = run(speed, tmp_path, "--no-kronfluence")
     assert len(payload["memory"]) == 2 and all(p["peak_growth_bytes"] >= 0 for p in payload["memory"])
     assert all(v["streaming"] > 0 and v["query_seconds"] >= 0 for v in payload["throughput"].values())
+
+
+def test_sharding_quick(tmp_path):
+    payload = run(sharding, tmp_path)
+    assert len(payload["runs"]) == 2 and all(r["score_difference"] < 1e-4 for r in payload["runs"])
+    assert all(r["sharded"]["factor_bytes"] < r["replicated"]["factor_bytes"] for r in payload["runs"])
 
 
 def test_lm_scale_quick(tmp_path):

@@ -55,6 +55,9 @@ BAD_VALUE = {
     "max_layer_mb": (math.inf, "max_layer_mb must be a finite positive number of MiB or None, got inf"),
     "memory_budget_mb": (math.nan, "memory_budget_mb must be a finite positive number of MiB or None, got nan"),
     "covariance_dtype": ("bfloat16", "covariance_dtype must be one of 'float32', 'float64', got 'bfloat16'"),
+    "statistics_device": ("gpu", "statistics_device must be a device name such as 'cpu' or 'cuda:0', or None"),
+    "eigenbasis_dtype": ("float16", "eigenbasis_dtype must be one of 'float64', 'float32', 'bfloat16', got 'float16'"),
+    "shard_factors": ("yes", "shard_factors must be True or False, got 'yes'"),
     "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
     "ledger": (1, "ledger must be True or False, got 1"),
     "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
@@ -70,6 +73,16 @@ BAD_VALUE = {
 
 def _config(**changes) -> InfluenceConfig:
     return InfluenceConfig(**{"task": "classification", **changes})
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(strategy="diagonal"), "shard_factors needs strategy 'ekfac' or 'kfac' (got 'diagonal')"),
+    (dict(self_influence=True), "self_influence needs every layer's factors on every process"),
+    (dict(ledger=True), "ledger needs every layer's factors on every process"),
+])
+def test_sharded_factors_refuse_what_needs_every_layer_on_every_process(changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _config(shard_factors=True, **changes).validate()
 
 
 def test_the_table_has_a_bad_value_for_every_field():
