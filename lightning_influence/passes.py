@@ -31,14 +31,31 @@ def as_loader(data: Any, batch_size: int) -> DataLoader:
     raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
 
 
+@dataclasses.dataclass
+class Lockstep:
+    """One process's share of data, padded with ``filler`` (a real batch, whose results are
+    discarded) to ``batches`` batches: the same number on every process. Under FSDP each forward
+    and backward gathers the weights with collectives, so a process running one pass more than the
+    others would wait for them forever."""
+
+    data: Any
+    batches: int
+    filler: Any
+
+
 def iterate_batches(data: Any, batch_size: int, device: torch.device, desc: str, show_progress: bool,
-                    max_batches: Optional[int] = None) -> Iterator[Any]:
-    """The first ``max_batches`` batches of ``data``, on ``device``, with a progress bar."""
-    loader = as_loader(data, batch_size)
+                    max_batches: Optional[int] = None) -> Iterator[Tuple[Any, bool]]:
+    """``(batch, counted)`` for the first ``max_batches`` batches of ``data``, on ``device``, with a
+    progress bar; ``counted`` is ``False`` for a :class:`Lockstep` filler, which the caller runs
+    like any batch (the collectives inside the model need it) and then leaves out of its results."""
+    padding = data if isinstance(data, Lockstep) else None
+    loader = as_loader(padding.data if padding else data, batch_size)
     total = len(loader) if max_batches is None else min(len(loader), max_batches)
+    rounds = max(total, padding.batches) if padding else total
     iterator = iter(loader)
-    for _ in progress(range(total), total, desc, show_progress):
-        yield to_device(next(iterator), device)
+    for index in progress(range(rounds), rounds, desc, show_progress):
+        counted = index < total
+        yield to_device(next(iterator) if counted else padding.filler, device), counted
 
 
 def outside_inference_mode(function: Callable) -> Callable:

@@ -143,6 +143,16 @@ class InfluenceSession:
     def pool_loader(self, ids: Union[Tensor, Sequence[int]]) -> DataLoader:
         return self.loader(Subset(self.pool, torch.as_tensor(ids).tolist()))
 
+    def pool_share(self, ids: Tensor) -> Union[DataLoader, passes.Lockstep]:
+        """This process's share of the pool examples ``ids``; with several processes, padded to as
+        many batches as the largest share has (under FSDP every process must run as many passes)."""
+        share = self.pool_loader(ids[_share(len(ids))])
+        processes = distributed.world_size()
+        if processes == 1:
+            return share
+        batches = math.ceil(math.ceil(len(ids) / processes) / self.batch_size)
+        return passes.Lockstep(share, batches, filler=next(iter(self.pool_loader(ids[:1]))))
+
     def correction_ids(self) -> Tensor:
         """Fixed, seeded pool indices for the eigenvalue-correction pass."""
         size = len(self.pool)
@@ -199,11 +209,9 @@ class InfluenceSession:
         """The strategy's factors at the current weights, from covariances accumulated in training.
         Each process corrects the eigenvalues on its share of the correction examples; the sums are
         all-reduced (collective). ``step`` varies the sampled targets between checkpoints."""
-        ids = self.correction_ids()
-        share = ids[_share(len(ids))]
         seed = self.seed + step + _CORRECTION_TARGETS_OFFSET * distributed.rank()
         with passes.fork_rng(passes.model_device(model)):
-            return fit_factors(model, self.task, self.pool_loader(share), self.strategy, self.fisher,
+            return fit_factors(model, self.task, self.pool_share(self.correction_ids()), self.strategy, self.fisher,
                                covariances=statistics, batch_size=self.batch_size, seed=seed,
                                show_progress=self.show_progress, reduce=distributed.all_reduce_sum_)
 
@@ -228,7 +236,7 @@ class InfluenceSession:
             queries = self._prepared_queries(model, factors)
             prepared = time.perf_counter() - started
             part = compute_influence(
-                model, self.task, self.pool_loader(mine), None, factors, self.damping,
+                model, self.task, self.pool_share(ids), None, factors, self.damping,
                 per_layer=per_layer, layer_sums=True, per_token=per_token, query_rank=self.query_rank,
                 self_influence=self_influence, batch_size=self.batch_size, train_ids=mine, query_ids=self.query_ids,
                 prepared_queries=queries, show_progress=self.show_progress,
