@@ -40,6 +40,18 @@ def named_layers(model: nn.Module) -> Dict[str, nn.Module]:
     return {unwrapped_name(name): module for name, module in model.named_modules()}
 
 
+def model_class(model: nn.Module) -> type:
+    """The class of the user's model inside FSDP1 / checkpoint wrappers and FSDP2's subclass
+    (``fully_shard`` turns a ``Net`` into an ``FSDPNet``)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for name in WRAPPED_MODULE_NAMES:
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return model_class(inner)
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
+
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a linear layer storing its weight as ``[d_in, d_out]``, with ``nf = d_out``
     (duck-typed by class name, also under FSDP2, which makes it a subclass ``FSDPConv1D``)."""

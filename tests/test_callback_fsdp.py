@@ -76,3 +76,11 @@ def test_sharded_strategies_are_accepted():
     for name in ("FSDPStrategy", "ModelParallelStrategy"):
         trainer = SimpleNamespace(strategy=type(name, (), {})())
         assert _trainer.unsupported(trainer, None) is None
+
+
+def test_hugging_face_fsdp_is_refused_pointing_to_the_supported_paths():
+    pytest.importorskip("transformers")
+    from lightning_influence.integrations import hf
+
+    message = hf._unsupported(SimpleNamespace(n_gpu=1, fsdp="full_shard", deepspeed=None))
+    assert "ModelParallelStrategy" in message and "InfluenceSession" in message

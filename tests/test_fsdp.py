@@ -58,3 +58,18 @@ def test_layer_sizes_come_from_the_module_not_its_weight():
     layer.module.weight = nn.Parameter(torch.zeros(8))  # what FSDP1 leaves on a rank between forwards
     conv.module.weight = nn.Parameter(torch.zeros(0))
     assert (layer.d_out, layer.d_in) == (3, 6) and (conv.d_out, conv.d_in) == (6, 24)
+
+
+def test_results_name_the_model_class_inside_wrappers():
+    """A run's identity (which results may be compared) is the same with and without FSDP wrappers."""
+    from torch.distributed.fsdp import FSDPModule
+
+    plain = nn.Sequential(nn.Linear(2, 3))
+    sharded = nn.Sequential(nn.Linear(2, 3))
+    sharded.__class__ = type("FSDPSequential", (FSDPModule, nn.Sequential), {})  # what fully_shard does
+    wrapped = nn.Module()
+    wrapped._checkpoint_wrapped_module = plain
+    ids = torch.arange(3)
+    identity = li.results.run_identity(plain, li.ClassificationTask(), ids)
+    assert li.results.run_identity(sharded, li.ClassificationTask(), ids) == identity
+    assert li.results.run_identity(wrapped, li.ClassificationTask(), ids) == identity
