@@ -24,7 +24,7 @@ from lightning_influence.session import InfluenceSession
 from tests import tiny_models
 from tests.callback_models import planted_data
 
-POOL = 65  # scored examples: 33 and 32 per process, in 3 and 2 batches of 16 without padding
+TRAIN = 97  # scored and read by the correction pass: 49 and 48 per process, 4 and 3 batches of 16
 BATCH = 16
 ONE_EXAMPLE = 48  # the planted example: a pool of one leaves the second process without any
 
@@ -72,15 +72,15 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -
         model = make_model()
         if world > 1:
             model = shard(model, sharding)
-        train, val, planted = planted_data()
+        train, val, planted = planted_data(n_train=TRAIN)
         task = li.ClassificationTask()
         statistics = StepStatistics(li.select_layers(model), task, loss_reduction="mean")
         session = InfluenceSession(task, train, Subset(val, range(4)), top_k=3, batch_size=BATCH,
-                                   max_train_examples=POOL)
+                                   correction_batches=None)
         session.check(model, statistics.layers)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         statistics.attach()
-        for x, y in DataLoader(train, batch_size=BATCH):
+        for x, y in DataLoader(train, batch_size=BATCH, drop_last=True):
             statistics.begin_batch((x[rank::world], y[rank::world]))
             loss = F.cross_entropy(model(x[rank::world]), y[rank::world])
             statistics.begin_backward()

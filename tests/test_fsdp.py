@@ -1,7 +1,7 @@
 """Sharded training (FSDP2 ``fully_shard``, FSDP1 ``FullyShardedDataParallel``) on 2 CPU processes
 (gloo): statistics from the training steps, factors and scores equal a single process that saw every
-batch. The pool is split unevenly (33 and 32 examples: 3 and 2 batches), and a pool of one leaves a
-process without any example: every process still runs as many forward/backward passes as the others
+batch. The pool is split unevenly (49 and 48 examples: 4 and 3 batches, for scoring and the
+eigenvalue correction), and a pool of one leaves a process without any example: every process still runs as many forward/backward passes as the others
 (the model's collectives need them), or the run would fail or hang."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_sharded_training_matches_a_single_process(tmp_path, single_process, sha
         torch.testing.assert_close(sharded["covariances"][key], value, rtol=1e-4, atol=1e-4, msg=key)
     for name, value in single_process["eigenvalues"].items():
         torch.testing.assert_close(sharded["eigenvalues"][name], value, rtol=1e-3, atol=1e-6, msg=name)
-    assert torch.equal(sharded["train_ids"], single_process["train_ids"]) and len(sharded["train_ids"]) == 65
+    assert torch.equal(sharded["train_ids"], single_process["train_ids"]) and len(sharded["train_ids"]) == 97
     torch.testing.assert_close(sharded["scores"], single_process["scores"], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(sharded["layer_abs_sums"], single_process["layer_abs_sums"], rtol=1e-3, atol=1e-3)
     assert torch.equal(sharded["top_ids"], single_process["top_ids"])
