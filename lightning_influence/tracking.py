@@ -55,7 +55,8 @@ def model_class(model: nn.Module) -> type:
 def _is_hf_conv1d(module: nn.Module) -> bool:
     """GPT-2's ``Conv1D``: a linear layer storing its weight as ``[d_in, d_out]``, with ``nf = d_out``
     (duck-typed by class name, also under FSDP2, which makes it a subclass ``FSDPConv1D``)."""
-    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and isinstance(getattr(module, "nf", None), int)
+    named_conv1d = any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+    return named_conv1d and isinstance(getattr(module, "nf", None), int)
 
 
 def _layer_kind(module: nn.Module) -> Optional[str]:

@@ -1,8 +1,9 @@
 """Sharded training (FSDP2 ``fully_shard``, FSDP1 ``FullyShardedDataParallel``) on 2 CPU processes
 (gloo): statistics from the training steps, factors and scores equal a single process that saw every
 batch. The pool is split unevenly (49 and 48 examples: 4 and 3 batches, for scoring and the
-eigenvalue correction), and a pool of one leaves a process without any example: every process still runs as many forward/backward passes as the others
-(the model's collectives need them), or the run would fail or hang."""
+eigenvalue correction), and a pool of one leaves a process without any example: every process
+still runs as many forward/backward passes as the others (the model's collectives need them), or
+the run would fail or hang."""
 
 from __future__ import annotations
 
