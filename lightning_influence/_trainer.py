@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_influence.collector import scaler_scale
@@ -58,6 +59,8 @@ def influence_model(trainer: Any, pl_module: Any) -> Any:
     (``strategy="fsdp"``) the ``FullyShardedDataParallel`` wrapper around it, whose forward gathers
     the parameters the LightningModule holds outside its wrapped submodules. (FSDP2's hooks sit on the
     sharded modules themselves.)"""
+    if not torch.distributed.is_available():  # a PyTorch build without FSDP
+        return pl_module
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     wrapper = getattr(trainer.strategy, "model", None)

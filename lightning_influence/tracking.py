@@ -43,12 +43,14 @@ def named_layers(model: nn.Module) -> Dict[str, nn.Module]:
 def model_class(model: nn.Module) -> type:
     """The class of the user's model inside FSDP1 / checkpoint wrappers and FSDP2's subclass
     (``fully_shard`` turns a ``Net`` into an ``FSDPNet``)."""
-    from torch.distributed.fsdp import FSDPModule
-
     for name in WRAPPED_MODULE_NAMES:
         inner = getattr(model, name, None)
         if isinstance(inner, nn.Module):
             return model_class(inner)
+    if not torch.distributed.is_available():  # a PyTorch build without FSDP
+        return type(model)
+    from torch.distributed.fsdp import FSDPModule
+
     return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
 
 
