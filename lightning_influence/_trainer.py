@@ -9,21 +9,64 @@ from __future__ import annotations
 
 from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
+import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_influence.collector import scaler_scale
 
-# Strategies Lightning shards the model with: hooks would see shards, not layers.
-SHARDED_STRATEGIES = ("FSDP", "DeepSpeed", "ModelParallel", "XLA")
-
-
 def unsupported(trainer: Any, pl_module: Any) -> Optional[str]:
-    """Why the callback cannot monitor this run (a message saying what to do), or ``None``."""
-    strategy = type(trainer.strategy).__name__
-    if any(tag.lower() in strategy.lower() for tag in SHARDED_STRATEGIES):
-        return (f"InfluenceCallback does not support the {strategy} strategy (sharded parameters hide the "
-                "layers' weights from the hooks); use a single device or DDP")
+    """Why the callback cannot monitor this run (a message saying what to do), or ``None``.
+
+    Sharded strategies are supported where the hooks see whole layers: FSDP (``strategy="fsdp"``) and
+    ``ModelParallelStrategy`` (FSDP2 ``fully_shard``) gather each layer's weight for its forward and
+    backward, so the hooks see full activations and output gradients, and the statistics never read
+    a weight. DeepSpeed ZeRO stages 1 and 2 shard optimizer state and gradients, not parameters: as DDP."""
+    strategy = trainer.strategy
+    name = type(strategy).__name__
+    if "xla" in name.lower():
+        return (f"InfluenceCallback does not support the {name} strategy (TPU; not tested); use GPUs or CPUs, "
+                "with DDP, FSDP (strategy='fsdp') or ModelParallelStrategy (FSDP2)")
+    if "deepspeed" in name.lower():
+        return _deepspeed_problem(strategy, trainer)
     return None
+
+
+def _deepspeed_problem(strategy: Any, trainer: Any) -> Optional[str]:
+    """DeepSpeed runs the callback supports: ZeRO stages 0-2, without what DeepSpeed's engine does to
+    the loss behind Lightning's back (fp16 loss scaling, division for gradient accumulation), which
+    would rescale every gradient the statistics see."""
+    config = getattr(strategy, "config", None) or {}
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage == 3:
+        return ("InfluenceCallback does not support DeepSpeed ZeRO stage 3: it partitions the parameters "
+                "themselves, outside PyTorch's module hooks. Shard with FSDP instead (strategy='fsdp', or "
+                "ModelParallelStrategy with fully_shard), which the callback supports, or use ZeRO stage 1 or 2")
+    fp16 = str(trainer.precision_plugin.precision).startswith("16") or (config.get("fp16") or {}).get("enabled")
+    if fp16:
+        return ("InfluenceCallback does not support DeepSpeed with fp16: DeepSpeed scales the loss with its own "
+                "dynamic loss scale, which the callback cannot see and which would rescale the curvature statistics; "
+                "train with precision='bf16-mixed' or '32-true'")
+    if trainer.accumulate_grad_batches > 1:
+        return ("InfluenceCallback does not support DeepSpeed with accumulate_grad_batches > 1: DeepSpeed's engine "
+                "divides the loss by its gradient_accumulation_steps on top of Lightning's division, which the "
+                "statistics cannot see; "
+                "accumulate with DDP or FSDP instead, or set accumulate_grad_batches=1")
+    return None
+
+
+def influence_model(trainer: Any, pl_module: Any) -> Any:
+    """The module the callback's own passes run: the LightningModule, or under FSDP1
+    (``strategy="fsdp"``) the ``FullyShardedDataParallel`` wrapper around it, whose forward gathers
+    the parameters the LightningModule holds outside its wrapped submodules. (FSDP2's hooks sit on the
+    sharded modules themselves.)"""
+    if not torch.distributed.is_available():  # a PyTorch build without FSDP
+        return pl_module
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapper = getattr(trainer.strategy, "model", None)
+    if isinstance(wrapper, FullyShardedDataParallel) and wrapper.module is pl_module:
+        return wrapper
+    return pl_module
 
 
 def unsupported_training(trainer: Any, pl_module: Any, tracked: Sequence[Any]) -> Optional[str]:

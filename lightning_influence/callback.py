@@ -145,9 +145,9 @@ class InfluenceCallbackMixin(MonitorState):
         output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "influence"
         with passes.eager():  # the set-up check runs a compiled model's code eagerly
-            self._loop = LoopInfluence(cfg, pl_module, output_dir=output_dir, is_global_zero=trainer.is_global_zero,
-                                       loggers=trainer.loggers, train_data=data.train, query_data=data.queries,
-                                       query_ids=data.query_ids)
+            self._loop = LoopInfluence(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
+                                       is_global_zero=trainer.is_global_zero, loggers=trainer.loggers,
+                                       train_data=data.train, query_data=data.queries, query_ids=data.query_ids)
         tracked = [layer.module for layer in self._loop.statistics.layers]
         problem = _trainer.unsupported_training(trainer, pl_module, tracked)
         if problem:
@@ -239,7 +239,8 @@ class InfluenceCallbackMixin(MonitorState):
         if trainer.sanity_checking:
             return
         with passes.eager():  # the engine's passes run a compiled model's code eagerly
-            self._loop.compute(pl_module, step=trainer.global_step, epoch=trainer.current_epoch, reason=reason,
+            self._loop.compute(_trainer.influence_model(trainer, pl_module), step=trainer.global_step,
+                               epoch=trainer.current_epoch, reason=reason,
                                observe=partial(self._steps.monitor.finish, trainer, pl_module,
                                                session=self._loop.session))
 

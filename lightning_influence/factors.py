@@ -609,12 +609,12 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
     generator = torch.Generator(device).manual_seed(seed)
     limit = math.sqrt(torch.finfo(dtype).max)  # a norm above it has a square that overflows dtype
     position = 0
-    for batch in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
+    for batch, counted in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
         outputs = passes.forward(model, task, batch, tracker)
         size = task.batch_size(batch)
         acts = [acts for _, acts in passes.layer_activations(tracker)]
         act_norms = _example_norms(acts, size)
-        finite = _kept_examples(act_norms <= limit, acts)
+        finite = _kept_examples(act_norms <= limit, acts) & counted  # a filler's passes only keep step
         rejected = [~finite]
 
         def samples():
@@ -629,8 +629,9 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
         mask = tracker.token_mask
         kept_mask = mask[finite] if mask is not None and not bool(finite.all()) else mask
         yield kept, [passes.token_count(act, kept_mask) for act in kept], samples()
-        left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
-        position += size
+        if counted:
+            left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
+            position += size
 
 
 def _warn_left_out(left_out: Sequence[int]) -> None:

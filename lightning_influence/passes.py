@@ -32,17 +32,35 @@ def as_loader(data: Any, batch_size: int) -> DataLoader:
     raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
 
 
+@dataclasses.dataclass
+class Lockstep:
+    """One process's share of data, padded with ``filler`` (a real batch, whose results are
+    discarded) to ``batches`` batches: the same number on every process. Under FSDP each forward
+    and backward gathers the weights with collectives, so a process running one pass more than the
+    others would wait for them forever."""
+
+    data: Any
+    batches: int
+    filler: Any
+
+
 def iterate_batches(data: Any, batch_size: int, device: torch.device, desc: str, show_progress: bool,
-                    max_batches: Optional[int] = None) -> Iterator[Any]:
-    """The first ``max_batches`` batches of ``data``, on ``device``, with a progress bar."""
-    loader = as_loader(data, batch_size)
+                    max_batches: Optional[int] = None) -> Iterator[Tuple[Any, bool]]:
+    """``(batch, counted)`` for the first ``max_batches`` batches of ``data``, on ``device``, with a
+    progress bar; ``counted`` is ``False`` for a :class:`Lockstep` filler, which the caller runs
+    like any batch (the collectives inside the model need it) and then leaves out of its results."""
+    padding = data if isinstance(data, Lockstep) else None
+    loader = as_loader(padding.data if padding else data, batch_size)
     try:
         length: Optional[int] = len(loader)
     except TypeError:  # a streaming pool (IterableDataset): its length is known once read
         length = None
     total = length if max_batches is None else max_batches if length is None else min(length, max_batches)
-    for batch in progress(itertools.islice(loader, total), total, desc, show_progress):
-        yield to_device(batch, device)
+    fillers = max(0, padding.batches - total) if padding is not None else 0  # a Lockstep share has a length
+    batches = itertools.chain(((batch, True) for batch in itertools.islice(loader, total)),
+                              itertools.repeat((padding.filler if padding else None, False), fillers))
+    for batch, counted in progress(batches, None if total is None else total + fillers, desc, show_progress):
+        yield to_device(batch, device), counted
 
 
 def outside_inference_mode(function: Callable) -> Callable:

@@ -33,6 +33,7 @@ from lightning_influence._io import (
     write_json,
 )
 from lightning_influence.sketch import MOMENTS, NUM_BINS, SKETCH_FIELDS
+from lightning_influence.tracking import model_class
 
 if TYPE_CHECKING:
     from lightning_influence.factors import Factors
@@ -403,7 +404,7 @@ def run_identity(model: torch.nn.Module, task: Any, pool_ids: Any,
     identity: Dict[str, Any] = {
         "pool_size": int(ids.numel()),
         "pool_fingerprint": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
-        "model": type(model).__qualname__,
+        "model": model_class(model).__qualname__,  # the same under FSDP wrappers as without
         "task": type(task).__name__,
         "config": _digest(json_ready(config)) if config is not None else None,
     }

@@ -189,14 +189,15 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
     """Per batch: ``(batch, activations, output gradients)`` per tracked layer, of each example's
     loss (training data) or of minus its measurement (queries). The caller holds
     ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
-    for batch in passes.iterate_batches(data, batch_size, passes.model_device(model), desc, show_progress):
+    for batch, counted in passes.iterate_batches(data, batch_size, passes.model_device(model), desc, show_progress):
         with tracker.capture(task.token_mask(batch)):
             target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
         tracker.check_single_calls()
         acts = [acts for _, acts in passes.layer_activations(tracker)]
         grads = passes.layer_gradients(target.sum(), tracker)
         tracker.reset()  # drop the batch's recorded outputs before the caller works on it
-        yield batch, acts, grads
+        if counted:
+            yield batch, acts, grads
 
 
 def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
@@ -401,6 +402,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                         usable &= torch.isfinite(self_chunks[-1])
                     abs_sums += stacked[:, :, usable].double().abs().sum(2)
     timings["train"] = time.perf_counter() - stage
+    if not layer_chunks:  # a process whose share of the pool is empty: it ran only Lockstep fillers
+        layer_chunks.append(torch.zeros(len(layers) if per_layer else 1, queries.num_queries, 0))
+        self_chunks.append(torch.zeros(0))
 
     n_train, n_query = seen, queries.num_queries
     fields: Dict[str, Tensor] = {}

@@ -185,6 +185,16 @@ class InfluenceSession:
         world, here = (distributed.world_size(), distributed.rank()) if shard and wanted is None else (1, 0)
         return PoolStream(self.pool, self.pool_id_key, limit, world, here, wanted)
 
+    def pool_share(self, ids: Tensor) -> Union[DataLoader, passes.Lockstep]:
+        """This process's share of the pool examples ``ids``; with several processes, padded to as
+        many batches as the largest share has (under FSDP every process must run as many passes)."""
+        share = self.pool_loader(ids[_share(len(ids))])
+        processes = distributed.world_size()
+        if processes == 1:
+            return share
+        batches = math.ceil(math.ceil(len(ids) / processes) / self.batch_size)
+        return passes.Lockstep(share, batches, filler=next(iter(self.pool_loader(ids[:1]))))
+
     def correction_ids(self) -> Tensor:
         """Fixed, seeded pool indices for the eigenvalue-correction pass."""
         if self.streaming:
@@ -201,8 +211,7 @@ class InfluenceSession:
         if self.streaming:
             limit = None if self.correction_batches is None else self.correction_batches * self.batch_size
             return self.loader(self.pool_stream(limit))
-        ids = self.correction_ids()
-        return self.pool_loader(ids[_share(len(ids))])
+        return self.pool_share(self.correction_ids())
 
     def memory_estimate(self, layers: Sequence[TrackedLayer]) -> str:
         """What the statistics and scores of this session will hold, for a log line."""
@@ -322,7 +331,7 @@ class InfluenceSession:
             loader, mine = self.loader(stream), stream.ids  # the list fills while the stream is read
         else:
             mine = self.pool_ids[_share(len(self.pool_ids))]
-            loader = self.pool_loader(mine)
+            loader = self.pool_share(self.pool_ids)
         with passes.fork_rng(device):
             queries = self._prepared_queries(model, factors)
             prepared = time.perf_counter() - started

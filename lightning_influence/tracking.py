@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 import warnings
 from collections import Counter
 from contextlib import contextmanager
@@ -22,16 +23,42 @@ from torch import Tensor, nn
 
 BYTES_PER_FLOAT = 4
 
+# Names PyTorch's module wrappers insert into module paths: FullyShardedDataParallel (FSDP1) and
+# checkpoint_wrapper (activation checkpointing, CPU offload). Layers keep their unwrapped names, so a
+# configuration, saved statistics and factors mean the same layers with and without the wrappers.
+WRAPPED_MODULE_NAMES = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def unwrapped_name(name: str) -> str:
+    """A module's name in the model without FSDP1 / checkpoint wrappers."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPED_MODULE_NAMES)
+
+
+def named_layers(model: nn.Module) -> Dict[str, nn.Module]:
+    """``{unwrapped name: module}``; where a wrapper and the module it wraps share a name, the
+    module (it comes after its wrapper in ``named_modules``)."""
+    return {unwrapped_name(name): module for name, module in model.named_modules()}
+
+
+def model_class(model: nn.Module) -> type:
+    """The class of the user's model inside FSDP1 / checkpoint wrappers and FSDP2's subclass
+    (``fully_shard`` turns a ``Net`` into an ``FSDPNet``)."""
+    for name in WRAPPED_MODULE_NAMES:
+        inner = getattr(model, name, None)
+        if isinstance(inner, nn.Module):
+            return model_class(inner)
+    if not torch.distributed.is_available():  # a PyTorch build without FSDP
+        return type(model)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule))
+
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer storing its weight as ``[d_in, d_out]`` (duck-typed)."""
-    weight = getattr(module, "weight", None)
-    return (
-        type(module).__name__ == "Conv1D"
-        and isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and getattr(module, "nf", None) == weight.shape[1]
-    )
+    """GPT-2's ``Conv1D``: a linear layer storing its weight as ``[d_in, d_out]``, with ``nf = d_out``
+    (duck-typed by class name, also under FSDP2, which makes it a subclass ``FSDPConv1D``)."""
+    named_conv1d = any(cls.__name__ == "Conv1D" for cls in type(module).__mro__)
+    return named_conv1d and isinstance(getattr(module, "nf", None), int)
 
 
 def _layer_kind(module: nn.Module) -> Optional[str]:
@@ -56,19 +83,25 @@ class TrackedLayer:
     def has_bias(self) -> bool:
         return getattr(self.module, "bias", None) is not None
 
+    # Sizes come from the module's configuration, never from its weight: under FSDP the weight is a
+    # shard (a DTensor, or a flat view) between forward passes.
     @property
     def d_out(self) -> int:
-        weight = self.module.weight
-        return int(weight.shape[1] if self.kind == "conv1d" else weight.shape[0])
+        module = self.module
+        if self.kind == "conv2d":
+            return int(module.out_channels)
+        return int(module.nf if self.kind == "conv1d" else module.out_features)
 
     @property
     def d_in(self) -> int:
         """Input dimension including the bias column."""
-        weight = self.module.weight
-        if self.kind == "conv1d":
-            fan_in = weight.shape[0]
+        module = self.module
+        if self.kind == "conv2d":
+            fan_in = module.in_channels // module.groups * math.prod(module.kernel_size)
+        elif self.kind == "conv1d":  # a Conv1D without nx (older transformers): the weight's (FSDP2: global) shape
+            fan_in = getattr(module, "nx", None) or module.weight.shape[0]
         else:
-            fan_in = weight[0].numel()
+            fan_in = module.in_features
         return int(fan_in) + int(self.has_bias)
 
     @property
@@ -125,7 +158,7 @@ def select_layers(
     hold under half of the model's trainable parameters (e.g. an LSTM with a linear head: only the
     head is tracked), naming what is left out.
     """
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     all_names = [n for n in modules if n]
     tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
     unhookable = _bypassed_linears(modules)
@@ -216,7 +249,7 @@ def _warn_if_mostly_untracked(model: nn.Module, trackable: Sequence[nn.Module]) 
     tracked = {id(p) for module in trackable for p in module.parameters()}
     left_out: Counter = Counter()
     total = 0
-    for name, module in model.named_modules():
+    for name, module in named_layers(model).items():
         for param in module.parameters(recurse=False):
             if param.requires_grad:
                 total += param.numel()
@@ -234,7 +267,7 @@ def _warn_if_mostly_untracked(model: nn.Module, trackable: Sequence[nn.Module]) 
 
 def layers_by_name(model: nn.Module, names: Sequence[str]) -> List[TrackedLayer]:
     """The tracked layers for known module names (e.g. restored from saved statistics)."""
-    modules = dict(model.named_modules())
+    modules = named_layers(model)
     missing = [n for n in names if n not in modules or _layer_kind(modules[n]) is None]
     if missing:
         raise TrackingError(f"the model has no trackable modules named {missing[:5]}; "

@@ -217,8 +217,11 @@ def _unsupported(args: Any) -> Optional[str]:
         return ("InfluenceTrainerCallback does not support DataParallel (several GPUs in one process); "
                 "launch one process per GPU (torchrun / accelerate launch)")
     if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
-        return ("InfluenceTrainerCallback does not support FSDP / DeepSpeed (sharded parameters hide the layers "
-                "from the hooks); use a single device or DDP")
+        return ("InfluenceTrainerCallback does not support FSDP / DeepSpeed through accelerate (not tested: "
+                "accelerate wraps the model and may rescale the loss out of the callback's sight); train on a single "
+                "device or with DDP, or shard with the Lightning callback (strategy='fsdp' or ModelParallelStrategy "
+                "with fully_shard), or in your own loop with StepStatistics and InfluenceSession, which support "
+                "FSDP and FSDP2")
     if getattr(args, "torch_compile", False):
         return ("InfluenceTrainerCallback cannot track a torch.compile'd model (compiled graphs bypass module "
                 "hooks); set torch_compile=False while collecting influence")

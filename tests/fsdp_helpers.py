@@ -1,0 +1,118 @@
+"""A plain PyTorch training loop with StepStatistics and InfluenceSession, in one process or sharded
+over gloo processes (FSDP2 ``fully_shard`` or FSDP1 ``FullyShardedDataParallel``), for
+``tests/test_fsdp.py``. Each process trains on its share of every batch (the same examples make up
+each optimizer step in every mode), so the runs agree up to floating-point summation order.
+
+A module of its own: ``torch.multiprocessing.spawn`` imports the worker by name in each process.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+import lightning_influence as li
+from lightning_influence.collector import StepStatistics
+from lightning_influence.session import InfluenceSession
+from tests import tiny_models
+from tests.callback_models import planted_data
+
+TRAIN = 97  # scored and read by the correction pass: 49 and 48 per process, 4 and 3 batches of 16
+BATCH = 16
+ONE_EXAMPLE = 48  # the planted example: a pool of one leaves the second process without any
+
+
+class Conv1D(tiny_models.Conv1D):
+    """The GPT-2 ``Conv1D`` stand-in with the input size ``nx`` that Hugging Face's keeps (importing
+    transformers in every spawned process would cost seconds)."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__(nf, nx)
+        self.nx = nx
+
+
+def make_model() -> nn.Module:
+    """Linear layers and a GPT-2 ``Conv1D`` (FSDP2 turns it into a subclass ``FSDPConv1D``)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), Conv1D(16, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def shard(model: nn.Module, sharding: str) -> nn.Module:
+    """Shard every layer and the root: FSDP2 in place, FSDP1 as wrappers (returns the root wrapper,
+    whose forward gathers the parameters: the module to run)."""
+    if sharding == "fully_shard":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if list(layer.parameters()):
+                fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return FullyShardedDataParallel(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear, Conv1D}),
+                                    use_orig_params=True, device_id=torch.device("cpu"))
+
+
+def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -> None:
+    """Train 6 steps collecting statistics, then fit factors and score the pool (and a pool of one);
+    rank 0 saves what the test compares."""
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=60))  # a process out of step fails, not hangs
+    try:
+        model = make_model()
+        if world > 1:
+            model = shard(model, sharding)
+        train, val, planted = planted_data(n_train=TRAIN)
+        task = li.ClassificationTask()
+        statistics = StepStatistics(li.select_layers(model), task, loss_reduction="mean")
+        session = InfluenceSession(task, train, Subset(val, range(4)), top_k=3, batch_size=BATCH,
+                                   correction_batches=None)
+        session.check(model, statistics.layers)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        statistics.attach()
+        for x, y in DataLoader(train, batch_size=BATCH, drop_last=True):
+            statistics.begin_batch((x[rank::world], y[rank::world]))
+            loss = F.cross_entropy(model(x[rank::world]), y[rank::world])
+            statistics.begin_backward()
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            statistics.end_batch()
+            statistics.commit()
+        statistics.detach()
+        covariances = statistics.reduced()
+        result, factors = session.compute(model, covariances, step=6)
+        session.pool_ids = torch.tensor([ONE_EXAMPLE])
+        single = session.score(model, factors)
+        if rank == 0:
+            torch.save({"layers": [layer.name for layer in statistics.layers], "covariances": covariances.state_dict(),
+                        "eigenvalues": {name: factors.eigenvalues(name) for name in factors.layer_names},
+                        "scores": result.scores, "layer_abs_sums": result.get("layer_abs_sums"),
+                        "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
+                        "one_example": single.scores, "planted": planted, "world_size": dist.get_world_size()
+                        if world > 1 else 1}, out)
+    finally:
+        if world > 1:
+            dist.destroy_process_group()
+
+
+def run(out: Path, world: int, sharding: str = "fully_shard") -> dict:
+    """Run :func:`train_and_score` in this process (``world=1``) or in ``world`` spawned processes."""
+    if world == 1:
+        train_and_score(0, 1, 0, str(out), sharding)
+    else:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        torch.multiprocessing.spawn(train_and_score, args=(world, port, str(out), sharding), nprocs=world)
+    return torch.load(out, weights_only=True)
