@@ -140,7 +140,7 @@ class InfluenceCallbackMixin(MonitorState):
         with passes.eager():  # the set-up check runs a compiled model's code eagerly
             self._loop = LoopInfluence(cfg, pl_module, output_dir=output_dir, is_global_zero=trainer.is_global_zero,
                                        loggers=trainer.loggers, train_data=data.train, query_data=data.queries,
-                                       query_ids=data.query_ids)
+                                       query_ids=data.query_ids, autocast=_trainer.autocast_dtype(trainer))
         tracked = [layer.module for layer in self._loop.statistics.layers]
         problem = _trainer.unsupported_training(trainer, pl_module, tracked)
         if problem:

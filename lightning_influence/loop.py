@@ -73,11 +73,14 @@ class LoopInfluence:
         loss_reduction: overrides ``config.loss_reduction`` (a loop that knows its loss).
         train_data, query_data, query_ids: the pool and the queries when the loop found them itself
             (e.g. a Trainer's own data); default ``config.train_data`` / ``config.query_data``.
+        autocast: the training steps' autocast dtype (mixed precision), which the session's own
+            forward passes then use too; ``None`` for full precision.
     """
 
     def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
                  loggers: Any = (), loss_reduction: Optional[str] = None, train_data: Any = None,
-                 query_data: Any = None, query_ids: Optional[Sequence[int]] = None) -> None:
+                 query_data: Any = None, query_ids: Optional[Sequence[int]] = None,
+                 autocast: Optional[torch.dtype] = None) -> None:
         cfg = self.config = config
         self.task = cfg.build_task()
         mib = 2**20
@@ -94,7 +97,7 @@ class LoopInfluence:
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
             top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
             correction_batches=cfg.correction_batches, seed=cfg.seed,
-            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
+            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
         )
         self.index = ResultIndex()
         self.index.output_dir = Path(output_dir)

@@ -81,6 +81,9 @@ class InfluenceSession:
         correction_batches: batches of the pool in the eigenvalue-correction pass (``None``: all).
         seed: seed of every private random generator.
         show_progress: progress bars (pass ``False`` on all but one process).
+        autocast: run the session's forward passes under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` / ``torch.float16``), as mixed-precision training steps run; the
+            statistics, rotations and contractions stay float32 (see ``passes.mixed_precision``).
         run_config: the settings recorded in each result's run identity (``meta["run"]``, which
             keeps results of different runs apart); default: this session's scoring settings.
     """
@@ -90,7 +93,8 @@ class InfluenceSession:
                  strategy: str = "ekfac", fisher: str = "empirical", damping: Optional[float] = None,
                  query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
-                 run_config: Optional[Dict[str, Any]] = None) -> None:
+                 run_config: Optional[Dict[str, Any]] = None, autocast: Optional[torch.dtype] = None) -> None:
+        self.autocast = passes.check_autocast(autocast)
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
         self.queries, self.query_collate = dataset_and_collate(query_data, "query_data")
@@ -167,6 +171,7 @@ class InfluenceSession:
         tracker = LayerTracker(layers)
         with ExitStack() as stack:
             stack.enter_context(passes.fork_rng(device))
+            stack.enter_context(passes.mixed_precision(self.autocast))  # the forwards as the checkpoints run them
             stack.enter_context(passes.evaluation_mode(model))
             stack.enter_context(tracker)
             for what, dataset, collate in (("training", self.pool, self.pool_collate),
@@ -202,7 +207,7 @@ class InfluenceSession:
         ids = self.correction_ids()
         share = ids[_share(len(ids))]
         seed = self.seed + step + _CORRECTION_TARGETS_OFFSET * distributed.rank()
-        with passes.fork_rng(passes.model_device(model)):
+        with passes.fork_rng(passes.model_device(model)), passes.mixed_precision(self.autocast):
             return fit_factors(model, self.task, self.pool_loader(share), self.strategy, self.fisher,
                                covariances=statistics, batch_size=self.batch_size, seed=seed,
                                show_progress=self.show_progress, reduce=distributed.all_reduce_sum_)
@@ -224,7 +229,7 @@ class InfluenceSession:
         ids = self.pool_ids
         mine = ids[_share(len(ids))]
         device = passes.model_device(model)
-        with passes.fork_rng(device):
+        with passes.fork_rng(device), passes.mixed_precision(self.autocast):
             queries = self._prepared_queries(model, factors)
             prepared = time.perf_counter() - started
             part = compute_influence(

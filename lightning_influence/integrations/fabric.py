@@ -29,6 +29,7 @@ from typing import Any, Iterator, Optional, Union
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_influence import passes
 from lightning_influence.collector import scaler_scale
 from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
@@ -67,7 +68,8 @@ class InfluenceMonitor(MonitorState):
         self.global_step = 0
         self._collecting = False
         self._loop = LoopInfluence(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
-                                   is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers)
+                                   is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers,
+                                   autocast=passes.autocast_dtype(getattr(self._precision, "precision", None)))
         self._loop.statistics.attach()
 
     # -- the loop's steps ----------------------------------------------------------------------------
@@ -118,7 +120,12 @@ class InfluenceMonitor(MonitorState):
         return self._loop.session
 
     def _loss_scale(self) -> float:
-        return scaler_scale(getattr(self.fabric, "_precision", None))  # Fabric's precision plugin holds the scaler
+        return scaler_scale(self._precision)  # Fabric's precision plugin holds the scaler
+
+    @property
+    def _precision(self) -> Any:
+        """Fabric's precision plugin (its setting and AMP scaler), if this Fabric has one."""
+        return getattr(self.fabric, "_precision", None)
 
     def close(self) -> None:
         """Remove the hooks from the model (the statistics and results stay readable)."""
