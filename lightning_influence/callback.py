@@ -81,6 +81,7 @@ class InfluenceCallbackMixin(MonitorState):
         memory_budget_mb: Optional[float] = None,
         covariance_dtype: str = "float32",
         report: bool = True,
+        report_in_background: bool = True,
         log_artifacts: bool = True,
         show_progress: bool = True,
         on_error: str = "warn",
@@ -95,7 +96,8 @@ class InfluenceCallbackMixin(MonitorState):
             seed=seed, query_rank=query_rank, top_k=top_k, self_influence=self_influence, ledger=ledger,
             ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
-            report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
+            report=report, report_in_background=report_in_background, log_artifacts=log_artifacts,
+            show_progress=show_progress, on_error=on_error,
         ))
 
     @classmethod
@@ -172,6 +174,7 @@ class InfluenceCallbackMixin(MonitorState):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is not None:
             self._resolve_pending(trainer)
+            self._loop.deliver_reports()
             self._steps.batch_start(trainer, batch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -213,18 +216,22 @@ class InfluenceCallbackMixin(MonitorState):
         self._resolve_pending(trainer)
         if self.config.on_train_end:
             self._compute(trainer, pl_module, "train_end")
+        self._loop.flush_reports()  # every report logged while the loggers are still open
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._collector is not None:
             self._resolve_pending(trainer)
+            self._loop.flush_reports()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._collector is not None:
             self._collector.end_batch()
+            self._loop.flush_reports()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._steps is not None:
             self._steps.detach()
+            self._loop.flush_reports()
 
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:

@@ -27,7 +27,8 @@ WINDOWS = ("reset", "ema")
 COVARIANCE_DTYPES = ("float32", "float64")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
-BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "log_artifacts", "show_progress")
+BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "report_in_background",
+               "log_artifacts", "show_progress")
 # Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
 # mapping the callback and the CLI resolve names with.
 BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -99,6 +100,10 @@ class InfluenceConfig:
         covariance_dtype: ``"float32"`` (default, also under bf16/fp16 training) or ``"float64"``.
         report: after saving each result, analyse it, write its figures and summary to
             ``<result>/report`` and log it to the trainer's loggers (``ResultPublisher``).
+        report_in_background: draw the report's figures and write its files on a worker thread,
+            so training resumes as soon as the scores are computed; the loggers get each report
+            (on the training thread, in step order) once complete, and all of them by the end of
+            training. ``False``: publish before training resumes.
         log_artifacts: log each result directory as a W&B artifact.
         show_progress: progress bars for the callback's passes (rank 0).
         on_error: ``"warn"`` (a failing computation is reported and training goes on) or
@@ -138,6 +143,7 @@ class InfluenceConfig:
     memory_budget_mb: Optional[float] = None
     covariance_dtype: str = "float32"
     report: bool = True
+    report_in_background: bool = True
     log_artifacts: bool = True
     show_progress: bool = True
     on_error: str = "warn"

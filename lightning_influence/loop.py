@@ -201,13 +201,33 @@ class LoopInfluence:
             from lightning_influence.reporting.publisher import ResultPublisher
 
             cfg = self.config
-            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts)
+            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts,
+                          background=cfg.report_in_background)
             try:
                 self._publisher = ResultPublisher(loggers, **kwargs)
             except TypeError as err:
                 self.warn_once("publisher", f"influence results will only be written to disk: {err}")
                 self._publisher = ResultPublisher((), **kwargs)
         return self._publisher
+
+    def deliver_reports(self) -> None:
+        """Log the reports the background worker has completed (never waits): call from the
+        loop's frequent events, so logged figures follow the computations closely."""
+        if self._publisher is not None:
+            self._reporting(self._publisher.deliver_ready)
+
+    def flush_reports(self) -> None:
+        """Wait for the background reports, log them and end the worker thread: call when
+        training ends, normally or not (nothing is lost, no thread is left running)."""
+        if self._publisher is not None:
+            self._reporting(self._publisher.flush)
+
+    def _reporting(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - reporting never ends training
+            self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "
+                                      f"the results are saved under {self.index.output_dir}")
 
     def add_checkpoint_path(self, step: int, path: str) -> None:
         """Record a checkpoint saved at ``step`` in that step's result (process 0)."""
@@ -219,6 +239,7 @@ class LoopInfluence:
             self.index.write_meta(entry)
 
     def close(self) -> None:
+        self.flush_reports()
         self.statistics.end_batch()
         self.statistics.detach()
 

@@ -59,6 +59,7 @@ BAD_VALUE = {
     "ledger": (1, "ledger must be True or False, got 1"),
     "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
     "report": ("yes", "report must be True or False, got 'yes'"),
+    "report_in_background": ("no", "report_in_background must be True or False, got 'no'"),
     "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
     "show_progress": (None, "show_progress must be True or False, got None"),
     "on_error": ("ignore", "on_error must be one of 'warn', 'raise', got 'ignore'"),

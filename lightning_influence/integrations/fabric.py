@@ -13,11 +13,14 @@ Usage (three touch points in the loop)::
         monitor.optimizer_step()                # commits the step's statistics
         if monitor.global_step % 100 == 0:
             monitor.compute()                   # writes <output_dir>/step=<N>/, logs to fabric.loggers
+    monitor.close()                             # the last reports logged, hooks removed
 
 Settings are :class:`~lightning_influence.InfluenceConfig` fields (validated there); the callback's
 triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
-processes and only process 0 writes and logs.
+processes and only process 0 writes and logs. Reports (figures, ``report/``, logged media) are
+completed in the background (``report_in_background``): the loggers get each one at a later
+``step`` or at ``close``.
 """
 
 from __future__ import annotations
@@ -79,6 +82,7 @@ class InfluenceMonitor(MonitorState):
 
         ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation."""
         stats = self._loop.statistics
+        self._loop.deliver_reports()
         self._collecting = self.global_step % self._loop.config.collect_every_n_steps == 0
         if self._collecting:
             stats.begin_batch(batch, accumulation=accumulation, loss_scale=self._loss_scale())
@@ -128,7 +132,8 @@ class InfluenceMonitor(MonitorState):
         return getattr(self.fabric, "_precision", None)
 
     def close(self) -> None:
-        """Remove the hooks from the model (the statistics and results stay readable)."""
+        """Log the reports still being completed in the background and remove the hooks from the
+        model (the statistics and results stay readable). Call at the end of training."""
         self._loop.close()
 
 

@@ -151,6 +151,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
     # -- collecting: the Trainer's events ------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kwargs):
         if self._loop is not None:
+            self._loop.deliver_reports()
             self._collecting = state.global_step % self._loop.config.collect_every_n_steps == 0
 
     def on_substep_end(self, args, state, control, **kwargs):
