@@ -10,7 +10,6 @@ import threading
 import warnings
 
 import pytest
-import torch
 
 from lightning_influence.reporting import plots
 from lightning_influence.reporting.publisher import REPORT_DIR, SUMMARY_FILE, WORKER_NAME, ResultPublisher
