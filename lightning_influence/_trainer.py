@@ -12,6 +12,7 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_influence import passes
 from lightning_influence.collector import scaler_scale
 
 def unsupported(trainer: Any, pl_module: Any) -> Optional[str]:
@@ -197,3 +198,9 @@ def influence_data(trainer: Any, train_data: Any, query_data: Any, num_queries: 
                 f"using all {count} as queries")
     queries = DataLoader(Subset(dataset, range(count)), collate_fn=loader.collate_fn)
     return InfluenceData(train, queries, range(count), dataset, note)
+
+
+def autocast_dtype(trainer: Any) -> Optional[torch.dtype]:
+    """The autocast dtype of the trainer's training steps (``precision="bf16-mixed"`` /
+    ``"16-mixed"``), or ``None``."""
+    return passes.autocast_dtype(trainer.precision)

@@ -86,6 +86,7 @@ class InfluenceCallbackMixin(MonitorState):
         eigenbasis_dtype: str = "float64",
         shard_factors: bool = False,
         report: bool = True,
+        report_in_background: bool = True,
         log_artifacts: bool = True,
         show_progress: bool = True,
         on_error: str = "warn",
@@ -102,7 +103,8 @@ class InfluenceCallbackMixin(MonitorState):
             ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
             statistics_device=statistics_device, eigenbasis_dtype=eigenbasis_dtype, shard_factors=shard_factors,
-            report=report, log_artifacts=log_artifacts, show_progress=show_progress, on_error=on_error,
+            report=report, report_in_background=report_in_background, log_artifacts=log_artifacts,
+            show_progress=show_progress, on_error=on_error,
         ))
 
     @classmethod
@@ -147,7 +149,8 @@ class InfluenceCallbackMixin(MonitorState):
         with passes.eager():  # the set-up check runs a compiled model's code eagerly
             self._loop = LoopInfluence(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
                                        is_global_zero=trainer.is_global_zero, loggers=trainer.loggers,
-                                       train_data=data.train, query_data=data.queries, query_ids=data.query_ids)
+                                       train_data=data.train, query_data=data.queries, query_ids=data.query_ids,
+                                       autocast=_trainer.autocast_dtype(trainer))
         tracked = [layer.module for layer in self._loop.statistics.layers]
         problem = _trainer.unsupported_training(trainer, pl_module, tracked)
         if problem:
@@ -179,6 +182,7 @@ class InfluenceCallbackMixin(MonitorState):
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is not None:
             self._resolve_pending(trainer)
+            self._loop.deliver_reports()
             self._steps.batch_start(trainer, batch)
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
@@ -220,18 +224,22 @@ class InfluenceCallbackMixin(MonitorState):
         self._resolve_pending(trainer)
         if self.config.on_train_end:
             self._compute(trainer, pl_module, "train_end")
+        self._loop.flush_reports()  # every report logged while the loggers are still open
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._collector is not None:
             self._resolve_pending(trainer)
+            self._loop.flush_reports()
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._collector is not None:
             self._collector.end_batch()
+            self._loop.flush_reports()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._steps is not None:
             self._steps.detach()
+            self._loop.flush_reports()
 
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:

@@ -29,8 +29,8 @@ COVARIANCE_DTYPES = ("float32", "float64")
 EIGENBASIS_DTYPES = ("float64", "float32", "bfloat16")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
-BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "log_artifacts", "show_progress",
-               "shard_factors")
+BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "report_in_background",
+               "log_artifacts", "show_progress", "shard_factors")
 # Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
 # mapping the callback and the CLI resolve names with.
 BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -116,6 +116,10 @@ class InfluenceConfig:
             the processes, and ``strategy`` ``"ekfac"`` or ``"kfac"``; no ``self_influence`` or ``ledger``).
         report: after saving each result, analyse it, write its figures and summary to
             ``<result>/report`` and log it to the trainer's loggers (``ResultPublisher``).
+        report_in_background: draw the report's figures and write its files on a worker thread,
+            so training resumes as soon as the scores are computed; the loggers get each report
+            (on the training thread, in step order) once complete, and all of them by the end of
+            training. ``False``: publish before training resumes.
         log_artifacts: log each result directory as a W&B artifact.
         show_progress: progress bars for the callback's passes (rank 0).
         on_error: ``"warn"`` (a failing computation is reported and training goes on) or
@@ -160,6 +164,7 @@ class InfluenceConfig:
     eigenbasis_dtype: str = "float64"
     shard_factors: bool = False
     report: bool = True
+    report_in_background: bool = True
     log_artifacts: bool = True
     show_progress: bool = True
     on_error: str = "warn"

@@ -73,11 +73,14 @@ class LoopInfluence:
         loss_reduction: overrides ``config.loss_reduction`` (a loop that knows its loss).
         train_data, query_data, query_ids: the pool and the queries when the loop found them itself
             (e.g. a Trainer's own data); default ``config.train_data`` / ``config.query_data``.
+        autocast: the training steps' autocast dtype (mixed precision), which the session's own
+            forward passes then use too; ``None`` for full precision.
     """
 
     def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
                  loggers: Any = (), loss_reduction: Optional[str] = None, train_data: Any = None,
-                 query_data: Any = None, query_ids: Optional[Sequence[int]] = None) -> None:
+                 query_data: Any = None, query_ids: Optional[Sequence[int]] = None,
+                 autocast: Optional[torch.dtype] = None) -> None:
         cfg = self.config = config
         self.task = cfg.build_task()
         mib = 2**20
@@ -94,7 +97,7 @@ class LoopInfluence:
             strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
             top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
             correction_batches=cfg.correction_batches, seed=cfg.seed,
-            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(),
+            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
             keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
             shard_factors=cfg.shard_factors, eigenbasis_dtype=getattr(torch, cfg.eigenbasis_dtype),
         )
@@ -204,13 +207,33 @@ class LoopInfluence:
             from lightning_influence.reporting.publisher import ResultPublisher
 
             cfg = self.config
-            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts)
+            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts,
+                          background=cfg.report_in_background)
             try:
                 self._publisher = ResultPublisher(loggers, **kwargs)
             except TypeError as err:
                 self.warn_once("publisher", f"influence results will only be written to disk: {err}")
                 self._publisher = ResultPublisher((), **kwargs)
         return self._publisher
+
+    def deliver_reports(self) -> None:
+        """Log the reports the background worker has completed (never waits): call from the
+        loop's frequent events, so logged figures follow the computations closely."""
+        if self._publisher is not None:
+            self._reporting(self._publisher.deliver_ready)
+
+    def flush_reports(self) -> None:
+        """Wait for the background reports, log them and end the worker thread: call when
+        training ends, normally or not (nothing is lost, no thread is left running)."""
+        if self._publisher is not None:
+            self._reporting(self._publisher.flush)
+
+    def _reporting(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except Exception as err:  # noqa: BLE001 - reporting never ends training
+            self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "
+                                      f"the results are saved under {self.index.output_dir}")
 
     def add_checkpoint_path(self, step: int, path: str) -> None:
         """Record a checkpoint saved at ``step`` in that step's result (process 0)."""
@@ -222,6 +245,7 @@ class LoopInfluence:
             self.index.write_meta(entry)
 
     def close(self) -> None:
+        self.flush_reports()
         self.statistics.end_batch()
         self.statistics.detach()
 

@@ -3,11 +3,13 @@ the pseudo-gradients of each Fisher kind. Shared by factor fitting and scoring."
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
 from collections.abc import Mapping
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -165,12 +167,62 @@ def progress(iterable, total: Optional[int], desc: str, enabled: bool):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
 
 
+# The autocast dtype of the engine's forward passes in the current context (None: full precision).
+_AUTOCAST: ContextVar[Optional[torch.dtype]] = ContextVar("lightning_influence_autocast", default=None)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+# Lightning / Fabric precision settings whose training steps run under autocast, and its dtype.
+MIXED_PRECISION = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def autocast_dtype(precision: Any) -> Optional[torch.dtype]:
+    """The autocast dtype of a Lightning / Fabric ``precision`` setting (``"bf16-mixed"``,
+    ``"16-mixed"``); ``None`` for every other (float32, or weights already in half precision)."""
+    return MIXED_PRECISION.get(str(precision))
+
+
+def check_autocast(dtype: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    """``dtype`` if the engine's forwards can run under autocast with it (or ``None``), else raise."""
+    if dtype is not None and dtype not in LOW_PRECISION:
+        raise ValueError(f"autocast dtype must be torch.bfloat16, torch.float16 or None, got {dtype}")
+    return dtype
+
+
+@contextmanager
+def mixed_precision(dtype: Optional[torch.dtype]) -> Iterator[None]:
+    """Run the engine's forward passes inside the block under ``torch.autocast(dtype)``, as a
+    mixed-precision training step runs them (the scores then describe the model as it is trained,
+    and the passes take the activation memory and, on GPUs, the speed of the training steps).
+    Only the forwards: activations and output gradients are cast to float32 before any statistic,
+    rotation or contraction, and eigendecompositions stay float64. ``None`` runs them in the
+    model's own precision."""
+    token = _AUTOCAST.set(check_autocast(dtype))
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
+def autocast_forward(model: nn.Module):
+    """The autocast context of one engine forward of ``model`` (see :func:`mixed_precision`)."""
+    dtype = _AUTOCAST.get()
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(model_device(model).type, dtype=dtype)
+
+
+def full_precision(values: Any) -> Any:
+    """A half-precision tensor in float32 (what every statistic and contraction is computed in);
+    anything else unchanged."""
+    return values.float() if isinstance(values, Tensor) and values.dtype in LOW_PRECISION else values
+
+
 def forward(model: nn.Module, task: Task, batch: Any, tracker: LayerTracker) -> Tensor:
-    """Run the task's forward with the tracker recording; returns the model outputs."""
-    with tracker.capture(task.token_mask(batch)):
+    """Run the task's forward with the tracker recording; returns the model outputs (in float32
+    under :func:`mixed_precision`, so losses and sampled targets are computed in float32)."""
+    with tracker.capture(task.token_mask(batch)), autocast_forward(model):
         outputs = task.forward(model, batch)
     tracker.check_single_calls()
-    return outputs
+    return full_precision(outputs)
 
 
 def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional[Tensor] = None,
@@ -186,7 +238,7 @@ def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional
     result = []
     for layer, out, grad in zip(tracker.layers, outputs, grads):
         grad = torch.zeros_like(out) if grad is None else grad
-        result.append(tracker.masked(layer.output_gradients(grad), tracker.token_mask))
+        result.append(tracker.masked(layer.output_gradients(full_precision(grad)), tracker.token_mask))
     return result
 
 
@@ -221,4 +273,5 @@ def token_count(acts: Tensor, mask: Optional[Tensor]) -> float:
 
 
 def layer_activations(tracker: LayerTracker) -> Sequence[Tuple[TrackedLayer, Tensor]]:
-    return [(layer, tracker.activations(layer)) for layer in tracker.layers]
+    """Each tracked layer's recorded activations ``[B, T, d_in]``, in float32 at least."""
+    return [(layer, full_precision(tracker.activations(layer))) for layer in tracker.layers]

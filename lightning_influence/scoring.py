@@ -190,7 +190,7 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
     loss (training data) or of minus its measurement (queries). The caller holds
     ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
     for batch, counted in passes.iterate_batches(data, batch_size, passes.model_device(model), desc, show_progress):
-        with tracker.capture(task.token_mask(batch)):
+        with tracker.capture(task.token_mask(batch)), passes.autocast_forward(model):
             target = -task.measurement(model, batch) if use_measurement else task.loss(model, batch)
         tracker.check_single_calls()
         acts = [acts for _, acts in passes.layer_activations(tracker)]

@@ -92,6 +92,9 @@ class InfluenceSession:
         correction_batches: batches of the pool in the eigenvalue-correction pass (``None``: all).
         seed: seed of every private random generator.
         show_progress: progress bars (pass ``False`` on all but one process).
+        autocast: run the session's forward passes under ``torch.autocast`` with this dtype
+            (``torch.bfloat16`` / ``torch.float16``), as mixed-precision training steps run; the
+            statistics, rotations and contractions stay float32 (see ``passes.mixed_precision``).
         run_config: the settings recorded in each result's run identity (``meta["run"]``, which
             keeps results of different runs apart); default: this session's scoring settings.
         shard_factors: in a process group, each layer's statistics, eigenbases and preconditioned
@@ -107,7 +110,8 @@ class InfluenceSession:
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
                  run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
                  pool_id_key: str = "id", shard_factors: bool = False,
-                 eigenbasis_dtype: torch.dtype = torch.float64) -> None:
+                 eigenbasis_dtype: torch.dtype = torch.float64, autocast: Optional[torch.dtype] = None) -> None:
+        self.autocast = passes.check_autocast(autocast)
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
         self.queries, self.query_collate = dataset_and_collate(query_data, "query_data")
@@ -240,6 +244,7 @@ class InfluenceSession:
         tracker = LayerTracker(layers)
         with ExitStack() as stack:
             stack.enter_context(passes.fork_rng(device))
+            stack.enter_context(passes.mixed_precision(self.autocast))  # the forwards as the checkpoints run them
             stack.enter_context(passes.evaluation_mode(model))
             stack.enter_context(tracker)
             first_pool_examples = self.pool_stream(self.batch_size, shard=False) if self.streaming else self.pool
@@ -293,7 +298,7 @@ class InfluenceSession:
         targets between checkpoints. Sharded, ``layers`` are every tracked layer (``statistics``
         hold this process's only) and each owner corrects its layers on every process's share."""
         seeds = [self.seed + step + _CORRECTION_TARGETS_OFFSET * r for r in range(distributed.world_size())]
-        with passes.fork_rng(passes.model_device(model)):
+        with passes.fork_rng(passes.model_device(model)), passes.mixed_precision(self.autocast):
             if self.sharded:
                 if layers is None:
                     raise ValueError("sharded fit_factors needs layers=<every tracked layer>")
@@ -332,7 +337,7 @@ class InfluenceSession:
         else:
             mine = self.pool_ids[_share(len(self.pool_ids))]
             loader = self.pool_share(self.pool_ids)
-        with passes.fork_rng(device):
+        with passes.fork_rng(device), passes.mixed_precision(self.autocast):
             queries = self._prepared_queries(model, factors)
             prepared = time.perf_counter() - started
             part = compute_influence(

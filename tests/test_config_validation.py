@@ -65,6 +65,7 @@ BAD_VALUE = {
     "pool_id_key": ("", "pool_id_key must be a non-empty string (the key of a streaming pool item's integer id), "
                         "got ''"),
     "report": ("yes", "report must be True or False, got 'yes'"),
+    "report_in_background": ("no", "report_in_background must be True or False, got 'no'"),
     "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
     "show_progress": (None, "show_progress must be True or False, got None"),
     "on_error": ("ignore", "on_error must be one of 'warn', 'raise', got 'ignore'"),

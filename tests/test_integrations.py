@@ -103,12 +103,12 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
     expected, _ = session.compute(net, statistics, step=72)
     torch.testing.assert_close(saved.scores, expected.scores, rtol=1e-6, atol=1e-8)
     assert torch.equal(saved.get("top_ids"), expected.get("top_ids"))
+    monitor.close()  # the report, completed in the background, is logged by now
     assert (saved.path / "report" / "summary.json").is_file()
     fabric.logger.finalize("success")
     with open(Path(fabric.logger.log_dir) / "metrics.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert any(row.get("influence/tail_alpha") not in (None, "") for row in rows), list(rows[0])
-    monitor.close()
 
 
 def test_fabric_refuses_callback_only_settings(tmp_path):

@@ -13,11 +13,14 @@ Usage (three touch points in the loop)::
         monitor.optimizer_step()                # commits the step's statistics
         if monitor.global_step % 100 == 0:
             monitor.compute()                   # writes <output_dir>/step=<N>/, logs to fabric.loggers
+    monitor.close()                             # the last reports logged, hooks removed
 
 Settings are :class:`~lightning_influence.InfluenceConfig` fields (validated there); the callback's
 triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
-processes and only process 0 writes and logs.
+processes and only process 0 writes and logs. Reports (figures, ``report/``, logged media) are
+completed in the background (``report_in_background``): the loggers get each one at a later
+``step`` or at ``close``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any, Iterator, Optional, Union
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_influence import passes
 from lightning_influence.collector import scaler_scale
 from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
@@ -67,7 +71,8 @@ class InfluenceMonitor(MonitorState):
         self.global_step = 0
         self._collecting = False
         self._loop = LoopInfluence(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
-                                   is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers)
+                                   is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers,
+                                   autocast=passes.autocast_dtype(getattr(self._precision, "precision", None)))
         self._loop.statistics.attach()
 
     # -- the loop's steps ----------------------------------------------------------------------------
@@ -77,6 +82,7 @@ class InfluenceMonitor(MonitorState):
 
         ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation."""
         stats = self._loop.statistics
+        self._loop.deliver_reports()
         self._collecting = self.global_step % self._loop.config.collect_every_n_steps == 0
         if self._collecting:
             stats.begin_batch(batch, accumulation=accumulation, loss_scale=self._loss_scale())
@@ -118,10 +124,16 @@ class InfluenceMonitor(MonitorState):
         return self._loop.session
 
     def _loss_scale(self) -> float:
-        return scaler_scale(getattr(self.fabric, "_precision", None))  # Fabric's precision plugin holds the scaler
+        return scaler_scale(self._precision)  # Fabric's precision plugin holds the scaler
+
+    @property
+    def _precision(self) -> Any:
+        """Fabric's precision plugin (its setting and AMP scaler), if this Fabric has one."""
+        return getattr(self.fabric, "_precision", None)
 
     def close(self) -> None:
-        """Remove the hooks from the model (the statistics and results stay readable)."""
+        """Log the reports still being completed in the background and remove the hooks from the
+        model (the statistics and results stay readable). Call at the end of training."""
         self._loop.close()
 
 

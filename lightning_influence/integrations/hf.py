@@ -99,7 +99,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         model = unwrapped(model)
         output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
         self._loop = LoopInfluence(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
-                                   loggers=lambda: _loggers(args))
+                                   loggers=lambda: _loggers(args), autocast=_autocast_dtype(args))
         self._loop.statistics.attach()
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
@@ -151,6 +151,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
     # -- collecting: the Trainer's events ------------------------------------------------------------
     def on_step_begin(self, args, state, control, **kwargs):
         if self._loop is not None:
+            self._loop.deliver_reports()
             self._collecting = state.global_step % self._loop.config.collect_every_n_steps == 0
 
     def on_substep_end(self, args, state, control, **kwargs):
@@ -229,6 +230,13 @@ def _unsupported(args: Any) -> Optional[str]:
         return ("InfluenceTrainerCallback needs the model's own loss; label_smoothing_factor makes the Trainer "
                 "compute another one: set it to 0")
     return None
+
+
+def _autocast_dtype(args: Any) -> Optional[torch.dtype]:
+    """The autocast dtype of the Trainer's mixed-precision training steps (``bf16`` / ``fp16``), or ``None``."""
+    if getattr(args, "bf16", False):
+        return torch.bfloat16
+    return torch.float16 if getattr(args, "fp16", False) else None
 
 
 def _loggers(args: Any) -> List[Any]:

@@ -3,6 +3,12 @@
 The callback and the command line both call :meth:`ResultPublisher.publish` (on rank 0 only).
 Files on disk come first and never depend on a logger: a logger that fails is warned about once
 and skipped from then on, so a flaky network or an exhausted quota never stops a training run.
+
+With ``background=True`` the figures are drawn and the report directory written by one worker
+thread, so ``publish`` returns once the numbers and tables are ready. The loggers are still called
+on the publishing thread (logger objects are not thread-safe), when a report is complete: at the
+next ``publish`` / :meth:`~ResultPublisher.deliver_ready` call or at :meth:`~ResultPublisher.flush`,
+always in publishing order.
 """
 
 from __future__ import annotations
@@ -10,8 +16,11 @@ from __future__ import annotations
 import json
 import warnings
 import weakref
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence
+from typing import Any, Deque, Iterable, List, Optional, Sequence
 
 from lightning_influence._io import json_ready, write_file_atomic
 from lightning_influence.compare import Analysis, RunAnalysis
@@ -22,6 +31,17 @@ __all__ = ["ResultPublisher", "REPORT_DIR", "SUMMARY_FILE"]
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
+
+
+WORKER_NAME = "lightning-influence-report"
+
+
+@dataclass
+class _PendingReport:
+    """A report whose figures and files the worker is completing, to log once they are done."""
+
+    report: Report
+    done: Future
 
 
 def figure_file_name(name: str) -> str:
@@ -66,6 +86,12 @@ class ResultPublisher:
         max_queries: the first ``max_queries`` queries get tables and per-query figures (all
             queries count in the scalars).
         heatmap_examples: columns (most influential examples) of the layer heatmap.
+        background: draw the figures and write the report directory on a worker thread; the
+            loggers get each report when it is complete (see the module docstring). Call
+            :meth:`flush` when done publishing (e.g. at the end of training).
+        max_pending: reports published but not yet logged, at most (background only): a
+            ``publish`` beyond it waits for the oldest, so a slow worker holds back the caller
+            instead of piling up reports in memory.
     """
 
     def __init__(
@@ -79,11 +105,13 @@ class ResultPublisher:
         write_files: bool = True,
         max_queries: int = 4,
         heatmap_examples: int = 20,
+        background: bool = False,
+        max_pending: int = 2,
     ) -> None:
-        if top_k < 1 or max_queries < 1 or heatmap_examples < 1:
+        if top_k < 1 or max_queries < 1 or heatmap_examples < 1 or max_pending < 1:
             raise ValueError(
-                f"top_k, max_queries and heatmap_examples must be positive, got {top_k}, {max_queries}, "
-                f"{heatmap_examples}"
+                f"top_k, max_queries, heatmap_examples and max_pending must be positive, got {top_k}, "
+                f"{max_queries}, {heatmap_examples}, {max_pending}"
             )
         self.renderer = renderer if renderer is not None else DefaultRenderer()
         self.top_k = top_k
@@ -96,6 +124,10 @@ class ResultPublisher:
         self._render_warned = False
         self._run = RunAnalysis()
         self._analysed: List[Any] = []  # identities of the results in self._run, oldest first
+        self.background = background
+        self.max_pending = max_pending
+        self._worker: Optional[ThreadPoolExecutor] = None  # started at the first background publish
+        self._pending: Deque[_PendingReport] = deque()  # oldest first
 
     def publish(
         self,
@@ -119,7 +151,8 @@ class ResultPublisher:
                 ``result`` itself. Only results this publisher has not analysed yet are analysed.
 
         Returns:
-            The ``analysis.InfluenceSummary`` of ``result``.
+            The ``analysis.InfluenceSummary`` of ``result``. In the background, the report of
+            ``result`` is logged later (loggers get earlier reports here, as they complete).
 
         Raises:
             ValueError: if ``history`` and ``result`` come from different training runs.
@@ -139,9 +172,66 @@ class ResultPublisher:
             top_k=self.top_k,
             max_queries=self.max_queries,
             heatmap_examples=self.heatmap_examples,
+            draw=False,
         )
-        if self.write_files and result.path is not None:
-            self._write_files(Path(result.path) / REPORT_DIR, report, summary)
+        directory = Path(result.path) / REPORT_DIR if self.write_files and result.path is not None else None
+        if not self.background:
+            self._complete(report, summary, directory)
+            self._log(report)
+            return summary
+        while len(self._pending) >= self.max_pending:
+            self._deliver_oldest()  # waits for the worker: memory stays bounded
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=WORKER_NAME)
+        self._pending.append(_PendingReport(report, self._worker.submit(self._complete, report, summary, directory)))
+        self.deliver_ready()
+        return summary
+
+    def deliver_ready(self) -> None:
+        """Log the reports the worker has completed, oldest first, stopping at the first still in
+        progress (so loggers always see the steps in order). Never waits."""
+        while self._pending and self._pending[0].done.done():
+            self._deliver_oldest()
+
+    def flush(self) -> None:
+        """Wait for every pending report, log them in order and end the worker thread (a later
+        ``publish`` starts a new one). Call at the end of training, also after an exception."""
+        try:
+            while self._pending:
+                self._deliver_oldest()
+        finally:
+            if self._worker is not None:
+                self._worker.shutdown(wait=True)
+                self._worker = None
+
+    @property
+    def pending(self) -> int:
+        """Reports published but not yet logged."""
+        return len(self._pending)
+
+    def _deliver_oldest(self) -> None:
+        """Wait for the oldest pending report and log it; a report the worker could not complete
+        is warned about and logged without its figures."""
+        pending = self._pending.popleft()
+        error = pending.done.exception()
+        if error is not None:
+            where = f"; the result is saved under {pending.report.result_path}" if pending.report.result_path else ""
+            warnings.warn(
+                f"lightning-influence: completing the influence report of step {pending.report.step} in the "
+                f"background failed ({type(error).__name__}: {error}){where}. Loggers get its numbers and "
+                "tables without figures; training continues.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        self._log(pending.report)
+
+    def _complete(self, report: Report, summary: Any, directory: Optional[Path]) -> None:
+        """The slow part of publishing: draw the figures, write the report directory."""
+        report.draw_figures()
+        if directory is not None:
+            self._write_files(directory, report, summary)
+
+    def _log(self, report: Report) -> None:
         for index, sink in enumerate(self._sinks):
             if index in self._failed:
                 continue
@@ -149,14 +239,13 @@ class ResultPublisher:
                 sink.publish(report)
             except Exception as err:  # noqa: BLE001 - a logger must never stop training
                 self._failed.add(index)
-                where = f"; the report is saved under {result.path}" if result.path is not None else ""
+                where = f"; the report is saved under {report.result_path}" if report.result_path is not None else ""
                 warnings.warn(
                     f"lightning-influence: logging influence results to {sink.name} failed "
                     f"({type(err).__name__}: {err}){where}. This logger is skipped from now on.",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-        return summary
 
     def _analyse(self, history: Sequence[Any], result: Any) -> Analysis:
         """The analysis of ``history`` then ``result``, analysing only results not seen before.

@@ -1,13 +1,15 @@
 """Everything a sink shows about one result, computed once and shared by all sinks.
 
-Building the figures and rendering the examples is the expensive part of publishing; sinks only
-translate a :class:`Report` into their logger's calls.
+Drawing the figures (about 0.5-1.5 s each on a CPU) is the expensive part of publishing; sinks only
+translate a :class:`Report` into their logger's calls. A report can be built with its figures
+still to draw (:meth:`Report.draw_figures`), so a background worker draws them off the training thread.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -60,6 +62,8 @@ class Report:
             id -1) and ``ledger`` (per query, the examples the per-step ledger credits most).
         histograms: further value distributions by name (``self_scores``).
         result_path: the result directory on disk, if saved.
+        undrawn: figure name to a function drawing it, for the figures :meth:`draw_figures` has
+            still to turn into ``pngs`` (their data is taken from the result when the report is built).
     """
 
     step: int
@@ -74,7 +78,15 @@ class Report:
     tables: Dict[str, List[ExampleRow]] = field(default_factory=dict)
     histograms: Dict[str, np.ndarray] = field(default_factory=dict)
     result_path: Optional[Path] = None
+    undrawn: Dict[str, Callable[[], Any]] = field(default_factory=dict, repr=False)
     _arrays: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def draw_figures(self) -> None:
+        """Draw the undrawn figures into ``pngs`` (all or none: a failing figure raises and
+        leaves ``pngs`` as it was)."""
+        drawn = {name: plots.figure_to_png(draw()) for name, draw in self.undrawn.items()}
+        self.pngs = {**self.pngs, **drawn}
+        self.undrawn = {}
 
     def key(self, name: str) -> str:
         """The logged key of ``name``: ``<namespace>/<name>``."""
@@ -186,25 +198,29 @@ def _top_layer_scores(result: Any, q: int, count: int) -> Optional[Tuple[torch.T
     return kept[:, q, :count][:, ranked], [str(int(i)) for i in ids[q, :count][ranked]]
 
 
-def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int, trajectory) -> Dict[str, Any]:
-    # A result with keep_top_scores has no histogram of every score, and its tails show the kept scores.
+def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples: int,
+             trajectory) -> Dict[str, Callable[[], Any]]:
+    """Figure name to a function drawing it from data selected now (the drawing may run on
+    another thread: it reads nothing of ``result`` but these tensors). A result with
+    keep_top_scores has no histogram of every score, and its tails show the kept scores."""
     dense = result.scores is not None
-    figures = {"score_histogram": plots.score_histogram(result.scores)} if dense else {}
+    figures = {"score_histogram": partial(plots.score_histogram, result.scores)} if dense else {}
     for q in queries:
         query_id = int(result.query_ids[q])
         fit = summary.tail_fits[q] if q < len(summary.tail_fits) else None
         values = result.scores[q] if dense else result.get("kept_top_scores")[q]
         title = f"Influence tail, query {query_id}" + ("" if dense else f" (top {len(values)} kept)")
-        figures[f"tail/q{query_id}"] = plots.tail_ccdf(values, fit, title=title)
+        figures[f"tail/q{query_id}"] = partial(plots.tail_ccdf, values, fit, title=title)
         heatmap = _top_layer_scores(result, q, heatmap_examples)
         if heatmap is not None and result.layer_names:
-            figures[f"layer_heatmap/q{query_id}"] = plots.layer_heatmap(
-                heatmap[0], result.layer_names, heatmap[1], title=f"Influence by layer, query {query_id}"
-            )
+            figures[f"layer_heatmap/q{query_id}"] = partial(
+                plots.layer_heatmap, heatmap[0], list(result.layer_names), heatmap[1],
+                title=f"Influence by layer, query {query_id}")
     if summary.layer_shares is not None and summary.layer_names:
-        figures["layer_shares"] = plots.layer_share_bars(summary.layer_shares.nanmean(0), summary.layer_names)
+        figures["layer_shares"] = partial(plots.layer_share_bars, summary.layer_shares.nanmean(0),
+                                          list(summary.layer_names))
     if trajectory is not None:
-        figures["trajectory"] = plots.trajectory_lines(trajectory)
+        figures["trajectory"] = partial(plots.trajectory_lines, trajectory)
     return figures
 
 
@@ -217,6 +233,7 @@ def build_report(
     top_k: int,
     max_queries: int,
     heatmap_examples: int,
+    draw: bool = True,
 ) -> Report:
     """Compute the figures, tables and scalars of a run's latest result once for all sinks.
 
@@ -229,19 +246,20 @@ def build_report(
         top_k: rows per query in the top and bottom tables.
         max_queries: the first ``max_queries`` queries get tables and per-query figures.
         heatmap_examples: columns of the layer heatmap (the most influential examples).
+        draw: draw the figures now; ``False`` leaves them in ``Report.undrawn`` for
+            :meth:`Report.draw_figures` (e.g. on a background thread).
     """
     result, summary = analysis.result, analysis.summary
     queries = range(min(max_queries, result.num_queries))
-    figures = _figures(result, summary, queries, heatmap_examples, analysis.trajectory)
     scores = result.scores.double().ravel() if result.scores is not None else torch.empty(0)
-    return Report(
+    report = Report(
         step=int(step),
         epoch=result.epoch,
         namespace=namespace,
         scalars={name: float(value) for name, value in {**summary.scalars, **result.meta.get("monitors", {})}.items()
                  if np.isfinite(value)},
         scores=scores[torch.isfinite(scores)].numpy(),
-        pngs={name: plots.figure_to_png(fig) for name, fig in figures.items()},
+        pngs={},
         top_rows=_table_rows(result, queries, top_k, True, render),
         bottom_rows=_table_rows(result, queries, top_k, False, render),
         trajectory=analysis.trajectory,
@@ -249,4 +267,8 @@ def build_report(
         histograms={"self_scores": result.self_scores[torch.isfinite(result.self_scores)].double().numpy()}
         if result.self_scores is not None else {},
         result_path=result.path,
+        undrawn=_figures(result, summary, queries, heatmap_examples, analysis.trajectory),
     )
+    if draw:
+        report.draw_figures()
+    return report
