@@ -183,6 +183,25 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
     return token_scores if per_token else token_scores.sum(-1)
 
 
+def contract_token_pairs(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, grads: Tensor,
+                         pairs: Tensor) -> Tensor:
+    """One layer's token scores ``[Q, B, T]`` for the query-example pairs marked in ``pairs [Q, B]``
+    only, zeros elsewhere: each query's examples through that query's preconditioned gradient alone."""
+    batch, tokens, _ = grads.shape
+    scores = grads.new_zeros(queries.num_queries, batch, tokens)
+    low_rank = queries.low_rank.get(layer.name)
+    for query in pairs.any(1).nonzero().flatten().tolist():
+        rows = pairs[query].nonzero().flatten()
+        picked_grads, picked_acts = grads[rows], acts[rows]
+        if low_rank is not None:
+            left, right = (factor[query].to(grads.dtype) for factor in low_rank)
+            scores[query, rows] = ((picked_grads @ left) * (picked_acts @ right)).sum(-1)
+        else:
+            scores[query, rows] = ((picked_grads @ queries.dense[layer.name][query].to(grads.dtype))
+                                   * picked_acts).sum(-1)
+    return scores
+
+
 def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: LayerTracker, batch_size: int,
                               use_measurement: bool, desc: str, show_progress: bool
                               ) -> Iterator[Tuple[Any, List[Tensor], List[Tensor]]]:
@@ -295,7 +314,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                       keep_top: Optional[int] = None, batch_size: int = 32,
                       train_ids: Optional[Tensor] = None, query_ids: Optional[Tensor] = None,
                       prepared_queries: Optional[Tuple[PreconditionedQueries, Tensor]] = None,
-                      show_progress: bool = False) -> InfluenceResult:
+                      token_pairs: Optional[Tensor] = None, show_progress: bool = False) -> InfluenceResult:
     """Influence of every training example on every query.
 
     Args:
@@ -312,6 +331,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
             memory instead of ``L·Q·N`` (see :func:`~lightning_influence.analysis.layer_shares`).
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
+        token_pairs: with ``per_token``, a ``[Q, N]`` mask (examples in the order they are read) of
+            the query-example pairs whose token scores are wanted; the others are zero. Each pair
+            costs ``T·d_out·d_in`` per layer instead of every query on every example's tokens.
         query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
         query_truncation: how ``query_rank`` truncates: ``"randomized"`` (default; float32
             rotations and subspace iteration, within 1e-3 of the exact truncation's scores — see
@@ -373,14 +395,21 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
                                                             "influence", show_progress):
             with torch.no_grad():
-                per_layer_scores = [contract(queries, layer, act, grad, per_token)
+                dense_tokens = per_token and token_pairs is None
+                per_layer_scores = [contract(queries, layer, act, grad, dense_tokens)
                                     for layer, act, grad in zip(layers, acts, grads)]
                 if per_token:
                     _check_token_axes(layers, acts)
-                    token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
+                    if dense_tokens:
+                        token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
+                        per_layer_scores = [s.sum(-1) for s in per_layer_scores]
+                    else:
+                        pairs = token_pairs[:, seen:seen + acts[0].shape[0]].to(acts[0].device)
+                        token_chunks.append(torch.stack([contract_token_pairs(queries, layer, act, grad, pairs)
+                                                         for layer, act, grad in zip(layers, acts, grads)]
+                                                        ).sum(0).float().cpu())
                     mask = task.token_mask(batch)
                     mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
-                    per_layer_scores = [s.sum(-1) for s in per_layer_scores]
                 stacked = torch.stack(per_layer_scores).float().cpu()
                 total = stacked.double().sum(0).float()
                 if self_influence:

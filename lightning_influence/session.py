@@ -445,24 +445,29 @@ class InfluenceSession:
             raise ValueError("no finite score to rank: per-token scores of the top examples are skipped")
         if self.streaming:
             stream = self.pool_stream(None, wanted=union)
-            loader, read = self.loader(stream), stream.ids
+            items = list(stream)
+            read_ids = torch.as_tensor(stream.ids, dtype=torch.long)
+            if not torch.equal(read_ids.sort().values, union):
+                raise ValueError("the streaming pool did not yield the same examples when read again for the top "
+                                 "examples' token scores: it must be deterministic")
+            loader = self.loader([items[i] for i in read_ids.argsort().tolist()])  # in the order of union
         else:
-            loader, read = self.pool_loader(union), union.tolist()
+            loader = self.pool_loader(union)
+        # Token scores only where they are shown: each query's own top and bottom examples.
+        pairs = torch.zeros(chosen.shape[0], len(union), dtype=torch.bool)
+        ranked = chosen >= 0
+        pairs[torch.arange(chosen.shape[0]).unsqueeze(1).expand_as(chosen)[ranked],
+              torch.searchsorted(union, chosen[ranked])] = True
         tokens = compute_influence(
             model, self.task, loader, None, factors, self.damping,
-            per_layer=True, per_token=True, query_rank=self.query_rank, batch_size=self.batch_size,
-            prepared_queries=queries,
+            per_layer=True, per_token=True, token_pairs=pairs, query_rank=self.query_rank,
+            batch_size=self.batch_size, prepared_queries=queries,
         )
-        read_ids = torch.as_tensor(read, dtype=torch.long)
-        if not torch.equal(read_ids.sort().values, union):
-            raise ValueError("the streaming pool did not yield the same examples when read again for the top "
-                             "examples' token scores: it must be deterministic")
-        order = read_ids.argsort()
         rows = torch.arange(chosen.shape[0]).unsqueeze(1)
         out = {}
         for name, ids in picked.items():
             ranked = ids >= 0
-            where = order[torch.searchsorted(read_ids[order], ids.clamp_min(0)).clamp_max(len(union) - 1)]
+            where = torch.searchsorted(union, ids.clamp_min(0)).clamp_max(len(union) - 1)
             out[f"{name}_ids"] = ids
             out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * ranked.unsqueeze(-1)
             out[f"{name}_token_mask"] = tokens.token_mask[where] & ranked.unsqueeze(-1)

@@ -100,7 +100,7 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
             correction = part if correction is None else correction.merge_(part)
     _warn_left_out(left_out)
     nonfinite, tokens_seen = set(), {}
-    for positions, tokens in distributed.all_gather_objects(
+    for positions, tokens in distributed.gather_objects(
             (sorted(set(left_out)), {name: float(parts["a_count"]) for name, parts in statistics.state.items()})):
         nonfinite.update(positions)
         tokens_seen.update(tokens)
@@ -109,7 +109,7 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
             "sharded": {"world_size": distributed.world_size()}}
     local = factors_from_statistics(strategy, mine, bases, correction, meta)
     summaries: Dict[str, Tuple[float, int, float]] = {}
-    for gathered in distributed.all_gather_objects({n: local.eigenvalue_summary(n) for n in local.layers}):
+    for gathered in distributed.gather_objects({n: local.eigenvalue_summary(n) for n in local.layers}):
         summaries.update(gathered)
     return Factors(strategy, local.layers, meta, owners, summaries)
 
@@ -132,7 +132,7 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
     distributed.all_reduce_sum_([unusable])
     bad = unusable > 0
     described = {}
-    for gathered in distributed.all_gather_objects({
+    for gathered in distributed.gather_objects({
             name: [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in _parts(local, name)]
             for name in (layer.name for layer in mine)}):
         described.update(gathered)

@@ -173,3 +173,18 @@ def test_not_finite_flags_nan_and_inf_but_not_finite_values_that_overflow_a_sum(
     matrices[2, 1, 1] = float("nan")
     matrices[3, 0, 4] = -float("inf")
     assert _not_finite(matrices).tolist() == [False, False, True, True]
+
+
+@pytest.mark.parametrize("query_rank", [None, RANK])
+def test_token_scores_of_chosen_pairs_equal_the_dense_token_scores(lm, query_rank):
+    model, task, data, factors = lm
+    queries = Subset(data, range(5))
+    dense = li.compute_influence(model, task, data, queries, factors, per_token=True, query_rank=query_rank,
+                                 batch_size=7)
+    pairs = torch.rand(5, len(data), generator=torch.Generator().manual_seed(0)) < 0.3
+    chosen = li.compute_influence(model, task, data, queries, factors, per_token=True, query_rank=query_rank,
+                                  batch_size=7, token_pairs=pairs)
+    assert_relative(chosen.scores, dense.scores, 1e-5)  # per example, not summed over tokens: round-off
+    expected = dense.token_scores * pairs.unsqueeze(-1)
+    assert_relative(chosen.token_scores, expected, 1e-5)
+    assert float(expected.abs().max()) > 0 and not chosen.token_scores[~pairs].any()
