@@ -66,7 +66,7 @@ def test_sharding_quick(tmp_path):
 def test_lm_scale_quick(tmp_path):
     payload = run(lm_scale, tmp_path, "--no-kronfluence", "--device", "cpu")
     assert payload["epoch_seconds"] > 0 and all(s["seconds"] > 0 for s in payload["stages"].values())
-    assert payload["ratios"]["rank-4 randomized vs exact truncation: max score difference / max score"] < 1e-2
+    assert payload["ratios"]["rank-4 randomised vs exact truncation: max score difference / max score"] < 1e-3
 
 
 def test_vectorised_oracle_equals_reference():

@@ -188,3 +188,12 @@ def test_token_scores_of_chosen_pairs_equal_the_dense_token_scores(lm, query_ran
     expected = dense.token_scores * pairs.unsqueeze(-1)
     assert_relative(chosen.token_scores, expected, 1e-5)
     assert float(expected.abs().max()) > 0 and not chosen.token_scores[~pairs].any()
+
+
+@pytest.mark.parametrize("width", [100, 300, 515])
+def test_blocked_gram_equals_the_full_product(width):
+    from lightning_influence.factors import add_symmetric_gram_
+    rows = torch.randn(200, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+    total = torch.eye(width, dtype=torch.float64)
+    add_symmetric_gram_(total, rows, alpha=0.5)
+    assert torch.allclose(total, torch.eye(width, dtype=torch.float64) + 0.5 * rows.T @ rows, rtol=1e-12, atol=1e-10)

@@ -158,7 +158,8 @@ def test_eigenbases_in_lower_precision_stay_within_tolerance_of_float64(referenc
               for f in (exact, lowered)]
     error = float((scores[1] - scores[0]).abs().max() / scores[0].abs().max())
     assert error <= tolerance
-    assert error > 0  # the dtype is really used
+    # float32 bases change nothing (scoring rotates float32 gradients in float32 anyway); bfloat16 does
+    assert error == 0 if dtype == torch.float32 else error > 0
 
 
 def test_sharded_factors_refuse_self_influence_other_strategies_and_plain_scoring():
