@@ -72,8 +72,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         methods[f"trajectory ({len(results)}), lr | {label}"] = li.aggregate(results, weighting="lr").scores
         methods[f"ledger | {label}"] = ledger_total(results, n)
         covered[label] = coverage(results, n)
-    # What the ledger's shared query subspace costs: the same recipe with a wider one, and with none.
-    for size in (2 * subspace, None):
+    # What the ledger's shared query subspace costs: the same recipe with a narrower one (half the
+    # per-step cost), a wider one, and none.
+    for size in (subspace // 2, 2 * subspace, None):
         results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=1,
                                    ledger_subspace=size)
         method = f"ledger, ledger_subspace={size}" if size else "ledger, ledger_subspace=None (rank-16 queries)"

@@ -133,7 +133,10 @@ def main(argv=None) -> dict:
               "collecting on every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
               "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256),
               # The per-step ledger (issue 16) at defaults, with 64 queries: it scores each collected batch.
-              "callback, default settings + ledger, 64 queries (amortised)": dict(ledger=True, num_query_examples=64)}
+              "callback, default settings + ledger, 64 queries (amortised)": dict(ledger=True, num_query_examples=64),
+              # Its cost is the two thin projections per layer, proportional to ledger_subspace: half of it.
+              "callback, default settings + ledger, ledger_subspace=16, 64 queries (amortised)":
+                  dict(ledger=True, ledger_subspace=16, num_query_examples=64)}
     # Training set-ups, each measured without and with the callback (default settings).
     backend = "aot_eager" if args.quick else "inductor"
     setups = {"activation checkpointing": dict(checkpointing=True),

@@ -48,6 +48,7 @@ class TrainingMonitor:
         if self.ledger is not None and self._ids is None:
             self._ids = BatchIds(trainer.train_dataloader)
             self.collector.observer = self.ledger.on_gradient
+            session.keep_prepared_queries = session.query_rank is not None  # at the ledger's rank: reused
             if self.ledger.queries is None:
                 plain = Factors("identity", {layer.name: {} for layer in self.collector.layers})
                 self.ledger.refresh(ledger_queries(session, pl_module, plain, self.collector.layers,

@@ -300,13 +300,16 @@ def ledger_queries(session: Any, model: torch.nn.Module, factors: Any, layers: L
                    subspace: Optional[int]) -> SubspaceQueries:
     """The session's queries preconditioned with ``factors`` at the current weights, at rank
     ``session.query_rank`` or :data:`LEDGER_QUERY_RANK`, projected onto their shared ``subspace``:
-    what the ledger scores steps against until the next computation."""
+    what the ledger scores steps against until the next computation. With ``query_rank`` set these
+    are the queries the session's scoring just prepared (kept for the ledger), not a second pass."""
     device = passes.model_device(model)
+    queries = session.take_prepared_queries(factors) if session.query_rank else None
     factors = factors.to(device)
-    rank = session.query_rank or LEDGER_QUERY_RANK
-    with passes.fork_rng(device):
-        queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
-                                          factors.damping_per_layer(session.damping), rank, session.batch_size)
+    if queries is None:
+        rank = session.query_rank or LEDGER_QUERY_RANK
+        with passes.fork_rng(device):
+            queries, _ = precondition_queries(model, session.task, session.query_loader(), factors, layers,
+                                              factors.damping_per_layer(session.damping), rank, session.batch_size)
     return SubspaceQueries(queries, subspace, _gradient_scales(factors) if factors.has_eigenbasis else None)
 
 

@@ -149,6 +149,10 @@ class InfluenceSession:
         if pool_ids is None and not self.streaming:
             pool_ids = choose_pool_ids(len(self.pool), max_train_examples, seed)
         self.pool_ids = pool_ids
+        # Set by a second user of each computation's preconditioned queries (the ledger): score() then
+        # keeps them for take_prepared_queries() rather than that user preparing them again.
+        self.keep_prepared_queries = False
+        self._kept_queries: Optional[Tuple[Factors, PreconditionedQueries]] = None
 
     @property
     def pool_ids(self) -> Optional[Tensor]:
@@ -339,6 +343,7 @@ class InfluenceSession:
             loader = self.pool_share(self.pool_ids)
         with passes.fork_rng(device), passes.mixed_precision(self.autocast):
             queries = self._prepared_queries(model, factors)
+            self._kept_queries = (factors, queries[0]) if self.keep_prepared_queries else None
             prepared = time.perf_counter() - started
             part = compute_influence(
                 model, self.task, loader, None, factors, self.damping,
@@ -433,6 +438,12 @@ class InfluenceSession:
         return precondition_queries(model, self.task, self.query_loader(), factors,
                                     layers, factors.damping_per_layer(self.damping), self.query_rank,
                                     self.batch_size, self.show_progress)
+
+    def take_prepared_queries(self, factors: Factors) -> Optional[PreconditionedQueries]:
+        """The queries the last :meth:`score` preconditioned with ``factors`` (kept only with
+        ``keep_prepared_queries``, and handed out once), or ``None``."""
+        kept, self._kept_queries = self._kept_queries, None
+        return kept[1] if kept is not None and kept[0] is factors else None
 
     def _top_examples(self, model: nn.Module, factors: Factors, picked: Dict[str, Tensor],
                       queries: Tuple[PreconditionedQueries, Tensor]) -> Dict[str, Tensor]:
