@@ -348,12 +348,14 @@ class StepStatistics:
         was skipped (``valid=False``) or produced non-finite values; no host synchronisation."""
         pending = self._pending.tensors()
         has_data = torch.stack([p["s_count"] > 0 for p in self._pending.state.values()]).any()
-        finite = torch.stack([t.isfinite().all() for t in pending]).all()
+        # One sum per tensor finds NaN and inf (they propagate) without an element-wise mask; a step
+        # whose finite sums overflow float32 is skipped too: its statistics would overflow the totals.
+        finite = torch.stack([t.sum() for t in pending]).isfinite().all()
         ok = finite & has_data & valid
         for total, new in zip(self.stats.tensors(), pending):
             if self.window == "ema":
                 total.mul_(torch.where(ok, self.ema_decay, 1.0).to(total.dtype))
-            total.add_(torch.where(ok, new, torch.zeros((), dtype=new.dtype, device=new.device)))
+            total.add_(new.masked_fill_(~ok, 0.0))  # the buffer is zeroed below anyway
         self.steps_committed += ok
         self.steps_skipped += has_data & ~ok
         self._pending.zero_()
