@@ -464,25 +464,24 @@ class InfluenceSession:
             loader = self.loader([items[i] for i in read_ids.argsort().tolist()])  # in the order of union
         else:
             loader = self.pool_loader(union)
+        ranked = chosen >= 0
+        positions = torch.searchsorted(union, chosen.clamp_min(0)).clamp_max(len(union) - 1)  # in union
+        rows = torch.arange(chosen.shape[0]).unsqueeze(1)
         # Token scores only where they are shown: each query's own top and bottom examples.
         pairs = torch.zeros(chosen.shape[0], len(union), dtype=torch.bool)
-        ranked = chosen >= 0
-        pairs[torch.arange(chosen.shape[0]).unsqueeze(1).expand_as(chosen)[ranked],
-              torch.searchsorted(union, chosen[ranked])] = True
+        pairs[rows.expand_as(chosen)[ranked], positions[ranked]] = True
         tokens = compute_influence(
             model, self.task, loader, None, factors, self.damping,
             per_layer=True, per_token=True, token_pairs=pairs, query_rank=self.query_rank,
             batch_size=self.batch_size, prepared_queries=queries,
         )
-        rows = torch.arange(chosen.shape[0]).unsqueeze(1)
         out = {}
-        for name, ids in picked.items():
-            ranked = ids >= 0
-            where = torch.searchsorted(union, ids.clamp_min(0)).clamp_max(len(union) - 1)
+        widths = [ids.shape[1] for ids in picked.values()]
+        for (name, ids), where, listed in zip(picked.items(), positions.split(widths, 1), ranked.split(widths, 1)):
             out[f"{name}_ids"] = ids
-            out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * ranked.unsqueeze(-1)
-            out[f"{name}_token_mask"] = tokens.token_mask[where] & ranked.unsqueeze(-1)
-            out[f"{name}_layer_scores"] = tokens.layer_scores[:, rows, where].masked_fill(~ranked, math.nan)
+            out[f"{name}_token_scores"] = tokens.token_scores[rows, where] * listed.unsqueeze(-1)
+            out[f"{name}_token_mask"] = tokens.token_mask[where] & listed.unsqueeze(-1)
+            out[f"{name}_layer_scores"] = tokens.layer_scores[:, rows, where].masked_fill(~listed, math.nan)
         return out
 
     def compute(self, model: nn.Module, statistics: CovarianceStatistics, *, step: int, epoch: Optional[int] = None,
