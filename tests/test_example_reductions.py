@@ -1,0 +1,66 @@
+"""Per-example gradient reductions (the EK-FAC correction's squared sums, self-influence's quadratic
+form) formed block by block on the CPU must equal the batched formulas up to float32 round-off."""
+import pytest
+import torch
+
+from lightning_influence import factors as factors_module
+from lightning_influence.factors import Factors, per_example_gradients, squared_example_gradients
+
+
+def _random_tokens(examples, tokens, d_in, d_out, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    acts = torch.randn(examples, tokens, d_in, generator=generator)
+    grads = torch.randn(examples, tokens, d_out, generator=generator)
+    return acts, grads
+
+
+def _orthogonal(size, generator):
+    return torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))[0]
+
+
+def _factors(strategy, d_in, d_out, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    eigenvalues = torch.rand(d_out, d_in, generator=generator, dtype=torch.float64) ** 3
+    parts = {}
+    if strategy in ("ekfac", "kfac"):
+        parts.update(q_a=_orthogonal(d_in, generator), q_s=_orthogonal(d_out, generator))
+    if strategy == "kfac":
+        parts.update(eig_a=torch.rand(d_in, generator=generator, dtype=torch.float64),
+                     eig_s=torch.rand(d_out, generator=generator, dtype=torch.float64))
+    elif strategy != "identity":
+        parts["eigenvalues"] = eigenvalues
+    return Factors(strategy, {"layer": parts})
+
+
+@pytest.fixture(params=["blockwise", "batched"])
+def reduction(request, monkeypatch):
+    """Small blocks (several per example) or the batched formula, whatever the layer's size."""
+    if request.param == "blockwise":
+        monkeypatch.setattr(factors_module, "EXAMPLE_BLOCK_ELEMENTS", 7 * 96)
+        monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 1)
+    else:
+        monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 2**62)
+    return request.param
+
+
+def test_squared_example_gradients_equal_the_float64_formula(reduction):
+    acts, grads = _random_tokens(5, 9, 96, 80)
+    expected = per_example_gradients(acts.double(), grads.double()).square().sum(0)
+    got = squared_example_gradients(acts, grads)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-4 * float(expected.max()))
+    assert factors_module.blockwise(acts, grads) == (reduction == "blockwise")
+
+
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
+@pytest.mark.parametrize("tokens", [3, 200])  # few tokens: rotated first; many: the formed gradient is rotated
+def test_quadratic_form_equals_the_gradient_dotted_with_its_preconditioned_self(reduction, strategy, tokens):
+    acts, grads = _random_tokens(4, tokens, 24, 40)
+    factors = _factors(strategy, 24, 40)
+    damping = 0.05
+    gradients = per_example_gradients(acts.double(), grads.double())
+    expected = (gradients * factors.precondition("layer", gradients, damping)).sum((1, 2))
+    got = factors.example_quadratic_form("layer", acts, grads, damping)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expected, rtol=3e-5, atol=0.0)
+    if factors.has_eigenbasis:
+        assert factors.rotates_tokens("layer", tokens) == (tokens == 3)
