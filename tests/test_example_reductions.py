@@ -1,10 +1,15 @@
 """Per-example gradient reductions (the EK-FAC correction's squared sums, self-influence's quadratic
-form) formed block by block on the CPU must equal the batched formulas up to float32 round-off."""
+form, the pool's contraction with dense queries) formed block by block on the CPU must equal the
+batched formulas up to float32 round-off."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from lightning_influence import factors as factors_module
+from lightning_influence import scoring
 from lightning_influence.factors import Factors, per_example_gradients, squared_example_gradients
+from lightning_influence.scoring import PreconditionedQueries
 
 
 def _random_tokens(examples, tokens, d_in, d_out, seed=0):
@@ -38,6 +43,7 @@ def reduction(request, monkeypatch):
     if request.param == "blockwise":
         monkeypatch.setattr(factors_module, "EXAMPLE_BLOCK_ELEMENTS", 7 * 96)
         monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(scoring, "BATCH_BLOCK_ELEMENTS", 3 * 7 * 96)
     else:
         monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 2**62)
     return request.param
@@ -64,3 +70,13 @@ def test_quadratic_form_equals_the_gradient_dotted_with_its_preconditioned_self(
     torch.testing.assert_close(got, expected, rtol=3e-5, atol=0.0)
     if factors.has_eigenbasis:
         assert factors.rotates_tokens("layer", tokens) == (tokens == 3)
+
+
+def test_pool_contraction_with_dense_queries_equals_the_float64_formula(reduction):
+    acts, grads = _random_tokens(5, 9, 96, 80)
+    queries = torch.randn(6, 80, 96, generator=torch.Generator().manual_seed(2))
+    expected = queries.double().flatten(1) @ per_example_gradients(acts.double(), grads.double()).flatten(1).T
+    got = scoring.contract(PreconditionedQueries({"layer": queries}), SimpleNamespace(name="layer"), acts, grads,
+                           per_token=False)
+    assert got.shape == (6, 5)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5 * float(expected.abs().max()))
