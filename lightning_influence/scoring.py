@@ -355,8 +355,9 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         per_token: also return ``token_scores [Q, N, T]`` (they sum to ``scores``); memory grows
             with ``Q·N·T``: use on small pools or subsets.
         token_pairs: with ``per_token``, a ``[Q, N]`` mask (examples in the order they are read) of
-            the query-example pairs whose token scores are wanted; the others are zero. Each pair
-            costs ``T·d_out·d_in`` per layer instead of every query on every example's tokens.
+            the query-example pairs whose scores are wanted (token, layer and total scores); the
+            others are zero. Each pair costs ``T·d_out·d_in`` per layer instead of every query on
+            every example's tokens, and no other pair is scored.
         query_rank: replace each preconditioned query gradient by its rank-r truncated SVD.
         query_truncation: how ``query_rank`` truncates: ``"randomized"`` (default; float32
             rotations and subspace iteration, within 1e-3 of the exact truncation's scores — see
@@ -418,19 +419,19 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         for batch, acts, grads in _example_gradient_batches(model, task, train_data, tracker, batch_size, False,
                                                             "influence", show_progress):
             with torch.no_grad():
-                dense_tokens = per_token and token_pairs is None
-                per_layer_scores = [contract(queries, layer, act, grad, dense_tokens)
-                                    for layer, act, grad in zip(layers, acts, grads)]
                 if per_token:
                     _check_token_axes(layers, acts)
-                    if dense_tokens:
-                        token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
-                        per_layer_scores = [s.sum(-1) for s in per_layer_scores]
-                    else:
-                        pairs = token_pairs[:, seen:seen + acts[0].shape[0]].to(acts[0].device)
-                        token_chunks.append(torch.stack([contract_token_pairs(queries, layer, act, grad, pairs)
-                                                         for layer, act, grad in zip(layers, acts, grads)]
-                                                        ).sum(0).float().cpu())
+                if per_token and token_pairs is not None:
+                    pairs = token_pairs[:, seen:seen + acts[0].shape[0]].to(acts[0].device)
+                    per_layer_tokens = [contract_token_pairs(queries, layer, act, grad, pairs)
+                                        for layer, act, grad in zip(layers, acts, grads)]
+                else:
+                    per_layer_tokens = [contract(queries, layer, act, grad, per_token)
+                                        for layer, act, grad in zip(layers, acts, grads)]
+                per_layer_scores = per_layer_tokens
+                if per_token:
+                    token_chunks.append(torch.stack(per_layer_tokens).sum(0).float().cpu())
+                    per_layer_scores = [s.sum(-1) for s in per_layer_tokens]
                     mask = task.token_mask(batch)
                     mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
                 stacked = torch.stack(per_layer_scores).float().cpu()

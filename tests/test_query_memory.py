@@ -182,12 +182,15 @@ def test_token_scores_of_chosen_pairs_equal_the_dense_token_scores(lm, query_ran
     dense = li.compute_influence(model, task, data, queries, factors, per_token=True, query_rank=query_rank,
                                  batch_size=7)
     pairs = torch.rand(5, len(data), generator=torch.Generator().manual_seed(0)) < 0.3
-    chosen = li.compute_influence(model, task, data, queries, factors, per_token=True, query_rank=query_rank,
-                                  batch_size=7, token_pairs=pairs)
-    assert_relative(chosen.scores, dense.scores, 1e-5)  # per example, not summed over tokens: round-off
+    chosen = li.compute_influence(model, task, data, queries, factors, per_token=True, per_layer=True,
+                                  query_rank=query_rank, batch_size=7, token_pairs=pairs)
+    assert_relative(chosen.scores, dense.scores * pairs, 1e-5)  # per example, not summed over tokens: round-off
     expected = dense.token_scores * pairs.unsqueeze(-1)
     assert_relative(chosen.token_scores, expected, 1e-5)
     assert float(expected.abs().max()) > 0 and not chosen.token_scores[~pairs].any()
+    # only the chosen pairs are scored (the top examples' layer scores): no query meets every example
+    assert not chosen.layer_scores[:, ~pairs].any() and not chosen.scores[~pairs].any()
+    assert_relative(chosen.layer_scores.sum(0), chosen.scores, 1e-5)
 
 
 @pytest.mark.parametrize("width", [100, 300, 515])
