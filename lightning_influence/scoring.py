@@ -135,8 +135,9 @@ def randomized_truncate(matrices: Tensor, rank: int, seed: int = 0) -> Tuple[Ten
             basis = torch.linalg.qr(matrices @ torch.linalg.qr(matrices.transpose(1, 2) @ basis).Q).Q
         small = basis.transpose(1, 2) @ matrices  # [Q, k, n]: M ≈ basis @ small
         _, vectors = torch.linalg.eigh(small @ small.transpose(1, 2))
-        left = basis @ vectors[:, :, -rank:].flip(-1)
-        right = matrices.transpose(1, 2) @ left
+        top = vectors[:, :, -rank:].flip(-1)
+        left = basis @ top
+        right = small.transpose(1, 2) @ top  # = Mᵀ left (basis orthonormal) without another pass over M
     return (right, left) if transposed else (left, right)
 
 
