@@ -424,15 +424,14 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
                     _check_token_axes(layers, acts)
                 if per_token and token_pairs is not None:
                     pairs = token_pairs[:, seen:seen + acts[0].shape[0]].to(acts[0].device)
-                    per_layer_tokens = [contract_token_pairs(queries, layer, act, grad, pairs)
+                    per_layer_scores = [contract_token_pairs(queries, layer, act, grad, pairs)
                                         for layer, act, grad in zip(layers, acts, grads)]
                 else:
-                    per_layer_tokens = [contract(queries, layer, act, grad, per_token)
+                    per_layer_scores = [contract(queries, layer, act, grad, per_token)
                                         for layer, act, grad in zip(layers, acts, grads)]
-                per_layer_scores = per_layer_tokens
-                if per_token:
-                    token_chunks.append(torch.stack(per_layer_tokens).sum(0).float().cpu())
-                    per_layer_scores = [s.sum(-1) for s in per_layer_tokens]
+                if per_token:  # per_layer_scores are [Q, B, T]: keep their sum over layers, then sum tokens
+                    token_chunks.append(torch.stack(per_layer_scores).sum(0).float().cpu())
+                    per_layer_scores = [s.sum(-1) for s in per_layer_scores]
                     mask = task.token_mask(batch)
                     mask_chunks.append((mask.bool() if mask is not None else torch.ones(acts[0].shape[:2], dtype=torch.bool)).cpu())
                 stacked = torch.stack(per_layer_scores).float().cpu()
