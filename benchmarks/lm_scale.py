@@ -194,6 +194,19 @@ def kronfluence_rows(model: nn.Module, pool: TensorDataset, queries: TensorDatas
 CHECKPOINT_DEFAULTS_STAGE = "callback computation at a checkpoint, callback defaults, larger pool"
 
 
+CHECKPOINT_PARTS = (("factors", "eigendecompositions and correction pass"), ("queries", "query preparation"),
+                    ("train", "pool pass"), ("token_scores", "top examples' second pass"))
+
+
+def checkpoint_parts(stages: Dict[str, Dict[str, float]], name: str, timings: Dict[str, float],
+                     epoch: Optional[float] = None) -> None:
+    """Rows for the stages of one checkpoint computation (``result.meta["timings"]``)."""
+    for key, label in CHECKPOINT_PARTS:
+        if key in timings:
+            row = {"seconds": timings[key], "peak_bytes": math.nan}
+            stages[f"{name}: {label}"] = row if epoch is None else {**row, "epoch_seconds": epoch}
+
+
 def checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, stages, stage) -> Tuple[int, float]:
     """The checkpoint computation on a pool of ``checkpoint_pool`` sequences with the callback's own
     defaults (16 correction batches, full-rank queries): its fixed costs (eigendecompositions, query
@@ -206,8 +219,9 @@ def checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, st
     statistics = accumulate_covariances(model, task, big, select_layers(model), fisher="empirical", batch_size=bs,
                                         max_batches=16)
     session = li.InfluenceSession(task, big, queries, fisher="empirical", batch_size=bs)
-    stage(CHECKPOINT_DEFAULTS_STAGE, lambda: session.compute(model, statistics, step=1))
+    result, _ = stage(CHECKPOINT_DEFAULTS_STAGE, lambda: session.compute(model, statistics, step=1))
     stages[CHECKPOINT_DEFAULTS_STAGE]["epoch_seconds"] = big_epoch
+    checkpoint_parts(stages, CHECKPOINT_DEFAULTS_STAGE, result.meta["timings"], big_epoch)
     return len(big), big_epoch
 
 
@@ -261,8 +275,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     statistics = accumulate_covariances(model, task, pool, select_layers(model), fisher="empirical", batch_size=bs)
     session = li.InfluenceSession(task, pool, queries, fisher="empirical", query_rank=rank, batch_size=bs,
                                   correction_batches=max(1, len(pool) // (4 * bs)))
-    stage("callback computation at a checkpoint (InfluenceSession.compute)",
-          lambda: session.compute(model, statistics, step=1))
+    checkpoint, _ = stage("callback computation at a checkpoint (InfluenceSession.compute)",
+                          lambda: session.compute(model, statistics, step=1))
+    checkpoint_parts(stages, "callback computation at a checkpoint (InfluenceSession.compute)",
+                     checkpoint.meta["timings"])
     big_pool, big_epoch = checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, stages, stage)
 
     exact, randomized = results[f"rank {rank} exact truncation"].scores, results[f"rank {rank}"].scores

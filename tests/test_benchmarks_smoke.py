@@ -67,6 +67,8 @@ def test_lm_scale_quick(tmp_path):
     payload = run(lm_scale, tmp_path, "--no-kronfluence", "--device", "cpu")
     assert payload["epoch_seconds"] > 0 and all(s["seconds"] > 0 for s in payload["stages"].values())
     assert payload["ratios"]["rank-4 randomised vs exact truncation: max score difference / max score"] < 1e-3
+    parts = [name for name in payload["stages"] if name.startswith("callback computation at a checkpoint") and ": " in name]
+    assert len(parts) == 8  # where each checkpoint computation's time goes, for both pools
 
 
 def test_vectorised_oracle_equals_reference():
