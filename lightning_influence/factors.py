@@ -477,10 +477,15 @@ class Factors:
 
         Rotating the ``T`` token vectors first costs ``T·d²`` per example instead of the ``d³`` of
         rotating the formed gradient: much cheaper whenever ``T`` is small (one token: ``d²``)."""
-        q_s, q_a = (basis.to(acts.device, dtype) for basis in self.eigenbasis(name))
         if self.rotates_tokens(name, acts.shape[1]):
-            return per_example_gradients(acts.to(dtype) @ q_a, grads.to(dtype) @ q_s)
+            return per_example_gradients(*self.tokens_in_eigenbasis(name, acts, grads, dtype))
+        q_s, q_a = (basis.to(acts.device, dtype) for basis in self.eigenbasis(name))
         return left_multiply(q_s.T, per_example_gradients(acts, grads).to(dtype) @ q_a)
+
+    def tokens_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor, dtype: torch.dtype) -> Tuple[Tensor, Tensor]:
+        """``(acts q_a, grads q_s)`` in ``dtype``: token vectors whose per-example gradients are in the eigenbasis."""
+        q_s, q_a = (basis.to(acts.device, dtype) for basis in self.eigenbasis(name))
+        return acts.to(dtype) @ q_a, grads.to(dtype) @ q_s
 
     def rotates_tokens(self, name: str, tokens: int) -> bool:
         """Whether rotating ``tokens`` token vectors into the eigenbasis costs less than rotating
@@ -497,18 +502,17 @@ class Factors:
         then costs about one product per token instead of two float64 ``d³`` rotations per example."""
         out = torch.zeros(acts.shape[0], dtype=torch.float64, device=acts.device)
         damped = None if self.strategy == "identity" else self._damped_eigenvalues(name, damping, acts.device)
-        tokens_rotated = self.has_eigenbasis and self.rotates_tokens(name, acts.shape[1])
-        if tokens_rotated:
-            q_s, q_a = (basis.to(acts) for basis in self.eigenbasis(name))
-            acts, grads = acts @ q_a, grads @ q_s
-        if blockwise(acts, grads) and (tokens_rotated or not self.has_eigenbasis):
+        rotates_matrices = self.has_eigenbasis and not self.rotates_tokens(name, acts.shape[1])
+        if self.has_eigenbasis and not rotates_matrices:  # from here on, per-example gradients are in the eigenbasis
+            acts, grads = self.tokens_in_eigenbasis(name, acts, grads, acts.dtype)
+        if blockwise(acts, grads) and not rotates_matrices:
             inverse = None if damped is None else damped.reciprocal().to(acts.dtype)
             for example, rows, block in example_gradient_blocks(acts, grads):
                 squares = block.square_() if inverse is None else block.square_().mul_(inverse[rows])
                 out[example] += squares.sum(dtype=torch.float64)
             return out
         for start, stop in chunk_ranges(acts.shape[0], grads.shape[-1] * acts.shape[-1]):
-            if self.has_eigenbasis and not tokens_rotated:
+            if rotates_matrices:
                 example = self.example_gradients_in_eigenbasis(name, acts[start:stop], grads[start:stop], acts.dtype)
             else:
                 example = per_example_gradients(acts[start:stop], grads[start:stop])
