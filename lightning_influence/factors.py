@@ -312,6 +312,13 @@ def per_example_gradients(acts: Tensor, grads: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", grads, acts)
 
 
+def stored_transposed(batch: Tensor) -> bool:
+    """Whether ``batch [N, m, n]`` is the transposed view of a contiguous ``[N, n, m]`` (how dense
+    preconditioned queries are kept: the rotation back to the layer's coordinates is faster in
+    that orientation, and a copy to the other would cost as much as the gain)."""
+    return batch.dim() == 3 and not batch.is_contiguous() and batch.transpose(1, 2).is_contiguous()
+
+
 def left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
     """``matrix @ batch[n]`` for every n as one ``[m, k] x [k, N·n]`` product: a broadcast ``matrix @ batch``
     runs N smaller products (measured 1.5x slower on ``[2048, 2048] x [8, 2048, 513]``)."""
@@ -459,6 +466,9 @@ class Factors:
         callers that truncate before rotating back. ``in_place`` divides ``rotated`` itself (a fresh
         [N, d_out, d_in] result costs more in page faults than the division: 8x on 64 MiB)."""
         damped = self._damped_eigenvalues(name, damping, rotated.device).to(rotated.dtype)
+        if in_place and stored_transposed(rotated):  # divide in the storage's order (strided: 6x slower)
+            rotated.transpose(1, 2).div_(damped.T.contiguous())
+            return rotated
         return rotated.div_(damped) if in_place else rotated / damped
 
     def rotate_to_eigenbasis(self, name: str, grads: Tensor) -> Tensor:
@@ -467,18 +477,25 @@ class Factors:
         return left_multiply(q_s.T, grads @ q_a)
 
     def rotate_from_eigenbasis(self, name: str, rotated: Tensor) -> Tensor:
-        """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates."""
+        """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates. A batch stored transposed (see
+        :func:`stored_transposed`) is rotated in that orientation and returned stored transposed."""
         q_s, q_a = (basis.to(rotated) for basis in self.eigenbasis(name))
+        if stored_transposed(rotated):
+            # (q_s ΔW̃ q_aᵀ)ᵀ = q_a (ΔW̃ᵀ q_sᵀ): one [N·d_in, d_out] x [d_out, d_out] product and a batched one,
+            # no transposing copy (1.1-1.3x faster than the other orientation on GPT layers, one CPU thread).
+            return torch.matmul(q_a, rotated.transpose(1, 2) @ q_s.T).transpose(1, 2)
         return left_multiply(q_s, rotated @ q_a.T)
 
     def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor,
-                                        dtype: torch.dtype = torch.float64) -> Tensor:
-        """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in ``dtype``, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``.
+                                        dtype: torch.dtype = torch.float64, transposed: bool = False) -> Tensor:
+        """``q_sᵀ (Σ_t g_t a_tᵀ) q_a`` per example, in ``dtype``, for ``acts [N,T,d_in]``, ``grads [N,T,d_out]``;
+        with ``transposed``, stored transposed (see :func:`stored_transposed`) where tokens are rotated.
 
         Rotating the ``T`` token vectors first costs ``T·d²`` per example instead of the ``d³`` of
         rotating the formed gradient: much cheaper whenever ``T`` is small (one token: ``d²``)."""
         if self.rotates_tokens(name, acts.shape[1]):
-            return per_example_gradients(*self.tokens_in_eigenbasis(name, acts, grads, dtype))
+            acts, grads = self.tokens_in_eigenbasis(name, acts, grads, dtype)
+            return per_example_gradients(grads, acts).transpose(1, 2) if transposed else per_example_gradients(acts, grads)
         q_s, q_a = (basis.to(acts.device, dtype) for basis in self.eigenbasis(name))
         return left_multiply(q_s.T, per_example_gradients(acts, grads).to(dtype) @ q_a)
 

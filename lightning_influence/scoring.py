@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_influence import passes
 from lightning_influence.factors import (CHUNK_ELEMENTS, Damping, Factors, blockwise, chunk_ranges, fit_factors,
-                                         per_example_gradients)
+                                         per_example_gradients, stored_transposed)
 from lightning_influence.results import InfluenceResult
 from lightning_influence.sketch import ScoreSketch
 from lightning_influence.tasks import Task
@@ -56,6 +56,11 @@ class PreconditionedQueries:
             return left.shape[0]
         return 0
 
+    def rows_transposed(self, name: str) -> bool:
+        """Whether layer ``name``'s ``"rows"`` layout runs over ``[d_in, d_out]`` (the dense queries are
+        stored transposed: a row layout in the other order would copy them)."""
+        return stored_transposed(self.dense[name])
+
     def dense_for(self, name: str) -> Tensor:
         if name in self.dense:
             return self.dense[name]
@@ -64,12 +69,14 @@ class PreconditionedQueries:
 
     def layout(self, name: str, kind: str, dtype: torch.dtype) -> Tensor:
         """The queries in the layout a contraction multiplies with, built once per layer and dtype:
-        ``"rows"`` ``[Q, d_out·d_in]``; ``"columns"`` ``[d_out, Q·d_in]``; ``"left"`` / ``"right"``
+        ``"rows"`` ``[Q, d_out·d_in]``, or ``[Q, d_in·d_out]`` for queries stored transposed (see
+        :meth:`rows_transposed`); ``"columns"`` ``[d_out, Q·d_in]``; ``"left"`` / ``"right"``
         ``[d_out or d_in, Q·r]`` (query-major columns, so a slice of columns is a slice of queries)."""
         key = (name, kind, dtype)
         if key not in self._layouts:
             if kind == "rows":
-                value = self.dense[name].flatten(1)
+                dense = self.dense[name]
+                value = (dense.transpose(1, 2) if self.rows_transposed(name) else dense).flatten(1)
             elif kind == "columns":
                 value = self.dense[name].permute(1, 0, 2).reshape(self.dense[name].shape[1], -1)
             else:
@@ -166,6 +173,8 @@ def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, 
         _cost_materialised(batch, tokens, d_out, d_in, n_query)
     if not direct:
         rows = queries.layout(layer.name, "rows", grads.dtype)
+        if queries.rows_transposed(layer.name):  # rows over [d_in, d_out]: per-example gradients transposed alike
+            acts, grads = grads, acts
         if blockwise(acts, grads):
             return _contract_row_blocks(rows, acts, grads)
         return rows @ per_example_gradients(acts, grads).flatten(1).T
@@ -282,9 +291,19 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
             left, right = (torch.cat(side) for side in zip(*parts))
             low_rank[name] = (left.masked_fill_(bad[:, None, None], 0.0), right.masked_fill_(bad[:, None, None], 0.0))
         else:
-            dense[name] = torch.cat(parts).masked_fill_(bad[:, None, None], 0.0)
+            dense[name] = _concatenate(parts).masked_fill_(bad[:, None, None], 0.0)
         parts.clear()  # the chunks are copied into the concatenation: let them go layer by layer
     return PreconditionedQueries(dense, query_rank, low_rank), bad
+
+
+def _concatenate(parts: Sequence[Tensor]) -> Tensor:
+    """Chunks of dense queries ``[q, d_out, d_in]`` as one, stored transposed if they are (see
+    :func:`~lightning_influence.factors.stored_transposed`); a single chunk as it is (no copy)."""
+    if len(parts) == 1:
+        return parts[0]
+    if all(stored_transposed(part) for part in parts):
+        return torch.cat([part.transpose(1, 2) for part in parts]).transpose(1, 2)
+    return torch.cat(parts)
 
 
 def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tensor, damping: float,
@@ -300,7 +319,8 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
     rotation_dtype = torch.float64 if truncated and truncation == "exact" else dtype
     if factors.has_eigenbasis:
         preconditioned = factors.precondition_in_eigenbasis(
-            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype), damping, in_place=True)
+            name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype, transposed=not truncated),
+            damping, in_place=True)
         if not truncated:
             preconditioned = factors.rotate_from_eigenbasis(name, preconditioned)
     else:

@@ -133,23 +133,30 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
     bad = unusable > 0
     described = {}
     for gathered in distributed.gather_objects({
-            name: [(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in _parts(local, name)]
+            name: ([(tuple(t.shape), str(t.dtype).replace("torch.", "")) for t in _parts(local, name)],
+                   name in local.dense and local.rows_transposed(name))
             for name in (layer.name for layer in mine)}):
         described.update(gathered)
     dense: Dict[str, Tensor] = {}
     low_rank: Dict[str, Tuple[Tensor, ...]] = {}
     for layer in layers:
+        specs, transposed = described[layer.name]
         parts = _parts(local, layer.name) if factors.owners[layer.name] == here else [
-            torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in described[layer.name]]
+            torch.empty(shape, dtype=getattr(torch, dtype), device=device) for shape, dtype in specs]
         distributed.broadcast_from(parts, factors.owners[layer.name])
         for part in parts:
             part.masked_fill_(bad[:, None, None], 0.0)
         if len(parts) == 1:
-            dense[layer.name] = parts[0]
+            dense[layer.name] = parts[0].transpose(1, 2) if transposed else parts[0]
         else:
             low_rank[layer.name] = tuple(parts)
     return PreconditionedQueries(dense, query_rank, low_rank), bad
 
 
 def _parts(queries: PreconditionedQueries, name: str) -> List[Tensor]:
-    return [queries.dense[name]] if name in queries.dense else list(queries.low_rank[name])
+    """The contiguous tensors that carry layer ``name``'s queries (dense ones stored transposed travel
+    as their contiguous transpose: collectives send contiguous memory)."""
+    if name not in queries.dense:
+        return list(queries.low_rank[name])
+    dense = queries.dense[name]
+    return [dense.transpose(1, 2) if queries.rows_transposed(name) else dense]

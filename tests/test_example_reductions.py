@@ -72,11 +72,30 @@ def test_quadratic_form_equals_the_gradient_dotted_with_its_preconditioned_self(
         assert factors.rotates_tokens("layer", tokens) == (tokens == 3)
 
 
-def test_pool_contraction_with_dense_queries_equals_the_float64_formula(reduction):
+@pytest.mark.parametrize("storage", ["contiguous", "transposed"])
+def test_pool_contraction_with_dense_queries_equals_the_float64_formula(reduction, storage):
     acts, grads = _random_tokens(5, 9, 96, 80)
     queries = torch.randn(6, 80, 96, generator=torch.Generator().manual_seed(2))
     expected = queries.double().flatten(1) @ per_example_gradients(acts.double(), grads.double()).flatten(1).T
-    got = scoring.contract(PreconditionedQueries({"layer": queries}), SimpleNamespace(name="layer"), acts, grads,
-                           per_token=False)
+    if storage == "transposed":  # as query preparation keeps them: [Q, d_out, d_in] viewing [Q, d_in, d_out]
+        queries = queries.transpose(1, 2).contiguous().transpose(1, 2)
+    prepared = PreconditionedQueries({"layer": queries})
+    got = scoring.contract(prepared, SimpleNamespace(name="layer"), acts, grads, per_token=False)
+    assert prepared.rows_transposed("layer") == (storage == "transposed")
+    assert prepared.layout("layer", "rows", torch.float32).data_ptr() == queries.data_ptr()  # a view, no copy
     assert got.shape == (6, 5)
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=2e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("tokens", [3, 200])  # few tokens: rotated first (stored transposed); many: formed, rotated
+def test_preconditioned_queries_stored_transposed_equal_the_float64_preconditioning(tokens):
+    acts, grads = _random_tokens(4, tokens, 24, 40)
+    factors = _factors("ekfac", 24, 40)
+    damping = 0.05
+    expected = factors.precondition("layer", per_example_gradients(acts.double(), grads.double()), damping)
+    rotated = factors.example_gradients_in_eigenbasis("layer", acts, grads, torch.float32, transposed=True)
+    assert factors_module.stored_transposed(rotated) == (tokens == 3)
+    got = factors.rotate_from_eigenbasis("layer", factors.precondition_in_eigenbasis("layer", rotated, damping,
+                                                                                     in_place=True))
+    assert factors_module.stored_transposed(got) == (tokens == 3)
+    torch.testing.assert_close(got.double(), expected, rtol=0.0, atol=2e-5 * float(expected.abs().max()))
