@@ -476,15 +476,20 @@ class Factors:
         q_s, q_a = (basis.to(grads) for basis in self.eigenbasis(name))
         return left_multiply(q_s.T, grads @ q_a)
 
-    def rotate_from_eigenbasis(self, name: str, rotated: Tensor) -> Tensor:
-        """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates. A batch stored transposed (see
-        :func:`stored_transposed`) is rotated in that orientation and returned stored transposed."""
+    def rotate_from_eigenbasis(self, name: str, rotated: Tensor, output_side: bool = True,
+                               input_side: bool = True) -> Tensor:
+        """``q_s ΔW̃ q_aᵀ``: back to the layer's own coordinates (only on the output / input side
+        where the other flag is ``False``). A batch stored transposed (see :func:`stored_transposed`)
+        is rotated in that orientation and returned stored transposed."""
         q_s, q_a = (basis.to(rotated) for basis in self.eigenbasis(name))
         if stored_transposed(rotated):
             # (q_s ΔW̃ q_aᵀ)ᵀ = q_a (ΔW̃ᵀ q_sᵀ): one [N·d_in, d_out] x [d_out, d_out] product and a batched one,
             # no transposing copy (1.1-1.3x faster than the other orientation on GPT layers, one CPU thread).
-            return torch.matmul(q_a, rotated.transpose(1, 2) @ q_s.T).transpose(1, 2)
-        return left_multiply(q_s, rotated @ q_a.T)
+            flipped = rotated.transpose(1, 2)
+            flipped = flipped @ q_s.T if output_side else flipped
+            return (torch.matmul(q_a, flipped) if input_side else flipped).transpose(1, 2)
+        rotated = rotated @ q_a.T if input_side else rotated
+        return left_multiply(q_s, rotated) if output_side else rotated
 
     def example_gradients_in_eigenbasis(self, name: str, acts: Tensor, grads: Tensor,
                                         dtype: torch.dtype = torch.float64, transposed: bool = False) -> Tensor:

@@ -34,6 +34,16 @@ def as_loader(data: Any, batch_size: int) -> DataLoader:
     raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
 
 
+def example_count(data: Any) -> Optional[int]:
+    """How many examples ``data`` (a Dataset or DataLoader) holds, when known before it is read;
+    ``None`` for a streaming pool or anything else without a length."""
+    dataset = data.dataset if isinstance(data, DataLoader) else data
+    try:
+        return len(dataset) if isinstance(dataset, Dataset) or hasattr(dataset, "__getitem__") else None
+    except TypeError:
+        return None
+
+
 @dataclasses.dataclass
 class Lockstep:
     """One process's share of data, padded with ``filler`` (a real batch, whose results are

@@ -32,13 +32,19 @@ from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_n
 
 class PreconditionedQueries:
     """``(G_ℓ + λ_ℓ I)⁻¹ ∇ℓ(q)`` per layer, dense ``[Q, d_out, d_in]`` or as a rank-r factorisation
-    ``left [Q, d_out, r] @ right [Q, d_in, r]ᵀ``."""
+    ``left [Q, d_out, r] @ right [Q, d_in, r]ᵀ``. A dense layer may be kept in its eigenbasis on
+    one side or both (``pool_bases``): a training example's token vectors are then rotated into
+    that basis before they meet the queries (:meth:`in_query_basis`)."""
 
     def __init__(self, dense: Dict[str, Tensor], rank: Optional[int] = None,
-                 low_rank: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None) -> None:
+                 low_rank: Optional[Dict[str, Tuple[Tensor, Tensor]]] = None,
+                 pool_bases: Optional[Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]]] = None) -> None:
         """``dense`` per layer ``[Q, d_out, d_in]``; with ``rank``, a layer whose factorisation is
-        smaller is truncated (exact, float64). ``low_rank``: layers already factorised."""
+        smaller is truncated (exact, float64). ``low_rank``: layers already factorised.
+        ``pool_bases``: per dense layer ``(q_s, q_a)``, each ``None`` where that side of the
+        queries is in the layer's own coordinates, else the eigenbasis it is kept in."""
         self.rank = rank
+        self.pool_bases = {name: bases for name, bases in (pool_bases or {}).items() if any(b is not None for b in bases)}
         self.dense: Dict[str, Tensor] = {}
         self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = dict(low_rank or {})
         self._layouts: Dict[Tuple[str, str, torch.dtype], Tensor] = {}
@@ -61,9 +67,17 @@ class PreconditionedQueries:
         stored transposed: a row layout in the other order would copy them)."""
         return stored_transposed(self.dense[name])
 
+    def in_query_basis(self, name: str, acts: Tensor, grads: Tensor) -> Tuple[Tensor, Tensor]:
+        """A batch's activations and output gradients in the basis layer ``name``'s queries are kept in."""
+        q_s, q_a = self.pool_bases.get(name, (None, None))
+        return (acts if q_a is None else acts @ q_a.to(acts)), (grads if q_s is None else grads @ q_s.to(grads))
+
     def dense_for(self, name: str) -> Tensor:
+        """Layer ``name``'s queries ``[Q, d_out, d_in]`` in the layer's own coordinates."""
         if name in self.dense:
-            return self.dense[name]
+            q_s, q_a = self.pool_bases.get(name, (None, None))
+            dense = self.dense[name] if q_a is None else self.dense[name] @ q_a.T.to(self.dense[name])
+            return dense if q_s is None else q_s.to(dense) @ dense
         left, right = self.low_rank[name]
         return left @ right.transpose(1, 2)
 
@@ -162,6 +176,7 @@ def _cost_direct(batch: int, tokens: int, d_out: int, d_in: int, queries: int) -
 def contract(queries: PreconditionedQueries, layer: TrackedLayer, acts: Tensor, grads: Tensor,
              per_token: bool) -> Tensor:
     """One layer's scores for a batch: ``[Q, B]``, or ``[Q, B, T]`` with ``per_token``."""
+    acts, grads = queries.in_query_basis(layer.name, acts, grads)
     batch, tokens, d_out = grads.shape
     d_in = acts.shape[-1]
     n_query = queries.num_queries
@@ -220,6 +235,7 @@ def contract_token_pairs(queries: PreconditionedQueries, layer: TrackedLayer, ac
                          pairs: Tensor) -> Tensor:
     """One layer's token scores ``[Q, B, T]`` for the query-example pairs marked in ``pairs [Q, B]``
     only, zeros elsewhere: each query's examples through that query's preconditioned gradient alone."""
+    acts, grads = queries.in_query_basis(layer.name, acts, grads)
     batch, tokens, _ = grads.shape
     scores = grads.new_zeros(queries.num_queries, batch, tokens)
     low_rank = queries.low_rank.get(layer.name)
@@ -254,8 +270,8 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
 
 def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
                          layers: Sequence[TrackedLayer], damping: Dict[str, float], query_rank: Optional[int] = None,
-                         batch_size: int = 32, show_progress: bool = False,
-                         truncation: str = "randomized") -> Tuple[PreconditionedQueries, Tensor]:
+                         batch_size: int = 32, show_progress: bool = False, truncation: str = "randomized",
+                         pool_examples: Optional[int] = None) -> Tuple[PreconditionedQueries, Tensor]:
     """Gradients of minus each query's measurement, preconditioned layer by layer with ``damping``
     (λ per layer), and which queries' preconditioned gradients are not finite in the gradients'
     dtype ``[Q]`` (they are zeroed, so they cannot disturb the truncation or other queries).
@@ -263,12 +279,20 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
     Built one query batch and one layer at a time, each truncated to ``query_rank`` as soon as it
     is ready: the float64 preconditioning only ever holds one layer of one chunk of queries, and
     memory grows with the kept queries (``Q·r·(d_out + d_in)`` per layer at rank r).
-    ``truncation``: ``"randomized"`` (default) or ``"exact"`` (float64 eigensolver, :func:`truncate`)
-    (float32 subspace iteration, :func:`randomized_truncate`: faster, approximate)."""
+    ``truncation``: ``"randomized"`` (default, float32 subspace iteration, :func:`randomized_truncate`:
+    faster, approximate) or ``"exact"`` (float64 eigensolver, :func:`truncate`).
+
+    ``pool_examples``: how many training examples the queries will be scored against, when known
+    and the queries are only used for that (as inside :func:`compute_influence`). A side of a dense
+    layer whose rotation back from the eigenbasis costs more for all queries than rotating the
+    pool's token vectors into it (see :func:`_sides_kept_in_eigenbasis`) is then left in the
+    eigenbasis, and the result's :meth:`PreconditionedQueries.in_query_basis` rotates the pool."""
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
     tracker = LayerTracker(layers)
     kept: Dict[str, List[Any]] = {layer.name: [] for layer in layers}
+    in_eigenbasis: Dict[str, Tuple[bool, bool]] = {}
+    num_queries = passes.example_count(query_data)
     unusable: List[Tensor] = []
     with passes.evaluation_mode(model), tracker:
         for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
@@ -276,9 +300,12 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
             with torch.no_grad():
                 batch_unusable = torch.zeros(grads[0].shape[0], dtype=torch.bool, device=grads[0].device)
                 for layer, act, grad in zip(layers, acts, grads):
+                    if layer.name not in in_eigenbasis:
+                        in_eigenbasis[layer.name] = _sides_kept_in_eigenbasis(
+                            layer, num_queries, pool_examples, act.shape[1], factors.has_eigenbasis and query_rank is None)
                     parts, part_unusable = zip(*(
                         _prepare_query_chunk(factors, layer.name, act[start:stop], grad[start:stop],
-                                             damping[layer.name], query_rank, truncation)
+                                             damping[layer.name], query_rank, truncation, in_eigenbasis[layer.name])
                         for start, stop in chunk_ranges(grad.shape[0], layer.d_out * layer.d_in)))
                     batch_unusable |= torch.cat(part_unusable)
                     kept[layer.name].extend(parts)
@@ -293,7 +320,34 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
         else:
             dense[name] = _concatenate(parts).masked_fill_(bad[:, None, None], 0.0)
         parts.clear()  # the chunks are copied into the concatenation: let them go layer by layer
-    return PreconditionedQueries(dense, query_rank, low_rank), bad
+    pool_bases = {}
+    for name, sides in in_eigenbasis.items():
+        if name in dense and any(sides):
+            q_s, q_a = factors.eigenbasis(name)
+            pool_bases[name] = tuple(basis.to(dense[name]) if side else None for basis, side in zip((q_s, q_a), sides))
+    return PreconditionedQueries(dense, query_rank, low_rank, pool_bases), bad
+
+
+# Rotating the pool's tokens runs batch by batch, on products a tenth the size of the queries' rotation
+# and into fresh tensors: at equal FLOPs it measured slower (GPT layers, one CPU thread), so a side is
+# only left in the eigenbasis when the pool's rotation costs at most 1 / POOL_ROTATION_MARGIN of it.
+POOL_ROTATION_MARGIN = 2
+
+
+def _sides_kept_in_eigenbasis(layer: TrackedLayer, num_queries: Optional[int], pool_examples: Optional[int],
+                              tokens: int, applies: bool) -> Tuple[bool, bool]:
+    """``(output side, input side)``: which sides of a layer's dense queries to leave in the eigenbasis.
+
+    Rotating the output side back costs ``Q·d_out²·d_in`` for the queries; leaving it costs
+    ``N·T·d_out²`` for the pool's output gradients (``N`` examples of ``T`` tokens, taken to be as
+    long as the queries). A side is left when the pool's cost is at most half the queries'
+    (``POOL_ROTATION_MARGIN``): the output side when ``2·N·T ≤ Q·d_in``, the input side when
+    ``2·N·T ≤ Q·d_out``. Pools of a few hundred sequences scored against dozens of queries are
+    where this pays."""
+    if not applies or num_queries is None or pool_examples is None:
+        return False, False
+    pool_cost = POOL_ROTATION_MARGIN * pool_examples * tokens
+    return pool_cost <= num_queries * layer.d_in, pool_cost <= num_queries * layer.d_out
 
 
 def _concatenate(parts: Sequence[Tensor]) -> Tensor:
@@ -307,13 +361,15 @@ def _concatenate(parts: Sequence[Tensor]) -> Tensor:
 
 
 def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tensor, damping: float,
-                         rank: Optional[int], truncation: str) -> Tuple[Any, Tensor]:
+                         rank: Optional[int], truncation: str,
+                         in_eigenbasis: Tuple[bool, bool] = (False, False)) -> Tuple[Any, Tensor]:
     """One layer's preconditioned gradients of a chunk of queries: dense in the gradients' dtype,
     or truncated to ``rank`` — in the eigenbasis, rotating only the factors back (saves a
     ``[d_out, d_out] x [d_out, d_in]`` product per query). Also which are not finite in that dtype
     (zeroed). The rotations and the division by the eigenvalues run in the gradients'
     dtype (the rotation back of a dense query, ``d_out·d_in·(d_out + d_in)`` per query, is the
-    largest cost of preparation), except before an ``"exact"`` truncation, float64 throughout."""
+    largest cost of preparation), except before an ``"exact"`` truncation, float64 throughout.
+    ``in_eigenbasis``: the sides of dense queries not rotated back (see :func:`_sides_kept_in_eigenbasis`)."""
     dtype = grads.dtype
     truncated = rank is not None and rank < min(grads.shape[-1], acts.shape[-1])
     rotation_dtype = torch.float64 if truncated and truncation == "exact" else dtype
@@ -322,7 +378,8 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
             name, factors.example_gradients_in_eigenbasis(name, acts, grads, rotation_dtype, transposed=not truncated),
             damping, in_place=True)
         if not truncated:
-            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned)
+            output_kept, input_kept = in_eigenbasis
+            preconditioned = factors.rotate_from_eigenbasis(name, preconditioned, not output_kept, not input_kept)
     else:
         preconditioned = factors.precondition(name, per_example_gradients(acts, grads).double(), damping)
     lowered = preconditioned.to(dtype)  # float32 overflow shows as inf here
@@ -423,7 +480,8 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
 
     stage = time.perf_counter()
     queries, bad_queries = prepared_queries or precondition_queries(
-        model, task, query_data, factors, layers, lambdas, query_rank, batch_size, show_progress, query_truncation)
+        model, task, query_data, factors, layers, lambdas, query_rank, batch_size, show_progress, query_truncation,
+        pool_examples=passes.example_count(train_data))
     timings["queries"] = time.perf_counter() - stage
 
     stage = time.perf_counter()

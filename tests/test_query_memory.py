@@ -175,6 +175,31 @@ def test_not_finite_flags_nan_and_inf_but_not_finite_values_that_overflow_a_sum(
     assert _not_finite(matrices).tolist() == [False, False, True, True]
 
 
+def test_queries_left_in_the_eigenbasis_for_a_small_pool_give_the_scores_of_rotated_back_ones(lm):
+    model, task, data, factors = lm
+    queries = Subset(data, range(7))
+    rotated_back, unusable = prepared(model, task, queries, factors)  # pool size unknown: every side rotated back
+    assert not rotated_back.pool_bases
+    seen = set()
+    # 6 sequences of 12 tokens: pool tokens well below 7 queries times any width, both sides stay in the
+    # eigenbasis; 12 sequences: only a side whose other width is large enough (fc's input side, out's output side)
+    for pool in (Subset(data, range(6)), Subset(data, range(12))):
+        kept, _ = prepared(model, task, queries, factors, pool_examples=len(pool))
+        seen.update(tuple(basis is not None for basis in bases) for bases in kept.pool_bases.values())
+        for name, reference in rotated_back.dense.items():
+            assert_relative(kept.dense_for(name), reference, 1e-5)
+        default = li.compute_influence(model, task, pool, queries, factors, per_token=True, batch_size=5)
+        reference = li.compute_influence(model, task, pool, queries, factors, per_token=True, batch_size=5,
+                                         prepared_queries=(rotated_back, unusable))
+        assert_relative(default.scores, reference.scores, 1e-5)
+        assert_relative(default.token_scores, reference.token_scores, 1e-5)
+        pairs = torch.rand(7, len(pool), generator=torch.Generator().manual_seed(1)) < 0.3
+        chosen = li.compute_influence(model, task, pool, queries, factors, per_token=True, batch_size=5,
+                                      token_pairs=pairs)
+        assert_relative(chosen.token_scores, reference.token_scores * pairs.unsqueeze(-1), 1e-5)
+    assert seen == {(True, True), (True, False), (False, True)}
+
+
 @pytest.mark.parametrize("query_rank", [None, RANK])
 def test_token_scores_of_chosen_pairs_equal_the_dense_token_scores(lm, query_rank):
     model, task, data, factors = lm
