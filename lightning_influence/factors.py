@@ -328,8 +328,11 @@ def left_multiply(matrix: Tensor, batch: Tensor) -> Tensor:
 
 
 def chunk_ranges(total: int, elements_per_item: int) -> Iterable[tuple]:
-    """``(start, stop)`` slices of ``total`` items with at most ``CHUNK_ELEMENTS`` elements each."""
-    step = max(1, CHUNK_ELEMENTS // max(1, elements_per_item))
+    """``(start, stop)`` slices of ``total`` items with at most ``CHUNK_ELEMENTS`` elements each, of
+    equal sizes (16 GPT queries of 2048x513 as 8 and 8, not 15 and a lone one that runs every batched
+    product again for a single matrix)."""
+    most = max(1, CHUNK_ELEMENTS // max(1, elements_per_item))
+    step = -(-total // -(-total // most)) if total else most  # ceil(total / number of chunks)
     for start in range(0, total, step):
         yield start, min(total, start + step)
 

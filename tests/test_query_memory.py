@@ -106,14 +106,21 @@ def power_law_matrices(count, rows, columns, exponent, seed=0):
 
 
 @pytest.mark.parametrize("rank", [8, 16])
-def test_randomized_truncation_converges_on_slowly_falling_spectra(rank):
-    matrices = power_law_matrices(4, 128, 200, exponent=0.75)
+@pytest.mark.parametrize("exponent, iterations", [(0.75, 4), (1.0, 3), (1.7, 2)])
+def test_randomized_truncation_converges_on_slowly_falling_spectra(rank, exponent, iterations, monkeypatch):
+    """Subspace iteration stops once it has converged: early on fast-falling spectra, never before
+    the stated tolerance."""
+    matrices = power_law_matrices(4, 128, 200, exponent=exponent)
     left, right = truncate(matrices, rank)
     exact = left @ right.transpose(1, 2)
+    products = []
+    real_qr = torch.linalg.qr
+    monkeypatch.setattr(torch.linalg, "qr", lambda m: products.append(m.shape) or real_qr(m))
     left, right = randomized_truncate(matrices.float(), rank)
+    assert len(products) == 1 + 2 * iterations  # the range found, then two orthonormalisations per iteration
     approx = left.double() @ right.double().transpose(1, 2)
     error = (approx - exact).flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
-    assert float(error.max()) < RANDOMIZED_TOLERANCE
+    assert float(error.max()) < RANDOMIZED_TOLERANCE / 3
 
 
 def test_unknown_truncation_is_refused(lm):
