@@ -41,10 +41,10 @@ class PreconditionedQueries:
                  pool_bases: Optional[Dict[str, Tuple[Optional[Tensor], Optional[Tensor]]]] = None) -> None:
         """``dense`` per layer ``[Q, d_out, d_in]``; with ``rank``, a layer whose factorisation is
         smaller is truncated (exact, float64). ``low_rank``: layers already factorised.
-        ``pool_bases``: per dense layer ``(q_s, q_a)``, each ``None`` where that side of the
-        queries is in the layer's own coordinates, else the eigenbasis it is kept in."""
+        ``pool_bases``: per dense layer with a side in the eigenbasis, ``(q_s, q_a)``, each ``None``
+        where that side of the queries is in the layer's own coordinates, else that eigenbasis."""
         self.rank = rank
-        self.pool_bases = {name: bases for name, bases in (pool_bases or {}).items() if any(b is not None for b in bases)}
+        self.pool_bases = dict(pool_bases or {})
         self.dense: Dict[str, Tensor] = {}
         self.low_rank: Dict[str, Tuple[Tensor, Tensor]] = dict(low_rank or {})
         self._layouts: Dict[Tuple[str, str, torch.dtype], Tensor] = {}
