@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lightning_influence import passes
 from lightning_influence.factors import (CHUNK_ELEMENTS, Damping, Factors, blockwise, chunk_ranges, fit_factors,
-                                         per_example_gradients, stored_transposed)
+                                         left_multiply, per_example_gradients, stored_transposed)
 from lightning_influence.results import InfluenceResult
 from lightning_influence.sketch import ScoreSketch
 from lightning_influence.tasks import Task
@@ -411,7 +411,7 @@ def _prepare_query_chunk(factors: Factors, name: str, acts: Tensor, grads: Tenso
                    else truncate(preconditioned, rank))
     if factors.has_eigenbasis:
         q_s, q_a = factors.eigenbasis(name)
-        left, right = q_s.to(left) @ left, q_a.to(right) @ right
+        left, right = left_multiply(q_s.to(left), left), left_multiply(q_a.to(right), right)
     return (left.to(dtype), right.to(dtype)), unusable
 
 
