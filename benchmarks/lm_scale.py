@@ -20,6 +20,7 @@ growth of the process's peak resident set (``VmHWM``, reset before each stage), 
 memory the allocator had kept from earlier stages.
 
     python benchmarks/lm_scale.py [--quick] [--width 512] [--blocks 4] [--tokens 64] [--pool 256]
+        [--checkpoint-pool 2048] [--comparison-pool 1024] [--no-kronfluence] [--device cuda]
 """
 
 from __future__ import annotations
@@ -226,6 +227,66 @@ def checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, st
     return len(big), big_epoch
 
 
+SUMMARY_PARTS = (("eigendecompositions and correction pass", "factors"), ("query preparation", "queries"),
+                 ("pool pass", "pool pass"), ("top examples' second pass", "top examples"))
+
+
+def summary_table(payload: Dict[str, Any]) -> str:
+    """The condensed table the README shows, from a run's JSON payload: each stage as a ratio to its
+    pool's forward+backward epoch, with its parts, peak memory and kronfluence's time over ours.
+
+        python -c "import json, lm_scale; print(lm_scale.summary_table(json.load(open('results/lm_scale.json'))))"
+    """
+    stages, ratios, epoch, rank = payload["stages"], payload["ratios"], payload["epoch_seconds"], payload["config"]["rank"]
+    kron = payload.get("kronfluence") or {}
+
+    def epochs(name: str) -> float:
+        return stages[name]["seconds"] / stages[name].get("epoch_seconds", epoch)
+
+    def peak(name: str) -> str:
+        peak_bytes = stages[name]["peak_bytes"]
+        return "-" if math.isnan(peak_bytes) else f"{peak_bytes / 2**20:,.0f}"
+
+    def parts(name: str) -> str:
+        return ", ".join(f"{short} {epochs(f'{name}: {label}'):.2f}" for label, short in SUMMARY_PARTS
+                         if f"{name}: {label}" in stages)
+
+    def versus(key: str, name: str) -> str:
+        return f"{kron[key]['seconds'] / stages[name]['seconds']:.2f}" if key in kron else "-"
+
+    fit, full, low = "fit_factors (EK-FAC, empirical)", "pairwise scoring, full queries", f"pairwise scoring, rank {rank} queries"
+    exact, checkpoint = f"pairwise scoring, rank {rank} exact truncation queries", \
+        "callback computation at a checkpoint (InfluenceSession.compute)"
+    larger = [name for name in stages if name.startswith("pairwise scoring, full queries, ") and name.endswith(" sequences")
+              and "epoch_seconds" in stages[name]]
+    fit_versus = (f"{kron['fit_seconds'] / stages[fit]['seconds']:.2f} (kronfluence {kron['fit_seconds'] / epoch:.1f} epochs)"
+                  if kron else "-")
+    full_memory = ratios["scoring peak growth (full) / float32 dense queries"]
+    rows = [
+        ["`fit_factors` (EK-FAC, empirical)", f"{epochs(fit):.2f} (covariances {epochs('fit_factors: covariances'):.2f}, "
+         f"eigendecompositions {epochs('fit_factors: eigendecomposition'):.2f}, correction {epochs('fit_factors: correction'):.2f})",
+         peak(fit), fit_versus],
+        [f"pairwise scoring, {payload['config']['queries']} full-rank queries (preparation "
+         f"{epochs('query preparation, full'):.2f})", f"{epochs(full):.2f}",
+         f"{peak(full)} ({full_memory:.2f}x the {payload['dense_query_bytes'] / 2**20:,.0f} MiB of float32 queries)",
+         versus("score_None", full)],
+        *([f"the same on a {name.rsplit(', ', 1)[1].replace(' sequences', '')}-sequence pool", f"{epochs(name):.2f} of that "
+           "pool's epoch", peak(name), versus("score_None_larger_pool", name)] for name in larger),
+        [f"pairwise scoring, rank {rank}, randomised truncation (default; preparation "
+         f"{epochs(f'query preparation, rank {rank}'):.2f})", f"{epochs(low):.2f}", peak(low), versus(f"score_{rank}", low)],
+        [f"pairwise scoring, rank {rank}, `query_truncation=\"exact\"` (preparation "
+         f"{epochs(f'query preparation, rank {rank} exact truncation'):.2f})", f"{epochs(exact):.2f}", peak(exact), "-"],
+        ["self-influence of the pool", f"{epochs('self-influence'):.2f} ({ratios['self-influence / pairwise (full)']:.2f}x pairwise)",
+         peak("self-influence"), "-"],
+        [f"callback computation at a checkpoint (`InfluenceSession.compute`, rank {rank})",
+         f"{epochs(checkpoint):.2f} ({parts(checkpoint)})", peak(checkpoint), "-"],
+        [f"the same on a {payload['config']['checkpoint_pool']:,}-sequence pool at the callback's defaults (full rank, "
+         "16 correction batches)", f"{epochs(CHECKPOINT_DEFAULTS_STAGE):.2f} of that pool's epoch "
+         f"({parts(CHECKPOINT_DEFAULTS_STAGE)})", peak(CHECKPOINT_DEFAULTS_STAGE), "-"],
+    ]
+    return benchlib.markdown_table(["stage", "x fwd+bwd epoch", "peak growth MiB", "kronfluence / ours"], rows)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
         "--width": dict(type=int, default=None), "--blocks": dict(type=int, default=None),
@@ -360,6 +421,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                "kronfluence": None if kron is None else {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
                                                          if isinstance(v, dict) else v for k, v in kron.items()},
                "seconds": time.perf_counter() - started}
+    sections.append("Summary (the README's table):\n\n" + summary_table(payload))
     benchlib.emit(args, "Language-model scale (GPT)", sections, payload)
     return payload
 

@@ -3,7 +3,7 @@
 
     python benchmarks/make_tables.py [--quick] [--only accuracy lds speed lm_scale]
 
-``lm_scale`` (a GPT, ~30 minutes on one CPU thread) runs only when named in ``--only``.
+``lm_scale`` (a GPT, ~40 minutes on one CPU thread with kronfluence) runs only when named in ``--only``.
 """
 
 from __future__ import annotations
