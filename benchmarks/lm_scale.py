@@ -270,7 +270,7 @@ def summary_table(payload: Dict[str, Any]) -> str:
          f"{epochs('query preparation, full'):.2f})", f"{epochs(full):.2f}",
          f"{peak(full)} ({full_memory:.2f}x the {payload['dense_query_bytes'] / 2**20:,.0f} MiB of float32 queries)",
          versus("score_None", full)],
-        *([f"the same on a {name.rsplit(', ', 1)[1].replace(' sequences', '')}-sequence pool", f"{epochs(name):.2f} of that "
+        *([f"the same on a {int(name.rsplit(', ', 1)[1].split()[0]):,}-sequence pool", f"{epochs(name):.2f} of that "
            "pool's epoch", peak(name), versus("score_None_larger_pool", name)] for name in larger),
         [f"pairwise scoring, rank {rank}, randomised truncation (default; preparation "
          f"{epochs(f'query preparation, rank {rank}'):.2f})", f"{epochs(low):.2f}", peak(low), versus(f"score_{rank}", low)],
