@@ -227,6 +227,11 @@ def checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, st
     return len(big), big_epoch
 
 
+def comparison_stage(cfg: Dict[str, Any]) -> str:
+    """The stage name of our full-rank scoring of the ``comparison_pool`` (compared with kronfluence's)."""
+    return f"pairwise scoring, full queries, {cfg['comparison_pool']} sequences"
+
+
 SUMMARY_PARTS = (("eigendecompositions and correction pass", "factors"), ("query preparation", "queries"),
                  ("pool pass", "pool pass"), ("top examples' second pass", "top examples"))
 
@@ -257,8 +262,7 @@ def summary_table(payload: Dict[str, Any]) -> str:
     fit, full, low = "fit_factors (EK-FAC, empirical)", "pairwise scoring, full queries", f"pairwise scoring, rank {rank} queries"
     exact, checkpoint = f"pairwise scoring, rank {rank} exact truncation queries", \
         "callback computation at a checkpoint (InfluenceSession.compute)"
-    larger = [name for name in stages if name.startswith("pairwise scoring, full queries, ") and name.endswith(" sequences")
-              and "epoch_seconds" in stages[name]]
+    larger = comparison_stage(payload["config"])
     fit_versus = (f"{kron['fit_seconds'] / stages[fit]['seconds']:.2f} (kronfluence {kron['fit_seconds'] / epoch:.1f} epochs)"
                   if kron else "-")
     full_memory = ratios["scoring peak growth (full) / float32 dense queries"]
@@ -270,8 +274,8 @@ def summary_table(payload: Dict[str, Any]) -> str:
          f"{epochs('query preparation, full'):.2f})", f"{epochs(full):.2f}",
          f"{peak(full)} ({full_memory:.2f}x the {payload['dense_query_bytes'] / 2**20:,.0f} MiB of float32 queries)",
          versus("score_None", full)],
-        *([f"the same on a {int(name.rsplit(', ', 1)[1].split()[0]):,}-sequence pool", f"{epochs(name):.2f} of that "
-           "pool's epoch", peak(name), versus("score_None_larger_pool", name)] for name in larger),
+        *([[f"the same on a {payload['config']['comparison_pool']:,}-sequence pool", f"{epochs(larger):.2f} of that "
+            "pool's epoch", peak(larger), versus("score_None_larger_pool", larger)]] if larger in stages else []),
         [f"pairwise scoring, rank {rank}, randomised truncation (default; preparation "
          f"{epochs(f'query preparation, rank {rank}'):.2f})", f"{epochs(low):.2f}", peak(low), versus(f"score_{rank}", low)],
         [f"pairwise scoring, rank {rank}, `query_truncation=\"exact\"` (preparation "
@@ -355,7 +359,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if not args.no_kronfluence and benchlib.kronfluence_available():
         larger_pool = bigram_sequences(cfg, cfg["comparison_pool"], seed=4)
         _, larger_epoch, _ = meter(lambda: forward_backward(model, task, larger_pool, bs, device))
-        larger_stage = f"pairwise scoring, full queries, {len(larger_pool)} sequences"
+        larger_stage = comparison_stage(cfg)
         larger_result = stage(larger_stage, lambda: li.compute_influence(
             model, task, larger_pool, queries, factors, batch_size=bs))
         stages[larger_stage]["epoch_seconds"] = larger_epoch
