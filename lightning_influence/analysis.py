@@ -636,6 +636,9 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         ratio = token_distribution(*tokens)["l2_l1_ratio"]
         defined = ratio[torch.isfinite(ratio)]
         scalars["spurious_fraction"] = float((defined > SPURIOUS_L2_L1).double().mean()) if defined.numel() else math.nan
+    staleness = (result.meta.get("curvature") or {}).get("staleness")
+    if staleness is not None:  # of the training-time covariances, before any refresh
+        scalars["curvature_staleness"] = float(staleness)
     shares = result_layer_shares(result, top_k_layers)
     if shares is not None:
         mean_shares = shares.nanmean(0)

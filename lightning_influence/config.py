@@ -21,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lightning_influence.factors import FISHER_KINDS, STRATEGIES
+from lightning_influence.freshness import REFRESH
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
@@ -82,6 +83,12 @@ class InfluenceConfig:
         ema_decay: decay of the moving average.
         correction_batches: batches of the pool in the EK-FAC eigenvalue-correction pass at each
             computation (``None``: the whole pool).
+        curvature_refresh: at each computation the correction pass also gathers fresh covariances
+            at the scored weights and measures, per layer, how stale the training-time ones are
+            (``meta["curvature"]``, logged as ``curvature_staleness``). ``"auto"``: a layer whose
+            training basis describes the fresh covariances worse than a basis from half of them
+            gets their eigenbasis and a second correction pass; ``"always"``: every layer (the
+            refit on the correction examples); ``"never"``: none. See ``lightning_influence.freshness``.
         max_train_examples: score a fixed random subset of this many pool examples (chosen once,
             kept across checkpoints and resumes).
         seed: seed of every private random generator.
@@ -146,6 +153,7 @@ class InfluenceConfig:
     window: str = "reset"
     ema_decay: float = 0.99
     correction_batches: Optional[int] = 16
+    curvature_refresh: str = "auto"
     max_train_examples: Optional[int] = None
     seed: int = 0
     query_rank: Optional[int] = None
@@ -181,6 +189,7 @@ class InfluenceConfig:
                       hint="('exact' needs one backward per output dimension; use it offline with fit_factors)")
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
         _check_choice("window", self.window, WINDOWS)
+        _check_choice("curvature_refresh", self.curvature_refresh, REFRESH)
         _check_choice("covariance_dtype", self.covariance_dtype, COVARIANCE_DTYPES)
         _check_choice("eigenbasis_dtype", self.eigenbasis_dtype, EIGENBASIS_DTYPES)
         self._check_statistics_device()

@@ -37,7 +37,7 @@ from lightning_influence._io import (
     save_tensors,
     write_json,
 )
-from lightning_influence import distributed, passes
+from lightning_influence import distributed, freshness, passes
 from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name, select_layers
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
@@ -174,14 +174,15 @@ class CovarianceStatistics(_LayerSums):
     def is_empty(self) -> bool:
         return any(parts["a_count"] == 0 or parts["s_count"] == 0 for parts in self.state.values())
 
-    def eigendecompose(self) -> Dict[str, Dict[str, Tensor]]:
-        """Per layer, ``q_a, eig_a, q_s, eig_s`` of ``A = Σ a aᵀ / tokens`` and ``S = Σ g gᵀ / examples``,
-        in float64 (negative round-off eigenvalues clipped to 0)."""
-        empty = [n for n, p in self.state.items() if p["a_count"] == 0 or p["s_count"] == 0]
+    def eigendecompose(self, names: Optional[Sequence[str]] = None) -> Dict[str, Dict[str, Tensor]]:
+        """Per layer (of ``names``, default all), ``q_a, eig_a, q_s, eig_s`` of ``A = Σ a aᵀ / tokens``
+        and ``S = Σ g gᵀ / examples``, in float64 (negative round-off eigenvalues clipped to 0)."""
+        chosen = {name: self.state[name] for name in (names if names is not None else self.state)}
+        empty = [n for n, p in chosen.items() if p["a_count"] == 0 or p["s_count"] == 0]
         if empty:
             raise ValueError(f"no statistics were collected for layers {empty[:5]}; nothing to decompose")
         bases = {}
-        for name, parts in self.state.items():
+        for name, parts in chosen.items():
             eig_a, q_a = torch.linalg.eigh(parts["a_sum"].double() / parts["a_count"])
             eig_s, q_s = torch.linalg.eigh(parts["s_sum"].double() / parts["s_count"])
             bases[name] = {"q_a": q_a, "eig_a": eig_a.clamp_min(0), "q_s": q_s, "eig_s": eig_s.clamp_min(0)}
@@ -699,12 +700,15 @@ def _rows(tensors: Sequence[Tensor], keep: Tensor) -> List[Tensor]:
     return [t[keep] if t.shape[0] == len(keep) else t[:0] for t in tensors]
 
 
-def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, num_samples: int, batch_size: int,
-                      max_batches: Optional[int], seed: int, desc: str, show_progress: bool, dtype: torch.dtype,
-                      left_out: List[int]) -> Iterator[Tuple[List[Tensor], List[float], Iterator]]:
-    """The passes every curvature statistic is built from. Per batch: each layer's activations and
-    real-token count, and the Fisher samples ``(weight, examples, per-layer activations, per-layer
-    gradients)`` of :func:`passes.fisher_gradients` (consume them before the next batch).
+def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, batch_size: int, seed: int, desc: str,
+                      dtype: torch.dtype, left_out: List[int], num_samples: int = 1, max_batches: Optional[int] = None,
+                      show_progress: bool = False, first_example: int = 0,
+                      ) -> Iterator[Tuple[List[Tensor], List[float], Iterator, Tensor, Tensor]]:
+    """The passes every curvature statistic is built from. Per batch: each layer's activations of
+    the examples kept, their real-token count, the Fisher samples ``(weight, examples, per-layer
+    activations, per-layer gradients, examples kept)`` of :func:`passes.fisher_gradients` (consume
+    them before the next batch), each example's place (``first_example`` + its position in
+    ``data``) and which examples the activations kept.
 
     One NaN example would make every statistic NaN, so each example is kept out of what it would
     spoil: of everything when its activations are not finite in ``dtype`` (squares included: an
@@ -719,6 +723,7 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
     for batch, counted in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
         outputs = passes.forward(model, task, batch, tracker)
         size = task.batch_size(batch)
+        places = first_example + position + torch.arange(size)
         acts = [acts for _, acts in passes.layer_activations(tracker)]
         act_norms = _example_norms(acts, size, dtype)
         finite = _kept_examples(act_norms <= limit, acts) & counted  # a filler's passes only keep step
@@ -730,15 +735,27 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
                 grad_norms = _example_norms(grads, size, dtype)
                 keep = finite & _kept_examples((grad_norms <= limit) & (grad_norms * act_norms <= limit), grads)
                 rejected.append(~keep)
-                yield weight, int(keep.sum()) * share, _rows(acts, keep), _rows(grads, keep)
+                yield weight, int(keep.sum()) * share, _rows(acts, keep), _rows(grads, keep), keep
 
         kept = _rows(acts, finite)
-        mask = tracker.token_mask
-        kept_mask = mask[finite] if mask is not None and not bool(finite.all()) else mask
-        yield kept, [passes.token_count(act, kept_mask) for act in kept], samples()
+        yield kept, _token_counts(kept, tracker.token_mask, finite), samples(), places.to(finite.device), finite
         if counted:
             left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
             position += size
+
+
+def _token_counts(acts: Sequence[Tensor], mask: Optional[Tensor], kept: Tensor) -> List[float]:
+    """Real tokens in each layer's rows of the ``kept`` examples (``mask``: the batch's token mask)."""
+    kept_mask = mask[kept] if mask is not None and not bool(kept.all()) else mask
+    return [passes.token_count(act, kept_mask) for act in acts]
+
+
+def _split_rows(tensors: Sequence[Tensor], rows_of: Tensor, member: Tensor) -> List[Tensor]:
+    """Each layer's rows of the ``member`` examples among those whose rows ``tensors`` hold
+    (``rows_of``); a layer whose rows merge examples goes whole to the group of the first one."""
+    chosen = member[rows_of]
+    whole = bool(chosen[0]) if len(chosen) else False
+    return [t[chosen] if t.shape[0] == len(chosen) else (t if whole else t[:0]) for t in tensors]
 
 
 def _warn_left_out(left_out: Sequence[int]) -> None:
@@ -749,6 +766,40 @@ def _warn_left_out(left_out: Sequence[int]) -> None:
             f"{len(positions)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
             f"statistics) left out of the curvature statistics; their positions in the data: [{listing}]"
         )
+
+
+def _accumulate(model, task, data, layers: Sequence[TrackedLayer], *, desc: str, dtype: torch.dtype,
+                covariances: Sequence[CovarianceStatistics] = (), correction: Optional["EigenvalueCorrection"] = None,
+                left_out: Optional[List[int]] = None, **pass_options: Any) -> None:
+    """One pass over ``data``: covariances into ``covariances`` (the example at place ``p`` into
+    ``covariances[p % len(covariances)]``: several split the examples, see
+    :func:`_curvature_passes`' ``first_example``), squared per-example gradients into
+    ``correction``. Examples with non-finite values are left out (see :func:`_curvature_passes`);
+    their data positions are appended to ``left_out`` if given, else reported in a warning."""
+    tracker = LayerTracker(layers)
+    found: List[int] = []
+    split = len(covariances) > 1
+    with passes.evaluation_mode(model), tracker:
+        for acts, tokens, samples, places, finite in _curvature_passes(
+                model, task, data, tracker, desc=desc, dtype=dtype, left_out=found, **pass_options):
+            members = [places % len(covariances) == group for group in range(len(covariances))]
+            finite_rows = torch.nonzero(finite).flatten()
+            for stats, member in zip(covariances, members):
+                rows = _split_rows(acts, finite_rows, member) if split else acts
+                counts = _token_counts(rows, tracker.token_mask, finite & member) if split else tokens
+                for layer, act, real_tokens in zip(layers, rows, counts):
+                    stats.add_activations(layer.name, act, real_tokens)
+            for weight, examples, sample_acts, grads, keep in samples:
+                kept_rows = torch.nonzero(keep).flatten()
+                for stats, member in zip(covariances, members):
+                    part = _split_rows(grads, kept_rows, member) if split else grads
+                    share = examples * float(member[keep].sum()) / max(len(kept_rows), 1) if split else examples
+                    for layer, grad in zip(layers, part):
+                        stats.add_gradients(layer.name, grad, share, weight)
+                if correction is not None:
+                    for layer, act, grad in zip(layers, sample_acts, grads):
+                        correction.add(layer.name, act, grad, examples, weight)
+    _report_left_out(found, left_out)
 
 
 @passes.outside_inference_mode
@@ -763,19 +814,9 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
     positions are appended to ``left_out`` if given, else reported in a warning."""
     stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=passes.model_device(model))
     stats_dtype = stats.state[layers[0].name]["a_sum"].dtype if layers else dtype
-    tracker = LayerTracker(layers)
-    found: List[int] = []
-    with passes.evaluation_mode(model), tracker:
-        for acts, tokens, samples in _curvature_passes(
-                model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
-                max_batches=max_batches, seed=seed, desc="covariances", show_progress=show_progress,
-                dtype=stats_dtype, left_out=found):
-            for layer, act, real_tokens in zip(layers, acts, tokens):
-                stats.add_activations(layer.name, act, real_tokens)
-            for weight, examples, _, grads in samples:
-                for layer, grad in zip(layers, grads):
-                    stats.add_gradients(layer.name, grad, examples, weight)
-    _report_left_out(found, left_out)
+    _accumulate(model, task, data, layers, desc="covariances", dtype=stats_dtype, covariances=[stats],
+                left_out=left_out, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
+                max_batches=max_batches, seed=seed, show_progress=show_progress)
     return stats
 
 
@@ -784,26 +825,108 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                                      fisher: str = "true", num_samples: int = 1, batch_size: int = 32,
                                      max_batches: Optional[int] = None, seed: int = 1,
                                      dtype: torch.dtype = torch.float32, show_progress: bool = False,
-                                     left_out: Optional[List[int]] = None) -> EigenvalueCorrection:
+                                     left_out: Optional[List[int]] = None,
+                                     covariances_into: Sequence[CovarianceStatistics] = (),
+                                     first_example: int = 0) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
-    or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher).
+    or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher); also the same
+    examples' covariances into ``covariances_into`` (the example at place ``first_example + i``
+    into ``covariances_into[(first_example + i) % len]``): the fresh curvature at these weights that
+    :func:`curvature_at_checkpoint` measures staleness against.
 
     Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
     positions are appended to ``left_out`` if given, else reported in a warning."""
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
-    tracker = LayerTracker(layers)
-    desc = "eigenvalue correction" if bases is not None else "diagonal Fisher"
-    found: List[int] = []
-    with passes.evaluation_mode(model), tracker:
-        for _, _, samples in _curvature_passes(
-                model, task, data, tracker, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
-                max_batches=max_batches, seed=seed, desc=desc, show_progress=show_progress, dtype=dtype,
-                left_out=found):
-            for weight, examples, acts, grads in samples:
-                for layer, act, grad in zip(layers, acts, grads):
-                    correction.add(layer.name, act, grad, examples, weight)
-    _report_left_out(found, left_out)
+    _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
+                dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
+                left_out=left_out, fisher=fisher,
+                num_samples=num_samples, batch_size=batch_size, max_batches=max_batches, seed=seed,
+                show_progress=show_progress)
     return correction
+
+
+def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layers: Sequence[TrackedLayer],
+                            training: CovarianceStatistics, *, strategy: str, refresh: str,
+                            eigenbasis_dtype: torch.dtype, reduce: Optional[Callable[[List[Tensor]], None]],
+                            **pass_options: Any) -> Tuple[Dict[str, Dict[str, Tensor]],
+                                                          Optional[EigenvalueCorrection], Dict[str, Any]]:
+    """K-FAC / EK-FAC bases and eigenvalue correction at the current weights from covariances
+    collected in ``training``, refreshed where they went stale (:mod:`~lightning_influence.freshness`).
+
+    ``parts`` are ``(data, seed)`` of the correction examples: every process's share in rank order
+    (a process correcting the others' shares too), or with ``reduce`` (which sums each statistic
+    across processes, collectively) this process's own. ``pass_options`` (``fisher``,
+    ``batch_size``, ``left_out``, ...) go to every pass over the examples. The first pass also
+    gathers fresh covariances of its examples in two halves, the even and odd places in all shares
+    in rank order: the same examples whatever the number of processes (a streaming pool's shares,
+    of unknown size, are split on their own).
+    ``refresh``: ``"auto"`` gives a layer the fresh covariances' eigenbasis (and corrects it again
+    in that basis) when the basis of one half describes the other half better than the training
+    basis does; ``"always"`` does so for every layer (one covariance pass, then one correction:
+    the refit on the correction examples); ``"never"`` keeps the training statistics, and EK-FAC
+    still measures their staleness (K-FAC then runs no pass at all).
+
+    Returns the bases, the correction (EK-FAC) and ``meta["curvature"]`` (staleness per layer, the
+    refreshed layers, and ``tokens_seen``: the tokens each layer's covariances were built from)."""
+    freshness.check_refresh(refresh)
+    device = passes.model_device(model)
+    dtype = next(iter(training.state.values()))["a_sum"].dtype
+
+    def keep_bases(decomposed):
+        return stored_bases(decomposed, eigenbasis_dtype, device)
+
+    def correct(bases, chosen, into=()):
+        total = None
+        for data, seed, first in parts:
+            part = accumulate_eigenvalue_correction(model, task, data, chosen, bases, seed=seed, covariances_into=into,
+                                                    first_example=first, **pass_options)
+            total = part if total is None else total.merge_(part)
+        if reduce is not None:
+            reduce(total.tensors() + [t for stats in into for t in stats.tensors()])
+        return total
+
+    sizes = [_examples_in(data) for data, _ in parts]
+    if reduce is not None:  # one share per process: its examples come after the lower ranks'
+        sizes = [size for shares in distributed.gather_objects(sizes) for size in shares]
+        firsts = [sum(sizes[: distributed.rank()])]
+    else:
+        firsts = [sum(sizes[:i]) for i in range(len(parts))]
+    parts = [(data, seed, first) for (data, seed), first in zip(parts, firsts)]
+    decomposed = training.eigendecompose()
+    correct_first = strategy == "ekfac" and refresh != "always"
+    if refresh == "never" and not correct_first:
+        return keep_bases(decomposed), None, {}
+    halves = [CovarianceStatistics(layers, dtype=dtype, device=device) for _ in range(2)]
+    correction = None
+    if correct_first:
+        correction = correct(keep_bases(decomposed), layers, into=halves)
+    else:
+        for data, seed, first in parts:
+            _accumulate(model, task, data, layers, desc="covariances", covariances=halves, seed=seed,
+                        first_example=first, **{**pass_options, "dtype": dtype})
+        if reduce is not None:
+            reduce([t for stats in halves for t in stats.tensors()])
+    fresh = CovarianceStatistics(layers, dtype=dtype, device=device).merge_(halves[0]).merge_(halves[1])
+    measured = freshness.measure(decomposed, halves)
+    stale = freshness.stale_layers(measured, refresh)
+    if stale:
+        decomposed.update(fresh.eigendecompose(stale))
+    bases = keep_bases(decomposed)
+    if strategy == "ekfac":
+        if correction is None:
+            correction = correct(bases, layers)
+        elif stale:
+            again = correct(bases, [layer for layer in layers if layer.name in stale])
+            correction.state.update(again.state)
+    report = freshness.staleness_report(measured, stale, refresh)
+    report["tokens_seen"] = {name: float((fresh if name in stale else training).state[name]["a_count"])
+                             for name in training.state}
+    return bases, correction, report
+
+
+def _examples_in(data: Any) -> int:
+    """The examples a correction share holds (a :class:`~passes.Lockstep` share's own; 0 when unknown)."""
+    return passes.example_count(data.data if isinstance(data, passes.Lockstep) else data) or 0
 
 
 def _report_left_out(found: List[int], left_out: Optional[List[int]]) -> None:
@@ -844,7 +967,8 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
                 dtype: torch.dtype = torch.float32, show_progress: bool = False,
                 reduce: Optional[Callable[[List[Tensor]], None]] = None,
                 statistics_device: Union[None, str, torch.device] = None,
-                eigenbasis_dtype: torch.dtype = torch.float64) -> Factors:
+                eigenbasis_dtype: torch.dtype = torch.float64,
+                refresh: str = "never") -> Factors:
     """Fit the curvature approximation of ``model`` on ``data``.
 
     Args:
@@ -873,6 +997,11 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
             default: the model's device. The bases are moved to the model's device afterwards.
         eigenbasis_dtype: dtype the eigenbases are kept in (float64 default; float32 or bfloat16
             halve or quarter the factors' memory: see the README for the accuracy cost).
+        refresh: with ``covariances`` (K-FAC / EK-FAC, e.g. collected while the weights moved):
+            ``"auto"`` refits from ``data``'s covariances the eigenbasis of each layer where they
+            describe the current weights better (:mod:`~lightning_influence.freshness`), ``"always"``
+            every layer's, ``"never"`` none (EK-FAC still measures their staleness);
+            ``meta["curvature"]`` records it.
 
     Returns:
         :class:`Factors`, to pass to ``compute_influence`` or ``save``. Examples with non-finite
@@ -892,20 +1021,23 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     kwargs = dict(fisher=fisher, num_samples=num_samples, batch_size=batch_size, max_batches=max_batches,
                   dtype=dtype, show_progress=show_progress, left_out=left_out)
     timings: Dict[str, float] = {}
+    bases, correction, curvature = None, None, {}
     started = time.perf_counter()
-    if strategy in ("kfac", "ekfac") and covariances is None:
+    if strategy in ("kfac", "ekfac") and covariances is not None:  # collected elsewhere: maybe stale
+        bases, correction, curvature = curvature_at_checkpoint(
+            model, task, [(data, seed + 1)], chosen, covariances, strategy=strategy, refresh=refresh,
+            eigenbasis_dtype=eigenbasis_dtype, reduce=reduce, **kwargs)
+        timings["correction"] = time.perf_counter() - started
+    elif strategy in ("kfac", "ekfac"):
         into = CovarianceStatistics(chosen, dtype, statistics_device) if statistics_device is not None else None
         covariances = accumulate_covariances(model, task, data, chosen, seed=seed, into=into, **kwargs)
         if reduce is not None:
             reduce(covariances.tensors())
         timings["covariances"] = time.perf_counter() - started
-    bases = None
-    if strategy in ("kfac", "ekfac"):
         started = time.perf_counter()
         bases = stored_bases(covariances.eigendecompose(), eigenbasis_dtype, passes.model_device(model))
         timings["eigendecomposition"] = time.perf_counter() - started
-    correction = None
-    if strategy in ("ekfac", "diagonal"):
+    if strategy == "diagonal" or (strategy == "ekfac" and correction is None):
         started = time.perf_counter()
         correction = accumulate_eigenvalue_correction(model, task, data, chosen, bases if strategy == "ekfac" else None,
                                                       seed=seed + 1, **kwargs)
@@ -916,5 +1048,8 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
     meta = {"fisher": fisher, "num_samples": num_samples, "layers": [l.name for l in chosen],
             "nonfinite_examples": len(set(left_out)), "timings": timings}
     if covariances is not None:
-        meta["tokens_seen"] = {n: float(p["a_count"]) for n, p in covariances.state.items()}
+        meta["tokens_seen"] = curvature.pop("tokens_seen", None) or {
+            n: float(p["a_count"]) for n, p in covariances.state.items()}
+    if curvature:
+        meta["curvature"] = curvature
     return factors_from_statistics(strategy, chosen, bases, correction, meta)

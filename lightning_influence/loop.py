@@ -15,6 +15,7 @@ from torch import nn
 from lightning_influence import passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
+from lightning_influence.freshness import STALE_WARNING_GAP
 from lightning_influence.results import InfluenceResult
 from lightning_influence.session import InfluenceSession, ResultIndex, prepare_output_dir
 from lightning_influence.tracking import select_layers
@@ -100,6 +101,7 @@ class LoopInfluence:
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
             keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
             shard_factors=cfg.shard_factors, eigenbasis_dtype=getattr(torch, cfg.eigenbasis_dtype),
+            curvature_refresh=cfg.curvature_refresh,
         )
         self.index = ResultIndex()
         self.index.output_dir = Path(output_dir)
@@ -170,6 +172,7 @@ class LoopInfluence:
                 "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
         result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta,
                                                layers=collector.layers)
+        self._warn_if_stale(step, result.meta.get("curvature") or {})
         if observe is not None:
             observe(result, factors)
         self.session.stage_factors(factors, self.index.output_dir / f"step={step}")
@@ -177,6 +180,15 @@ class LoopInfluence:
             self._save(step, result, factors)
         self.index.add(step, epoch, reason)
         collector.reset()
+
+    def _warn_if_stale(self, step: int, curvature: Dict[str, Any]) -> None:
+        used, fresh = curvature.get("staleness_used"), curvature.get("fresh_staleness")
+        if used is not None and fresh is not None and used - fresh > STALE_WARNING_GAP:
+            self.warn_once("staleness", (
+                f"the curvature statistics used at step {step} are stale: their eigenbasis leaves {used:.0%} of the "
+                f"curvature at the scored weights off its diagonal, a basis from half of the correction examples "
+                f"{fresh:.0%}; the scores may differ from a refit's. curvature_refresh='auto' refreshes stale layers "
+                "at each computation"))
 
     def _save(self, step: int, result: InfluenceResult, factors: Any) -> None:
         path = self.index.output_dir / f"step={step}"

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_influence import distributed, passes, sharding
+from lightning_influence import distributed, freshness, passes, sharding
 from lightning_influence._io import remove_incomplete
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
 from lightning_influence.results import (
@@ -101,6 +101,10 @@ class InfluenceSession:
             queries live on one owning process (:mod:`~lightning_influence.sharding`): factor memory
             per process about ``1/world``; the same scores. No effect in a single process.
         eigenbasis_dtype: dtype the eigenbases are kept in (``torch.float64``, ``float32``, ``bfloat16``).
+        curvature_refresh: at each checkpoint, refit on the correction examples the eigenbasis of
+            the layers whose training-time covariances went stale (``"auto"``; see
+            :mod:`~lightning_influence.freshness`), of every layer (``"always"``) or of none
+            (``"never"``: EK-FAC still measures the staleness).
     """
 
     def __init__(self, task: Task, train_data: Any, query_data: Any, *, query_ids: Optional[Sequence[int]] = None,
@@ -110,7 +114,8 @@ class InfluenceSession:
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
                  run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
                  pool_id_key: str = "id", shard_factors: bool = False,
-                 eigenbasis_dtype: torch.dtype = torch.float64, autocast: Optional[torch.dtype] = None) -> None:
+                 eigenbasis_dtype: torch.dtype = torch.float64, autocast: Optional[torch.dtype] = None,
+                 curvature_refresh: str = "auto") -> None:
         self.autocast = passes.check_autocast(autocast)
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
@@ -137,6 +142,7 @@ class InfluenceSession:
         self.max_train_examples = max_train_examples
         self.seed, self.show_progress = seed, show_progress
         self.shard_factors, self.eigenbasis_dtype = shard_factors, eigenbasis_dtype
+        self.curvature_refresh = freshness.check_refresh(curvature_refresh)
         if shard_factors and strategy not in sharding.SHARDED_STRATEGIES:
             raise ValueError(f"shard_factors needs strategy 'ekfac' or 'kfac', got {strategy!r}")
         if shard_factors and self_influence:
@@ -311,11 +317,11 @@ class InfluenceSession:
                 return sharding.fit_sharded_factors(
                     model, self.task, statistics, layers, shares, seeds, strategy=self.strategy, fisher=self.fisher,
                     batch_size=self.batch_size, eigenbasis_dtype=self.eigenbasis_dtype,
-                    show_progress=self.show_progress)
+                    show_progress=self.show_progress, refresh=self.curvature_refresh)
             return fit_factors(model, self.task, self.correction_loader(), self.strategy, self.fisher,
                                covariances=statistics, batch_size=self.batch_size, seed=seeds[distributed.rank()],
                                show_progress=self.show_progress, reduce=distributed.all_reduce_sum_,
-                               eigenbasis_dtype=self.eigenbasis_dtype)
+                               eigenbasis_dtype=self.eigenbasis_dtype, refresh=self.curvature_refresh)
 
     @passes.outside_inference_mode
     def score(self, model: nn.Module, factors: Factors, *, step: Optional[int] = None, epoch: Optional[int] = None,
@@ -493,6 +499,8 @@ class InfluenceSession:
         fitted = time.perf_counter() - started
         result = self.score(model, factors, step=step, epoch=epoch, self_influence=self.self_influence, meta=meta)
         result.meta["timings"] = {"factors": fitted, **result.meta["timings"]}
+        if "curvature" in factors.meta:
+            result.meta["curvature"] = factors.meta["curvature"]
         return result, factors
 
     @staticmethod

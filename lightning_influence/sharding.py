@@ -26,15 +26,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from lightning_influence import distributed, passes
+from lightning_influence import distributed, freshness, passes
 from lightning_influence.factors import (
     CovarianceStatistics,
     EigenvalueCorrection,
     Factors,
     _warn_left_out,
-    accumulate_eigenvalue_correction,
+    curvature_at_checkpoint,
     factors_from_statistics,
-    stored_bases,
 )
 from lightning_influence.scoring import PreconditionedQueries, precondition_queries
 from lightning_influence.tasks import Task
@@ -80,33 +79,40 @@ def _device_of(stats: CovarianceStatistics) -> torch.device:
 def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStatistics,
                         layers: Sequence[TrackedLayer], shares: Sequence[Any], seeds: Sequence[int], *,
                         strategy: str, fisher: str, batch_size: int, eigenbasis_dtype: torch.dtype = torch.float64,
-                        show_progress: bool = False) -> Factors:
+                        show_progress: bool = False, refresh: str = "never") -> Factors:
     """This process's layers of the factors (collective): ``statistics`` are its layers' totals
     (:func:`reduce_to_owners`); ``shares[r]`` and ``seeds[r]`` are the correction examples and
-    sampling seed of process ``r`` in the unsharded computation, which this reproduces."""
+    sampling seed of process ``r`` in the unsharded computation, which this reproduces, refreshing
+    stale layers as :func:`~lightning_influence.factors.curvature_at_checkpoint` does."""
     if strategy not in SHARDED_STRATEGIES:
         raise ValueError(f"sharded factors need strategy 'ekfac' or 'kfac', got {strategy!r}; "
                          "set shard_factors=False")
     owners = owners_of(layers)
     mine = layers_by_name(model, list(statistics.state))
-    bases = stored_bases(statistics.eigendecompose(), eigenbasis_dtype, passes.model_device(model)) if mine else {}
+    bases: Dict[str, Dict[str, Tensor]] = {}
     correction: Optional[EigenvalueCorrection] = None
+    curvature: Dict[str, Any] = {}
     left_out: List[int] = []
-    if strategy == "ekfac" and mine:
-        for share, seed in zip(shares, seeds):  # seed + 1: as fit_factors seeds its correction pass
-            part = accumulate_eigenvalue_correction(model, task, share, mine, bases, fisher=fisher,
-                                                    batch_size=batch_size, seed=seed + 1,
-                                                    show_progress=show_progress, left_out=left_out)
-            correction = part if correction is None else correction.merge_(part)
+    if mine:  # seed + 1: as fit_factors seeds its correction pass
+        bases, correction, curvature = curvature_at_checkpoint(
+            model, task, [(share, seed + 1) for share, seed in zip(shares, seeds)], mine, statistics,
+            strategy=strategy, refresh=refresh, eigenbasis_dtype=eigenbasis_dtype, reduce=None,
+            fisher=fisher, batch_size=batch_size, show_progress=show_progress, left_out=left_out)
     _warn_left_out(left_out)
-    nonfinite, tokens_seen = set(), {}
-    for positions, tokens in distributed.gather_objects(
-            (sorted(set(left_out)), {name: float(parts["a_count"]) for name, parts in statistics.state.items()})):
+    nonfinite, tokens_seen, measured, refreshed = set(), {}, {}, []
+    for positions, tokens, report in distributed.gather_objects(
+            (sorted(set(left_out)), curvature.pop("tokens_seen", None) or {
+                name: float(parts["a_count"]) for name, parts in statistics.state.items()}, curvature)):
         nonfinite.update(positions)
         tokens_seen.update(tokens)
+        measured.update(report.get("per_layer", {}))
+        refreshed.extend(report.get("refreshed_layers", []))
     meta = {"fisher": fisher, "num_samples": 1, "layers": [layer.name for layer in layers],
             "nonfinite_examples": len(nonfinite), "tokens_seen": {n.name: tokens_seen[n.name] for n in layers},
             "sharded": {"world_size": distributed.world_size()}}
+    if measured:
+        meta["curvature"] = freshness.staleness_report({n.name: measured[n.name] for n in layers if n.name in measured},
+                                                       refreshed, refresh)
     local = factors_from_statistics(strategy, mine, bases, correction, meta)
     summaries: Dict[str, Tuple[float, int, float]] = {}
     for gathered in distributed.gather_objects({n: local.eigenvalue_summary(n) for n in local.layers}):

@@ -46,6 +46,7 @@ BAD_VALUE = {
     "window": ("sliding", "window must be one of 'reset', 'ema', got 'sliding'"),
     "ema_decay": (math.nan, "ema_decay must be in (0, 1), got nan"),
     "correction_batches": (0, "correction_batches must be an integer >= 1, got 0"),
+    "curvature_refresh": ("sometimes", "curvature_refresh must be one of 'auto', 'always', 'never', got 'sometimes'"),
     "max_train_examples": (True, "max_train_examples must be an integer >= 1, got True"),
     "seed": (2**63, "seed must be below 2**62 (derived seeds add the step and the process rank"),
     "query_rank": (0, "query_rank must be an integer >= 1, got 0"),

@@ -51,15 +51,16 @@ def test_a_stream_gives_the_map_style_scores_under_its_ids(keep_top_scores):
 
 
 def test_the_correction_pass_reads_the_streams_first_batches():
-    """correction_batches=2 of 16: the eigenvalue correction from the stream's first 32 items,
-    as fit_factors gives on exactly those examples."""
+    """correction_batches=2 of 16: the eigenvalue correction (and the covariance refresh) from the
+    stream's first 32 items, as fit_factors gives on exactly those examples."""
     model = trained_blob_model()
     statistics = blob_statistics(model)
     session = _session(BlobStream(), correction_batches=2)
     fitted = session.fit_factors(model, statistics)
     first_items = Subset(DictExamples(), list(reversed(range(96)))[:32])
     expected = li.fit_factors(model, li.ClassificationTask(), first_items, "ekfac", "empirical",
-                              covariances=blob_statistics(model), batch_size=16)
+                              covariances=blob_statistics(model), batch_size=16, refresh="auto")
+    assert fitted.meta["curvature"] == expected.meta["curvature"]
     for name in fitted.layer_names:
         torch.testing.assert_close(fitted.eigenvalues(name), expected.eigenvalues(name))
 
