@@ -152,7 +152,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
     assert same.topk_jaccard == {1: 1.0, 5: 1.0, 10: 1.0, 50: 1.0} and torch.isnan(same.spearman).all()
     assert same.concentration[0] == same.concentration[1]
     scalars = monitor_scalars(loaded, kept, k=10)
-    assert scalars["drift/topk_churn"] == 0.0 and "drift/spearman" not in scalars
+    assert scalars["drift/topk_churn@10"] == 0.0 and "drift/spearman" not in scalars
     assert 0 < scalars["max_top1_share"] <= 1
     with pytest.raises(ValueError, match="keep_top_scores"):
         li.aggregate([loaded, kept])

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from lightning_influence.monitors import saved_monitors
 from lightning_influence.results import finite_topk
 from lightning_influence.reporting import plots
 from lightning_influence.reporting.render import RenderedExample
@@ -256,7 +257,7 @@ def build_report(
         step=int(step),
         epoch=result.epoch,
         namespace=namespace,
-        scalars={name: float(value) for name, value in {**summary.scalars, **result.meta.get("monitors", {})}.items()
+        scalars={name: float(value) for name, value in {**summary.scalars, **saved_monitors(result.meta)}.items()
                  if np.isfinite(value)},
         scores=scores[torch.isfinite(scores)].numpy(),
         pngs={},
