@@ -293,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     color = use_color(args.color)
     report_path = write_html_report(results, args.output_dir / "report.html", train_dataset=train_set,
                                     query_dataset=query_set, renderer=DefaultRenderer(decode=tokenizer.tokens),
-                                    top_k=5, max_queries=4, title="Arithmetic word problems: influence report")
+                                    top_k=5, title="Arithmetic word problems: influence report")
     accuracy = float(trainer.callback_metrics.get("val/answer_accuracy", float("nan")))
     seconds = time.perf_counter() - started
 

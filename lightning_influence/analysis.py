@@ -647,8 +647,10 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         scores = result.scores.double()
         fits = fit_query_tails(scores, use="positive", bootstrap=bootstrap)
         abs_fits = fit_query_tails(scores, use="abs", compare_alternatives=False)
+    verdicts = [f.plausible for f in fits if f and f.plausible is not None]
     scalars: Dict[str, float] = {
         "tail_alpha": _median([f.alpha for f in fits if f]),
+        "tail_plausible_fraction": float(np.mean(verdicts)) if verdicts else math.nan,  # beside alpha
         "tail_xmin": _median([f.xmin for f in fits if f]),
         "tail_ks": _median([f.ks for f in fits if f]),
         "tail_n": _median([f.n_tail for f in fits if f]),
@@ -656,8 +658,6 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
     }
     if bootstrap > 0:
         scalars["tail_p_value"] = _median([f.p_value for f in fits if f and f.p_value is not None])
-    verdicts = [f.plausible for f in fits if f and f.plausible is not None]
-    scalars["tail_plausible_fraction"] = float(np.mean(verdicts)) if verdicts else math.nan
     if kept is not None:
         scalars.update(score_sketch.concentration(kept))
         scalars.update(score_sketch.score_spread(kept))

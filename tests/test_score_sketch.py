@@ -165,7 +165,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
     ResultPublisher((), top_k=3, max_queries=1).publish(loaded, step=1, history=[loaded])
     written = json.loads((tmp_path / "kept" / "report" / "summary.json").read_text())
     assert written["scalars"]["tail_partial_fraction"] == 1.0 and "tail/q0" in written["figures"]
-    assert "score_histogram" not in written["figures"]  # no histogram of every score to draw
+    assert "score_histograms" not in written["figures"]  # no histogram of every score to draw
     assert written["top_examples"][0]["score"] == pytest.approx(float(kept.get("kept_top_scores")[0, 0]))
 
 

@@ -48,6 +48,9 @@ DEFINITIONS: Dict[str, str] = {
                           "ratio above 2/3, the paper's flag for likely spurious matches)."),
     "layer_share/<layer>": ("Share of |score| carried by this layer, |s_layer| / Σ_layers |s_layer|, mean over "
                             "queries: where in depth the influence flows."),
+    "epoch": "Training epoch at which the checkpoint's influence was computed.",
+    "scores": ("Histogram of every score, each divided by its query's mean |score|, so that no query's scale "
+               "hides the others (the report's figure shows one histogram per query instead)."),
     "max_top1_share": ("Over queries, the largest share of one query's positive influence held by a single "
                        "training example (1.0: one example alone supports the query, memorisation)."),
     "spearman_prev": ("Mean over queries of the Spearman rank correlation of the scores with the previous "
@@ -116,8 +119,9 @@ def glossary_rows(keys: List[str]) -> List[Tuple[str, str]]:
     all ``layer_share/<layer>`` keys)."""
     rows, seen = [], set()
     for key in keys:
-        name, _ = split_key(key)
-        shown = "layer_share/<layer>" if name.startswith("layer_share/") else key
+        name, parameter = split_key(key)
+        shown = "layer_share/<layer>" if name.startswith("layer_share/") else \
+            name if parameter is None else f"{name}@{parameter}"
         text = describe(key)
         if text is not None and shown not in seen:
             seen.add(shown)
