@@ -18,6 +18,7 @@ NUM_QUERIES, NUM_TRAIN, SEQ_LEN, TOP = 2, 30, 6, 4
 LAYERS = ["h.0.mlp", "h.1.mlp", "h.2.mlp"]
 HOSTILE = '<script>alert("x")</script>'
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+SKIP_REASON = "Debian's chromium is not installed (.ci/run installs it; sudo apt-get install -y chromium)"
 IMAGE_CHECK = """<script>
 window.addEventListener("load", () => {
   const imgs = Array.from(document.images);
@@ -162,7 +163,7 @@ def test_comparison_lists_entered_and_left_examples(report):
     assert "Top-4 changes per query" in page and "Jensen-Shannon" in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_renders_in_headless_chromium(report, tmp_path):
     results, path, page = report
     # A copy with a tiny script that records, in the DOM, how many images the browser decoded.
@@ -290,7 +291,7 @@ def test_tails_are_called_power_laws_only_where_the_tests_allow(wide_report):
     assert re.search(r"plausible power law for \d+% of the queries", tail)
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_no_table_scrolls_sideways_in_chromium(wide_report, tmp_path):
     _, _, page = wide_report
     probe = tmp_path / "layout.html"
