@@ -290,7 +290,7 @@ class Comparison:
             lines.append(f"  {'jaccard':<22}" + "".join(_cell(self.topk_jaccard[k]) for k in ks))
             lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_cell(self.topk_rbo[k]) for k in ks))
         lines += ["", f"  {'distribution':<22}{step_a:>12}{step_b:>12}"]
-        lines.append(f"  {'tail alpha (median)':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
+        lines.append(f"  {'tail_alpha':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
         for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction"):
             lines.append(f"  {key:<22}" + "".join(_cell(c.get(key), 12) for c in self.concentration))
         if self.layer_js is not None:

@@ -196,7 +196,7 @@ def _query_index(result, summary, report) -> str:
             "(command line: every query by default)." if hidden > 0 else "")
     return ("<section id=\"query-index\"><h2>Queries</h2>"
             f"<p class=\"note\">{result.num_queries} queries; each links to its most influential training "
-            f"examples, its score histogram and tail, and its layers.{_esc(note)}</p>"
+            f"examples, its tail plot and its layer heatmap (score histograms: Heavy tail).{_esc(note)}</p>"
             f"<ul class=\"index\">{''.join(items)}</ul></section>")
 
 
@@ -362,7 +362,7 @@ def _comparison_section(analysis: Analysis) -> str:
         for name, values in (("Spearman", c.spearman), ("Kendall tau-b", c.kendall))
     ]
     overlap = [(k, _num(c.topk_jaccard[k]), _num(c.topk_rbo[k])) for k in c.topk_jaccard]
-    shifts = [("tail alpha (median)", _num(c.tail_alpha[0]), _num(c.tail_alpha[1]))]
+    shifts = [("tail_alpha", _num(c.tail_alpha[0]), _num(c.tail_alpha[1]))]
     shifts += [(key, _num(c.concentration[0].get(key)), _num(c.concentration[1].get(key)))
                for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction")]
     changes = [(q, " ".join(map(str, entered)), " ".join(map(str, left)))
@@ -375,7 +375,7 @@ def _comparison_section(analysis: Analysis) -> str:
         f"<div class=\"pair\">{_explained_table(['rank correlation', 'mean over queries', 'min'], correlations)}"
         f"{_explained_table(['top-k', 'Jaccard', 'RBO (p=0.9)'], overlap)}"
         f"{_table(['statistic', label_a, label_b], shifts)}</div>{layer_js}"
-        f"{_glossary(['Spearman', 'Kendall tau-b', 'Jaccard', 'RBO (p=0.9)'])}"
+        f"{_glossary(['Spearman', 'Kendall tau-b', 'Jaccard', 'RBO (p=0.9)', *(row[0] for row in shifts)])}"
         f"<h3>Top-{c.k_changes} changes per query</h3>"
         f"{_table(['query', 'entered (train ids)', 'left (train ids)'], changes)}</section>"
     )

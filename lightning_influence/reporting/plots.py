@@ -226,6 +226,9 @@ def trajectory_lines(traj: Mapping[str, Sequence[Any]], *, title: str = "Influen
             ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix("layer_share/"))
         ax.set_title("layer_share" if keys is layer_keys else keys[0], fontsize="medium")
         ax.set_xlabel("step")
+        if np.isfinite(steps).sum() > 1:  # one step axis for every panel, also where a series starts late
+            low, high = np.nanmin(steps), np.nanmax(steps)
+            ax.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
         if keys is layer_keys:  # beside the axes, never over the lines
             ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
