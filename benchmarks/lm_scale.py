@@ -237,7 +237,7 @@ SUMMARY_PARTS = (("eigendecompositions and correction pass", "factors"), ("query
 
 
 def summary_table(payload: Dict[str, Any]) -> str:
-    """The condensed table the README shows, from a run's JSON payload: each stage as a ratio to its
+    """The condensed table the documentation shows, from a run's JSON payload: each stage as a ratio to its
     pool's forward+backward epoch, with its parts, peak memory and kronfluence's time over ours.
 
         python -c "import json, lm_scale; print(lm_scale.summary_table(json.load(open('results/lm_scale.json'))))"
@@ -425,7 +425,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
                "kronfluence": None if kron is None else {k: {kk: vv for kk, vv in v.items() if kk != "scores"}
                                                          if isinstance(v, dict) else v for k, v in kron.items()},
                "seconds": time.perf_counter() - started}
-    sections.append("Summary (the README's table):\n\n" + summary_table(payload))
+    # the markers let docs/benchmarks.md include this table from the file (pymdownx.snippets)
+    sections.append("Summary (the table of docs/benchmarks.md):\n\n<!-- --8<-- [start:summary] -->\n"
+                    + summary_table(payload) + "\n<!-- --8<-- [end:summary] -->")
     benchlib.emit(args, "Language-model scale (GPT)", sections, payload)
     return payload
 

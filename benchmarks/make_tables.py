@@ -1,5 +1,7 @@
 """Run every benchmark and write its tables to ``benchmarks/results/<name>.md`` and its numbers to
 ``benchmarks/results/<name>.json``, plus all tables together in ``benchmarks/results/tables.md``.
+The documentation's benchmarks page (``docs/benchmarks.md``) includes the ``<name>.md`` files as
+they are, so it shows these tables once the site is rebuilt.
 
     python benchmarks/make_tables.py [--quick] [--only accuracy lds speed lm_scale]
 

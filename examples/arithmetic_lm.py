@@ -293,7 +293,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     color = use_color(args.color)
     report_path = write_html_report(results, args.output_dir / "report.html", train_dataset=train_set,
                                     query_dataset=query_set, renderer=DefaultRenderer(decode=tokenizer.tokens),
-                                    top_k=5, max_queries=4, title="Arithmetic word problems: influence report")
+                                    top_k=5, title="Arithmetic word problems: influence report")
     accuracy = float(trainer.callback_metrics.get("val/answer_accuracy", float("nan")))
     seconds = time.perf_counter() - started
 
@@ -371,11 +371,14 @@ def print_layers(summary) -> None:
 
 def print_tail(summary) -> None:
     """Power-law fit of the positive scores and how concentrated influence is."""
-    section("How heavy is the tail? (power-law fit to positive scores, median over queries)")
+    section("How heavy is the tail? (tail fit to positive scores, median over queries)")
     s = summary.scalars
     if "tail_alpha" in s:
-        print(f"  exponent alpha {s['tail_alpha']:.2f} above xmin {s['tail_xmin']:.3g} "
+        print(f"  slope alpha {s['tail_alpha']:.2f} above xmin {s['tail_xmin']:.3g} "
               f"({s['tail_n']:.0f} sequences in the tail, KS distance {s['tail_ks']:.3f})")
+        print(f"  a power law is plausible for {s.get('tail_plausible_fraction', math.nan):.0%} of the queries "
+              "(likelihood-ratio tests against log-normal and exponential tails); elsewhere alpha is only the "
+              "slope of a heavy tail")
     else:
         print("  too few positive scores for a fit")
     print(f"  top 1% of sequences hold {s.get('top1pct_share', math.nan):.0%} and the top 10% hold "

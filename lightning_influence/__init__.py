@@ -1,6 +1,6 @@
 """lightning-influence: EK-FAC influence functions for PyTorch Lightning training runs.
 
-Public names only; see README.md for a tour.
+Public names only; see README.md for a tour and docs/ (mkdocs) for the documentation.
 """
 
 from lightning_influence import analysis

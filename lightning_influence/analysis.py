@@ -24,6 +24,10 @@ Groups = Union[int, Sequence[Sequence[int]]]
 
 SPURIOUS_L2_L1 = 2.0 / 3.0  # the paper's threshold on the tokenwise L2/L1 ratio
 _KS_CHUNK_ELEMENTS = 1 << 18  # bounds the [candidates, values] matrix of the xmin scan
+# Significance of the tail tests (Clauset, Shalizi & Newman 2009 use 0.1 for both): a bootstrap
+# p-value above it keeps the power law plausible, a likelihood-ratio p-value below it makes the sign
+# of the ratio count.
+PLAUSIBLE_P = 0.1
 
 
 def _to_numpy(values: ArrayLike) -> np.ndarray:
@@ -72,8 +76,39 @@ class PowerLawFit:
     exponential_p: Optional[float] = None
 
     def to_dict(self) -> Dict[str, Any]:
-        """All fields as a JSON-ready dict (non-finite numbers become ``None``)."""
-        return json_ready(dataclasses.asdict(self))
+        """All fields as a JSON-ready dict (non-finite numbers become ``None``), with the verdict."""
+        return json_ready({**dataclasses.asdict(self), "plausible": self.plausible, "label": self.label})
+
+    @property
+    def favoured_alternative(self) -> Optional[str]:
+        """``"lognormal"`` or ``"exponential"`` if that tail fits significantly better than the power
+        law (log-likelihood ratio below zero with Vuong's p below 0.1, CSN section 5), the more
+        significant one if both do; ``None`` if neither does or none was compared."""
+        beaten = [(p, name) for name, ratio, p in (("lognormal", self.lognormal_R, self.lognormal_p),
+                                                   ("exponential", self.exponential_R, self.exponential_p))
+                  if ratio is not None and p is not None and ratio < 0 and p < PLAUSIBLE_P]
+        return min(beaten)[1] if beaten else None
+
+    @property
+    def plausible(self) -> Optional[bool]:
+        """Whether the power law is a plausible description of the tail: no alternative is favoured
+        and, with a bootstrap, the goodness-of-fit p-value exceeds 0.1. ``None`` when nothing was
+        tested (``compare_alternatives=False`` and no bootstrap): the fit alone proves nothing."""
+        tested = self.lognormal_R is not None or self.exponential_R is not None or self.p_value is not None
+        if not tested:
+            return None
+        return self.favoured_alternative is None and (self.p_value is None or self.p_value > PLAUSIBLE_P)
+
+    @property
+    def label(self) -> str:
+        """What to call this tail in a report: a power law only where the tests allow it."""
+        if self.plausible is None:
+            return "power-law fit, not tested against other tails"
+        if self.plausible:
+            return "power law plausible"
+        if self.favoured_alternative is not None:
+            return f"heavy tail, power law not supported ({self.favoured_alternative} favoured)"
+        return f"heavy tail, power law not supported (goodness-of-fit p = {self.p_value:.2f})"
 
 
 def _ks_distances(log_x: np.ndarray, starts: np.ndarray, log_xmins: np.ndarray, alphas: np.ndarray) -> np.ndarray:
@@ -546,7 +581,8 @@ class InfluenceSummary:
     Attributes:
         scalars: flat names without a namespace (sinks add ``influence/``): ``tail_alpha``,
             ``tail_xmin``, ``tail_ks``, ``tail_n`` (medians over queries of the per-query fits of
-            positive scores), ``tail_alpha_abs``, ``tail_p_value`` and ``tail_plausible_fraction``
+            positive scores), ``tail_plausible_fraction`` (the share of fitted queries whose tail is a
+            plausible power law: :attr:`PowerLawFit.plausible`), ``tail_alpha_abs``, ``tail_p_value``
             (with bootstrap), ``top1pct_share``, ``top10pct_share``, ``gini``, ``positive_fraction``,
             ``score_abs_mean``, ``score_std``, ``spurious_fraction`` (with token scores),
             ``tail_partial_fraction`` (a result with ``keep_top_scores``: the share of queries
@@ -611,17 +647,17 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         scores = result.scores.double()
         fits = fit_query_tails(scores, use="positive", bootstrap=bootstrap)
         abs_fits = fit_query_tails(scores, use="abs", compare_alternatives=False)
+    verdicts = [f.plausible for f in fits if f and f.plausible is not None]
     scalars: Dict[str, float] = {
         "tail_alpha": _median([f.alpha for f in fits if f]),
+        "tail_plausible_fraction": float(np.mean(verdicts)) if verdicts else math.nan,  # beside alpha
         "tail_xmin": _median([f.xmin for f in fits if f]),
         "tail_ks": _median([f.ks for f in fits if f]),
         "tail_n": _median([f.n_tail for f in fits if f]),
         "tail_alpha_abs": _median([f.alpha for f in abs_fits if f]),
     }
     if bootstrap > 0:
-        p_values = [f.p_value for f in fits if f and f.p_value is not None]
-        scalars["tail_p_value"] = _median(p_values)
-        scalars["tail_plausible_fraction"] = float(np.mean([p > 0.1 for p in p_values])) if p_values else math.nan
+        scalars["tail_p_value"] = _median([f.p_value for f in fits if f and f.p_value is not None])
     if kept is not None:
         scalars.update(score_sketch.concentration(kept))
         scalars.update(score_sketch.score_spread(kept))

@@ -219,11 +219,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
         ]
         out.write(_indent(format_table(["rank", "top id", "score", "bottom id", "score"], rows)))
 
-    _section(out, "Tail fit (power law on positive scores)")
+    _section(out, "Tail fit (power law on positive scores, tested against log-normal and exponential tails)")
     rows = [[int(latest.query_ids[q])] + ([format_number(v) for v in (f.alpha, f.sigma, f.xmin, f.ks, f.n_tail)]
-                                          if f is not None else ["-"] * 5)
+                                          + [f.label] if f is not None else ["-"] * 6)
             for q, f in enumerate(summary.tail_fits)]
-    out.write(format_table(["query", "alpha", "+/- s.e.", "xmin", "KS", "n tail"], rows))
+    out.write(format_table(["query", "alpha", "+/- s.e.", "xmin", "KS", "n tail", "tail verdict"], rows))
     scalars = {k: v for k, v in summary.scalars.items() if not k.startswith("layer_share/")}
     out.write(format_table(["statistic", "value"], [[k, format_number(v)] for k, v in scalars.items()]))
 

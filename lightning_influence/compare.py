@@ -290,7 +290,7 @@ class Comparison:
             lines.append(f"  {'jaccard':<22}" + "".join(_cell(self.topk_jaccard[k]) for k in ks))
             lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_cell(self.topk_rbo[k]) for k in ks))
         lines += ["", f"  {'distribution':<22}{step_a:>12}{step_b:>12}"]
-        lines.append(f"  {'tail alpha (median)':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
+        lines.append(f"  {'tail_alpha':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
         for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction"):
             lines.append(f"  {key:<22}" + "".join(_cell(c.get(key), 12) for c in self.concentration))
         if self.layer_js is not None:
@@ -410,6 +410,12 @@ _SPREAD_KEYS = ("top1pct_share", "top10pct_share", "gini")
 _ROW_KEYS = ("step", "epoch", "tail_alpha", *_SPREAD_KEYS, "topk_churn", "spearman_prev")
 
 
+def with_k(name: str, k: int) -> str:
+    """The one spelling of a statistic over top-k lists, its k in its name: ``topk_churn@10``.
+    Churn at k=5 and at k=10 are different numbers and never share a name."""
+    return f"{name}@{int(k)}"
+
+
 def _finite_or_none(value: Optional[float]) -> Optional[float]:
     return value if value is not None and math.isfinite(value) else None
 
@@ -442,9 +448,10 @@ def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, A
     return row
 
 
-def _series(rows: Sequence[Dict[str, Any]]) -> Dict[str, List[Any]]:
-    """Checkpoint rows as equal-length series; a layer missing at a checkpoint gets ``None`` there."""
-    series = {key: [row[key] for row in rows] for key in _ROW_KEYS}
+def _series(rows: Sequence[Dict[str, Any]], k: int) -> Dict[str, List[Any]]:
+    """Checkpoint rows as equal-length series (the churn named with its ``k``); a layer missing at a
+    checkpoint gets ``None`` there."""
+    series = {with_k(key, k) if key == "topk_churn" else key: [row[key] for row in rows] for key in _ROW_KEYS}
     layers = dict.fromkeys(name for row in rows for name in row["layer_share"])  # first-seen order
     series.update({f"layer_share/{name}": [row["layer_share"].get(name) for row in rows] for name in layers})
     return series
@@ -525,7 +532,7 @@ class RunAnalysis:
             self._run_reference = result
         previous = self._latest.result if self._latest is not None else None
         self._rows.append(_checkpoint_row(result, previous, self.k))
-        self._latest = Analysis(result, previous, _series(self._rows) if len(self._rows) > 1 else None, self.k)
+        self._latest = Analysis(result, previous, _series(self._rows, self.k) if len(self._rows) > 1 else None, self.k)
         return self._latest
 
     def extend(self, results: Sequence[Any]) -> Analysis:
@@ -545,7 +552,7 @@ class RunAnalysis:
 
     def trajectory(self) -> Dict[str, List[Any]]:
         """The series over every added result (see :func:`trajectory`)."""
-        return _series(self._rows)
+        return _series(self._rows, self.k)
 
 
 def trajectory(results: Sequence[Any], *, k: int = 10, allow_different_runs: bool = False) -> Dict[str, List[Any]]:
@@ -558,7 +565,7 @@ def trajectory(results: Sequence[Any], *, k: int = 10, allow_different_runs: boo
 
     Returns:
         Equal-length lists keyed ``"step"``, ``"epoch"``, ``"tail_alpha"`` (median over queries),
-        ``"top1pct_share"``, ``"top10pct_share"``, ``"gini"``, ``"topk_churn"`` (1 - mean top-k
+        ``"top1pct_share"``, ``"top10pct_share"``, ``"gini"``, ``"topk_churn@<k>"`` (1 - mean top-k
         Jaccard with the previous checkpoint), ``"spearman_prev"`` (mean Spearman with the
         previous checkpoint) and ``"layer_share/<name>"``; ``None`` where a value is undefined
         (first checkpoint, no shared ids, a layer missing at that checkpoint).

@@ -57,8 +57,9 @@ class InfluenceConfig:
         query_data: a Dataset or DataLoader of queries, or ``"val"`` / ``"test"`` for the first
             ``num_queries`` examples of the trainer's validation / test data.
         num_queries: how many examples ``"val"`` / ``"test"`` contribute.
-        train_data: candidate pool (Dataset or DataLoader); default: the trainer's training
-            dataset. Example ids are indices into it.
+        train_data: candidate pool (a map-style Dataset or DataLoader, or a streaming
+            ``IterableDataset`` of dicts carrying an integer id under ``pool_id_key``); default: the
+            trainer's training dataset. Example ids are indices into it.
         every_n_epochs: compute influence at the end of every n-th epoch (``None``: never).
         every_n_train_steps: compute influence every n optimizer steps (``None``: never).
         on_checkpoint: compute influence whenever a checkpoint is saved, and record its path.
@@ -90,10 +91,12 @@ class InfluenceConfig:
             gets their eigenbasis and a second correction pass; ``"always"``: every layer (the
             refit on the correction examples); ``"never"``: none. See ``lightning_influence.freshness``.
         max_train_examples: score a fixed random subset of this many pool examples (chosen once,
-            kept across checkpoints and resumes).
+            kept across checkpoints and resumes; at most the pool's size); of a streaming pool, its
+            first this many items.
         seed: seed of every private random generator.
-        query_rank: rank of the low-rank query approximation (``None``: exact).
-        top_k: per query, the most positive / negative examples kept with per-token scores.
+        query_rank: rank of the low-rank query approximation (``None``: exact; the paper used 32).
+        top_k: per query, the most positive / negative examples kept with per-token scores and
+            shown in tables; also the k of the top-k monitors (``drift/topk_churn@<k>``).
         keep_top_scores: keep per query only this many most positive and most negative scores
             (with their ids) and a sketch of the rest (exact sums, a log-magnitude histogram)
             instead of every score ``[Q, N]``, for pools too large for that (``None``: every score).
@@ -116,7 +119,7 @@ class InfluenceConfig:
         statistics_device: where the covariance statistics are accumulated and decomposed
             (``"cpu"``: off the GPU; default ``None``: the tracked modules' device).
         eigenbasis_dtype: dtype of the stored eigenbases: ``"float64"`` (default), ``"float32"``
-            or ``"bfloat16"`` (half or a quarter of the factors' memory; accuracy cost in the README).
+            or ``"bfloat16"`` (half or a quarter of the factors' memory; accuracy cost in the benchmarks).
         shard_factors: under DDP, each layer's statistics, eigenbases and preconditioned queries
             live on one process (balanced by size): factor memory per process about ``1/world``,
             the same scores; factors are saved one file per process (needs a file system shared by

@@ -19,6 +19,7 @@ import torch
 from lightning_influence.analysis import concentration, result_layer_shares
 from lightning_influence.compare import (
     distribution_of,
+    with_k,
     kept_size,
     top_rank_rows,
     js_divergence,
@@ -29,11 +30,14 @@ from lightning_influence.compare import (
 from lightning_influence.sketch import ScoreSketch
 from lightning_influence.sketch import concentration as sketch_concentration
 
-# Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``.
-DRIFT_KEYS = ("drift/spearman", "drift/topk_jaccard", "drift/topk_churn", "drift/tail_alpha_change",
+# Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``; ``@<k>`` is
+# the size of the top-k lists (the callback's ``top_k``), e.g. ``drift/topk_churn@10``.
+DRIFT_KEYS = ("drift/spearman", "drift/topk_jaccard@<k>", "drift/topk_churn@<k>", "drift/tail_alpha_change",
               "drift/top1pct_share_change", "drift/layer_js")
 ALWAYS_KEYS = ("max_top1_share", "top1pct_share")
-SELF_KEYS = ("self/max", "self/median", "self/top_share", "self/topk_churn")
+SELF_KEYS = ("self/max", "self/median", "self/top_share@<k>", "self/topk_churn@<k>")
+# Keys that results saved before the top-k size was part of the name carry without it.
+_WITHOUT_K = ("drift/topk_jaccard", "drift/topk_churn", "self/top_share", "self/topk_churn")
 
 
 def top1_shares(scores: torch.Tensor) -> torch.Tensor:
@@ -76,8 +80,8 @@ def drift_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
         distribution_of(previous, q_a, t_a), distribution_of(result, q_b, t_b))
     out: Dict[str, Optional[float]] = {
         "drift/spearman": rank_correlation,
-        "drift/topk_jaccard": jaccard,
-        "drift/topk_churn": 1.0 - jaccard,
+        with_k("drift/topk_jaccard", k): jaccard,
+        with_k("drift/topk_churn", k): 1.0 - jaccard,
         "drift/tail_alpha_change": (alpha_after - alpha_before
                                     if alpha_before is not None and alpha_after is not None else None),
         "drift/top1pct_share_change": spread_after["top1pct_share"] - spread_before["top1pct_share"],
@@ -103,11 +107,11 @@ def self_influence_scalars(previous: Any, result: Any, k: int) -> Dict[str, floa
     top = finite.topk(k).values
     out: Dict[str, Optional[float]] = {
         "self/max": float(top[0]), "self/median": float(finite.median()),
-        "self/top_share": float(top.sum() / finite.clamp_min(0).sum().clamp_min(1e-300)),
+        with_k("self/top_share", k): float(top.sum() / finite.clamp_min(0).sum().clamp_min(1e-300)),
     }
     before = previous.self_scores if previous is not None else None
     if before is not None:
-        out["self/topk_churn"] = 1.0 - len(top_self_ids(previous, k) & top_self_ids(result, k)) / float(
+        out[with_k("self/topk_churn", k)] = 1.0 - len(top_self_ids(previous, k) & top_self_ids(result, k)) / float(
             len(top_self_ids(previous, k) | top_self_ids(result, k)))
     return _finite(out)
 
@@ -143,3 +147,14 @@ def monitor_scalars(result: Any, previous: Optional[Any] = None, k: int = 10) ->
         scalars.update(drift_scalars(previous, result, k))
     scalars.update(self_influence_scalars(previous, result, k))
     return scalars
+
+
+def saved_monitors(meta: Dict[str, Any]) -> Dict[str, float]:
+    """A saved result's monitor scalars (``meta["monitors"]``) under today's keys: a result written
+    before top-k statistics carried their k (``drift/topk_churn``) gets it from its configuration's
+    ``top_k``, the k it was computed with."""
+    monitors = dict(meta.get("monitors", {}))
+    k = (meta.get("config") or {}).get("top_k")
+    if k is None:
+        return monitors
+    return {with_k(key, k) if key in _WITHOUT_K else key: value for key, value in monitors.items()}

@@ -5,6 +5,8 @@ import tempfile
 
 import pytest
 
+from tests.skip_report import pytest_terminal_summary  # noqa: F401 - a hook: says which browser tests were skipped
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _offline_wandb():

@@ -135,6 +135,35 @@ def test_fit_to_dict_is_strict_json():
     assert payload["alpha"] == fit.alpha and payload["p_value"] is None
 
 
+def lognormal_sample(n=10000, seed=0):
+    """A log-normal sample whose searched tail (1,471 values above xmin) is long enough for the
+    likelihood-ratio test to tell it from a power law (shorter tails of a log-normal look like one)."""
+    return np.random.default_rng(seed).lognormal(0.0, 1.0, size=n)
+
+
+def test_tail_verdict_calls_a_power_law_plausible_and_a_lognormal_not():
+    power_law = fit_power_law(pareto(3000, 2.5, seed=11))
+    assert power_law.plausible is True and power_law.favoured_alternative is None
+    assert power_law.label == "power law plausible"
+    lognormal = fit_power_law(lognormal_sample())
+    assert lognormal.lognormal_R < 0 and lognormal.lognormal_p < 0.1
+    assert lognormal.plausible is False and lognormal.favoured_alternative == "lognormal"
+    assert lognormal.label == "heavy tail, power law not supported (lognormal favoured)"
+    # the exponential is favoured by an exponential sample above a fixed xmin
+    exponential = fit_power_law(np.random.default_rng(6).exponential(size=3000) + 1.0, xmin=1.0)
+    assert exponential.favoured_alternative == "exponential" and exponential.plausible is False
+    untested = fit_power_law(pareto(3000, 2.5, seed=11), compare_alternatives=False)
+    assert untested.plausible is None and "not tested" in untested.label
+
+
+def test_summary_logs_the_share_of_plausible_power_law_tails():
+    rows = [pareto(10000, 2.5, seed=12), lognormal_sample(), pareto(10000, 3.0, seed=13), lognormal_sample()]
+    summary = summarize(InfluenceResult(scores=torch.tensor(np.stack(rows))))
+    assert [fit.plausible for fit in summary.tail_fits] == [True, False, True, False]
+    assert summary.scalars["tail_plausible_fraction"] == pytest.approx(0.5)
+    assert summary.to_dict()["tail_fits"][1]["label"].startswith("heavy tail, power law not supported")
+
+
 def test_query_tails_positive_abs_and_degenerate_rows():
     data = torch.tensor(pareto(1000, 2.5, seed=8))
     scores = torch.stack([data, -data, torch.zeros(1000)])

@@ -59,7 +59,7 @@ def test_run_analysis_analyses_only_the_new_result(tail_fits, monkeypatch):
     assert analysis.summary is analysis.summary and summaries == [30]
     expected = trajectory(results, k=4)
     assert analysis.trajectory == expected == run.trajectory()
-    assert expected["step"] == [10, 20, 30] and expected["topk_churn"][0] is None
+    assert expected["step"] == [10, 20, 30] and expected["topk_churn@4"][0] is None
     assert analysis.summary.scalars["tail_alpha"] == pytest.approx(expected["tail_alpha"][-1])
     reference = compare(results[1], results[2], top_k_changes=4)
     assert analysis.comparison.steps == (20, 30)

@@ -35,17 +35,17 @@ class RecordingLogger:
 
 @pytest.fixture
 def gated_histogram(monkeypatch):
-    """``plots.score_histogram`` blocked until the returned event is set (a deliberately slow figure);
+    """``plots.score_histograms`` blocked until the returned event is set (a deliberately slow figure);
     records the threads it ran on."""
     release, threads = threading.Event(), []
-    original = plots.score_histogram
+    original = plots.score_histograms
 
     def slow(*args, **kwargs):
         threads.append(threading.current_thread())
         assert release.wait(WAIT_S), "the test never released the figure"
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(plots, "score_histogram", slow)
+    monkeypatch.setattr(plots, "score_histograms", slow)
     return release, threads
 
 
@@ -63,7 +63,7 @@ def test_publish_returns_before_slow_figures_and_flush_completes_every_file(tmp_
     release.set()
     publisher.flush()
     payload = json.loads((report / SUMMARY_FILE).read_text())
-    assert set(payload["figures"]) == {"score_histogram", "layer_shares", "tail/q5", "tail/q6",
+    assert set(payload["figures"]) == {"score_histograms", "layer_shares", "tail/q5", "tail/q6",
                                        "layer_heatmap/q5", "layer_heatmap/q6"}
     assert all((report / name).is_file() for name in payload["figures"].values())
     assert threads and threads[0] is not threading.main_thread()  # drawn by the worker
@@ -118,7 +118,7 @@ def test_synchronous_publishing_is_unchanged(tmp_path, gated_histogram):
     release.set()
     logger = RecordingLogger()
     ResultPublisher([logger], max_queries=1).publish(make_result(3, path=tmp_path / "r"), step=3)
-    assert (tmp_path / "r" / REPORT_DIR / "score_histogram.png").is_file() and logger.steps == [3]
+    assert (tmp_path / "r" / REPORT_DIR / "score_histograms.png").is_file() and logger.steps == [3]
     assert threads == [threading.main_thread()] and worker_threads() == []
 
 
@@ -143,20 +143,20 @@ def test_a_training_run_ends_with_every_report_complete_and_logged_in_order(tmp_
     import csv as csv_module
     from pathlib import Path
 
-    original, drawn_on = plots.score_histogram, []
+    original, drawn_on = plots.score_histograms, []
 
     def recording(*args, **kwargs):
         drawn_on.append(threading.current_thread().name)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(plots, "score_histogram", recording)
+    monkeypatch.setattr(plots, "score_histograms", recording)
     cb, csv = _fit_with_reports(tmp_path)
     steps = [result.step for result in cb.results]
     assert steps == [6, 12]
     assert all(name.startswith(WORKER_NAME) for name in drawn_on) and len(drawn_on) == 2
     for result in cb.results:
         payload = json.loads((result.path / REPORT_DIR / SUMMARY_FILE).read_text())
-        assert payload["step"] == result.step and (result.path / REPORT_DIR / "score_histogram.png").is_file()
+        assert payload["step"] == result.step and (result.path / REPORT_DIR / "score_histograms.png").is_file()
     with open(Path(csv.log_dir) / "metrics.csv") as handle:
         logged = [int(row["step"]) for row in csv_module.DictReader(handle) if row.get("influence/gini")]
     assert logged == steps
@@ -199,13 +199,13 @@ def test_an_exception_in_training_flushes_the_pending_reports(tmp_path):
 
 
 def test_report_in_background_false_publishes_on_the_training_thread(tmp_path, monkeypatch):
-    original, drawn_on = plots.score_histogram, []
+    original, drawn_on = plots.score_histograms, []
 
     def recording(*args, **kwargs):
         drawn_on.append(threading.current_thread())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(plots, "score_histogram", recording)
+    monkeypatch.setattr(plots, "score_histograms", recording)
     cb, _ = _fit_with_reports(tmp_path, report_in_background=False)
     assert len(drawn_on) == 2 and set(drawn_on) == {threading.main_thread()}
     assert cb._loop._publisher.background is False and worker_threads() == []

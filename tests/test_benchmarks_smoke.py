@@ -69,7 +69,7 @@ def test_lm_scale_quick(tmp_path):
     assert payload["ratios"]["rank-4 randomised vs exact truncation: max score difference / max score"] < 1e-3
     parts = [name for name in payload["stages"] if name.startswith("callback computation at a checkpoint") and ": " in name]
     assert len(parts) == 8  # where each checkpoint computation's time goes, for both pools
-    summary = lm_scale.summary_table(payload)  # the README's table, from the same numbers
+    summary = lm_scale.summary_table(payload)  # the documentation's table, from the same numbers
     assert summary in (tmp_path / "out.md").read_text() and summary.count("\n") == 8  # header, rule, 7 stages (no kronfluence)
 
 

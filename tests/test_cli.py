@@ -107,6 +107,8 @@ def test_report_on_a_run(capsys, run_dir):
         assert int(bottom_id) == 100 + (planted_top_id(30, q) - 100 + 1) % NUM_TRAIN
     for section in ("Tail fit", "Layer shares", "Trajectory over checkpoints"):
         assert f"== {section}" in out
+    assert "tail verdict" in out and re.search(r"power law plausible|power law not supported", out)
+    assert "topk_churn@3" in out  # the churn names the k it was measured at (--top-k)
     shares = dict(re.findall(r"^(encoder\.fc\d)\s+([0-9.]+)", out, flags=re.M))
     assert float(shares["encoder.fc1"]) > 0.8 > 0.2 > float(shares["encoder.fc2"])
     trajectory = out.split("== Trajectory over checkpoints ==\n", 1)[1].splitlines()

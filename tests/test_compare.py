@@ -160,9 +160,11 @@ def test_trajectory(scores):
     ]
     series = trajectory(results, k=10)
     assert series["step"] == [10, 20, 30] and series["epoch"] == [1, 2, 3]
-    assert series["topk_churn"][:2] == [None, 0.0] and series["spearman_prev"][1] == pytest.approx(1.0)
+    assert "topk_churn" not in series  # churn at k=10 is named with its k: one name, one definition
+    assert series["topk_churn@10"][:2] == [None, 0.0] and series["spearman_prev"][1] == pytest.approx(1.0)
     expected_churn = 1 - topk_jaccard(scores, later, 10).mean().item()
-    assert series["topk_churn"][2] == pytest.approx(expected_churn)
+    assert series["topk_churn@10"][2] == pytest.approx(expected_churn)
+    assert trajectory(results, k=5)["topk_churn@5"][2] == pytest.approx(1 - topk_jaccard(scores, later, 5).mean().item())
     assert series["spearman_prev"][2] == pytest.approx(spearman(scores, later).mean().item())
     assert series["top1pct_share"][0] == pytest.approx(concentration(scores)["top1pct_share"])
     assert series["tail_alpha"][0] == series["tail_alpha"][1] is not None
@@ -175,6 +177,6 @@ def test_trajectory(scores):
 def test_trajectory_tolerates_unmatched_and_degenerate_checkpoints(scores):
     zero = InfluenceResult(scores=torch.zeros(3, 200), train_ids=torch.arange(500, 700), step=2)
     series = trajectory([make_result(scores, step=1), zero])
-    assert series["topk_churn"] == [None, None] and series["spearman_prev"] == [None, None]
+    assert series["topk_churn@10"] == [None, None] and series["spearman_prev"] == [None, None]
     assert series["tail_alpha"][1] is None and series["gini"][1] is None
     assert not math.isnan(series["gini"][0])

@@ -18,6 +18,7 @@ NUM_QUERIES, NUM_TRAIN, SEQ_LEN, TOP = 2, 30, 6, 4
 LAYERS = ["h.0.mlp", "h.1.mlp", "h.2.mlp"]
 HOSTILE = '<script>alert("x")</script>'
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+SKIP_REASON = "Debian's chromium is not installed (.ci/run installs it; sudo apt-get install -y chromium)"
 IMAGE_CHECK = """<script>
 window.addEventListener("load", () => {
   const imgs = Array.from(document.images);
@@ -162,7 +163,7 @@ def test_comparison_lists_entered_and_left_examples(report):
     assert "Top-4 changes per query" in page and "Jensen-Shannon" in page
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
 def test_report_renders_in_headless_chromium(report, tmp_path):
     results, path, page = report
     # A copy with a tiny script that records, in the DOM, how many images the browser decoded.
@@ -219,3 +220,82 @@ def test_image_examples_are_embedded(tmp_path):
     shown = re.findall(r'<img alt="image 1x8x8" src="data:image/png;base64,([^"]+)"', page)
     assert len(shown) == 6 and len(examples) > 6  # 3 top + 3 bottom, plus the plots
     assert Image.open(io.BytesIO(base64.b64decode(shown[0]))).size == (8, 8)
+
+
+LAYOUT_CHECK = """<script>
+window.addEventListener("load", () => {
+  const tables = Array.from(document.querySelectorAll("table"));
+  const wide = tables.filter(t => t.getBoundingClientRect().right > document.documentElement.clientWidth + 1);
+  document.body.setAttribute("data-wide-tables", wide.length);
+  document.body.setAttribute("data-page-scrolls", document.documentElement.scrollWidth > window.innerWidth);
+});
+</script>"""
+
+
+def wide_run(num_queries=20, num_layers=12):
+    """A run like a real model's: many queries, many long layer names, a tail a power law fits and
+    one it does not (log-normal rows)."""
+    import numpy as np
+
+    layers = [f"transformer.blocks.{i}.attention.query_key_value" for i in range(num_layers)]
+    results = []
+    for step in (100, 200, 300):
+        rng = np.random.default_rng(step)
+        rows = [rng.lognormal(0.0, 1.0, 10000) if q % 2 else (1 - rng.random(10000)) ** (-1 / 1.5)
+                for q in range(num_queries)]
+        scores = torch.tensor(np.stack(rows), dtype=torch.float32) - 1.0
+        layer_scores = scores[None] * torch.softmax(torch.randn(num_layers, 1, 1, generator=torch.Generator().manual_seed(step)), 0)
+        results.append(InfluenceResult(scores=scores, layer_names=layers, layer_scores=layer_scores, step=step,
+                                       epoch=step // 100))
+    return results
+
+
+@pytest.fixture(scope="module")
+def wide_report(tmp_path_factory):
+    results = wide_run()
+    out = write_html_report(results, tmp_path_factory.mktemp("wide") / "report.html", top_k=TOP)
+    return results, out, out.read_text(encoding="utf-8")
+
+
+def test_every_query_is_reachable_from_an_index(wide_report):
+    results, _, page = wide_report
+    ids = results[-1].query_ids.tolist()
+    assert len(ids) == 20
+    for query_id in ids:
+        assert page.count(f'id="query-{query_id}"') == 1
+        assert f'href="#query-{query_id}"' in page  # the index links every query
+        assert f'alt="tail/q{query_id}"' in page  # and every query has its tail plot
+
+
+def test_every_number_shown_is_explained(wide_report):
+    from lightning_influence.reporting.glossary import describe
+
+    _, _, page = wide_report
+    tail = page[page.index('<section id="tail">'):page.index('<section id="layers">')]
+    statistics = re.findall(r'<tr><td title="([^"]*)">([^<]+)</td><td class="num">', tail)
+    assert {name for _, name in statistics} >= {"tail_alpha", "tail_plausible_fraction", "tail_ks", "gini"}
+    assert all(title and describe(name) for title, name in statistics), statistics
+    trajectory = page[page.index('<section id="trajectory">'):page.index('<section id="comparison">')]
+    rows = re.findall(r'<tr><td title="([^"]*)">([^<]+)</td>', trajectory)
+    assert {name for _, name in rows} >= {"tail_alpha", f"topk_churn@{TOP}", "spearman_prev"}
+    assert "topk_churn</td>" not in page  # the churn always names its k
+    assert all(title for title, _ in rows), [name for title, name in rows if not title]
+    assert '<dl class="glossary">' in trajectory and '<dl class="glossary">' in tail
+
+
+def test_tails_are_called_power_laws_only_where_the_tests_allow(wide_report):
+    _, _, page = wide_report
+    tail = page[page.index('<section id="tail">'):page.index('<section id="layers">')]
+    assert "heavy tail, power law not supported (lognormal favoured)" in tail
+    assert "power law plausible" in tail
+    assert re.search(r"plausible power law for \d+% of the queries", tail)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=SKIP_REASON)
+def test_no_table_scrolls_sideways_in_chromium(wide_report, tmp_path):
+    _, _, page = wide_report
+    probe = tmp_path / "layout.html"
+    probe.write_text(page.replace("</body>", LAYOUT_CHECK + "</body>"), encoding="utf-8")
+    dom = chromium(tmp_path, "--virtual-time-budget=5000", "--window-size=1200,2000", "--dump-dom", probe.as_uri())
+    attrs = parse(dom).body_attrs
+    assert attrs["data-wide-tables"] == "0" and attrs["data-page-scrolls"] == "false", attrs

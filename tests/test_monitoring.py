@@ -44,10 +44,18 @@ def test_drift_scalars_measure_the_change_between_results():
     same = li.InfluenceResult(scores=scores.clone())
     drift = monitors.drift_scalars(li.InfluenceResult(scores=scores), same, k=5)
     assert drift["drift/spearman"] == pytest.approx(1.0)
-    assert drift["drift/topk_churn"] == pytest.approx(0.0)
+    assert drift["drift/topk_churn@5"] == pytest.approx(0.0) and "drift/topk_churn" not in drift
     reversed_ = monitors.drift_scalars(li.InfluenceResult(scores=scores), li.InfluenceResult(scores=-scores), k=5)
     assert reversed_["drift/spearman"] == pytest.approx(-1.0)
-    assert reversed_["drift/topk_jaccard"] == pytest.approx(0.0)
+    assert reversed_["drift/topk_jaccard@5"] == pytest.approx(0.0)
+
+
+def test_results_saved_with_unlabelled_top_k_monitors_are_read_with_their_k():
+    """Results written before the k was part of the name still load, and their churn is shown as
+    the churn at the k they were computed with."""
+    meta = {"config": {"top_k": 5}, "monitors": {"drift/topk_churn": 0.25, "drift/spearman": 0.5}}
+    assert monitors.saved_monitors(meta) == {"drift/topk_churn@5": 0.25, "drift/spearman": 0.5}
+    assert monitors.saved_monitors({"monitors": {"drift/topk_churn": 0.25}}) == {"drift/topk_churn": 0.25}
 
 
 def test_max_top1_share_flags_a_query_resting_on_one_example():
@@ -70,7 +78,7 @@ def test_live_self_influence_ranks_the_planted_mislabel_first_and_is_reported(tm
     assert latest.self_scores is not None and latest.self_scores.shape == (96,)
     assert int(latest.train_ids[latest.self_scores.argmax()]) == planted
     assert float(trainer.callback_metrics["influence/self/max"]) == pytest.approx(float(latest.self_scores.max()))
-    assert "self/topk_churn" in latest.meta["monitors"]
+    assert f"self/topk_churn@{cb.config.top_k}" in latest.meta["monitors"]
     summary = json.loads((latest.path / "report" / "summary.json").read_text())
     assert summary["self_influence_examples"][0]["train_id"] == planted
     assert summary["scalars"]["self/max"] == pytest.approx(float(latest.self_scores.max()))

@@ -35,7 +35,7 @@ def _check_png(fig) -> np.ndarray:
     [
         lambda: plots.layer_heatmap(torch.randn(3, 5), ["a", "b", "c"], [f"#{i}" for i in range(5)]),
         lambda: plots.layer_share_bars(torch.tensor([0.2, 0.3, 0.5]), ["a", "b", "c"]),
-        lambda: plots.score_histogram(torch.randn(4, 50)),
+        lambda: plots.score_histograms(list(torch.randn(4, 50)), [f"query {q}" for q in range(4)]),
         lambda: plots.trajectory_lines(
             {"step": [1, 2, 3], "tail_alpha": [2.0, None, 2.4], "layer_share/a": [0.4, 0.5, 0.6],
              "layer_share/b": [0.6, 0.5, 0.4]}
@@ -52,7 +52,7 @@ def test_plots_do_not_register_global_figures():
     import matplotlib.pyplot as plt
 
     before = set(plt.get_fignums())
-    plots.figure_to_png(plots.score_histogram(torch.randn(100)))
+    plots.figure_to_png(plots.score_histograms([torch.randn(100)], ["query 0"]))
     assert set(plt.get_fignums()) == before
 
 
@@ -72,6 +72,39 @@ def test_tail_ccdf_draws_the_fitted_power_law_through_pareto_data():
     # ... and it follows the data: at the median, the empirical and fitted CCDF agree.
     median = float(np.median(values))
     assert np.interp(np.log(median), np.log(fx), np.log(fy)) == pytest.approx(np.log(0.5), abs=0.1)
+
+
+def test_score_histograms_give_each_query_its_own_scale():
+    """One query's scores at 1e4 must not flatten the others into a single bin."""
+    small, large = torch.randn(200), 1e4 * torch.randn(200)
+    fig = plots.score_histograms([small, large], ["query 0", "query 1"])
+    panels = [ax for ax in fig.axes if ax.get_title().startswith("query")]
+    assert [ax.get_title() for ax in panels] == ["query 0", "query 1"]
+    small_range, large_range = (np.diff(ax.get_xlim())[0] for ax in panels)
+    assert large_range > 1000 * small_range
+
+
+def test_trajectory_spends_no_panel_on_the_epoch_and_keeps_the_legend_off_the_lines():
+    fig = plots.trajectory_lines({"step": [1, 2, 3], "epoch": [0, 1, 2], "tail_alpha": [2.0, 2.2, 2.4],
+                                  **{f"layer_share/block.{i}": [0.1 * i, 0.1 * i, 0.1 * i] for i in range(8)}})
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["tail_alpha", "layer_share"]
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    layer_axes = fig.axes[1]
+    legend_box = layer_axes.get_legend().get_window_extent(renderer)
+    axes_box = layer_axes.get_window_extent(renderer)
+    assert legend_box.x0 >= axes_box.x1  # beside the axes, not over the lines
+
+
+def test_tail_ccdf_never_calls_a_rejected_tail_a_power_law():
+    values = _pareto(2.5, 2000)
+    rejected = SimpleNamespace(alpha=2.5, xmin=1.0, plausible=False,
+                               label="heavy tail, power law not supported (lognormal favoured)")
+    labels = [text.get_text() for text in plots.tail_ccdf(values, rejected).axes[0].get_legend().get_texts()]
+    assert any(label.startswith("heavy tail, power law not supported (lognormal favoured)") for label in labels)
+    assert not any(label.startswith("power law") for label in labels)
 
 
 def test_layer_heatmap_is_centred_on_zero_and_checks_shapes():
@@ -153,7 +186,7 @@ def test_publish_without_loggers_writes_plots_and_summary(tmp_path):
     for name in payload["figures"].values():
         assert (report / name).read_bytes().startswith(PNG_MAGIC)
     assert set(payload["figures"]) == {
-        "score_histogram", "layer_shares", "tail/q5", "tail/q6", "layer_heatmap/q5", "layer_heatmap/q6"
+        "score_histograms", "layer_shares", "tail/q5", "tail/q6", "layer_heatmap/q5", "layer_heatmap/q6"
     }
     top = [row for row in payload["top_examples"] if row["query_id"] == 5]
     assert [row["train_id"] for row in top] == result.top_k(3).indices[0].tolist()
@@ -221,7 +254,7 @@ def test_a_failing_logger_warns_once_and_never_stops_the_others(tmp_path):
     for step in (10, 20):  # files complete regardless
         report = tmp_path / f"step={step}" / REPORT_DIR
         assert json.loads((report / SUMMARY_FILE).read_text())["step"] == step
-        assert (report / "score_histogram.png").is_file()
+        assert (report / "score_histograms.png").is_file()
     rows = list(csv_module.DictReader(open(Path(csv.log_dir) / "metrics.csv")))
     assert [int(r["step"]) for r in rows] == [10, 20]
     assert all(float(r["influence/gini"]) > 0 for r in rows)
@@ -242,7 +275,7 @@ def test_tensorboard_receives_scalars_histogram_images_and_tables(tmp_path):
     assert [e.value for e in alpha] == pytest.approx([s.scalars["tail_alpha"] for s in summaries], rel=1e-6)
     assert {f"influence/layer_share/{name}" for name in LAYERS} <= set(tags["scalars"])
     assert [h.histogram_value.num for h in events.Histograms("influence/scores")] == [180, 180]
-    assert {"influence/score_histogram", "influence/tail/q5", "influence/layer_heatmap/q5"} <= set(tags["images"])
+    assert {"influence/score_histograms", "influence/tail/q5", "influence/layer_heatmap/q5"} <= set(tags["images"])
     assert events.Images("influence/tail/q5")[-1].encoded_image_string.startswith(PNG_MAGIC)
     text = events.Tensors("influence/top_examples/text_summary")[0].tensor_proto.string_val[0].decode()
     assert f"| {PLANTED} |" in text

@@ -152,7 +152,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
     assert same.topk_jaccard == {1: 1.0, 5: 1.0, 10: 1.0, 50: 1.0} and torch.isnan(same.spearman).all()
     assert same.concentration[0] == same.concentration[1]
     scalars = monitor_scalars(loaded, kept, k=10)
-    assert scalars["drift/topk_churn"] == 0.0 and "drift/spearman" not in scalars
+    assert scalars["drift/topk_churn@10"] == 0.0 and "drift/spearman" not in scalars
     assert 0 < scalars["max_top1_share"] <= 1
     with pytest.raises(ValueError, match="keep_top_scores"):
         li.aggregate([loaded, kept])
@@ -165,7 +165,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
     ResultPublisher((), top_k=3, max_queries=1).publish(loaded, step=1, history=[loaded])
     written = json.loads((tmp_path / "kept" / "report" / "summary.json").read_text())
     assert written["scalars"]["tail_partial_fraction"] == 1.0 and "tail/q0" in written["figures"]
-    assert "score_histogram" not in written["figures"]  # no histogram of every score to draw
+    assert "score_histograms" not in written["figures"]  # no histogram of every score to draw
     assert written["top_examples"][0]["score"] == pytest.approx(float(kept.get("kept_top_scores")[0, 0]))
 
 

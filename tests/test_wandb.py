@@ -105,7 +105,7 @@ def test_offline_wandb_run_holds_scalars_histogram_images_tables_and_artifact(tm
         assert {f"influence/layer_share/{layer}" for layer in LAYERS} <= set(row)
         assert row["influence/scores/_type"] == "histogram"
         assert sum(row["influence/scores/values"]) == 3 * 60  # every score, once
-        for figure in ("score_histogram", "layer_shares", "tail/q5", "layer_heatmap/q6"):
+        for figure in ("score_histograms", "layer_shares", "tail/q5", "layer_heatmap/q6"):
             cell = {key.rsplit("/", 1)[1]: row[key] for key in row if key.startswith(f"influence/{figure}/")}
             assert cell["_type"] == "image-file"
             assert _media_file(files_dir, cell).read_bytes().startswith(b"\x89PNG")
@@ -123,9 +123,17 @@ def test_offline_wandb_run_holds_scalars_histogram_images_tables_and_artifact(tm
         top_table = json.loads(_media_file(files_dir, {"path": row["influence/top_examples/path"]}).read_text())
         assert top_table["data"][0][3] == PLANTED and top_table["data"][0][2] == 1
 
+    # Every logged statistic is defined in the glossary table (logged again when new keys appear).
+    glossary_cell = {"path": influence_rows[0]["influence/glossary/path"]}
+    glossary = dict(json.loads(_media_file(files_dir, glossary_cell).read_text())["data"])
+    for name in publish.summaries[0].scalars:
+        assert name in glossary or (name.startswith("layer_share/") and "layer_share/<layer>" in glossary), name
+    assert glossary["tail_plausible_fraction"].startswith("Share of queries whose tail is a plausible power law")
+
     # Trajectory line charts once there is history.
     assert not any(k.startswith("influence/trajectory/") for k in influence_rows[0])
     assert any(k.startswith("influence/trajectory/tail_alpha") for k in influence_rows[1])
+    assert not any(k.startswith("influence/trajectory/epoch") for k in influence_rows[1])  # a clock, no panel
 
     # Media inside tables (the highlighted tokens) live in the tables' own "run_table" artifacts.
     table_artifacts = [a for a in wandb_reader.artifacts(records) if a.type == "run_table" and "examples" in a.name]

@@ -22,12 +22,14 @@ __all__ = [
     "figure_to_png",
     "layer_heatmap",
     "layer_share_bars",
-    "score_histogram",
+    "score_histograms",
     "tail_ccdf",
     "trajectory_lines",
 ]
 
 _DPI = 100
+# Trajectory series that are clocks, not statistics: plotted against the step they would waste a panel.
+NOT_PLOTTED = ("step", "epoch")
 
 
 def _new_figure(width: float = 6.0, height: float = 4.0):
@@ -52,7 +54,8 @@ def tail_ccdf(values: Any, fit: Optional[Any] = None, *, title: str = "Influence
     Args:
         values: 1-D scores (tensor or array); only positive finite values are plotted, as the
             paper fits the tail of positive influence.
-        fit: an object with ``alpha`` and ``xmin`` (e.g. ``analysis.PowerLawFit``), or ``None``.
+        fit: an object with ``alpha`` and ``xmin`` (e.g. ``analysis.PowerLawFit``), or ``None``; a
+            fit whose ``plausible`` is ``False`` is drawn dashed and labelled with its ``label``.
         title: axes title.
 
     Returns:
@@ -74,8 +77,11 @@ def tail_ccdf(values: Any, fit: Optional[Any] = None, *, title: str = "Influence
         tail_mass = float(np.mean(x >= xmin))  # the fitted law describes the tail's conditional CCDF
         line_x = np.geomspace(xmin, x[-1], 50)
         line_y = tail_mass * (line_x / xmin) ** (1.0 - alpha)
-        ax.loglog(line_x, line_y, "-", color="tab:red", label=f"power law α={format_number(alpha, '.2f')}, xmin={format_number(xmin, '.3g')}")
-        ax.axvline(xmin, color="tab:red", linestyle=":", linewidth=1)
+        plausible = getattr(fit, "plausible", None) is not False
+        name = "power law" if plausible else fit.label  # never call a tail a power law the tests reject
+        ax.loglog(line_x, line_y, "-" if plausible else "--", color="tab:red" if plausible else "0.45",
+                  label=f"{name}\nslope α={format_number(alpha, '.2f')}, xmin={format_number(xmin, '.3g')}")
+        ax.axvline(xmin, color="tab:red" if plausible else "0.45", linestyle=":", linewidth=1)
     ax.set_xlabel("influence score")
     ax.set_ylabel("P(score ≥ x)")
     ax.legend(loc="lower left", fontsize="small")
@@ -104,7 +110,8 @@ def layer_heatmap(
     if data.ndim != 2 or data.shape[0] != len(layer_names):
         raise ValueError(f"layer_scores_q must be [len(layer_names)={len(layer_names)}, n_top], got {data.shape}")
     n_layers, n_top = data.shape
-    fig = _new_figure(max(4.0, 1.5 + 0.4 * n_top), max(3.0, 1.0 + 0.3 * n_layers))
+    label_inches = 0.07 * max((len(name) for name in layer_names), default=0)  # room for long layer names
+    fig = _new_figure(max(4.0, 1.5 + 0.4 * n_top) + label_inches, max(3.0, 1.0 + 0.3 * n_layers))
     ax = fig.add_subplot()
     finite = data[np.isfinite(data)]
     bound = float(np.abs(finite).max()) if finite.size else 0.0
@@ -145,37 +152,52 @@ def layer_share_bars(shares: Any, layer_names: Sequence[str], *, title: str = "L
     return fig
 
 
-def score_histogram(scores: Any, *, bins: int = 60, title: str = "Influence scores"):
-    """Histogram of all scores with a log count axis, since heavy tails dominate the picture.
+def score_histograms(rows: Sequence[Any], labels: Sequence[str], *, bins: int = 40, columns: int = 4,
+                     title: str = "Influence scores per query"):
+    """One histogram per query, each on its own x scale: the scale of scores differs from query to
+    query (it follows the query's gradient), so a pooled histogram shows the largest query only.
 
     Args:
-        scores: scores of any shape; non-finite values are dropped.
-        bins: number of bins.
-        title: axes title.
+        rows: per query, its scores (any 1-D array or tensor); non-finite values are dropped.
+        labels: a title per query (e.g. ``"query 3"``).
+        bins: bins per histogram.
+        columns: histograms per row of the grid.
+        title: figure title.
 
     Returns:
-        A ``matplotlib.figure.Figure``.
+        A ``matplotlib.figure.Figure`` (log count axes; a grey line at zero).
     """
-    values = _as_numpy(scores).ravel()
-    values = values[np.isfinite(values)]
-    fig = _new_figure()
-    ax = fig.add_subplot()
-    ax.set_title(title)
-    if values.size == 0:
-        _empty_note(ax, "no finite scores")
+    if len(rows) != len(labels):
+        raise ValueError(f"got {len(rows)} score rows for {len(labels)} labels")
+    columns = max(1, min(columns, len(rows)))
+    grid_rows = max(1, math.ceil(len(rows) / columns))
+    fig = _new_figure(3.0 * columns, 2.2 * grid_rows + 0.4)
+    fig.suptitle(title)
+    if not rows:
+        _empty_note(fig.add_subplot(), "no scores")
         return fig
-    ax.hist(values, bins=bins, color="tab:blue", log=True)
-    ax.axvline(0.0, color="0.3", linewidth=1)
-    ax.set_xlabel("influence score")
-    ax.set_ylabel("count")
+    for i, (values, label) in enumerate(zip(rows, labels)):
+        ax = fig.add_subplot(grid_rows, columns, i + 1)
+        values = _as_numpy(values).ravel()
+        values = values[np.isfinite(values)]
+        ax.set_title(label, fontsize="small")
+        ax.tick_params(labelsize="x-small")
+        if values.size == 0:
+            _empty_note(ax, "no finite scores")
+            continue
+        ax.hist(values, bins=bins, color="tab:blue", log=True)
+        ax.axvline(0.0, color="0.3", linewidth=1)
+    fig.supxlabel("influence score (each panel its own scale)", fontsize="small")
+    fig.supylabel("count", fontsize="small")
     return fig
 
 
 def trajectory_lines(traj: Mapping[str, Sequence[Any]], *, title: str = "Influence over training"):
     """Line plots of summary statistics over checkpoints (``compare.trajectory`` output).
 
-    Each statistic gets its own panel; all ``layer_share/<layer>`` series share one panel so the
-    layers can be compared. ``None`` entries (e.g. a query with no tail fit) become gaps.
+    Each statistic gets its own panel (the epoch, a clock like the step, gets none); all
+    ``layer_share/<layer>`` series share one panel so the layers can be compared, with the legend
+    beside it. ``None`` entries (e.g. a query with no tail fit) become gaps.
 
     Args:
         traj: ``{"step": [...], name: [value per step], ...}``.
@@ -187,7 +209,7 @@ def trajectory_lines(traj: Mapping[str, Sequence[Any]], *, title: str = "Influen
     if "step" not in traj:
         raise ValueError("trajectory needs a 'step' series")
     steps = _as_numpy([np.nan if s is None else s for s in traj["step"]])
-    series = {k: v for k, v in traj.items() if k != "step"}
+    series = {k: v for k, v in traj.items() if k not in NOT_PLOTTED}
     layer_keys = sorted(k for k in series if k.startswith("layer_share/"))
     panels = [[k] for k in series if k not in layer_keys] + ([layer_keys] if layer_keys else [])
     cols = min(3, max(1, len(panels)))
@@ -204,8 +226,11 @@ def trajectory_lines(traj: Mapping[str, Sequence[Any]], *, title: str = "Influen
             ax.plot(steps, values, marker="o", markersize=3, label=key.removeprefix("layer_share/"))
         ax.set_title("layer_share" if keys is layer_keys else keys[0], fontsize="medium")
         ax.set_xlabel("step")
-        if keys is layer_keys:
-            ax.legend(fontsize="x-small")
+        if np.isfinite(steps).sum() > 1:  # one step axis for every panel, also where a series starts late
+            low, high = np.nanmin(steps), np.nanmax(steps)
+            ax.set_xlim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+        if keys is layer_keys:  # beside the axes, never over the lines
+            ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     return fig
 
 

@@ -122,7 +122,7 @@ class ResultPublisher:
         self._sinks = [make_sink(logger, log_artifacts=log_artifacts) for logger in loggers]
         self._failed: set = set()  # indices of sinks that raised once and are skipped since
         self._render_warned = False
-        self._run = RunAnalysis()
+        self._run = RunAnalysis(k=top_k)
         self._analysed: List[Any] = []  # identities of the results in self._run, oldest first
         self.background = background
         self.max_pending = max_pending
@@ -259,7 +259,7 @@ class ResultPublisher:
         run = [*history, result]
         identities = [_identity(member) for member in run]
         if identities[: len(self._analysed)] != self._analysed:
-            self._run, self._analysed = RunAnalysis(), []
+            self._run, self._analysed = RunAnalysis(k=self.top_k), []
         for member, identity in zip(run[len(self._analysed) :], identities[len(self._analysed) :]):
             self._run.add(member)
             self._analysed.append(identity)

@@ -16,11 +16,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from lightning_influence.monitors import saved_monitors
 from lightning_influence.results import finite_topk
 from lightning_influence.reporting import plots
 from lightning_influence.reporting.render import RenderedExample
 
 __all__ = ["ExampleRow", "Report", "build_report"]
+
+HISTOGRAM_QUERIES = 16  # queries in the grid of per-query score histograms
 
 
 @dataclass
@@ -54,7 +57,8 @@ class Report:
         epoch: the epoch, if known.
         namespace: prefix of every logged key (``influence`` gives ``influence/tail_alpha``).
         scalars: finite headline numbers, keys without the namespace.
-        scores: all finite scores, flattened (for histograms).
+        scores: all finite scores, each divided by its query's mean |score| and flattened (for
+            histograms: one query's large scale cannot hide the others').
         pngs: figure name (e.g. ``tail/q3``) to PNG bytes.
         top_rows, bottom_rows: top-k / bottom-k training examples per query.
         trajectory: statistics over this and previous results (``compare.trajectory``), or None.
@@ -204,7 +208,11 @@ def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples
     another thread: it reads nothing of ``result`` but these tensors). A result with
     keep_top_scores has no histogram of every score, and its tails show the kept scores."""
     dense = result.scores is not None
-    figures = {"score_histogram": partial(plots.score_histogram, result.scores)} if dense else {}
+    figures = {}
+    if dense:
+        shown = range(min(HISTOGRAM_QUERIES, result.num_queries))
+        figures["score_histograms"] = partial(plots.score_histograms, [result.scores[q] for q in shown],
+                                              [f"query {int(result.query_ids[q])}" for q in shown])
     for q in queries:
         query_id = int(result.query_ids[q])
         fit = summary.tail_fits[q] if q < len(summary.tail_fits) else None
@@ -224,6 +232,15 @@ def _figures(result: Any, summary: Any, queries: Sequence[int], heatmap_examples
     return figures
 
 
+def per_query_scaled(scores: torch.Tensor) -> torch.Tensor:
+    """Each query's scores divided by its mean finite |score| (a query with none stays as it is)."""
+    scores = scores.double()
+    finite = torch.isfinite(scores)
+    counts = finite.sum(1, keepdim=True).clamp_min(1)
+    scale = torch.where(finite, scores.abs(), torch.zeros_like(scores)).sum(1, keepdim=True) / counts
+    return scores / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def build_report(
     analysis: Any,
     *,
@@ -231,7 +248,7 @@ def build_report(
     namespace: str,
     render: RenderFn,
     top_k: int,
-    max_queries: int,
+    max_queries: Optional[int],
     heatmap_examples: int,
     draw: bool = True,
 ) -> Report:
@@ -244,19 +261,20 @@ def build_report(
         render: ``render(kind, dataset_index, token_scores, token_mask)`` with ``kind`` in
             ``"train"``/``"query"``.
         top_k: rows per query in the top and bottom tables.
-        max_queries: the first ``max_queries`` queries get tables and per-query figures.
+        max_queries: the first ``max_queries`` queries get tables and per-query figures (``None``:
+            every query).
         heatmap_examples: columns of the layer heatmap (the most influential examples).
         draw: draw the figures now; ``False`` leaves them in ``Report.undrawn`` for
             :meth:`Report.draw_figures` (e.g. on a background thread).
     """
     result, summary = analysis.result, analysis.summary
-    queries = range(min(max_queries, result.num_queries))
-    scores = result.scores.double().ravel() if result.scores is not None else torch.empty(0)
+    queries = range(result.num_queries if max_queries is None else min(max_queries, result.num_queries))
+    scores = per_query_scaled(result.scores).ravel() if result.scores is not None else torch.empty(0)
     report = Report(
         step=int(step),
         epoch=result.epoch,
         namespace=namespace,
-        scalars={name: float(value) for name, value in {**summary.scalars, **result.meta.get("monitors", {})}.items()
+        scalars={name: float(value) for name, value in {**summary.scalars, **saved_monitors(result.meta)}.items()
                  if np.isfinite(value)},
         scores=scores[torch.isfinite(scores)].numpy(),
         pngs={},

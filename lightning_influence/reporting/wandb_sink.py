@@ -14,6 +14,8 @@ import re
 import sys
 from typing import Any, Dict, List
 
+from lightning_influence.reporting.glossary import glossary_rows
+from lightning_influence.reporting.plots import NOT_PLOTTED
 from lightning_influence.reporting.report import ExampleRow, Report
 
 __all__ = ["STEP_METRIC", "WandbSink", "is_wandb_run"]
@@ -51,6 +53,7 @@ class WandbSink:
         self.log_artifacts = log_artifacts
         self.name = type(target).__name__
         self._axis_defined_for = None
+        self._explained: set = set()  # keys the logged glossary already defines
 
     def _run(self) -> Any:
         return self.target if is_wandb_run(self.target) else self.target.experiment
@@ -77,10 +80,23 @@ class WandbSink:
                 payload[report.key(name)] = self._table(wandb, rows)
         if report.trajectory:
             payload.update(self._trajectory_charts(wandb, report))
+        glossary = self._glossary(wandb, report, payload)
+        if glossary is not None:
+            payload[report.key("glossary")] = glossary
         payload[STEP_METRIC] = report.step
         run.log(payload)
         if self.log_artifacts and report.result_path is not None:
             self._log_artifact(wandb, run, report)
+
+    def _glossary(self, wandb: Any, report: Report, payload: Dict[str, Any]) -> Any:
+        """A ``metric | meaning`` table of every logged key, whenever new keys appear (W&B panels
+        take no description from the API, so the definitions travel as a table beside them)."""
+        keys = [key for key in payload if key.startswith(report.key(""))]
+        rows = glossary_rows(keys)
+        if {name for name, _ in rows} <= self._explained:
+            return None
+        self._explained.update(name for name, _ in rows)
+        return wandb.Table(columns=["metric", "meaning"], data=[list(row) for row in rows])
 
     @staticmethod
     def _table(wandb: Any, rows: List[ExampleRow]) -> Any:
@@ -103,7 +119,7 @@ class WandbSink:
     def _trajectory_charts(wandb: Any, report: Report) -> Dict[str, Any]:
         """One line chart per statistic over the checkpoints so far (one shared table)."""
         trajectory = report.trajectory
-        stats = [key for key in trajectory if key != "step"]
+        stats = [key for key in trajectory if key not in NOT_PLOTTED]
         data = [list(row) for row in zip(trajectory["step"], *(trajectory[key] for key in stats))]
         table = wandb.Table(columns=["step", *stats], data=data, allow_mixed_types=True)
         return {
