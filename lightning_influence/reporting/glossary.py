@@ -46,6 +46,12 @@ DEFINITIONS: Dict[str, str] = {
     "score_std": "Standard deviation of all scores (the scale, like score_abs_mean).",
     "spurious_fraction": ("Share of the top examples whose influence sits on one or two tokens (tokenwise L2/L1 "
                           "ratio above 2/3, the paper's flag for likely spurious matches)."),
+    "curvature_staleness": ("How stale the covariances collected during training are at the scored weights, mean "
+                            "over layers: the fraction of the curvature (fresh covariances of the correction "
+                            "examples) that falls off the diagonal of the training-time eigenbasis, 0 (exact) to 1. "
+                            "A few hundred fresh examples alone leave some off the diagonal too (meta['curvature']"
+                            "['fresh_staleness']); layers staler than that get fresh covariances "
+                            "(curvature_refresh='auto')."),
     "layer_share/<layer>": ("Share of |score| carried by this layer, |s_layer| / Σ_layers |s_layer|, mean over "
                             "queries: where in depth the influence flows."),
     "epoch": "Training epoch at which the checkpoint's influence was computed.",
