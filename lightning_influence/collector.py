@@ -77,6 +77,8 @@ class StepStatistics:
         self._token_generator = torch.Generator().manual_seed(seed)
         self._sample_generator = torch.Generator(self.device).manual_seed(seed + 1)
         self.steps_committed = torch.zeros((), dtype=torch.float64, device=self.device)
+        # The steps the statistics hold now: since the last reset, or their decayed count (ema).
+        self.steps_in_window = torch.zeros((), dtype=torch.float64, device=self.device)
         self.steps_skipped = torch.zeros((), dtype=torch.float64, device=self.device)
         self.miscounted: Dict[str, int] = {}  # layer -> hook calls in a batch where it was not 1
         # Sees each recorded layer's activations and output gradients, with the factor that turns the
@@ -352,10 +354,14 @@ class StepStatistics:
         # whose finite sums overflow float32 is skipped too: its statistics would overflow the totals.
         finite = torch.stack([t.sum() for t in pending]).isfinite().all()
         ok = finite & has_data & valid
+        decay = torch.where(ok, self.ema_decay, 1.0) if self.window == "ema" else None
         for total, new in zip(self.stats.tensors(), pending):
-            if self.window == "ema":
-                total.mul_(torch.where(ok, self.ema_decay, 1.0).to(total.dtype))
+            if decay is not None:
+                total.mul_(decay.to(total.dtype))
             total.add_(new.masked_fill_(~ok, 0.0))  # the buffer is zeroed below anyway
+        if decay is not None:
+            self.steps_in_window.mul_(decay.to(self.steps_in_window.dtype))
+        self.steps_in_window += ok
         self.steps_committed += ok
         self.steps_skipped += has_data & ~ok
         self._pending.zero_()
@@ -365,6 +371,7 @@ class StepStatistics:
         """Start a new window (``window="reset"``); moving averages keep going."""
         if self.window == "reset":
             self.stats.zero_()
+            self.steps_in_window.zero_()
 
     # -- across processes -----------------------------------------------------------------------
     def reduced(self) -> CovarianceStatistics:
@@ -393,6 +400,7 @@ class StepStatistics:
             "layers": self.layer_shapes(),
             "stats": self.stats.state_dict(),
             "steps_committed": float(self.steps_committed),
+            "steps_in_window": float(self.steps_in_window),
             "steps_skipped": float(self.steps_skipped),
             "token_generator": self._token_generator.get_state(),
             "sample_generator": self._sample_generator.get_state().cpu(),
@@ -411,6 +419,7 @@ class StepStatistics:
         if distributed.rank() != 0:
             self.stats.zero_()
         self.steps_committed.fill_(state["steps_committed"])
+        self.steps_in_window.fill_(state.get("steps_in_window", state["steps_committed"]))  # older states: one window
         self.steps_skipped.fill_(state["steps_skipped"])
         self._token_generator.set_state(state["token_generator"])
         self._sample_generator.set_state(state["sample_generator"])

@@ -364,7 +364,8 @@ class InfluenceConfig:
         if self.every_n_epochs is None and checkpoints_compute and others:
             warnings.append("influence is also computed whenever a checkpoint is saved (on_checkpoint=True); set "
                             f"on_checkpoint=False to compute only at {' and '.join(others)} (every_n_epochs=None does "
-                            "not stop it: Lightning's default ModelCheckpoint saves every epoch)")
+                            "not stop it: a ModelCheckpoint that saves every epoch, as Lightning's default does, "
+                            "triggers a computation every epoch)")
         return warnings
 
     def _triggers_besides_checkpoints(self) -> List[str]:

@@ -169,7 +169,8 @@ class LoopInfluence:
                                f"{self.config.collect_every_n_steps}); influence cannot be computed there")
         collector = self.statistics
         meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
-                "steps_collected": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
+                "steps_collected": float(collector.steps_in_window),
+                "steps_collected_total": float(collector.steps_committed), "steps_skipped": float(collector.steps_skipped)}
         result, factors = self.session.compute(model, stats, step=step, epoch=epoch, meta=meta,
                                                layers=collector.layers)
         self._warn_if_stale(step, result.meta.get("curvature") or {})

@@ -136,16 +136,18 @@ class TrackingError(ValueError):
 
 def select_layers(
     model: nn.Module,
-    include: Optional[Sequence[str]] = None,
+    layers: Optional[Sequence[str]] = None,
     exclude: Sequence[str] = (),
     max_layer_bytes: Optional[int] = None,
     memory_budget_bytes: Optional[int] = None,
+    *,
+    include: Optional[Sequence[str]] = None,
 ) -> List[TrackedLayer]:
     """Choose the layers to track.
 
     Args:
         model: the model.
-        include: module names or glob patterns (``"blocks.*.mlp.*"``); default: every trackable
+        layers: module names or glob patterns (``"blocks.*.mlp.*"``); default: every trackable
             module with a trainable weight, except linear layers whose weight is tied to an
             embedding (the unembedding, which the paper leaves out). Patterns skip, and the default
             leaves out with a warning, the ``out_proj`` of ``nn.MultiheadAttention``: it is applied
@@ -156,8 +158,12 @@ def select_layers(
 
     The default selection warns when the trackable layers (before ``exclude`` and the size limit)
     hold under half of the model's trainable parameters (e.g. an LSTM with a linear head: only the
-    head is tracked), naming what is left out.
+    head is tracked), naming what is left out. ``include`` is the former name of ``layers``.
     """
+    if include is not None:
+        warnings.warn("select_layers(include=...) is now select_layers(layers=...), the name every other "
+                      "function and setting uses", DeprecationWarning, stacklevel=2)
+        layers = include
     modules = named_layers(model)
     all_names = [n for n in modules if n]
     tied = {id(m.weight) for m in modules.values() if isinstance(m, nn.Embedding)}
@@ -174,12 +180,12 @@ def select_layers(
             and not (isinstance(module, nn.Conv2d) and module.groups != 1)
         )
 
-    if include is None:
+    if layers is None:
         names = [n for n in all_names if trackable(n) and id(modules[n].weight) not in tied]
         _warn_if_mostly_untracked(model, [modules[n] for n in names])
     else:
         names = []
-        for pattern in include:
+        for pattern in layers:
             matched = [n for n in all_names if n == pattern or fnmatch.fnmatchcase(n, pattern)]
             if not matched:
                 raise TrackingError(_unknown_name_message(pattern, all_names))
@@ -206,14 +212,14 @@ def select_layers(
             f"not tracking {', '.join(sorted(unhookable))}: nn.MultiheadAttention applies its output projection "
             "through F.linear, which bypasses module hooks"
         )
-    layers = [TrackedLayer(n, modules[n], _layer_kind(modules[n])) for n in names]
+    chosen = [TrackedLayer(n, modules[n], _layer_kind(modules[n])) for n in names]
     if max_layer_bytes is not None:
-        too_big = [layer for layer in layers if layer.factor_bytes > max_layer_bytes]
+        too_big = [layer for layer in chosen if layer.factor_bytes > max_layer_bytes]
         if too_big:
             listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.3g} MiB)" for l in too_big)
             warnings.warn(f"skipping layers over the per-layer limit of {max_layer_bytes / 2**20:.3g} MiB: {listing}")
-            layers = [layer for layer in layers if layer.factor_bytes <= max_layer_bytes]
-    if not layers:
+            chosen = [layer for layer in chosen if layer.factor_bytes <= max_layer_bytes]
+    if not chosen:
         seen = Counter(type(m).__name__ for m in modules.values() if m is not model)
         listing = ", ".join(f"{k} x{v}" for k, v in seen.most_common()) or "none"
         frozen = [n for n in all_names if _layer_kind(modules[n]) is not None and not trackable(n)
@@ -224,16 +230,16 @@ def select_layers(
             f"not tied to an embedding); module types in this model: {listing}{hint}"
         )
     if memory_budget_bytes is not None:
-        total = sum(layer.factor_bytes for layer in layers)
+        total = sum(layer.factor_bytes for layer in chosen)
         if total > memory_budget_bytes:
-            costly = sorted(layers, key=lambda l: -l.factor_bytes)[:5]
+            costly = sorted(chosen, key=lambda l: -l.factor_bytes)[:5]
             listing = ", ".join(f"{l.name} ({l.factor_bytes / 2**20:.3g} MiB)" for l in costly)
             raise TrackingError(
                 f"influence statistics need {total / 2**20:.3g} MiB, over the memory budget of "
                 f"{memory_budget_bytes / 2**20:.3g} MiB; costliest layers: {listing}. Exclude some of them, "
                 "set a per-layer limit, or raise the budget"
             )
-    return layers
+    return chosen
 
 
 def _bypassed_linears(modules: Dict[str, nn.Module]) -> Dict[str, str]:

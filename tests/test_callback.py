@@ -130,6 +130,9 @@ def test_triggers_one_computation_per_step_none_in_sanity_check(tmp_path):
     # the index in the last checkpoint agrees
     state = torch.load(tmp_path / "ckpt" / "epoch=1-step=8.ckpt", weights_only=True)["callbacks"]["InfluenceCallback"]
     assert [e["step"] for e in state["index"]] == [4, 6, 8]
+    # each result counts the steps its statistics hold (since the previous computation), and all of them
+    assert [by_step[s].meta["steps_collected"] for s in (4, 6, 8, 12)] == [4, 2, 2, 4]
+    assert [by_step[s].meta["steps_collected_total"] for s in (4, 6, 8, 12)] == [4, 6, 8, 12]
 
 
 def test_checkpoint_only_trigger_from_validation_hook(tmp_path):

@@ -213,12 +213,14 @@ class _Bypassed(nn.Module):
 def test_layer_selection_errors_and_reports():
     model = mlp()
     with pytest.raises(li.TrackingError, match="did you mean '0.2'"):
-        li.select_layers(nn.Sequential(model), include=["0.22"])
+        li.select_layers(nn.Sequential(model), layers=["0.22"])
     with pytest.raises(li.TrackingError, match="Tanh"):
-        li.select_layers(model, include=["1"])
+        li.select_layers(model, layers=["1"])
     with pytest.raises(li.TrackingError, match="module types in this model: .*Tanh"):
         li.select_layers(nn.Sequential(nn.Tanh(), nn.ReLU()))
-    assert [l.name for l in li.select_layers(model, include=["*"], exclude=["2"])] == ["0"]
+    assert [l.name for l in li.select_layers(model, layers=["*"], exclude=["2"])] == ["0"]
+    with pytest.warns(DeprecationWarning, match="layers="):  # the former name of the argument
+        assert [l.name for l in li.select_layers(model, include=["*"], exclude=["2"])] == ["0"]
     with pytest.raises(li.TrackingError, match="exclude"):
         li.select_layers(model, exclude=["nope"])
     with pytest.warns(UserWarning, match=r"skipping layers over the per-layer limit.*0 \("):

@@ -291,7 +291,7 @@ def test_multihead_attention_out_proj_is_left_out_with_one_warning():
 
 def test_naming_multihead_attention_out_proj_is_refused():
     with pytest.raises(li.TrackingError, match="encoder.self_attn.out_proj.*MultiheadAttention"):
-        li.select_layers(_Encoder(), include=["encoder.self_attn.out_proj", "head"])
+        li.select_layers(_Encoder(), layers=["encoder.self_attn.out_proj", "head"])
 
 
 # -- 5. dict batches for classification and regression -----------------------------------------------
@@ -362,7 +362,7 @@ def test_warns_when_the_tracked_layers_hold_under_half_the_parameters():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         li.select_layers(mlp())  # everything tracked: silent
-        li.select_layers(_Recurrent(), include=["head"])  # an explicit choice: silent
+        li.select_layers(_Recurrent(), layers=["head"])  # an explicit choice: silent
 
 
 # -- 7. causal LM batches given as tuples ----------------------------------------------------------

@@ -48,7 +48,7 @@ def test_layers_are_named_as_in_the_unwrapped_model():
     wrapped = nn.Sequential(checkpoint_wrapper(plain[0]), plain[1], plain[2])
     assert "0._checkpoint_wrapped_module" in dict(wrapped.named_modules())
     assert [layer.name for layer in li.select_layers(wrapped)] == ["0", "2"]
-    (first,) = li.select_layers(wrapped, include=["0"])
+    (first,) = li.select_layers(wrapped, layers=["0"])
     assert first.module is plain[0]
 
 
