@@ -49,6 +49,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import benchlib
 import lightning_influence as li
+from lightning_influence.factors import accumulate_covariances
 from ledger_lds import coverage, ledger_total
 
 FULL = dict(pool=1024, planted=16, blocks=4, width=256, heads=4, tokens=64, vocab=2048, epochs=4, batch=32,
@@ -219,6 +220,35 @@ def query_losses(model: torch.nn.Module, queries: Dataset, task: li.Task) -> Ten
     return task.loss(model, batch).detach()
 
 
+def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.Module, seed: int) -> Dict[str, Any]:
+    """Seconds of one computation at the trained weights (the LM preset's settings, 16 correction
+    batches) from statistics collected at the initial weights (stale in every layer), for each
+    ``curvature_refresh``, and of a forward+backward epoch of the pool: what the refresh costs."""
+    task = li.CausalLMTask()
+    pool, queries = data["pool"], data["queries"]
+    initial = make_model(cfg, data["vocab"], seed)
+    stale = accumulate_covariances(initial, task, pool, li.select_layers(initial), fisher="empirical", batch_size=16,
+                                   max_batches=16)  # keyed by layer name: the trained model's layers too
+
+    def epoch() -> None:
+        for start in range(0, len(pool), 16):
+            model.zero_grad(set_to_none=True)
+            task.loss(model, {"input_ids": pool.rows[start:start + 16]}).sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    started = time.perf_counter()
+    epoch()
+    out: Dict[str, Any] = {"epoch_seconds": time.perf_counter() - started}
+    for refresh in ("never", "auto", "always"):
+        session = li.InfluenceSession(task, pool, queries, fisher="empirical", query_rank=32, batch_size=16,
+                                      curvature_refresh=refresh)
+        started = time.perf_counter()
+        result, _ = session.compute(model, stale, step=1)
+        out[refresh] = {"seconds": time.perf_counter() - started, "factors": result.meta["timings"]["factors"],
+                        "refreshed_fraction": result.meta["curvature"]["refreshed_fraction"]}
+    return out
+
+
 def scores_of(result: li.InfluenceResult, n_pool: int) -> Tensor:
     full = torch.full((result.scores.shape[0], n_pool), float("nan"))
     full[:, result.train_ids] = result.scores.float()
@@ -290,12 +320,23 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
         for name, scores in rows.items():
             table[name]["lds"] = lds(scores.nan_to_num(0.0), subsets, losses)
         timings["lds"] = time.perf_counter() - started
-    return {"config": cfg, "rows": table, "chance_same_play": chance, "callback": extra, "timings": timings}
+    cost = checkpoint_cost(cfg, data, model, seed) if cfg.get("cost", True) else None
+    return {"config": cfg, "rows": table, "chance_same_play": chance, "callback": extra, "timings": timings,
+            "checkpoint_cost": cost}
+
+
+def cost_section(cost: Dict[str, Any]) -> str:
+    epoch = cost["epoch_seconds"]
+    rows = [[f"`curvature_refresh=\"{name}\"`", cost[name]["refreshed_fraction"], cost[name]["seconds"] / epoch,
+             cost[name]["factors"] / epoch] for name in ("never", "auto", "always")]
+    return ("One computation at the trained weights from statistics collected at the initial weights (LM preset, "
+            f"16 correction batches of 16, rank-32 queries), in forward+backward epochs of the pool ({epoch:.1f} s):"
+            "\n\n" + benchlib.markdown_table(["", "layers refreshed", "whole computation", "of which factors"], rows))
 
 
 LABELS = {
     "callback_end": "callback, one computation at the end (default)",
-    "callback_end_stale": "callback, one computation at the end, `curvature_refresh="never"` (statistics as collected)",
+    "callback_end_stale": "callback, one computation at the end, `curvature_refresh=\"never\"` (statistics as collected)",
     "callback_epochs": "callback, `every_n_epochs=1`, final result",
     "trajectory": "callback, `every_n_epochs=1`, trajectory (`li.aggregate`, default weighting)",
     "trajectory_recency": "callback, `every_n_epochs=1`, trajectory (`weighting=\"recency\"`)",
@@ -306,14 +347,26 @@ LABELS = {
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = benchlib.parse_args(__doc__.splitlines()[0], argv,
-                               **{"--lds-subsets": dict(type=int, default=None, help="retrained half-pools for LDS")})
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
+        "--lds-subsets": dict(type=int, default=None, help="retrained half-pools for LDS (0: none)"),
+        "--blocks": dict(type=int, default=None, help="transformer blocks (default 4)"),
+        "--width": dict(type=int, default=None, help="model width (default 256)"),
+        "--pool": dict(type=int, default=None, help="training sequences besides the planted copies (default 1,024)"),
+        "--cost-only": dict(action="store_true", help="only train (no callback) and time a computation's refresh")})
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     logging.getLogger("lightning_influence").setLevel(logging.ERROR)
     cfg = dict(QUICK if args.quick else FULL)
-    if args.lds_subsets is not None:
-        cfg["lds_subsets"] = args.lds_subsets
+    cfg.update({key: value for key, value in (("lds_subsets", args.lds_subsets), ("blocks", args.blocks),
+                                                ("width", args.width), ("pool", args.pool)) if value is not None})
+    if args.cost_only:
+        data = corpus(cfg)
+        model = train(cfg, data, pool=data["pool"], epochs=cfg["epochs"], seed=0).model
+        payload = {"config": cfg, "checkpoint_cost": checkpoint_cost(cfg, data, model, 0),
+                   "environment": benchlib.environment()}
+        benchlib.emit(args, "Real text: what refreshing the curvature costs at a checkpoint",
+                      [cost_section(payload["checkpoint_cost"])], payload)
+        return
     payload = run(cfg)
     payload["environment"] = benchlib.environment()
     headers = ["", "planted copy ranked first", "same-play precision@10", "Pearson with the refit",
@@ -331,7 +384,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sections = [benchlib.markdown_table(headers, table_rows),
                 f"Curvature staleness of the training statistics at the final computation: {staleness}.",
                 "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings"].items())]
-    benchlib.emit(args, "Real text: Shakespeare, GPT trained from scratch", sections, payload)
+    if payload["checkpoint_cost"]:
+        sections.append(cost_section(payload["checkpoint_cost"]))
+    title = (f"Real text: Shakespeare, GPT ({cfg['blocks']} blocks, width {cfg['width']}) trained from scratch "
+             f"on {cfg['pool']} + {cfg['planted']} sequences")
+    benchlib.emit(args, title, sections, payload)
 
 
 if __name__ == "__main__":

