@@ -16,8 +16,8 @@ language_model.yaml``). Every row scores the whole pool against every query at t
   result, and the trajectory ``li.aggregate`` of its results), with the default covariance
   refresh and with ``curvature_refresh="never"`` (statistics used as collected: the old behaviour);
 - the ledger (``ledger=True`` in the per-epoch run, every window added up), EK-FAC refitted at the final weights on ``refit`` pool examples
-  (``li.fit_factors``, true Fisher: the paper's recipe and the reference), and the plain gradient
-  dot product (``strategy="identity"``).
+  (``li.fit_factors``, true Fisher: the paper's recipe and the reference), kronfluence's EK-FAC on
+  the same examples when it is installed, and the plain gradient dot product (``strategy="identity"``).
 
 Measured per row: planted copies ranked first, same-play precision@10 (chance: the play's share of
 the pool), Pearson with the refit (mean over queries) and top-1 agreement with it, and the linear
@@ -220,6 +220,54 @@ def query_losses(model: torch.nn.Module, queries: Dataset, task: li.Task) -> Ten
     return task.loss(model, batch).detach()
 
 
+def kronfluence_scores(model: torch.nn.Module, pool: Dataset, queries: Dataset, refit: Dataset) -> Tensor:
+    """kronfluence's EK-FAC (true Fisher, heuristic damping) fitted on ``refit`` at ``model``'s weights:
+    the reference computed by another library, on the layers we track. kronfluence tracks
+    ``nn.Linear`` and ``nn.Conv2d`` only, so its copy of the model has GPT-2's ``Conv1D`` layers as
+    the ``nn.Linear`` layers they are (transposed weights)."""
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    tracked = [layer.name for layer in li.select_layers(model)]
+    model = copy.deepcopy(model).eval()
+    for name in tracked:
+        parent, _, child = name.rpartition(".")
+        conv = model.get_submodule(name)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+        linear.weight.data, linear.bias.data = conv.weight.data.T.clone(), conv.bias.data.clone()
+        setattr(model.get_submodule(parent), child, linear)
+
+    class TokenSummedLoss(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+            targets = ids[:, 1:].flatten()
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(-1)
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+    logging.getLogger("kronfluence").setLevel(logging.ERROR)
+    task = TokenSummedLoss()
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
+        analyzer = Analyzer("real_text", prepare_model(model, task), task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer.fit_all_factors("factors", refit, per_device_batch_size=16, factor_args=FactorArguments(strategy="ekfac"),
+                                 overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores("scores", "factors", queries, pool, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=16,
+                                         score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores("scores")["all_modules"].float()
+
+
 def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.Module, seed: int) -> Dict[str, Any]:
     """Seconds of one computation at the trained weights (the LM preset's settings, 16 correction
     batches) from statistics collected at the initial weights (stale in every layer), for each
@@ -294,6 +342,8 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
         reference = li.compute_influence(model, task, pool, queries, factors=factors, batch_size=16)
         timings["refit"] = time.perf_counter() - started
         rows["refit"] = reference.scores.float()
+        if benchlib.kronfluence_available():
+            rows["kronfluence"] = kronfluence_scores(model, pool, queries, Subset(pool, refit_ids.tolist()))
         identity = li.compute_influence(model, task, pool, queries, factors=li.fit_factors(
             model, task, Subset(pool, [0]), "identity"), batch_size=16)
         rows["identity"] = identity.scores.float()
@@ -343,6 +393,7 @@ LABELS = {
     "ledger": "ledger (`ledger=True`, `every_n_epochs=1`: every window's ledger added up)",
     "refit": "EK-FAC refitted at the final weights (reference)",
     "identity": "plain gradient dot product (`strategy=\"identity\"`)",
+    "kronfluence": "kronfluence 1.0.1 EK-FAC refitted at the final weights (same examples)",
 }
 
 
