@@ -758,6 +758,13 @@ def _split_rows(tensors: Sequence[Tensor], rows_of: Tensor, member: Tensor) -> L
     return [t[chosen] if t.shape[0] == len(chosen) else (t if whole else t[:0]) for t in tensors]
 
 
+def _group_rows(acts: Sequence[Tensor], rows_of: Tensor, member: Tensor, mask: Optional[Tensor],
+                kept: Tensor) -> Tuple[List[Tensor], List[float]]:
+    """The ``member`` examples' activation rows per layer, and their real-token counts."""
+    rows = _split_rows(acts, rows_of, member)
+    return rows, _token_counts(rows, mask, kept & member)
+
+
 def _warn_left_out(left_out: Sequence[int]) -> None:
     positions = sorted(set(left_out))
     if positions:
@@ -778,22 +785,24 @@ def _accumulate(model, task, data, layers: Sequence[TrackedLayer], *, desc: str,
     their data positions are appended to ``left_out`` if given, else reported in a warning."""
     tracker = LayerTracker(layers)
     found: List[int] = []
-    split = len(covariances) > 1
     with passes.evaluation_mode(model), tracker:
         for acts, tokens, samples, places, finite in _curvature_passes(
                 model, task, data, tracker, desc=desc, dtype=dtype, left_out=found, **pass_options):
-            members = [places % len(covariances) == group for group in range(len(covariances))]
-            finite_rows = torch.nonzero(finite).flatten()
-            for stats, member in zip(covariances, members):
-                rows = _split_rows(acts, finite_rows, member) if split else acts
-                counts = _token_counts(rows, tracker.token_mask, finite & member) if split else tokens
-                for layer, act, real_tokens in zip(layers, rows, counts):
+            if len(covariances) == 1:
+                groups = [(covariances[0], acts, tokens, None)]
+            else:  # each statistic its own examples' rows
+                members = [places % len(covariances) == group for group in range(len(covariances))]
+                rows = torch.nonzero(finite).flatten()
+                groups = [(stats, *_group_rows(acts, rows, member, tracker.token_mask, finite), member)
+                          for stats, member in zip(covariances, members)]
+            for stats, rows_kept, counts, _ in groups:
+                for layer, act, real_tokens in zip(layers, rows_kept, counts):
                     stats.add_activations(layer.name, act, real_tokens)
             for weight, examples, sample_acts, grads, keep in samples:
-                kept_rows = torch.nonzero(keep).flatten()
-                for stats, member in zip(covariances, members):
-                    part = _split_rows(grads, kept_rows, member) if split else grads
-                    share = examples * float(member[keep].sum()) / max(len(kept_rows), 1) if split else examples
+                rows = torch.nonzero(keep).flatten()
+                for stats, _, _, member in groups:
+                    part = grads if member is None else _split_rows(grads, rows, member)
+                    share = examples if member is None else examples * float(member[keep].sum()) / max(len(rows), 1)
                     for layer, grad in zip(layers, part):
                         stats.add_gradients(layer.name, grad, share, weight)
                 if correction is not None:
@@ -839,9 +848,8 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
                 dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
-                left_out=left_out, fisher=fisher,
-                num_samples=num_samples, batch_size=batch_size, max_batches=max_batches, seed=seed,
-                show_progress=show_progress)
+                left_out=left_out, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
+                max_batches=max_batches, seed=seed, show_progress=show_progress)
     return correction
 
 
@@ -885,6 +893,10 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
             reduce(total.tensors() + [t for stats in into for t in stats.tensors()])
         return total
 
+    decomposed = training.eigendecompose()
+    correct_first = strategy == "ekfac" and refresh != "always"
+    if refresh == "never" and not correct_first:
+        return keep_bases(decomposed), None, {}
     sizes = [_examples_in(data) for data, _ in parts]
     if reduce is not None:  # one share per process: its examples come after the lower ranks'
         sizes = [size for shares in distributed.gather_objects(sizes) for size in shares]
@@ -892,10 +904,6 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     else:
         firsts = [sum(sizes[:i]) for i in range(len(parts))]
     parts = [(data, seed, first) for (data, seed), first in zip(parts, firsts)]
-    decomposed = training.eigendecompose()
-    correct_first = strategy == "ekfac" and refresh != "always"
-    if refresh == "never" and not correct_first:
-        return keep_bases(decomposed), None, {}
     halves = [CovarianceStatistics(layers, dtype=dtype, device=device) for _ in range(2)]
     correction = None
     if correct_first:
