@@ -92,6 +92,8 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         problem = _unsupported(args)
         if problem:
             raise ValueError(problem)
+        if self._loop is not None:  # an earlier train() that ended in an exception: its output_dir is released
+            self._loop.close()
         train = self._train_data if self._train_data is not None else train_dataloader
         if train is None:
             raise ValueError("cannot find the Trainer's training data; pass train_data=<Dataset or DataLoader>")
