@@ -138,11 +138,17 @@ class InfluenceCallbackMixin(MonitorState):
         queries = cfg.query_data if isinstance(cfg.query_data, str) else type(cfg.query_data).__name__
         return self._generate_state_key(output_dir=cfg.output_dir, query_data=queries, num_queries=cfg.num_queries)
 
-    @property
-    def _legacy_state_key(self) -> str:
-        """The key of checkpoints written before :attr:`state_key` named the settings (Lightning
-        falls back to it when loading)."""
-        return type(self).__qualname__
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        """Resume from a state stored under another key (an earlier version's, or another
+        ``output_dir``: a moved run) when it is the checkpoint's only influence state and this is
+        the Trainer's only influence callback; Lightning itself matches keys exactly."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        stored = [key for key in states if isinstance(key, str) and key.startswith(type(self).__qualname__)]
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, InfluenceCallbackMixin)]
+        if len(stored) == 1 and len(ours) == 1:
+            self.load_state_dict(states[stored[0]])
 
     # -- public state ------------------------------------------------------------------------------
     @property

@@ -48,7 +48,7 @@ def main(out: Path, mode: str) -> None:
     trainer.fit(model, UnshuffledData(train, val, batch_size=8 if ddp else 16))
     if trainer.is_global_zero:
         (result,) = callback.results
-        first = torch.load(out / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)["callbacks"]["InfluenceCallback"]
+        first = torch.load(out / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)["callbacks"][callback.state_key]
         torch.save({
             "world_size": trainer.world_size, "step": result.step, "scores": result.scores,
             "layer_abs_sums": result.get("layer_abs_sums"), "train_ids": result.train_ids, "top_ids": result.get("top_ids"),

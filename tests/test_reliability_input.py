@@ -241,7 +241,7 @@ def test_checkpoints_resume_weights_only_and_the_cli_refuses_a_malicious_one(tmp
     fit(tmp_path, make_callback(tmp_path, every_n_epochs=1, on_checkpoint=False), batch_size=16,
         enable_checkpointing=True, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")])
     ckpt = next((tmp_path / "ckpt").glob("*.ckpt"))
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["InfluenceCallback"]
+    (state,) = torch.load(ckpt, weights_only=True)["callbacks"].values()
     assert state["collector"]["stats"]["net.0/a_sum"].shape == (3, 3)
     cb = make_callback(tmp_path, every_n_epochs=1, on_checkpoint=False)
     train, val, _ = planted_data()
