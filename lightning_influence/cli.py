@@ -170,19 +170,17 @@ def _positive_int(text: str) -> int:
 
 
 def _damping(text: str) -> float:
-    """A damping the scores can use: finite and non-negative, within float32 (the scores' dtype),
-    where ``inf`` or ``1e300`` would silently give all-zero or NaN scores."""
+    """A damping the scores can use (see ``check_damping``), refused while parsing the arguments."""
+    from lightning_influence.factors import check_damping
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0.0 <= value <= _FLOAT32_MAX):
-        raise argparse.ArgumentTypeError(
-            f"expected a finite damping >= 0 and at most {_FLOAT32_MAX:.3g} (float32's range), got {text!r}")
-    return value
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
+    try:
+        return check_damping(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # -- report ------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_influence import distributed, passes, sharding
@@ -187,7 +187,7 @@ class InfluenceSession:
         return self.loader(self.queries, self.query_collate)
 
     def pool_loader(self, ids: Union[Tensor, Sequence[int]]) -> DataLoader:
-        return self.loader(Subset(self.pool, torch.as_tensor(ids).tolist()))
+        return self.loader(passes.PoolSubset(self.pool, torch.as_tensor(ids).tolist()))
 
     def pool_stream(self, limit: Optional[int], shard: bool = True, wanted: Optional[Tensor] = None) -> "PoolStream":
         """A streaming pool's first ``limit`` items (at most ``max_train_examples``): this process's
@@ -555,6 +555,10 @@ class PoolStream(IterableDataset):
                 continue
             self.ids.append(example_id)
             yield {key: value for key, value in item.items() if key != self.id_key}
+
+    def dataset_indices(self, positions: Sequence[int]) -> List[int]:
+        """The ids of the items read at ``positions`` of the current iteration."""
+        return [self.ids[position] for position in positions]
 
 
 def stable_id(item: Any, key: str, position: int) -> int:
