@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_influence import passes
+from lightning_influence import distributed, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.results import InfluenceResult, new_run_id
@@ -95,7 +95,7 @@ class LoopInfluence:
                  query_data: Any = None, query_ids: Optional[Sequence[int]] = None,
                  autocast: Optional[torch.dtype] = None, run_id: Optional[str] = None) -> None:
         cfg = self.config = config
-        self.run_id = run_id or new_run_id()
+        self.run_id = distributed.gather_objects(run_id or new_run_id())[0]  # process 0's, on every process
         self.task = cfg.build_task()
         mib = 2**20
         layers = select_layers(
