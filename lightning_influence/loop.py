@@ -86,7 +86,8 @@ class LoopInfluence:
         autocast: the training steps' autocast dtype (mixed precision), which the session's own
             forward passes then use too; ``None`` for full precision.
         run_id: the run these results belong to, kept by a resumed run (default: a new run). Its
-            ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.run_dir`):
+            ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.run_dir`; a
+            default directory, ``config.output_dir=None``, is versioned when another run has it):
             call :meth:`close` when the run ends, normally or not.
     """
 
@@ -117,10 +118,9 @@ class LoopInfluence:
             run_id=self.run_id,
         )
         self.index = ResultIndex()
-        self.index.output_dir = Path(output_dir)
-        self.output = OutputDirectory(self.index.output_dir, self.run_id)
+        self.output = OutputDirectory(Path(output_dir), self.run_id, versioned=cfg.output_dir is None)
         if is_global_zero:
-            check_writable(self.index.output_dir)  # before the slower checks below
+            check_writable(self.output.path)  # before the slower checks below
         self.statistics = StepStatistics(
             layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
@@ -128,8 +128,7 @@ class LoopInfluence:
             statistics_device=cfg.statistics_device,
         )
         self.session.check(model, layers)
-        if is_global_zero:
-            self.output.claim()
+        self.index.output_dir = self._claim_output_dir()
         self._loggers = loggers
         self._publisher = None
         self._warned: set = set()
@@ -137,6 +136,21 @@ class LoopInfluence:
         self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
         if is_global_zero:
             log.info("lightning-influence: %s", self.session.memory_estimate(layers))
+
+    def _claim_output_dir(self) -> Path:
+        """Process 0 claims ``output_dir``; every process learns where results go, or raises its
+        refusal alike (collective)."""
+        claimed: Dict[str, str] = {}
+        if self.is_global_zero:
+            try:
+                self.output.claim()
+                claimed["path"] = str(self.output.path)
+            except ValueError as err:
+                claimed["refused"] = str(err)
+        claimed = distributed.gather_objects(claimed)[0]
+        if "refused" in claimed:
+            raise ValueError(claimed["refused"])
+        return Path(claimed["path"])
 
     @property
     def results(self) -> List[InfluenceResult]:

@@ -1,12 +1,14 @@
 """A run's hold on its output directory: one writer at a time, and never another run's results.
 
-Lightning's loggers give every run a fresh ``version_N`` directory and ``ModelCheckpoint`` warns
-before writing into a directory that holds checkpoints. An influence ``output_dir`` is chosen by
-the user (or is the logger's already versioned ``log_dir``), and scripts read ``<output_dir>/step=N``
-by name, so a run is never silently redirected to another directory: a new run that finds another
-run's results there is refused at set-up with what to do instead (resume that run, choose another
-directory, or move the old results away). What decides "another run" is the run id each result
-records (``meta["run"]["id"]``), made once per run and kept in its checkpoints.
+Lightning's conventions: loggers give every run a fresh ``version_N`` directory, and
+``ModelCheckpoint`` names a file that would overwrite another ``<name>-v1``, ``-v2``, ... An
+``output_dir`` the user chose is read by name (``<output_dir>/step=N``), so a run is never
+redirected from it: a new run that finds another run's results there is refused at set-up with what
+to do instead (resume that run, choose another directory, or move the old results away). The default
+directory (``<log_dir>/influence``, not versioned when the logger is W&B or absent) is chosen by
+the library, so it is versioned instead: a new run takes the next free ``influence-vN``, and a
+resumed run finds the directory holding its own results. What decides "another run" is the run id
+each result records (``meta["run"]["id"]``), made once per run and kept in its checkpoints.
 
 One writer at a time: the owner holds an exclusive ``flock`` on ``<output_dir>/.lightning-influence.lock``
 for as long as it writes, and the file names its process id and host for the message a second
@@ -21,9 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
+import warnings
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from lightning_influence._io import remove_incomplete
 from lightning_influence.results import runs_in_directory
@@ -46,11 +50,14 @@ class OutputDirectory:
     Args:
         path: the run's ``output_dir``.
         run_id: the run writing there; results of other runs found there are refused.
+        versioned: ``path`` is a default the user did not choose: when another run has it, take
+            the run's own or the next free ``<path>-vN`` instead (:attr:`path` says which).
     """
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, *, versioned: bool = False) -> None:
         self.path = Path(path)
         self.run_id = run_id
+        self.versioned = versioned
         self._lock_fd: Optional[int] = None
 
     @property
@@ -64,18 +71,38 @@ class OutputDirectory:
     def claim(self) -> None:
         """Lock the directory for this run, refuse it if it holds another run's results, and
         remove what interrupted writes of this project left there. Raises ``ValueError`` naming
-        what to do instead."""
+        what to do instead (versioned: only when even the run's own directory is taken)."""
         if self.claimed:
             return
-        check_writable(self.path)
-        self.path.mkdir(parents=True, exist_ok=True)
+        if not self.versioned:
+            self._claim(self.path)
+            return
+        candidates = _versions(self.path)
+        own = [path for path in candidates if self.run_id in runs_in_directory(path)]
+        refusal: Optional[ValueError] = None
+        for path in own[:1] or candidates:
+            try:
+                self._claim(path)
+            except ValueError as err:
+                refusal = err
+                continue
+            if path != candidates[0] and not own:
+                warnings.warn(f"lightning-influence: {candidates[0]} holds another run's results (or is being written); "
+                              f"this run writes its results to {path}", UserWarning, stacklevel=2)
+            return
+        raise refusal
+
+    def _claim(self, path: Path) -> None:
+        check_writable(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
         self._lock()
         try:
             self._refuse_other_runs()
         except BaseException:
             self.release()
             raise
-        remove_incomplete(self.path)  # only now: a concurrent writer's temporary files are not leftovers
+        remove_incomplete(path)  # only now: a concurrent writer's temporary files are not leftovers
 
     def release(self) -> None:
         """Give the directory up (at the end of fit, after an exception, at teardown); idempotent."""
@@ -121,8 +148,17 @@ class OutputDirectory:
             f"output_dir={str(self.path)!r} holds the influence results of another training run ({listed}); this run "
             "would overwrite or mix with them. To continue that run, resume it from its checkpoint "
             "(trainer.fit(..., ckpt_path=...)); to start a new run, give it another output_dir (or leave output_dir "
-            "unset: the default <log_dir>/influence is versioned like the logger's version_N); to discard the old "
-            "results, move or delete those directories first")
+            "unset: the default directory gets a new version, influence-v1, -v2, ..., for each run); to discard the "
+            "old results, move or delete those directories first")
+
+
+def _versions(base: Path) -> List[Path]:
+    """``base``, its existing versions ``<base>-vN`` in order, and the next free one."""
+    pattern = re.compile(re.escape(base.name) + r"-v(\d+)")
+    numbers = sorted(int(m.group(1)) for p in (base.parent.iterdir() if base.parent.is_dir() else ())
+                     if (m := pattern.fullmatch(p.name)))
+    return [base] + [base.with_name(f"{base.name}-v{n}") for n in numbers] + \
+        [base.with_name(f"{base.name}-v{(numbers[-1] if numbers else 0) + 1}")]
 
 
 def _try_flock(fd: int, holder: Dict[str, Any]) -> bool:

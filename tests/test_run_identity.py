@@ -29,11 +29,12 @@ ROOT = Path(__file__).resolve().parents[1]
 KILL_SCRIPT = ROOT / "tests" / "reliability_kill_script.py"
 
 
-def train(run: Path, cb=None, *, epochs: int = 1, ckpt_path=None, callbacks=(), **settings):
+def train(run: Path, cb=None, *, epochs: int = 1, ckpt_path=None, callbacks=(), default_root_dir=None, **settings):
     """Train the blob classifier with a checkpoint per epoch under ``run/ckpt``; returns the callback."""
     cb = cb if cb is not None else make_callback(run, **dict(EPOCHS, **settings))
     fit(run, cb, batch_size=16, max_epochs=epochs, enable_checkpointing=True, ckpt_path=ckpt_path,
-        callbacks=[ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1), *callbacks])
+        callbacks=[ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1), *callbacks],
+        **({"default_root_dir": default_root_dir} if default_root_dir else {}))
     return cb
 
 
@@ -69,6 +70,22 @@ def test_a_rerun_into_the_same_output_dir_is_refused_before_training_and_loses_n
     assert second.results[0].meta["run"]["id"] == second.run_id
     with pytest.raises(ValueError, match="2 different training runs"):
         li.compare(first.results[0], second.results[0])
+
+
+def test_the_default_output_dir_gets_a_new_version_for_each_run_and_a_resume_finds_its_own(tmp_path):
+    """Without a versioned logger directory (W&B, or no logger), ``<log_dir>/influence`` is not a
+    run's own: a rerun takes ``influence-v1``, as ModelCheckpoint names a file that would clash."""
+    first = train(tmp_path, output_dir=None)
+    assert Path(first.results[0].path) == tmp_path / "influence" / "step=6"
+    with pytest.warns(UserWarning, match="influence holds another run's results.*writes its results to .*influence-v1"):
+        second = train(tmp_path / "second-ckpt", output_dir=None, default_root_dir=str(tmp_path))
+    assert Path(second.results[0].path) == tmp_path / "influence-v1" / "step=6"
+
+    resumed = train(tmp_path / "second-ckpt", output_dir=None, default_root_dir=str(tmp_path), epochs=2,
+                    ckpt_path=str(tmp_path / "second-ckpt" / "ckpt" / "epoch=0-step=6.ckpt"))
+    assert resumed.run_id == second.run_id
+    assert [Path(r.path).parent.name for r in resumed.results] == ["influence-v1"] * 2
+    assert [r.step for r in li.load_results(tmp_path / "influence")] == [6]  # the first run, untouched
 
 
 # -- 2. a resume is the same run -----------------------------------------------------------------------
