@@ -35,7 +35,7 @@ from lightning_influence.session import check_writable
 
 try:
     import fcntl
-except ImportError:  # pragma: no cover - Windows: the pid and host in the file decide alone
+except ImportError:  # pragma: no cover - Windows: a lock file left behind is deleted by hand
     fcntl = None
 
 __all__ = ["LOCK_FILE", "OutputDirectory"]
@@ -162,28 +162,16 @@ def _versions(base: Path) -> List[Path]:
 
 
 def _try_flock(fd: int, holder: Dict[str, Any]) -> bool:
-    """Take the exclusive lock without waiting; whether it was free. Without ``flock`` (Windows),
-    free when the file names no holder or a dead process of this host."""
+    """Take the exclusive lock without waiting; whether it was free. Without ``flock`` (Windows)
+    whether a process is alive cannot be told safely, so a lock file naming anyone is taken."""
     if fcntl is None:
-        return not holder or (holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")))
+        return not holder
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     # Free, but written on another host: its process may be alive there (a flock need not reach it).
     return not holder or holder.get("host") == socket.gethostname()
-
-
-def _alive(pid: Any) -> bool:
-    if not isinstance(pid, int):
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _read_holder(fd: int) -> Dict[str, Any]:
