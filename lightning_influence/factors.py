@@ -14,6 +14,7 @@ of an example's token-summed loss w.r.t. its output:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import shutil
 import time
@@ -75,13 +76,17 @@ def check_fisher(fisher: str) -> str:
     return fisher
 
 
-def check_damping(value: float, what: str = "damping") -> float:
-    """A usable absolute λ: finite in float32 (where scores live) and non-negative."""
-    value = float(value)
-    if not (0.0 <= value <= torch.finfo(torch.float32).max):
-        raise ValueError(f"{what} must be non-negative and finite (at most {torch.finfo(torch.float32).max:.3g}), "
-                         f"got {value}; pass None for the per-layer heuristic")
-    return value
+# Above this a damping is effectively infinite: every score shrinks towards zero and loses its precision.
+MAX_DAMPING = 1e30
+
+
+def check_damping(value: Any, what: str = "damping") -> float:
+    """The one check of an absolute λ, wherever one is given (the callback's settings, the command
+    line, ``compute_influence``): a number from 0 to :data:`MAX_DAMPING`."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= MAX_DAMPING):
+        raise ValueError(f"{what} must be a number from 0 to {MAX_DAMPING:g} (above, it is effectively infinite: "
+                         f"every score shrinks towards zero), or None for the per-layer heuristic; got {value!r}")
+    return float(value)
 
 
 def _state_to_flat(state: Mapping[str, Mapping[str, Tensor]]) -> Dict[str, Tensor]:
@@ -713,8 +718,8 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
     One NaN example would make every statistic NaN, so each example is kept out of what it would
     spoil: of everything when its activations are not finite in ``dtype`` (squares included: an
     input of 1e30 overflows float32), of a Fisher sample when its gradients, or its per-example
-    weight gradient ``Σ_t g_t a_tᵀ`` (bounded by ``‖g‖‖a‖``), would not be. The data positions of
-    examples left out of anything are appended to ``left_out``. The caller holds
+    weight gradient ``Σ_t g_t a_tᵀ`` (bounded by ``‖g‖‖a‖``), would not be. The dataset indices of
+    examples left out of anything are appended to ``left_out`` (see :func:`passes.dataset_indices`). The caller holds
     ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
     device = passes.model_device(model)
     generator = torch.Generator(device).manual_seed(seed)
@@ -740,7 +745,8 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
         kept = _rows(acts, finite)
         yield kept, _token_counts(kept, tracker.token_mask, finite), samples(), places.to(finite.device), finite
         if counted:
-            left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
+            positions = (position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist()
+            left_out.extend(passes.dataset_indices(data, positions))
             position += size
 
 
@@ -766,12 +772,12 @@ def _group_rows(acts: Sequence[Tensor], rows_of: Tensor, member: Tensor, mask: O
 
 
 def _warn_left_out(left_out: Sequence[int]) -> None:
-    positions = sorted(set(left_out))
-    if positions:
-        listing = ", ".join(map(str, positions[:20])) + (", ..." if len(positions) > 20 else "")
+    indices = sorted(set(left_out))
+    if indices:
+        listing = ", ".join(map(str, indices[:20])) + (", ..." if len(indices) > 20 else "")
         warnings.warn(
-            f"{len(positions)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
-            f"statistics) left out of the curvature statistics; their positions in the data: [{listing}]"
+            f"{len(indices)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
+            f"statistics) left out of the curvature statistics; their dataset indices: [{listing}]"
         )
 
 
@@ -819,8 +825,8 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
                            left_out: Optional[List[int]] = None) -> CovarianceStatistics:
     """One pass over ``data`` accumulating ``Σ a aᵀ`` and ``Σ g gᵀ`` (into ``into`` if given).
 
-    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
-    positions are appended to ``left_out`` if given, else reported in a warning."""
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their dataset
+    indices are appended to ``left_out`` if given, else reported in a warning."""
     stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=passes.model_device(model))
     stats_dtype = stats.state[layers[0].name]["a_sum"].dtype if layers else dtype
     _accumulate(model, task, data, layers, desc="covariances", dtype=stats_dtype, covariances=[stats],
@@ -843,8 +849,8 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
     into ``covariances_into[(first_example + i) % len]``): the fresh curvature at these weights that
     :func:`curvature_at_checkpoint` measures staleness against.
 
-    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
-    positions are appended to ``left_out`` if given, else reported in a warning."""
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their dataset
+    indices are appended to ``left_out`` if given, else reported in a warning."""
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
                 dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
