@@ -23,9 +23,11 @@ Measured per row: planted copies ranked first, same-play precision@10 (chance: t
 the pool), Pearson with the refit (mean over queries) and top-1 agreement with it, and the linear
 datamodeling score: ``lds_subsets`` random half-pools retrained from scratch (the same recipe and
 seed), the Spearman correlation over subsets between each query's loss and the summed scores of
-the subset's examples (``--lds-subsets 0`` skips it).
+the subset's examples (``--lds-subsets N``; none by default: 50 retrainings of the full-size model
+take hours on a CPU, so the LDS table uses a smaller model).
 
-    python benchmarks/real_text.py [--quick] [--lds-subsets N] [--json PATH] [--markdown PATH]
+    python benchmarks/real_text.py [--quick] [--json PATH] [--markdown PATH]   # results/real_text.md
+    python benchmarks/real_text.py --blocks 2 --width 128 --pool 512 --lds-subsets 50   # real_text_lds.md
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from lightning_influence.factors import accumulate_covariances
 from ledger_lds import coverage, ledger_total
 
 FULL = dict(pool=1024, planted=16, blocks=4, width=256, heads=4, tokens=64, vocab=2048, epochs=4, batch=32,
-            refit=512, lds_subsets=50, lds_epochs=4)
+            refit=512, lds_subsets=0, lds_epochs=4)  # LDS: the smaller model below is affordable on a CPU
 QUICK = dict(pool=96, planted=4, blocks=1, width=32, heads=2, tokens=32, vocab=512, epochs=2, batch=8,
              refit=64, lds_subsets=4, lds_epochs=1)
 SHIFT = 8  # tokens a shifted planted copy is moved by
