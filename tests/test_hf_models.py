@@ -173,7 +173,8 @@ def test_hf_activation_checkpointing_collects_the_same_statistics(tmp_path, name
 def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_path):
     """PEFT LoRA on the Llama's q_proj / v_proj: only the adapters are tracked (the frozen base
     weights are not), and influence after the first step, whose statistics saw ``lora_B = 0`` (no
-    curvature for ``lora_A``: K-FAC's S eigenvalues are all 0), is finite under EK-FAC and K-FAC."""
+    curvature for ``lora_A``: K-FAC's S eigenvalues are all 0, used as collected with
+    ``curvature_refresh="never"``), is finite under EK-FAC and K-FAC."""
     peft = pytest.importorskip("peft")
     pool = token_examples(16, seed=7, min_len=8)
     for strategy in ("ekfac", "kfac"):
@@ -181,7 +182,7 @@ def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_pa
                                                                    target_modules=["q_proj", "v_proj"]))
         cb = train(tmp_path / strategy, model, pool, pool[:3], li.CausalLMTask(), loss_reduction="token_mean",
                    strategy=strategy, every_n_epochs=None, every_n_train_steps=1, on_checkpoint=False,
-                   on_train_end=False, max_steps=2)
+                   on_train_end=False, max_steps=2, curvature_refresh="never")
         results = cb.results
         assert [r.step for r in results] == [1, 2]
         names = results[0].layer_names
