@@ -239,12 +239,13 @@ def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional
                     retain_graph: bool = False) -> List[Tensor]:
     """Gradients of ``target`` w.r.t. each tracked layer's output, as ``[B, T, d_out]`` (masked).
 
-    Uses ``torch.autograd.grad`` on the layer outputs: no parameter gradient is formed and no
-    ``.grad`` attribute is touched. A layer the target does not depend on gets zeros.
+    Uses ``torch.autograd.grad`` on the layer outputs (and the tracker's ``reach`` outputs, whose
+    gradients are dropped): no parameter gradient is formed and no ``.grad`` attribute is touched.
+    A layer the target does not depend on gets zeros.
     """
     outputs = tracker.outputs()
-    grads = torch.autograd.grad(target, outputs, grad_outputs=grad_output, retain_graph=retain_graph,
-                                allow_unused=True)
+    grads = torch.autograd.grad(target, outputs + tracker.reach_outputs(), grad_outputs=grad_output,
+                                retain_graph=retain_graph, allow_unused=True)[:len(outputs)]
     result = []
     for layer, out, grad in zip(tracker.layers, outputs, grads):
         grad = torch.zeros_like(out) if grad is None else grad

@@ -440,7 +440,7 @@ class InfluenceSession:
         if factors.is_sharded:
             return sharding.precondition_sharded_queries(
                 model, self.task, self.query_loader(), factors, layers, factors.damping_per_layer(self.damping),
-                len(self.queries), self.query_rank, self.batch_size, self.show_progress)
+                self.query_rank, self.batch_size, self.show_progress)
         return precondition_queries(model, self.task, self.query_loader(), factors,
                                     layers, factors.damping_per_layer(self.damping), self.query_rank,
                                     self.batch_size, self.show_progress)

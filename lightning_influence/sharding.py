@@ -13,6 +13,12 @@ Per checkpoint, with ``W`` processes and layers balanced by :func:`distributed.a
    pass's compute per process (the pass is bounded: ``correction_batches``);
 4. queries: every process computes the query gradients; owners precondition (and truncate) their
    layers' and broadcast them, so each process scores its share of the pool against all layers.
+
+Every process runs every pass of steps 3 and 4, over the same batches, and differentiates each
+w.r.t. the outputs of every tracked layer (keeping its own layers' results), even one that owns no
+layer: under FSDP each forward and backward gathers weights with collectives, and processes whose
+backward passes reached different layers would pair mismatched collectives (an abort under gloo,
+a hang under NCCL).
    Traffic per process: the preconditioned queries, ``Q·Σ_ℓ d_out·d_in`` dense or
    ``Q·r·Σ_ℓ (d_in + d_out)`` at rank r.
 
@@ -29,7 +35,6 @@ from torch import Tensor, nn
 from lightning_influence import distributed, freshness, passes
 from lightning_influence.factors import (
     CovarianceStatistics,
-    EigenvalueCorrection,
     Factors,
     _warn_left_out,
     curvature_at_checkpoint,
@@ -89,15 +94,12 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
                          "set shard_factors=False")
     owners = owners_of(layers)
     mine = layers_by_name(model, list(statistics.state))
-    bases: Dict[str, Dict[str, Tensor]] = {}
-    correction: Optional[EigenvalueCorrection] = None
-    curvature: Dict[str, Any] = {}
     left_out: List[int] = []
-    if mine:  # seed + 1: as fit_factors seeds its correction pass
-        bases, correction, curvature = curvature_at_checkpoint(
-            model, task, [(share, seed + 1) for share, seed in zip(shares, seeds)], mine, statistics,
-            strategy=strategy, refresh=refresh, eigenbasis_dtype=eigenbasis_dtype, reduce=None,
-            fisher=fisher, batch_size=batch_size, show_progress=show_progress, left_out=left_out)
+    bases, correction, curvature = curvature_at_checkpoint(  # seed + 1: as fit_factors seeds its correction pass
+        model, task, [(share, seed + 1) for share, seed in zip(shares, seeds)], mine, statistics,
+        strategy=strategy, refresh=refresh, eigenbasis_dtype=eigenbasis_dtype, reduce=None,
+        any_process=distributed.any_process, reach=layers, fisher=fisher, batch_size=batch_size,
+        show_progress=show_progress, left_out=left_out)
     _warn_left_out(left_out)
     nonfinite, tokens_seen, measured, refreshed = set(), {}, {}, []
     for positions, tokens, report in distributed.gather_objects(
@@ -121,7 +123,7 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
 
 
 def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
-                                 layers: Sequence[TrackedLayer], damping: Mapping[str, float], num_queries: int,
+                                 layers: Sequence[TrackedLayer], damping: Mapping[str, float],
                                  query_rank: Optional[int] = None, batch_size: int = 32,
                                  show_progress: bool = False) -> Tuple[PreconditionedQueries, Tensor]:
     """What :func:`~lightning_influence.scoring.precondition_queries` returns, on every process,
@@ -129,11 +131,8 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
     here = distributed.rank()
     mine = [layer for layer in layers if factors.owners[layer.name] == here]
     device = passes.model_device(model)
-    if mine:
-        local, bad = precondition_queries(model, task, query_data, factors, mine, damping, query_rank,
-                                          batch_size, show_progress)
-    else:
-        local, bad = PreconditionedQueries({}), torch.zeros(num_queries, dtype=torch.bool, device=device)
+    local, bad = precondition_queries(model, task, query_data, factors, mine, damping, query_rank,
+                                      batch_size, show_progress, reach=layers)
     unusable = bad.to(device, torch.float32)
     distributed.all_reduce_sum_([unusable])
     bad = unusable > 0
