@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 import lightning_influence as li
 from lightning_influence import distributed
@@ -38,6 +38,18 @@ class Conv1D(tiny_models.Conv1D):
     def __init__(self, nf: int, nx: int) -> None:
         super().__init__(nf, nx)
         self.nx = nx
+
+
+class Stream(IterableDataset):
+    """The training examples as a streaming pool: ``{"x", "y", "id"}`` dicts, the id their index."""
+
+    def __init__(self, examples) -> None:
+        self.examples = examples
+
+    def __iter__(self):
+        for index in range(len(self.examples)):
+            x, y = self.examples[index]
+            yield {"x": x, "y": y, "id": index}
 
 
 def make_model() -> nn.Module:
@@ -67,7 +79,8 @@ def shard(model: nn.Module, sharding: str) -> nn.Module:
 def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, shard_factors: bool = False) -> None:
     """Train 6 steps collecting statistics, then fit factors (``shard_factors``: each layer's on its
     owner) and score the pool, the pool with rank-2 queries, and a pool of one; with sharded factors
-    (and in one process) also with the last layer only; rank 0 saves what the test compares."""
+    (and in one process) also with the last layer only; then compute influence again with the pool
+    as a stream (49 and 48 items per process: 4 and 3 batches); rank 0 saves what the test compares."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))  # a process out of step fails, not hangs
@@ -108,6 +121,11 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
             last_layer = session.score(model, factors_of_last).scores
         session.pool_ids = torch.tensor([ONE_EXAMPLE])
         single = session.score(model, factors)
+        streaming = InfluenceSession(task, Stream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
+                                     correction_batches=None, shard_factors=shard_factors,
+                                     curvature_refresh="never")  # "auto": see test_fsdp's module docstring
+        streamed, _ = streaming.compute(model, streaming.reduce_statistics(statistics), step=6,
+                                        layers=statistics.layers)
         counting.remove()
         forwards = distributed.gather_objects(len(forwards))
         # With sharding each rank holds its own layers' statistics and factors: gathered here.
@@ -118,7 +136,8 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
         if rank == 0:
             torch.save({"layers": [layer.name for layer in statistics.layers], "covariances": covariances,
                         "eigenvalues": eigenvalues, "scores": result.scores, "low_rank": low_rank.scores,
-                        "last_layer": last_layer, "forwards": forwards,
+                        "last_layer": last_layer, "forwards": forwards, "streamed": streamed.scores,
+                        "streamed_ids": streamed.train_ids,
                         "layer_abs_sums": result.get("layer_abs_sums"),
                         "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
                         "one_example": single.scores, "planted": planted, "world_size": dist.get_world_size()
