@@ -2,7 +2,7 @@
 ModelParallelStrategy with FSDP2 (``fully_shard`` in ``configure_model``).
 
 Run as a script (both strategies re-run ``sys.argv`` for the other rank):
-``python tests/fsdp_lightning_script.py OUT_DIR ddp|fsdp2|fsdp2-sharded`` (``-sharded``: ``shard_factors=True``). Each rank sees the same 8 examples of
+``python tests/fsdp_lightning_script.py OUT_DIR ddp|fsdp2``. Each rank sees the same 8 examples of
 every optimizer step in both modes (an unshuffled distributed sampler); the scored pool of 33
 examples splits into 17 and 16, 2 and 1 batches of 16: the processes must still run the same
 passes. Rank 0 writes ``OUT_DIR/summary.pt``.
@@ -41,23 +41,20 @@ def main(out: Path, mode: str) -> None:
     train, val, planted = planted_data()
     callback = InfluenceCallback(li.ClassificationTask(), num_queries=4, output_dir=str(out / "influence"),
                                  every_n_epochs=None, on_checkpoint=False, report=False, show_progress=False,
-                                 on_error="raise", max_train_examples=33, batch_size=16, collect_every_n_steps=1,
-                                 shard_factors=mode.endswith("sharded"))
-    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode.startswith("fsdp2") else "ddp"
+                                 on_error="raise", max_train_examples=33, batch_size=16, collect_every_n_steps=1)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=str(out), use_distributed_sampler=False,
     )
-    model = ShardedClassifier() if mode.startswith("fsdp2") else make_module_class(pl)()
+    model = ShardedClassifier() if mode == "fsdp2" else make_module_class(pl)()
     trainer.fit(model, UnshuffledData(train, val, batch_size=8))
     if trainer.is_global_zero:
         (result,) = callback.results
         torch.save({"world_size": trainer.world_size, "step": result.step, "scores": result.scores,
                     "train_ids": result.train_ids, "top_ids": result.get("top_ids"), "planted": planted,
-                    "layers": result.layer_names, "factor_files": sorted(
-                        p.name for p in (out / "influence" / f"step={result.step}" / "factors").iterdir())},
-                   out / "summary.pt")
+                    "layers": result.layer_names}, out / "summary.pt")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ def options(train) -> dict:
         "shard_factors": {"shard_factors": True},
         # A stream's correction examples are halved per process for the staleness measure, so "auto"
         # may refresh other layers at another number of processes: the training bases are kept.
+        "stream": {"train_data": PlantedStream(train), "curvature_refresh": "never"},
         "stream_sharded": {"train_data": PlantedStream(train), "shard_factors": True, "curvature_refresh": "never"},
         "ledger": {"ledger": True},
         "self_influence": {"self_influence": True},

@@ -23,19 +23,14 @@ SCRIPT = Path(__file__).with_name("fsdp_lightning_script.py")
 
 
 def test_fully_shard_under_model_parallel_strategy_matches_ddp(tmp_path):
-    """And with ``shard_factors``, the scores of the same FSDP2 run unsharded: each process owns one
-    of the two layers, yet both run the same passes (they used to abort: mismatched collectives)."""
     env = dict(os.environ, PYTHONWARNINGS="ignore")
     runs = {mode: subprocess.Popen([sys.executable, str(SCRIPT), str(tmp_path / mode), mode], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            for mode in ("fsdp2", "fsdp2-sharded", "ddp")}
+            for mode in ("fsdp2", "ddp")}
     for mode, run in runs.items():
         output, _ = run.communicate(timeout=300)
         assert run.returncode == 0, f"{mode} run failed:\n{output[-4000:]}"
-    fsdp2, ddp, sharded = (torch.load(tmp_path / mode / "summary.pt", weights_only=True)
-                           for mode in ("fsdp2", "ddp", "fsdp2-sharded"))
-    torch.testing.assert_close(sharded["scores"], fsdp2["scores"], rtol=1e-4, atol=1e-4)
-    assert sharded["factor_files"] == ["meta.json", "shard-00000.safetensors", "shard-00001.safetensors"]
+    fsdp2, ddp = (torch.load(tmp_path / mode / "summary.pt", weights_only=True) for mode in ("fsdp2", "ddp"))
     assert fsdp2["world_size"] == ddp["world_size"] == 2 and fsdp2["step"] == ddp["step"] == 12
     assert fsdp2["layers"] == ddp["layers"] == ["net.0", "net.2"]
     assert torch.equal(fsdp2["train_ids"], ddp["train_ids"]) and len(fsdp2["train_ids"]) == 33

@@ -1,7 +1,8 @@
 """Every option of the callback under DDP and FSDP2 (``ModelParallelStrategy`` + ``fully_shard``) on 2
 CPU processes (gloo) gives the single-process result: ``shard_factors``, a streaming pool split
-unevenly (with ``shard_factors``), the ledger, ``self_influence``, ``keep_top_scores``,
-``query_rank``, and a run resumed from its first epoch's checkpoint. One process group per strategy
+unevenly (with and without ``shard_factors``), the ledger, ``self_influence``, ``keep_top_scores``,
+``query_rank``, and a run resumed from its first epoch's checkpoint (FSDP2: Lightning's distributed
+checkpoint, a directory). One process group per strategy
 (``tests/matrix_script.py``: one callback per option in the same Trainer), the three runs side by side."""
 
 import os
@@ -29,7 +30,7 @@ def runs(tmp_path_factory):
     return {mode: torch.load(out / mode / "summary.pt", weights_only=True) for mode in MODES}
 
 
-OPTIONS = ("plain", "shard_factors", "stream_sharded", "ledger", "self_influence", "keep_top_scores", "query_rank",
+OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "ledger", "self_influence", "keep_top_scores", "query_rank",
            "resumed")
 
 

@@ -24,7 +24,7 @@ def single_process(tmp_path_factory):
 
 
 @pytest.mark.parametrize("sharding, shard_factors", [("fully_shard", False), ("FullyShardedDataParallel", False),
-                                                     ("fully_shard", True)])
+                                                     ("fully_shard", True), ("FullyShardedDataParallel", True)])
 def test_sharded_training_matches_a_single_process(tmp_path, single_process, sharding, shard_factors):
     """With ``shard_factors`` each process runs the correction passes of its own layers, and a
     streaming pool splits into shares of unknown length: every process must still run the same
