@@ -120,7 +120,7 @@ class InfluenceConfig:
             (``"cpu"``: off the GPU; default ``None``: the tracked modules' device).
         eigenbasis_dtype: dtype of the stored eigenbases: ``"float64"`` (default), ``"float32"``
             or ``"bfloat16"`` (half or a quarter of the factors' memory; accuracy cost in the benchmarks).
-        shard_factors: under DDP, each layer's statistics, eigenbases and preconditioned queries
+        shard_factors: under DDP or FSDP, each layer's statistics, eigenbases and preconditioned queries
             live on one process (balanced by size): factor memory per process about ``1/world``,
             the same scores; factors are saved one file per process (needs a file system shared by
             the processes, and ``strategy`` ``"ekfac"`` or ``"kfac"``; no ``self_influence`` or ``ledger``).
