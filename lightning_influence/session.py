@@ -318,7 +318,8 @@ class InfluenceSession:
         every process (collective): all layers on every process, or with sharding each layer on its
         owner only. The collector's own sums are left as they are."""
         if self.sharded:
-            return sharding.reduce_to_owners(collector.stats, collector.layers)
+            return sharding.reduce_to_owners(collector.stats, collector.layers,
+                                             held_by_owners=collector.sharded)
         return collector.reduced()
 
     @passes.outside_inference_mode

@@ -52,22 +52,29 @@ def owners_of(layers: Sequence[TrackedLayer]) -> Dict[str, int]:
     return distributed.assign_owners({layer.name: distributed.factor_cost(layer.d_out, layer.d_in) for layer in layers})
 
 
-def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]) -> CovarianceStatistics:
+def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer],
+                     held_by_owners: bool = False) -> CovarianceStatistics:
     """Every process's sums of each layer, on the layer's owner only (collective). The local sums
-    are left as they are (moving averages keep going). Raises, on every process alike, when a
-    layer has no statistics at all."""
+    are left as they are (moving averages keep going). ``held_by_owners``: each process's ``local``
+    holds only its own layers (statistics collected sharded), which are then its totals. Raises, on
+    every process alike, when a layer has no statistics at all."""
     owners = owners_of(layers)
     device = _device_of(local)
-    counts = torch.stack([local.state[layer.name][key].double().to(device)
+    none = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.stack([local.state[layer.name][key].double().to(device) if layer.name in local.state else none
                           for layer in layers for key in ("a_count", "s_count")])
     distributed.all_reduce_sum_([counts])
     if bool((counts == 0).any()):
         raise RuntimeError("no statistics were collected for some tracked layers; influence cannot be computed yet")
     mine = [layer for layer in layers if owners[layer.name] == distributed.rank()]
-    out = CovarianceStatistics(mine, dtype=local.state[layers[0].name]["a_sum"].dtype, device=device)
+    dtype = next((parts["a_sum"].dtype for parts in local.state.values()), torch.float32)
+    out = CovarianceStatistics(mine, dtype=dtype, device=device)
     for position, layer in enumerate(layers):
-        parts = local.state[layer.name]
-        summed = distributed.reduce_to_owner([parts["a_sum"], parts["s_sum"]], owners[layer.name])
+        parts = local.state.get(layer.name)
+        if held_by_owners:
+            summed = [parts["a_sum"], parts["s_sum"]] if owners[layer.name] == distributed.rank() else []
+        else:
+            summed = distributed.reduce_to_owner([parts["a_sum"], parts["s_sum"]], owners[layer.name])
         if summed:
             target = out.state[layer.name]
             target["a_sum"].copy_(summed[0])
@@ -78,7 +85,7 @@ def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]
 
 
 def _device_of(stats: CovarianceStatistics) -> torch.device:
-    return next(iter(stats.state.values()))["a_sum"].device
+    return next((parts["a_sum"].device for parts in stats.state.values()), torch.device("cpu"))
 
 
 def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStatistics,

@@ -8,7 +8,7 @@ bits, which EK-FAC amplifies; the ledger, weighted by the learning rate, still r
 Each optimizer step sees the same 16 examples in every mode (one batch of 16, or 8 per rank from an
 unshuffled distributed sampler); the scored pool of 33 examples splits into 17 and 16 (2 and 1
 batches of 16), the streaming pool likewise. Rank 0 writes ``OUT_DIR/summary.pt``: per option the
-result's tensors, and the resumed run's.
+result's tensors, the resumed run's, and each process's ``statistics_bytes()`` per option.
 """
 
 import sys
@@ -23,6 +23,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 from torch.utils.data import IterableDataset  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
+from lightning_influence.distributed import gather_objects  # noqa: E402
 from lightning_influence.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
@@ -68,6 +69,7 @@ def options(train) -> dict:
         "self_influence": {"self_influence": True},
         "keep_top_scores": {"keep_top_scores": 8},
         "query_rank": {"query_rank": 2},
+        "shard_statistics": {"shard_factors": True, "shard_statistics": True},  # approximate: own batches
     }
 
 
@@ -108,11 +110,13 @@ def main(out: Path, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
     every_epoch = ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1, save_weights_only=False)
     trainer, influence = fit(out / "run", mode, set(options(None)), checkpoints=[every_epoch])
+    held = gather_objects({callback.option: callback.statistics_bytes() for callback in influence})
     saved = {callback.option: summary(callback) for callback in influence} if trainer.is_global_zero else None
     first_epoch = sorted((out / "ckpt").glob("epoch=0*"))
-    resumed_trainer, (resumed,) = fit(out / "resumed", mode, {"plain"}, ckpt_path=str(first_epoch[0]))
+    resumed_trainer, resumed = fit(out / "resumed", mode, {"plain", "shard_statistics"}, ckpt_path=str(first_epoch[0]))
     if resumed_trainer.is_global_zero:
-        saved["resumed"] = summary(resumed)
+        saved.update({f"resumed_{callback.option}": summary(callback) for callback in resumed})
+        saved["statistics_bytes"] = held  # per rank, per option
         torch.save(saved, out / "summary.pt")
 
 
