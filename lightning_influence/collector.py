@@ -69,7 +69,8 @@ class StepStatistics:
         self.layers = list(layers)
         self.sharded = shard and distributed.world_size() > 1
         owners = owners_of(self.layers) if self.sharded else {}
-        accumulated = [layer for layer in self.layers if owners.get(layer.name, distributed.rank()) == distributed.rank()]
+        here = distributed.rank()
+        accumulated = [layer for layer in self.layers if owners.get(layer.name, here) == here]
         self.task = task
         self.fisher = fisher
         self.loss_reduction = loss_reduction
@@ -390,6 +391,9 @@ class StepStatistics:
     # -- across processes -----------------------------------------------------------------------
     def reduced(self) -> CovarianceStatistics:
         """The statistics summed over every process (collective); the local sums stay as they are."""
+        if self.sharded:
+            raise ValueError("statistics collected sharded (shard=True) are reduced onto their owners only: "
+                             "use InfluenceSession(shard_factors=True).reduce_statistics")
         total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
                                      device=self.statistics_device)
         total.merge_(self.stats)

@@ -830,7 +830,8 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                                      dtype: torch.dtype = torch.float32, show_progress: bool = False,
                                      left_out: Optional[List[int]] = None,
                                      covariances_into: Sequence[CovarianceStatistics] = (),
-                                     first_example: int = 0, reach: Sequence[TrackedLayer] = ()) -> EigenvalueCorrection:
+                                     first_example: int = 0,
+                                     reach: Sequence[TrackedLayer] = ()) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
     or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher); also the same
     examples' covariances into ``covariances_into`` (the example at place ``first_example + i``
@@ -852,7 +853,8 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
 def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layers: Sequence[TrackedLayer],
                             training: CovarianceStatistics, *, strategy: str, refresh: str,
                             eigenbasis_dtype: torch.dtype, reduce: Optional[Callable[[List[Tensor]], None]],
-                            any_process: Callable[[bool], bool] = bool, **pass_options: Any) -> Tuple[Dict[str, Dict[str, Tensor]],
+                            any_process: Callable[[bool], bool] = bool,
+                            **pass_options: Any) -> Tuple[Dict[str, Dict[str, Tensor]],
                                                           Optional[EigenvalueCorrection], Dict[str, Any]]:
     """K-FAC / EK-FAC bases and eigenvalue correction at the current weights from covariances
     collected in ``training``, refreshed where they went stale (:mod:`~lightning_influence.freshness`).

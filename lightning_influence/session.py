@@ -336,7 +336,8 @@ class InfluenceSession:
                 if layers is None:
                     raise ValueError("sharded fit_factors needs layers=<every tracked layer>")
                 return sharding.fit_sharded_factors(
-                    model, self.task, statistics, layers, self.correction_shares(), seeds, strategy=self.strategy, fisher=self.fisher,
+                    model, self.task, statistics, layers, self.correction_shares(), seeds,
+                    strategy=self.strategy, fisher=self.fisher,
                     batch_size=self.batch_size, eigenbasis_dtype=self.eigenbasis_dtype,
                     show_progress=self.show_progress, refresh=self.curvature_refresh)
             return fit_factors(model, self.task, self.correction_loader(), self.strategy, self.fisher,

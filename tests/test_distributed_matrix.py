@@ -30,8 +30,8 @@ def runs(tmp_path_factory):
     return {mode: torch.load(out / mode / "summary.pt", weights_only=True) for mode in MODES}
 
 
-OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "ledger", "self_influence", "keep_top_scores", "query_rank",
-           "resumed_plain")
+OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "ledger", "self_influence", "keep_top_scores",
+           "query_rank", "resumed_plain")
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
