@@ -40,8 +40,8 @@ class Conv1D(tiny_models.Conv1D):
         self.nx = nx
 
 
-class Stream(IterableDataset):
-    """The training examples as a streaming pool: ``{"x", "y", "id"}`` dicts, the id their index."""
+class IndexedStream(IterableDataset):
+    """Examples ``(x, y)`` as a streaming pool: ``{"x", "y", "id"}`` dicts, the id their index."""
 
     def __init__(self, examples) -> None:
         self.examples = examples
@@ -121,7 +121,7 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
             last_layer = session.score(model, factors_of_last).scores
         session.pool_ids = torch.tensor([ONE_EXAMPLE])
         single = session.score(model, factors)
-        streaming = InfluenceSession(task, Stream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
+        streaming = InfluenceSession(task, IndexedStream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
                                      correction_batches=None, shard_factors=shard_factors,
                                      curvature_refresh="never")  # "auto": see test_fsdp's module docstring
         streamed, _ = streaming.compute(model, streaming.reduce_statistics(statistics), step=6,
@@ -155,5 +155,6 @@ def run(out: Path, world: int, sharding: str = "fully_shard", shard_factors: boo
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        torch.multiprocessing.spawn(train_and_score, args=(world, port, str(out), sharding, shard_factors), nprocs=world)
+        torch.multiprocessing.spawn(train_and_score, args=(world, port, str(out), sharding, shard_factors),
+                                    nprocs=world)
     return torch.load(out, weights_only=True)

@@ -20,29 +20,17 @@ import pytorch_lightning as pl  # noqa: E402
 import torch  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
-from torch.utils.data import IterableDataset  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
 from lightning_influence.distributed import gather_objects  # noqa: E402
 from lightning_influence.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
+from tests.fsdp_helpers import IndexedStream  # noqa: E402
 from tests.fsdp_lightning_script import ShardedClassifier  # noqa: E402
 
 LEARNING_RATE = 1e-3
 POOL = 33
-
-
-class PlantedStream(IterableDataset):
-    """The planted training examples as a streaming pool: ``{"x", "y", "id"}``, the id their index."""
-
-    def __init__(self, examples) -> None:
-        self.examples = examples
-
-    def __iter__(self):
-        for index in range(len(self.examples)):
-            x, y = self.examples[index]
-            yield {"x": x, "y": y, "id": index}
 
 
 class OptionCallback(InfluenceCallback):
@@ -63,8 +51,8 @@ def options(train) -> dict:
         "shard_factors": {"shard_factors": True},
         # A stream's correction examples are halved per process for the staleness measure, so "auto"
         # may refresh other layers at another number of processes: the training bases are kept.
-        "stream": {"train_data": PlantedStream(train), "curvature_refresh": "never"},
-        "stream_sharded": {"train_data": PlantedStream(train), "shard_factors": True, "curvature_refresh": "never"},
+        "stream": {"train_data": IndexedStream(train), "curvature_refresh": "never"},
+        "stream_sharded": {"train_data": IndexedStream(train), "shard_factors": True, "curvature_refresh": "never"},
         "ledger": {"ledger": True},
         "self_influence": {"self_influence": True},
         "keep_top_scores": {"keep_top_scores": 8},
