@@ -16,16 +16,18 @@ language_model.yaml``). Every row scores the whole pool against every query at t
   result, and the trajectory ``li.aggregate`` of its results), with the default covariance
   refresh and with ``curvature_refresh="never"`` (statistics used as collected: the old behaviour);
 - the ledger (``ledger=True`` in the per-epoch run, every window added up), EK-FAC refitted at the final weights on ``refit`` pool examples
-  (``li.fit_factors``, true Fisher: the paper's recipe and the reference), and the plain gradient
-  dot product (``strategy="identity"``).
+  (``li.fit_factors``, true Fisher: the paper's recipe and the reference), kronfluence's EK-FAC on
+  the same examples when it is installed, and the plain gradient dot product (``strategy="identity"``).
 
 Measured per row: planted copies ranked first, same-play precision@10 (chance: the play's share of
 the pool), Pearson with the refit (mean over queries) and top-1 agreement with it, and the linear
 datamodeling score: ``lds_subsets`` random half-pools retrained from scratch (the same recipe and
 seed), the Spearman correlation over subsets between each query's loss and the summed scores of
-the subset's examples (``--lds-subsets 0`` skips it).
+the subset's examples (``--lds-subsets N``; none by default: 50 retrainings of the full-size model
+take hours on a CPU, so the LDS table uses a smaller model).
 
-    python benchmarks/real_text.py [--quick] [--lds-subsets N] [--json PATH] [--markdown PATH]
+    python benchmarks/real_text.py [--quick] [--json PATH] [--markdown PATH]   # results/real_text.md
+    python benchmarks/real_text.py --blocks 2 --width 128 --pool 512 --lds-subsets 50   # real_text_lds.md
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from lightning_influence.factors import accumulate_covariances
 from ledger_lds import coverage, ledger_total
 
 FULL = dict(pool=1024, planted=16, blocks=4, width=256, heads=4, tokens=64, vocab=2048, epochs=4, batch=32,
-            refit=512, lds_subsets=50, lds_epochs=4)
+            refit=512, lds_subsets=0, lds_epochs=4)  # LDS: the smaller model below is affordable on a CPU
 QUICK = dict(pool=96, planted=4, blocks=1, width=32, heads=2, tokens=32, vocab=512, epochs=2, batch=8,
              refit=64, lds_subsets=4, lds_epochs=1)
 SHIFT = 8  # tokens a shifted planted copy is moved by
@@ -220,6 +222,54 @@ def query_losses(model: torch.nn.Module, queries: Dataset, task: li.Task) -> Ten
     return task.loss(model, batch).detach()
 
 
+def kronfluence_scores(model: torch.nn.Module, pool: Dataset, queries: Dataset, refit: Dataset) -> Tensor:
+    """kronfluence's EK-FAC (true Fisher, heuristic damping) fitted on ``refit`` at ``model``'s weights:
+    the reference computed by another library, on the layers we track. kronfluence tracks
+    ``nn.Linear`` and ``nn.Conv2d`` only, so its copy of the model has GPT-2's ``Conv1D`` layers as
+    the ``nn.Linear`` layers they are (transposed weights)."""
+    import copy
+
+    from kronfluence.analyzer import Analyzer, prepare_model
+    from kronfluence.arguments import FactorArguments, ScoreArguments
+    from kronfluence.task import Task
+
+    tracked = [layer.name for layer in li.select_layers(model)]
+    model = copy.deepcopy(model).eval()
+    for name in tracked:
+        parent, _, child = name.rpartition(".")
+        conv = model.get_submodule(name)
+        linear = torch.nn.Linear(conv.weight.shape[0], conv.weight.shape[1])
+        linear.weight.data, linear.bias.data = conv.weight.data.T.clone(), conv.bias.data.clone()
+        setattr(model.get_submodule(parent), child, linear)
+
+    class TokenSummedLoss(Task):
+        def compute_train_loss(self, batch, model, sample=False):
+            ids = batch["input_ids"]
+            logits = model(input_ids=ids).logits[:, :-1].flatten(0, 1)
+            targets = ids[:, 1:].flatten()
+            if sample:
+                with torch.no_grad():
+                    targets = torch.multinomial(torch.softmax(logits.detach(), -1), 1).squeeze(-1)
+            return torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+        def get_influence_tracked_modules(self):
+            return tracked
+
+    logging.getLogger("kronfluence").setLevel(logging.ERROR)
+    task = TokenSummedLoss()
+    with tempfile.TemporaryDirectory(prefix="kronfluence-") as tmp:
+        analyzer = Analyzer("real_text", prepare_model(model, task), task, cpu=True, disable_tqdm=True, output_dir=tmp)
+        analyzer.fit_all_factors("factors", refit, per_device_batch_size=16, factor_args=FactorArguments(strategy="ekfac"),
+                                 overwrite_output_dir=True)
+        analyzer.compute_pairwise_scores("scores", "factors", queries, pool, per_device_query_batch_size=len(queries),
+                                         per_device_train_batch_size=16,
+                                         score_args=ScoreArguments(damping_factor=None), overwrite_output_dir=True)
+        return analyzer.load_pairwise_scores("scores")["all_modules"].float()
+
+
 def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.Module, seed: int) -> Dict[str, Any]:
     """Seconds of one computation at the trained weights (the LM preset's settings, 16 correction
     batches) from statistics collected at the initial weights (stale in every layer), for each
@@ -294,6 +344,8 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
         reference = li.compute_influence(model, task, pool, queries, factors=factors, batch_size=16)
         timings["refit"] = time.perf_counter() - started
         rows["refit"] = reference.scores.float()
+        if benchlib.kronfluence_available():
+            rows["kronfluence"] = kronfluence_scores(model, pool, queries, Subset(pool, refit_ids.tolist()))
         identity = li.compute_influence(model, task, pool, queries, factors=li.fit_factors(
             model, task, Subset(pool, [0]), "identity"), batch_size=16)
         rows["identity"] = identity.scores.float()
@@ -343,6 +395,7 @@ LABELS = {
     "ledger": "ledger (`ledger=True`, `every_n_epochs=1`: every window's ledger added up)",
     "refit": "EK-FAC refitted at the final weights (reference)",
     "identity": "plain gradient dot product (`strategy=\"identity\"`)",
+    "kronfluence": "kronfluence 1.0.1 EK-FAC refitted at the final weights (same examples)",
 }
 
 

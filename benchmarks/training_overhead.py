@@ -94,7 +94,8 @@ def run(setting, steps: int, batch_size: int, tmp: str, checkpointing: bool = Fa
         callbacks.insert(0, InfluenceCallback(li.CausalLMTask(), query_data=queries,
                                               train_data=torch.utils.data.Subset(data, range(4)), every_n_epochs=None,
                                               on_checkpoint=False, report=False, show_progress=False,
-                                              output_dir=tmp, correction_batches=1, batch_size=4, **setting))
+                                              output_dir=tempfile.mkdtemp(dir=tmp),  # a run of its own
+                                              correction_batches=1, batch_size=4, **setting))
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)

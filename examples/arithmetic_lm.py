@@ -276,7 +276,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         num_queries=args.queries,
         every_n_epochs=args.influence_every,  # fires at the same step as the checkpoint: one computation
         loss_reduction="token_mean",         # training_step returns a mean over tokens, as Hugging Face does
-        output_dir=str(args.output_dir / "influence"),
+        # output_dir unset: <log dir>/influence, or influence-v1, -v2, ... when an earlier run is there
         top_k=5,
         renderer=DefaultRenderer(decode=tokenizer.tokens),
         show_progress=False,
@@ -290,6 +290,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     trainer.fit(model, DataLoader(train_set, batch_size=32, shuffle=True), DataLoader(query_set, batch_size=64))
 
     results = influence.results
+    results_dir = Path(results[0].path).parent
     color = use_color(args.color)
     report_path = write_html_report(results, args.output_dir / "report.html", train_dataset=train_set,
                                     query_dataset=query_set, renderer=DefaultRenderer(decode=tokenizer.tokens),
@@ -298,7 +299,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     seconds = time.perf_counter() - started
 
     section("Where everything is")
-    print(f"influence results : {args.output_dir / 'influence'}  ({len(results)} checkpoints: "
+    print(f"influence results : {results_dir}  ({len(results)} checkpoints: "
           f"steps {[r.step for r in results]})")
     print(f"HTML report       : {report_path}")
     print(f"logger run        : {logger_location(logger)}")
@@ -321,7 +322,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
         wandb.finish()
     return {
-        "results_dir": args.output_dir / "influence", "report": report_path, "results": results,
+        "results_dir": results_dir, "report": report_path, "results": results,
         "accuracy": accuracy, "summary": summary, "structure": structure, "comparison": comparison,
         "seconds": seconds, "train_set": train_set, "query_set": query_set,
     }

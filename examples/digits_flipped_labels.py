@@ -139,7 +139,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         every_n_epochs=None, on_checkpoint=False,      # once, when training ends
         fisher="true",                                 # sampled labels: the flipped ones do not shape the curvature
         self_influence=True,                           # each training image scored on itself, live
-        output_dir=str(args.output_dir / "influence"),
+        # output_dir unset: <log dir>/influence, or influence-v1, -v2, ... when an earlier run is there
         show_progress=False,
     )
     logger = make_logger(args, project="digits-flipped-labels")

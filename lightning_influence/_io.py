@@ -34,6 +34,10 @@ _TEMP_PREFIX = ".lightning-influence-tmp-"
 _OLD_PREFIX = ".lightning-influence-old-"
 _LEFTOVER = re.compile(r"\.lightning-influence-(?:tmp|old)-.+-[0-9a-f]{12}")
 _FORMAT_PREFIX = "lightning-influence/"
+# What this project writes inside a result or factors directory (its tensors and metadata, a factors
+# shard, the factors subdirectory, the report subdirectory): replacing such a directory deletes these
+# and nothing else.
+_OUR_ENTRY = re.compile(r"meta\.json|tensors\.safetensors|shard-\d+\.safetensors|factors|report")
 
 # Permissions: directories and files are created with ``os.mkdir`` / ``os.open`` and the default
 # modes 0o777 / 0o666, which the kernel narrows by the user's umask (``tempfile.mkdtemp`` / ``mkstemp``
@@ -84,7 +88,8 @@ def check_replaceable(path: PathLike, overwrite: bool) -> None:
     """Raise ``FileExistsError`` unless writing a directory at ``path`` deletes nothing it should not.
 
     Free: a missing path or an empty directory. Replaceable with ``overwrite``: a directory this
-    project wrote (a result or factors). Never: a file, or a directory holding anything else.
+    project wrote (a result or factors) holding nothing else. Never: a file, a symbolic link, or a
+    directory holding anything else (e.g. a note a user saved next to a result).
     """
     path = Path(path)
     if not path.exists() and not path.is_symlink():
@@ -94,6 +99,12 @@ def check_replaceable(path: PathLike, overwrite: bool) -> None:
             return
         found = our_format(path)
         if found is not None:
+            others = sorted(p.name for p in path.iterdir() if not _OUR_ENTRY.fullmatch(p.name))
+            if others:
+                raise FileExistsError(
+                    f"{path} holds a saved {found} and files lightning-influence did not write ({', '.join(others[:5])}"
+                    f"{', ...' if len(others) > 5 else ''}); refusing to replace it (they would be deleted): move "
+                    "them elsewhere")
             if overwrite:
                 return
             raise FileExistsError(

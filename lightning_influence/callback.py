@@ -27,11 +27,13 @@ from lightning_influence import _monitoring, _trainer, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.loop import LoopInfluence, MonitorState, warn_once
+from lightning_influence.results import saved_run_id
+from lightning_influence.session import current_entry
 from lightning_influence.tasks import Task
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2  # 2: result directories stored relative to output_dir
+STATE_VERSION = 3  # 2: result directories stored relative to output_dir; 3: the run id
 
 
 class InfluenceCallbackMixin(MonitorState):
@@ -44,6 +46,12 @@ class InfluenceCallbackMixin(MonitorState):
     ``every_n_train_steps``, ``on_checkpoint``, ``on_train_end``; one computation per step) the
     :class:`~lightning_influence.session.InfluenceSession` scores the candidate pool against the
     queries and writes ``<output_dir>/step=<N>/``; :attr:`results` lists them.
+
+    A run is an identity (:attr:`run_id`, kept in checkpoints): resuming with ``ckpt_path``
+    continues its results; a new run refuses an ``output_dir`` holding another run's results or
+    written by another process (see :mod:`~lightning_influence.run_dir`). Several influence
+    callbacks in one Trainer (say, two query sets) each need their own ``output_dir``, which their
+    :attr:`state_key` names.
     """
 
     def __init__(
@@ -124,6 +132,27 @@ class InfluenceCallbackMixin(MonitorState):
         self._restored: Optional[Dict[str, Any]] = None  # loaded before the loop existed
         self._steps: Optional[_StepRecorder] = None
         self._warned: set = set()
+        self.run_id: Optional[str] = None  # made at the first fit, or restored from the checkpoint resumed
+
+    @property
+    def state_key(self) -> str:
+        """Where the checkpoint keeps this callback's state: its output directory and queries tell
+        influence callbacks apart, as Lightning's own callbacks' settings do."""
+        cfg = self.config
+        queries = cfg.query_data if isinstance(cfg.query_data, str) else type(cfg.query_data).__name__
+        return self._generate_state_key(output_dir=cfg.output_dir, query_data=queries, num_queries=cfg.num_queries)
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
+        """Resume from a state stored under another key (an earlier version's, or another
+        ``output_dir``: a moved run) when it is the checkpoint's only influence state and this is
+        the Trainer's only influence callback; Lightning itself matches keys exactly."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        stored = [key for key in states if isinstance(key, str) and key.startswith(type(self).__qualname__)]
+        ours = [cb for cb in trainer.callbacks if isinstance(cb, InfluenceCallbackMixin)]
+        if len(stored) == 1 and len(ours) == 1:
+            self.load_state_dict(states[stored[0]])
 
     # -- public state ------------------------------------------------------------------------------
     @property
@@ -150,11 +179,14 @@ class InfluenceCallbackMixin(MonitorState):
             self._warn("num_queries", data.note)
         output_dir = Path(cfg.output_dir) if cfg.output_dir else Path(
             trainer.log_dir or trainer.default_root_dir) / "influence"
+        if self._restored is not None:
+            self.run_id = _restored_run_id(self._restored, output_dir)
         with passes.eager():  # the set-up check runs a compiled model's code eagerly
             self._loop = LoopInfluence(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
                                        is_global_zero=trainer.is_global_zero, loggers=trainer.loggers,
                                        train_data=data.train, query_data=data.queries, query_ids=data.query_ids,
-                                       autocast=_trainer.autocast_dtype(trainer))
+                                       autocast=_trainer.autocast_dtype(trainer), run_id=self.run_id)
+        self.run_id = self._loop.run_id
         tracked = [layer.module for layer in self._loop.statistics.layers]
         problem = _trainer.unsupported_training(trainer, pl_module, tracked)
         if problem:
@@ -182,6 +214,7 @@ class InfluenceCallbackMixin(MonitorState):
                 self._warn(message, message)
         self._steps.monitor.start(trainer, pl_module, self._loop.session)
         self._resolve_pending(trainer)
+        self._loop.publish_owed_reports()  # a resumed run's reports a crash kept from the loggers
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is not None:
@@ -238,12 +271,13 @@ class InfluenceCallbackMixin(MonitorState):
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if self._collector is not None:
             self._collector.end_batch()
-            self._loop.flush_reports()
+            self._loop.release_output_dir()
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        if stage == "fit" and self._steps is not None:
-            self._steps.detach()
-            self._loop.flush_reports()
+        if stage == "fit" and self._loop is not None:
+            if self._steps is not None:
+                self._steps.detach()
+            self._loop.release_output_dir()
 
     # -- influence at a checkpoint -------------------------------------------------------------------
     def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
@@ -259,11 +293,9 @@ class InfluenceCallbackMixin(MonitorState):
     def _resolve_pending(self, trainer: Any) -> None:
         """Record the paths of checkpoints saved at a result's step (known only after the save)."""
         resumed_from = str(trainer.ckpt_path) if trainer.ckpt_path else None
-        index = self._loop.index
-        for entry in index.record_checkpoints(partial(_trainer.checkpoints_saved_at, trainer), resumed_from,
-                                              trainer.global_step):
-            if trainer.is_global_zero:
-                index.write_meta(entry)
+        for entry in self._loop.index.record_checkpoints(partial(_trainer.checkpoints_saved_at, trainer),
+                                                         resumed_from, trainer.global_step):
+            self._loop.update_meta(entry)
 
     def _warn(self, key: str, message: str) -> None:
         warn_once(self._warned, key, message)
@@ -274,7 +306,8 @@ class InfluenceCallbackMixin(MonitorState):
         index (directories relative to ``output_dir``, so a moved run resumes) and pending
         checkpoint paths."""
         loop = self._loop
-        state: Dict[str, Any] = {"version": STATE_VERSION, "config": self.config.resume_fingerprint()}
+        state: Dict[str, Any] = {"version": STATE_VERSION, "config": self.config.resume_fingerprint(),
+                                 "run_id": self.run_id}
         if loop is not None:
             loop.statistics.consolidate_()
             state.update(index=loop.index.state(), pool_ids=loop.session.pool_ids, failures=loop.failures,
@@ -285,9 +318,9 @@ class InfluenceCallbackMixin(MonitorState):
         return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict.get("version") not in (1, STATE_VERSION):
+        if state_dict.get("version") not in range(1, STATE_VERSION + 1):
             raise ValueError(f"cannot resume InfluenceCallback state of version {state_dict.get('version')!r} "
-                             f"(this version reads 1 and {STATE_VERSION})")
+                             f"(this version reads 1 to {STATE_VERSION})")
         self.config.check_resumable(state_dict["config"])
         if self._loop is not None:
             self._apply_state(state_dict)
@@ -303,6 +336,18 @@ class InfluenceCallbackMixin(MonitorState):
         loop.failures = int(state.get("failures", 0))
         if state.get("pool_ids") is not None:
             loop.session.pool_ids = state["pool_ids"]
+
+
+def _restored_run_id(state: Dict[str, Any], output_dir: Path) -> Optional[str]:
+    """The run id of a checkpoint's state; states before version 3 kept none: the run id their
+    saved results recorded (``None``: a new one is made)."""
+    if state.get("run_id"):
+        return state["run_id"]
+    for entry in state.get("index", []):
+        found = saved_run_id(output_dir / current_entry(entry)["dir"])
+        if found:
+            return found
+    return None
 
 
 class _StepRecorder:

@@ -170,19 +170,17 @@ def _positive_int(text: str) -> int:
 
 
 def _damping(text: str) -> float:
-    """A damping the scores can use: finite and non-negative, within float32 (the scores' dtype),
-    where ``inf`` or ``1e300`` would silently give all-zero or NaN scores."""
+    """A damping the scores can use (see ``check_damping``), refused while parsing the arguments."""
+    from lightning_influence.factors import check_damping
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not (0.0 <= value <= _FLOAT32_MAX):
-        raise argparse.ArgumentTypeError(
-            f"expected a finite damping >= 0 and at most {_FLOAT32_MAX:.3g} (float32's range), got {text!r}")
-    return value
-
-
-_FLOAT32_MAX = 3.4028234663852886e38
+    try:
+        return check_damping(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # -- report ------------------------------------------------------------------------------------
@@ -308,7 +306,7 @@ def _load_single(path: Path):
 def _cmd_score(args: argparse.Namespace) -> int:
     import lightning_influence as li
     from lightning_influence._io import check_replaceable
-    from lightning_influence.results import factors_path
+    from lightning_influence.results import factors_path, saved_run_id
     from lightning_influence.session import InfluenceSession
 
     for path, what in ((args.checkpoint, "checkpoint"), (args.factors, "factors directory")):
@@ -323,9 +321,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
     factors_dir = factors_path(args.factors)
     factors = li.load_factors(factors_dir, device=device)
     try:
+        # The run the factors were fitted in (factors saved before run ids: the result holding them).
+        run_id = factors.meta.get("run_id") or saved_run_id(factors_dir.parent)
         session = InfluenceSession(task, train, query, strategy=factors.strategy, fisher=factors.meta.get("fisher"),
                                    damping=args.damping, query_rank=args.query_rank, top_k=args.top_k,
-                                   batch_size=args.batch_size, show_progress=sys.stderr.isatty())
+                                   batch_size=args.batch_size, show_progress=sys.stderr.isatty(), run_id=run_id)
         result = session.score(model, factors, per_layer=args.per_layer, per_token=args.per_token,
                                self_influence=args.self_influence,
                                meta={"checkpoint": str(args.checkpoint), "factors": str(factors_dir),

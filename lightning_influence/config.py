@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.factors import FISHER_KINDS, STRATEGIES
+from lightning_influence.factors import FISHER_KINDS, STRATEGIES, check_damping
 from lightning_influence.freshness import REFRESH
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
@@ -38,8 +38,6 @@ BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionT
 # torch.Generator.manual_seed takes up to 2**64 - 1; seeds derived from `seed` add the step and
 # 7919 x the process rank, so the seed itself stays far below that.
 SEED_LIMIT = 2**62
-# Above this a damping is effectively infinite: scores vanish and eigenvalue arithmetic overflows.
-MAX_DAMPING = 1e30
 
 
 @dataclass
@@ -300,15 +298,8 @@ class InfluenceConfig:
                              f"got {_shown(task)}")
 
     def _check_damping(self) -> None:
-        if self.damping is None:
-            return
-        if not (_is_number(self.damping) and self.damping >= 0):
-            raise ValueError("damping must be a non-negative number or None (per-layer heuristic), "
-                             f"got {_shown(self.damping)}")
-        if not self.damping <= MAX_DAMPING:
-            raise ValueError(f"damping={self.damping!r} is too large: above {MAX_DAMPING:g} it is effectively "
-                             "infinite (every score shrinks towards zero and loses its precision); use a finite "
-                             f"damping <= {MAX_DAMPING:g}, or None for the per-layer heuristic")
+        if self.damping is not None:
+            check_damping(self.damping)
 
     def _check_data(self) -> None:
         if isinstance(self.query_data, str):

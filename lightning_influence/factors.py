@@ -14,6 +14,7 @@ of an example's token-summed loss w.r.t. its output:
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import shutil
 import time
@@ -75,13 +76,17 @@ def check_fisher(fisher: str) -> str:
     return fisher
 
 
-def check_damping(value: float, what: str = "damping") -> float:
-    """A usable absolute λ: finite in float32 (where scores live) and non-negative."""
-    value = float(value)
-    if not (0.0 <= value <= torch.finfo(torch.float32).max):
-        raise ValueError(f"{what} must be non-negative and finite (at most {torch.finfo(torch.float32).max:.3g}), "
-                         f"got {value}; pass None for the per-layer heuristic")
-    return value
+# Above this a damping is effectively infinite: every score shrinks towards zero and loses its precision.
+MAX_DAMPING = 1e30
+
+
+def check_damping(value: Any, what: str = "damping") -> float:
+    """The one check of an absolute λ, wherever one is given (the callback's settings, the command
+    line, ``compute_influence``): a number from 0 to :data:`MAX_DAMPING`."""
+    if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and 0 <= value <= MAX_DAMPING):
+        raise ValueError(f"{what} must be a number from 0 to {MAX_DAMPING:g} (above, it is effectively infinite: "
+                         f"every score shrinks towards zero), or None for the per-layer heuristic; got {value!r}")
+    return float(value)
 
 
 def _state_to_flat(state: Mapping[str, Mapping[str, Tensor]]) -> Dict[str, Tensor]:
@@ -715,8 +720,8 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
     One NaN example would make every statistic NaN, so each example is kept out of what it would
     spoil: of everything when its activations are not finite in ``dtype`` (squares included: an
     input of 1e30 overflows float32), of a Fisher sample when its gradients, or its per-example
-    weight gradient ``Σ_t g_t a_tᵀ`` (bounded by ``‖g‖‖a‖``), would not be. The data positions of
-    examples left out of anything are appended to ``left_out``. The caller holds
+    weight gradient ``Σ_t g_t a_tᵀ`` (bounded by ``‖g‖‖a‖``), would not be. The dataset indices of
+    examples left out of anything are appended to ``left_out`` (see :func:`passes.dataset_indices`). The caller holds
     ``passes.evaluation_mode(model)`` and the attached ``tracker`` around the loop."""
     device = passes.model_device(model)
     generator = torch.Generator(device).manual_seed(seed)
@@ -742,7 +747,8 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
         kept = _rows(acts, finite)
         yield kept, _token_counts(kept, tracker.token_mask, finite), samples(), places.to(finite.device), finite
         if counted:
-            left_out.extend((position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist())
+            positions = (position + torch.nonzero(torch.stack(rejected).any(0)).flatten()).tolist()
+            left_out.extend(passes.dataset_indices(data, positions))
             position += size
 
 
@@ -760,13 +766,20 @@ def _split_rows(tensors: Sequence[Tensor], rows_of: Tensor, member: Tensor) -> L
     return [t[chosen] if t.shape[0] == len(chosen) else (t if whole else t[:0]) for t in tensors]
 
 
+def _group_rows(acts: Sequence[Tensor], rows_of: Tensor, member: Tensor, mask: Optional[Tensor],
+                kept: Tensor) -> Tuple[List[Tensor], List[float]]:
+    """The ``member`` examples' activation rows per layer, and their real-token counts."""
+    rows = _split_rows(acts, rows_of, member)
+    return rows, _token_counts(rows, mask, kept & member)
+
+
 def _warn_left_out(left_out: Sequence[int]) -> None:
-    positions = sorted(set(left_out))
-    if positions:
-        listing = ", ".join(map(str, positions[:20])) + (", ..." if len(positions) > 20 else "")
+    indices = sorted(set(left_out))
+    if indices:
+        listing = ", ".join(map(str, indices[:20])) + (", ..." if len(indices) > 20 else "")
         warnings.warn(
-            f"{len(positions)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
-            f"statistics) left out of the curvature statistics; their positions in the data: [{listing}]"
+            f"{len(indices)} example(s) with non-finite values (NaN/inf, or squares overflowing the float32 "
+            f"statistics) left out of the curvature statistics; their dataset indices: [{listing}]"
         )
 
 
@@ -781,22 +794,24 @@ def _accumulate(model, task, data, layers: Sequence[TrackedLayer], *, desc: str,
     The backward passes also reach the outputs of ``reach`` (see :class:`LayerTracker`)."""
     tracker = LayerTracker(layers, reach=reach)
     found: List[int] = []
-    split = len(covariances) > 1
     with passes.evaluation_mode(model), tracker:
         for acts, tokens, samples, places, finite in _curvature_passes(
                 model, task, data, tracker, desc=desc, dtype=dtype, left_out=found, **pass_options):
-            members = [places % len(covariances) == group for group in range(len(covariances))]
-            finite_rows = torch.nonzero(finite).flatten()
-            for stats, member in zip(covariances, members):
-                rows = _split_rows(acts, finite_rows, member) if split else acts
-                counts = _token_counts(rows, tracker.token_mask, finite & member) if split else tokens
-                for layer, act, real_tokens in zip(layers, rows, counts):
+            if len(covariances) == 1:
+                groups = [(covariances[0], acts, tokens, None)]
+            else:  # each statistic its own examples' rows
+                members = [places % len(covariances) == group for group in range(len(covariances))]
+                rows = torch.nonzero(finite).flatten()
+                groups = [(stats, *_group_rows(acts, rows, member, tracker.token_mask, finite), member)
+                          for stats, member in zip(covariances, members)]
+            for stats, rows_kept, counts, _ in groups:
+                for layer, act, real_tokens in zip(layers, rows_kept, counts):
                     stats.add_activations(layer.name, act, real_tokens)
             for weight, examples, sample_acts, grads, keep in samples:
-                kept_rows = torch.nonzero(keep).flatten()
-                for stats, member in zip(covariances, members):
-                    part = _split_rows(grads, kept_rows, member) if split else grads
-                    share = examples * float(member[keep].sum()) / max(len(kept_rows), 1) if split else examples
+                rows = torch.nonzero(keep).flatten()
+                for stats, _, _, member in groups:
+                    part = grads if member is None else _split_rows(grads, rows, member)
+                    share = examples if member is None else examples * float(member[keep].sum()) / max(len(rows), 1)
                     for layer, grad in zip(layers, part):
                         stats.add_gradients(layer.name, grad, share, weight)
                 if correction is not None:
@@ -813,8 +828,8 @@ def accumulate_covariances(model, task, data, layers: Sequence[TrackedLayer], *,
                            left_out: Optional[List[int]] = None) -> CovarianceStatistics:
     """One pass over ``data`` accumulating ``Σ a aᵀ`` and ``Σ g gᵀ`` (into ``into`` if given).
 
-    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
-    positions are appended to ``left_out`` if given, else reported in a warning."""
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their dataset
+    indices are appended to ``left_out`` if given, else reported in a warning."""
     stats = into if into is not None else CovarianceStatistics(layers, dtype=dtype, device=passes.model_device(model))
     stats_dtype = stats.state[layers[0].name]["a_sum"].dtype if layers else dtype
     _accumulate(model, task, data, layers, desc="covariances", dtype=stats_dtype, covariances=[stats],
@@ -839,14 +854,13 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
     :func:`curvature_at_checkpoint` measures staleness against. The backward passes also reach
     the outputs of ``reach`` (see :class:`LayerTracker`).
 
-    Examples with non-finite values are left out (see :func:`_curvature_passes`); their data
-    positions are appended to ``left_out`` if given, else reported in a warning."""
+    Examples with non-finite values are left out (see :func:`_curvature_passes`); their dataset
+    indices are appended to ``left_out`` if given, else reported in a warning."""
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
                 dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
-                left_out=left_out, fisher=fisher, reach=reach,
-                num_samples=num_samples, batch_size=batch_size, max_batches=max_batches, seed=seed,
-                show_progress=show_progress)
+                left_out=left_out, fisher=fisher, reach=reach, num_samples=num_samples, batch_size=batch_size,
+                max_batches=max_batches, seed=seed, show_progress=show_progress)
     return correction
 
 
@@ -894,6 +908,10 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
             reduce(total.tensors() + [t for stats in into for t in stats.tensors()])
         return total
 
+    decomposed = training.eigendecompose()
+    correct_first = strategy == "ekfac" and refresh != "always"
+    if refresh == "never" and not correct_first:
+        return keep_bases(decomposed), None, {}
     sizes = [_examples_in(data) for data, _ in parts]
     if reduce is not None:  # one share per process: its examples come after the lower ranks'
         sizes = [size for shares in distributed.gather_objects(sizes) for size in shares]
@@ -901,10 +919,6 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     else:
         firsts = [sum(sizes[:i]) for i in range(len(parts))]
     parts = [(data, seed, first) for (data, seed), first in zip(parts, firsts)]
-    decomposed = training.eigendecompose()
-    correct_first = strategy == "ekfac" and refresh != "always"
-    if refresh == "never" and not correct_first:
-        return keep_bases(decomposed), None, {}
     halves = [CovarianceStatistics(layers, dtype=dtype, device=device) for _ in range(2)]
     correction = None
     if correct_first:

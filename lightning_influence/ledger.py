@@ -195,7 +195,8 @@ def _project(left: Tensor, right: Optional[Tensor], size: Optional[int], out_sid
     else:
         core = (left if u is None else u.T @ left) @ (right if v is None else v.T @ right).transpose(1, 2)
     total = float(out_stack.pow(2).sum())
-    captured = float(core.pow(2).sum()) / total if total > 0 else 1.0
+    # A share: clipped, since the two sums of the same squares round differently when nothing is dropped.
+    captured = min(1.0, float(core.pow(2).sum()) / total) if total > 0 else 1.0
     # Sides kept whole score the inputs as they are: take their metric back out of the cores.
     if u is None and out_side is not None:
         core = out_side.inverse(core)

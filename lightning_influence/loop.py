@@ -12,15 +12,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_influence import passes
+from lightning_influence import distributed, passes
 from lightning_influence.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.freshness import STALE_WARNING_GAP
-from lightning_influence.results import InfluenceResult
-from lightning_influence.session import InfluenceSession, ResultIndex, prepare_output_dir
+from lightning_influence.results import InfluenceResult, new_run_id
+from lightning_influence.run_dir import OutputDirectory
+from lightning_influence.session import InfluenceSession, ResultIndex, check_writable
 from lightning_influence.tracking import select_layers
 
 log = logging.getLogger(__name__)
+
+
+# Features only the Lightning callback runs (it sees each step's batch ids and learning rate), refused
+# when switched on in another loop rather than silently ignored.
+CALLBACK_ONLY = {"ledger": "the per-step ledger needs each training step's example ids and learning rate, which "
+                           "only the Lightning callback (InfluenceCallback(ledger=True)) follows; set ledger=False"}
 
 
 def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **arguments: Any) -> InfluenceConfig:
@@ -30,6 +37,9 @@ def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **argu
     for name, instead in not_applicable.items():
         if name in settings:
             raise ValueError(f"{name} does not apply here: {instead}")
+    for name, why in CALLBACK_ONLY.items():
+        if settings.get(name):
+            raise ValueError(f"{name}=True is not supported here: {why}")
     config = InfluenceConfig.from_mapping(dict(settings, **arguments))
     if isinstance(config.query_data, str):
         raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "
@@ -81,13 +91,18 @@ class LoopInfluence:
             (e.g. a Trainer's own data); default ``config.train_data`` / ``config.query_data``.
         autocast: the training steps' autocast dtype (mixed precision), which the session's own
             forward passes then use too; ``None`` for full precision.
+        run_id: the run these results belong to, kept by a resumed run (default: a new run). Its
+            ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.run_dir`; a
+            default directory, ``config.output_dir=None``, is versioned when another run has it):
+            call :meth:`close` when the run ends, normally or not.
     """
 
     def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
                  loggers: Any = (), loss_reduction: Optional[str] = None, train_data: Any = None,
                  query_data: Any = None, query_ids: Optional[Sequence[int]] = None,
-                 autocast: Optional[torch.dtype] = None) -> None:
+                 autocast: Optional[torch.dtype] = None, run_id: Optional[str] = None) -> None:
         cfg = self.config = config
+        self.run_id = distributed.gather_objects(run_id or new_run_id())[0]  # process 0's, on every process
         self.task = cfg.build_task()
         mib = 2**20
         layers = select_layers(
@@ -106,12 +121,12 @@ class LoopInfluence:
             show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
             keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
             shard_factors=cfg.shard_factors, eigenbasis_dtype=getattr(torch, cfg.eigenbasis_dtype),
-            curvature_refresh=cfg.curvature_refresh,
+            curvature_refresh=cfg.curvature_refresh, run_id=self.run_id,
         )
         self.index = ResultIndex()
-        self.index.output_dir = Path(output_dir)
+        self.output = OutputDirectory(Path(output_dir), self.run_id, versioned=cfg.output_dir is None)
         if is_global_zero:
-            prepare_output_dir(self.index.output_dir)
+            check_writable(self.output.path)  # before the slower checks below
         self.statistics = StepStatistics(
             layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
@@ -119,6 +134,7 @@ class LoopInfluence:
             statistics_device=cfg.statistics_device, shard=cfg.shard_statistics,
         )
         self.session.check(model, layers)
+        self.index.output_dir = self._claim_output_dir()
         self._loggers = loggers
         self._publisher = None
         self._warned: set = set()
@@ -126,6 +142,21 @@ class LoopInfluence:
         self._failed_step = -1  # a computation that failed is not retried by another trigger at its step
         if is_global_zero:
             log.info("lightning-influence: %s", self.session.memory_estimate(layers))
+
+    def _claim_output_dir(self) -> Path:
+        """Process 0 claims ``output_dir``; every process learns where results go, or raises its
+        refusal alike (collective)."""
+        claimed: Dict[str, str] = {}
+        if self.is_global_zero:
+            try:
+                self.output.claim()
+                claimed["path"] = str(self.output.path)
+            except ValueError as err:
+                claimed["refused"] = str(err)
+        claimed = distributed.gather_objects(claimed)[0]
+        if "refused" in claimed:
+            raise ValueError(claimed["refused"])
+        return Path(claimed["path"])
 
     @property
     def results(self) -> List[InfluenceResult]:
@@ -141,27 +172,40 @@ class LoopInfluence:
         reason). A failure is warned about and returns ``None`` unless ``on_error="raise"``.
         ``observe(result, factors)`` completes a new result before it is saved (e.g. monitors).
         Collective: call on every process."""
-        entry = self.index.find(step)
-        if entry is not None:
-            if reason not in entry["reasons"]:
-                entry["reasons"].append(reason)
-                if self.is_global_zero:
-                    self.index.write_meta(entry)
-            return self._result_at(step)
-        if step == self._failed_step:
-            return None
         try:
-            with torch.inference_mode(False), torch.enable_grad():
-                self._run(model, step, epoch, reason, observe)
+            entry = self.index.find(step)
+            if entry is not None:
+                if reason not in entry["reasons"]:
+                    entry["reasons"].append(reason)
+                    self.update_meta(entry)
+            elif step == self._failed_step:
+                return None
+            else:
+                with torch.inference_mode(False), torch.enable_grad():
+                    self._run(model, step, epoch, reason, observe)
+            return self._result_at(step)
         except Exception as err:  # noqa: BLE001 - the influence machinery never ends a training run
-            if self.config.on_error == "raise":
-                raise
             self.failures += 1
             self._failed_step = step
-            warnings.warn(f"lightning-influence: influence computation at step {step} failed "
-                          f"({type(err).__name__}: {err}); training continues", RuntimeWarning, stacklevel=2)
+            self._failed(f"influence computation at step {step}", err)
             return None
-        return self._result_at(step)
+
+    def update_meta(self, entry: Dict[str, Any]) -> None:
+        """Record an entry's reasons and checkpoint paths in its saved result (process 0; a failure
+        is handled as ``on_error`` says)."""
+        if not self.is_global_zero:
+            return
+        try:
+            self.index.write_meta(entry)
+        except (OSError, ValueError) as err:
+            self._failed(f"recording the checkpoint of step {entry['step']} in its influence result", err)
+
+    def _failed(self, what: str, err: Exception) -> None:
+        """``on_error``: re-raise ``err`` (``"raise"``), or warn that training continues."""
+        if self.config.on_error == "raise":
+            raise err
+        warnings.warn(f"lightning-influence: {what} failed ({type(err).__name__}: {err}); training continues",
+                      RuntimeWarning, stacklevel=3)
 
     def _result_at(self, step: int) -> Optional[InfluenceResult]:
         return next((r for r in self.results if r.step == step), None)
@@ -182,10 +226,10 @@ class LoopInfluence:
         if observe is not None:
             observe(result, factors)
         self.session.stage_factors(factors, self.index.output_dir / f"step={step}")
+        collector.reset()  # on every process alike, whether or not process 0 manages to write
         if self.is_global_zero:
             self._save(step, result, factors)
         self.index.add(step, epoch, reason)
-        collector.reset()
 
     def _warn_if_stale(self, step: int, curvature: Dict[str, Any]) -> None:
         used, fresh = curvature.get("staleness_used"), curvature.get("fresh_staleness")
@@ -197,23 +241,36 @@ class LoopInfluence:
                 "at each computation"))
 
     def _save(self, step: int, result: InfluenceResult, factors: Any) -> None:
+        """Write the result (an ``OSError`` says where it could not be written: the step is then not
+        indexed, and ``on_error`` decides whether training goes on), then publish it."""
         path = self.index.output_dir / f"step={step}"
         try:
             InfluenceSession.write(result, factors, path, overwrite=True)
         except OSError as err:
-            self.warn_once(f"write-{step}", f"could not write the influence result to {path} ({err}); "
-                                            "training continues")
-            return
+            raise OSError(f"could not write the influence result to {path} ({err})") from err
         publisher = self._publisher_now()
-        if publisher is None:
-            return
+        if publisher is not None:
+            self._publish(publisher, result, step, history=self.results + [result])
+
+    def _publish(self, publisher: Any, result: InfluenceResult, step: int, history: List[InfluenceResult]) -> None:
         try:
             pool = None if self.session.streaming else self.session.pool  # a stream cannot be indexed by id
-            publisher.publish(result, step=step, train_dataset=pool,
-                              query_dataset=self.session.queries, history=self.results + [result])
+            publisher.publish(result, step=step, train_dataset=pool, query_dataset=self.session.queries,
+                              history=history)
         except Exception as err:  # noqa: BLE001 - reporting never ends training
             self.warn_once("publish", f"publishing influence results failed ({type(err).__name__}: {err}); "
-                                      f"the result is saved under {path}")
+                                      f"the result is saved under {result.path}")
+
+    def publish_owed_reports(self) -> None:
+        """After a resume, publish what a crash kept from the loggers: each saved result of this
+        run whose report was never delivered gets it now, logged at the result's own step."""
+        publisher = self._publisher_now() if self.is_global_zero else None
+        if publisher is None:
+            return
+        results = self.results
+        for position, result in enumerate(results):
+            if not publisher.delivered(result):
+                self._publish(publisher, result, result.step, history=results[:position + 1])
 
     def _publisher_now(self):
         """The publisher, built at the first computation: the loggers exist by then (Hugging Face
@@ -259,11 +316,18 @@ class LoopInfluence:
         if entry is None or path in entry["checkpoint_paths"]:
             return
         entry["checkpoint_paths"].append(path)
-        if self.is_global_zero:
-            self.index.write_meta(entry)
+        self.update_meta(entry)
+
+    def release_output_dir(self) -> None:
+        """Deliver the pending reports, then let other runs have ``output_dir`` (process 0)."""
+        try:
+            self.flush_reports()
+        finally:
+            self.output.release()
 
     def close(self) -> None:
-        self.flush_reports()
+        """End of the run: reports delivered, ``output_dir`` released, hooks removed."""
+        self.release_output_dir()
         self.statistics.end_batch()
         self.statistics.detach()
 

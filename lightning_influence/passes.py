@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_influence import distributed
 from lightning_influence.tasks import Task
@@ -33,6 +33,24 @@ def as_loader(data: Any, batch_size: int) -> DataLoader:
         # would otherwise come from (and advance) the global random state of the training run.
         return DataLoader(data, batch_size=batch_size, shuffle=False, generator=torch.Generator())
     raise TypeError(f"expected a Dataset or DataLoader, got {type(data).__name__}")
+
+
+class PoolSubset(Subset):
+    """Some of a candidate pool's examples, known by their indices in the pool (what results and
+    warnings call dataset indices), not by their positions in this subset."""
+
+    def dataset_indices(self, positions: Sequence[int]) -> List[int]:
+        return [int(self.indices[position]) for position in positions]
+
+
+def dataset_indices(data: Any, positions: Sequence[int]) -> List[int]:
+    """The dataset indices of the examples at ``positions`` in the order ``data`` yields them: what
+    a session's pool reader (:class:`PoolSubset`, a streaming pool) says; of other data, the
+    positions themselves (data are read in order: see :func:`as_loader`)."""
+    dataset = data.data if isinstance(data, Lockstep) else data
+    dataset = dataset.dataset if isinstance(dataset, DataLoader) else dataset
+    known = getattr(dataset, "dataset_indices", None)
+    return known(positions) if callable(known) else list(positions)
 
 
 def example_count(data: Any) -> Optional[int]:

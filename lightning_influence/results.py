@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -393,27 +394,53 @@ def update_result_meta(path: PathLike, **fields: Any) -> Dict[str, Any]:
     return payload["meta"]
 
 
-def run_identity(model: torch.nn.Module, task: Any, pool_ids: Any,
-                 config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
-    """What makes results comparable: the same model class, task, candidate pool and configuration.
+def new_run_id() -> str:
+    """A training run's identity: made once, when the run starts, and kept in its checkpoints
+    (random, not a hash of the settings: two runs with the same settings are still two runs)."""
+    return uuid.uuid4().hex
 
-    Stored as ``result.meta["run"]``; results whose ``"id"`` differ come from different runs and are
-    not combined (:func:`check_same_run`).
-    """
+
+def run_identity(model: torch.nn.Module, task: Any, pool_ids: Any, run_id: str,
+                 config: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """A result's ``meta["run"]``: the run's ``id`` (:func:`new_run_id`), which decides what is
+    one run (:func:`check_same_run`), and a description of it (pool, model, task, settings) for
+    the messages that name runs."""
     ids = torch.as_tensor(pool_ids).detach().to("cpu", torch.int64).contiguous()
-    identity: Dict[str, Any] = {
+    return {
+        "id": run_id,
         "pool_size": int(ids.numel()),
         "pool_fingerprint": hashlib.sha256(ids.numpy().tobytes()).hexdigest()[:16],
         "model": model_class(model).__qualname__,  # the same under FSDP wrappers as without
         "task": type(task).__name__,
         "config": _digest(json_ready(config)) if config is not None else None,
     }
-    identity["id"] = _digest(identity)
-    return identity
 
 
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def saved_run_id(path: PathLike) -> Optional[str]:
+    """The run id recorded in a saved result's ``meta["run"]`` (``None``: none recorded, or not a result)."""
+    try:
+        run = read_meta(path, RESULT_FORMAT).get("meta", {}).get("run")
+    except (FormatError, OSError, AttributeError):
+        return None
+    return run.get("id") if isinstance(run, Mapping) else None
+
+
+def runs_in_directory(directory: PathLike) -> Dict[Optional[str], List[str]]:
+    """The results saved directly under ``directory``, by run id (``None``: a result that records
+    none): ``{run id: [directory names]}``. Symbolic links are not followed: a run never writes
+    through them."""
+    directory = Path(directory)
+    found: Dict[Optional[str], List[str]] = {}
+    if not directory.is_dir():
+        return found
+    for child in sorted(directory.iterdir()):
+        if not child.is_symlink() and is_saved_result(child):
+            found.setdefault(saved_run_id(child), []).append(child.name)
+    return found
 
 
 def load_results(directory: PathLike) -> List[InfluenceResult]:
@@ -481,7 +508,7 @@ def aggregate(results: Sequence[InfluenceResult], weighting: Union[str, Sequence
 
     same_layers = all(r.layer_names == first.layer_names for r in results)
     run = first.meta.get("run")
-    same_run = {"run": run} if run is not None and all(r.meta.get("run") == run for r in results) else {}
+    same_run = {"run": run} if run is not None and len({_run_id(r) for r in results}) == 1 else {}
     return InfluenceResult(
         scores=combine("scores"),
         train_ids=first.train_ids,
@@ -534,9 +561,8 @@ def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: boo
         return
     runs: Dict[Any, List[InfluenceResult]] = {}
     for result in results:
-        run = result.meta.get("run")
-        if isinstance(run, Mapping) and run.get("id") is not None:
-            runs.setdefault(run["id"], []).append(result)
+        if _run_id(result) is not None:
+            runs.setdefault(_run_id(result), []).append(result)
     if len(runs) < 2:
         return
     described = "; ".join(_describe_run(run_id, members) for run_id, members in runs.items())
@@ -546,6 +572,11 @@ def check_same_run(results: Sequence[InfluenceResult], allow_different_runs: boo
         "own output directory), or pass allow_different_runs=True (command line: --allow-different-runs) "
         "to proceed anyway."
     )
+
+
+def _run_id(result: InfluenceResult) -> Optional[str]:
+    run = result.meta.get("run")
+    return run.get("id") if isinstance(run, Mapping) else None
 
 
 def _describe_run(run_id: Any, members: Sequence[InfluenceResult], max_steps: int = 6) -> str:

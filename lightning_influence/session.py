@@ -39,16 +39,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
 from lightning_influence import distributed, freshness, passes, sharding
-from lightning_influence._io import remove_incomplete
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
 from lightning_influence.results import (
     InfluenceResult,
     finite_topk,
     is_saved_result,
+    new_run_id,
     run_identity,
     save_result_with_factors,
     update_result_meta,
@@ -95,8 +95,11 @@ class InfluenceSession:
         autocast: run the session's forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` / ``torch.float16``), as mixed-precision training steps run; the
             statistics, rotations and contractions stay float32 (see ``passes.mixed_precision``).
-        run_config: the settings recorded in each result's run identity (``meta["run"]``, which
-            keeps results of different runs apart); default: this session's scoring settings.
+        run_config: the settings described in each result's ``meta["run"]``; default: this
+            session's scoring settings.
+        run_id: the training run the results belong to (kept in ``meta["run"]["id"]`` and in the
+            factors' ``meta["run_id"]``, so results scored later from them join the run); default:
+            a new run (:func:`~lightning_influence.results.new_run_id`).
         shard_factors: in a process group, each layer's statistics, eigenbases and preconditioned
             queries live on one owning process (:mod:`~lightning_influence.sharding`): factor memory
             per process about ``1/world``; the same scores. No effect in a single process.
@@ -113,7 +116,7 @@ class InfluenceSession:
                  query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
                  correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
                  run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
-                 pool_id_key: str = "id", shard_factors: bool = False,
+                 pool_id_key: str = "id", shard_factors: bool = False, run_id: Optional[str] = None,
                  eigenbasis_dtype: torch.dtype = torch.float64, autocast: Optional[torch.dtype] = None,
                  curvature_refresh: str = "auto") -> None:
         self.autocast = passes.check_autocast(autocast)
@@ -151,6 +154,7 @@ class InfluenceSession:
         self.run_config = run_config if run_config is not None else {
             "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
             "correction_batches": correction_batches, "max_train_examples": max_train_examples, "seed": seed}
+        self.run_id = run_id or new_run_id()
         self.query_ids = torch.as_tensor(list(query_ids) if query_ids is not None else range(len(self.queries)))
         if pool_ids is None and not self.streaming:
             pool_ids = choose_pool_ids(len(self.pool), max_train_examples, seed)
@@ -189,7 +193,7 @@ class InfluenceSession:
         return self.loader(self.queries, self.query_collate)
 
     def pool_loader(self, ids: Union[Tensor, Sequence[int]]) -> DataLoader:
-        return self.loader(Subset(self.pool, torch.as_tensor(ids).tolist()))
+        return self.loader(passes.PoolSubset(self.pool, torch.as_tensor(ids).tolist()))
 
     def pool_stream(self, limit: Optional[int], shard: bool = True, wanted: Optional[Tensor] = None,
                     rank: Optional[int] = None) -> "PoolStream":
@@ -402,7 +406,7 @@ class InfluenceSession:
             n_train=len(ids), nonfinite_train_ids=nonfinite, n_pool=len(ids) if self.streaming else len(self.pool),
             world_size=distributed.world_size(), keep_top_scores=self.keep_top_scores, streaming_pool=self.streaming,
             tokens_seen=factors.meta.get("tokens_seen"), token_scores_skipped=token_note,
-            run=run_identity(model, self.task, ids, self.run_config),
+            run=run_identity(model, self.task, ids, self.run_id, self.run_config),
             timings={**part.meta.get("timings", {}), **timings},
         )
         result_meta.update(meta or {})
@@ -518,6 +522,7 @@ class InfluenceSession:
         """:meth:`fit_factors` then :meth:`score`: the influence at one checkpoint (collective)."""
         started = time.perf_counter()
         factors = self.fit_factors(model, statistics, step=step, layers=layers)
+        factors.meta["run_id"] = self.run_id  # scores computed from these factors later belong to this run
         fitted = time.perf_counter() - started
         result = self.score(model, factors, step=step, epoch=epoch, self_influence=self.self_influence, meta=meta)
         result.meta["timings"] = {"factors": fitted, **result.meta["timings"]}
@@ -581,6 +586,10 @@ class PoolStream(IterableDataset):
             self.ids.append(example_id)
             yield {key: value for key, value in item.items() if key != self.id_key}
 
+    def dataset_indices(self, positions: Sequence[int]) -> List[int]:
+        """The ids of the items read at ``positions`` of the current iteration."""
+        return [self.ids[position] for position in positions]
+
 
 def stable_id(item: Any, key: str, position: int) -> int:
     """The integer id a streaming pool item carries under ``key``, or a ``ValueError`` saying what to change."""
@@ -617,16 +626,6 @@ def dataset_and_collate(data: Any, what: str) -> Tuple[Any, Optional[Callable]]:
     raise TypeError(f"{what} must be a Dataset or DataLoader, got {type(data).__name__}")
 
 
-def prepare_output_dir(directory: Path) -> None:
-    """Before a run writes results: refuse a directory that could never be written, and remove
-    what interrupted writes of this project left there."""
-    check_writable(directory)
-    removed = remove_incomplete(directory)
-    if removed:
-        log.info("lightning-influence: removed %d incomplete result(s) left by an interrupted run in %s",
-                 len(removed), directory)
-
-
 def check_writable(directory: Path) -> None:
     """Refuse, before any work, an output directory that could never be written (a path through a
     regular file, a read-only file system): probed in its nearest existing ancestor, creating nothing."""
@@ -660,6 +659,11 @@ class ResultIndex:
     def path(self, entry: Dict[str, Any]) -> Path:
         return Path(self.output_dir) / entry["dir"]
 
+    def is_saved(self, entry: Dict[str, Any]) -> bool:
+        """Whether the entry's result is on disk in ``output_dir`` (never through a symbolic link)."""
+        path = self.path(entry)
+        return self.output_dir is not None and not path.is_symlink() and is_saved_result(path)
+
     def add(self, step: int, epoch: Optional[int], reason: str) -> Dict[str, Any]:
         entry = {"step": step, "epoch": epoch, "reasons": [reason], "dir": f"step={step}", "checkpoint_paths": []}
         self.entries.append(entry)
@@ -669,7 +673,7 @@ class ResultIndex:
         """The saved results (tensors load lazily); entries whose directory is missing are skipped."""
         found = []
         for entry in self.entries:
-            if self.output_dir is None or not is_saved_result(self.path(entry)):
+            if not self.is_saved(entry):
                 continue
             if entry["dir"] not in self._handles:
                 self._handles[entry["dir"]] = InfluenceResult.load(self.path(entry))
@@ -678,9 +682,9 @@ class ResultIndex:
 
     def write_meta(self, entry: Dict[str, Any]) -> None:
         """Record the entry's reasons and checkpoint paths in its saved result (one process only)."""
-        path = self.path(entry)
-        if not is_saved_result(path):
+        if not self.is_saved(entry):
             return
+        path = self.path(entry)
         paths = list(entry["checkpoint_paths"])
         meta = update_result_meta(path, checkpoint_path=paths[0] if paths else None, checkpoint_paths=paths,
                                   reasons=list(entry["reasons"]))
@@ -711,15 +715,21 @@ class ResultIndex:
 
     def load_state(self, entries: Sequence[Dict[str, Any]]) -> None:
         """Entries of a resumed run; one awaiting its checkpoint path belongs to the checkpoint resumed from."""
-        self.entries = [_current_entry(entry) for entry in entries]
+        self.entries = [current_entry(entry) for entry in entries]
         for entry in self.entries:
             if entry.get("awaiting_checkpoint"):
                 entry["restored"] = True
 
 
-def _current_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
-    """An index entry in today's layout: callback states of version 1 stored absolute paths."""
+def current_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
+    """An index entry in today's layout (callback states of version 1 stored absolute paths),
+    refused unless its directory is the ``step=<N>`` of its own step directly under ``output_dir``:
+    an edited checkpoint must not make a run read or write anywhere else."""
     entry = dict(entry)
     if "dir" not in entry:
         entry["dir"] = Path(entry.pop("path")).name
+    if entry["dir"] != f"step={entry.get('step')}":
+        raise ValueError(f"the checkpoint's influence state names the result directory {entry['dir']!r} for step "
+                         f"{entry.get('step')!r}; results live in output_dir as step=<N>, so the checkpoint was "
+                         "edited or damaged: resume from an intact checkpoint")
     return entry

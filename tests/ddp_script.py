@@ -46,14 +46,16 @@ def main(out: Path, mode: str) -> None:
     )
     model = make_module_class(pl)()
     trainer.fit(model, UnshuffledData(train, val, batch_size=8 if ddp else 16))
+    (out / f"run_id.rank{trainer.global_rank}").write_text(callback.run_id)  # one run: every rank agrees
     if trainer.is_global_zero:
         (result,) = callback.results
-        first = torch.load(out / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)["callbacks"]["InfluenceCallback"]
+        first = torch.load(out / "ckpt" / "epoch=0-step=6.ckpt", weights_only=True)["callbacks"][callback.state_key]
         torch.save({
             "world_size": trainer.world_size, "step": result.step, "scores": result.scores,
             "layer_abs_sums": result.get("layer_abs_sums"), "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
             "epoch0_stats": first["collector"]["stats"], "planted": planted,
-            "result_dirs": sorted(p.name for p in (out / "influence").iterdir()),
+            "result_dirs": sorted(p.name for p in (out / "influence").iterdir()),  # no lock file left behind
+            "run_id": result.meta["run"]["id"],
             "factor_files": sorted(p.name for p in (out / "influence" / f"step={result.step}" / "factors").iterdir()),
         }, out / "summary.pt")
 

@@ -9,7 +9,7 @@ from typing import Dict, List, Set
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lightning_influence"
 CORE = ("tracking", "tasks", "passes", "factors", "scoring", "results", "analysis", "compare", "session",
-        "collector", "config", "distributed", "oracle", "_io", "_format", "sketch")
+        "collector", "config", "distributed", "oracle", "_io", "_format", "sketch", "run_dir")
 FOREIGN = ("pytorch_lightning", "lightning", "wandb", "lightning_influence.reporting")
 
 

@@ -128,7 +128,7 @@ def test_triggers_one_computation_per_step_none_in_sanity_check(tmp_path):
     assert by_step[12].meta["reasons"] == ["every_n_train_steps", "every_n_epochs", "train_end"]
     assert by_step[4].meta["checkpoint_path"] is None
     # the index in the last checkpoint agrees
-    state = torch.load(tmp_path / "ckpt" / "epoch=1-step=8.ckpt", weights_only=True)["callbacks"]["InfluenceCallback"]
+    state = torch.load(tmp_path / "ckpt" / "epoch=1-step=8.ckpt", weights_only=True)["callbacks"][cb.state_key]
     assert [e["step"] for e in state["index"]] == [4, 6, 8]
     # each result counts the steps its statistics hold (since the previous computation), and all of them
     assert [by_step[s].meta["steps_collected"] for s in (4, 6, 8, 12)] == [4, 2, 2, 4]
@@ -209,7 +209,7 @@ def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tmp_path):
         fit(tmp_path / "resumed", first, callbacks=[ModelCheckpoint(dirpath=tmp_path / "resumed/ckpt", save_top_k=-1),
                                                     _Kill(epoch=3)], **run)
     ckpt = tmp_path / "resumed/ckpt/epoch=2-step=18.ckpt"
-    state = torch.load(ckpt, weights_only=True)["callbacks"]["InfluenceCallback"]
+    state = torch.load(ckpt, weights_only=True)["callbacks"][first.state_key]
     assert state["collector"]["stats"]["net.0/a_count"] > 0  # the checkpoint holds a window in progress
     second = callback(tmp_path / "resumed", **settings)
     pl.seed_everything(0, verbose=False)

@@ -30,6 +30,7 @@ def test_ddp_matches_single_process(tmp_path):
         torch.testing.assert_close(ddp["epoch0_stats"][key], value, rtol=1e-4, atol=1e-5, msg=key)
     # The pool is scored in two halves and gathered in order; only rank 0 wrote one result.
     assert ddp["result_dirs"] == single["result_dirs"] == ["step=12"]
+    assert {(tmp_path / "ddp" / f"run_id.rank{rank}").read_text() for rank in (0, 1)} == {ddp["run_id"]}
     assert torch.equal(ddp["train_ids"], single["train_ids"]) and len(single["train_ids"]) == 45
     torch.testing.assert_close(ddp["layer_abs_sums"], single["layer_abs_sums"], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(ddp["scores"], single["scores"], rtol=1e-3, atol=1e-3)

@@ -37,7 +37,7 @@ BAD_VALUE = {
                         "got 123"),
     "strategy": ("ekfca", "strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', got 'ekfca'"),
     "fisher": ("exact", "fisher must be one of 'true', 'empirical', got 'exact'"),
-    "damping": (math.inf, "damping=inf is too large: above 1e+30 it is effectively infinite"),
+    "damping": (math.inf, "damping must be a number from 0 to 1e+30 (above, it is effectively infinite"),
     "layers": ("net.0", "layers must be a list of module names or glob patterns, got 'net.0'"),
     "exclude": ("net.0", "exclude must be a list of module names or glob patterns, got 'net.0'"),
     "collect_every_n_steps": (0, "collect_every_n_steps must be an integer >= 1, got 0"),
@@ -106,10 +106,10 @@ def test_a_bad_value_fails_naming_the_field(field):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(damping=1e300), "damping=1e+300 is too large"),
-    (dict(damping=-math.inf), "damping must be a non-negative number or None (per-layer heuristic), got -inf"),
-    (dict(damping=math.nan), "damping must be a non-negative number or None (per-layer heuristic), got nan"),
-    (dict(damping="1e-3"), "damping must be a non-negative number or None (per-layer heuristic), got '1e-3'"),
+    (dict(damping=1e300), "or None for the per-layer heuristic; got 1e+300"),
+    (dict(damping=-math.inf), "or None for the per-layer heuristic; got -inf"),
+    (dict(damping=math.nan), "or None for the per-layer heuristic; got nan"),
+    (dict(damping="1e-3"), "or None for the per-layer heuristic; got '1e-3'"),
     (dict(seed=-1), "seed must be an integer >= 0, got -1"),
     (dict(seed=SEED_LIMIT), "seed must be below 2**62"),
     (dict(query_data=None), "query_data must be 'val', 'test', a Dataset or a DataLoader, got None"),

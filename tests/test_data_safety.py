@@ -18,6 +18,7 @@ from lightning_influence.results import (
     InfluenceResult,
     check_same_run,
     factors_path,
+    new_run_id,
     run_identity,
     save_result_with_factors,
     update_result_meta,
@@ -185,23 +186,23 @@ def test_update_result_meta_rewrites_only_the_meta_mapping(tmp_path):
 # -- run identity ---------------------------------------------------------------------------------------
 
 
-def test_run_identity_tells_runs_apart():
+def test_run_identity_is_the_run_id_not_a_hash_of_the_settings():
+    """Two runs with the same model, task, pool and settings are two runs (a rerun after changing
+    the learning rate, the data or the seed): the id is made once per run, the rest describes it."""
     model, task = nn.Linear(2, 2), li.ClassificationTask()
-    quick = run_identity(model, task, torch.arange(300), {"strategy": "ekfac"})
-    assert quick == run_identity(model, task, torch.arange(300), {"strategy": "ekfac"})
-    assert quick["pool_size"] == 300 and quick["model"] == "Linear" and quick["task"] == "ClassificationTask"
-    json.dumps(quick)  # stored in meta.json
-    others = [run_identity(model, task, torch.arange(1500), {"strategy": "ekfac"}),
-              run_identity(model, task, torch.arange(300).flip(0), {"strategy": "ekfac"}),
-              run_identity(model, task, torch.arange(300), {"strategy": "kfac"}),
-              run_identity(model, li.RegressionTask(), torch.arange(300), {"strategy": "ekfac"}),
-              run_identity(model, task, torch.arange(300))]
-    assert len({quick["id"], *(other["id"] for other in others)}) == 6
+    first, second = new_run_id(), new_run_id()
+    assert first != second and len(first) == 32 and int(first, 16) >= 0
+    one = run_identity(model, task, torch.arange(300), first, {"strategy": "ekfac"})
+    other = run_identity(model, task, torch.arange(300), second, {"strategy": "ekfac"})
+    assert one["id"] == first and other["id"] == second
+    assert {k: v for k, v in one.items() if k != "id"} == {k: v for k, v in other.items() if k != "id"}
+    assert one["pool_size"] == 300 and one["model"] == "Linear" and one["task"] == "ClassificationTask"
+    json.dumps(one)  # stored in meta.json
 
 
 def test_aggregate_refuses_results_of_different_runs(tmp_path):
     model, task = nn.Linear(2, 2), li.ClassificationTask()
-    quick, full = run_identity(model, task, torch.arange(5)), run_identity(model, task, torch.arange(1500))
+    quick, full = run_identity(model, task, torch.arange(5), "quick"), run_identity(model, task, torch.arange(1500), "full")
     mixed = [make_result(1, quick), make_result(2, quick), make_result(188, full)]
     with pytest.raises(ValueError, match=r"different training runs.*pool of 5 training examples, model Linear, steps 1, 2\).*"
                                          r"pool of 1500 training examples, model Linear, step 188\).*"
@@ -215,7 +216,7 @@ def test_aggregate_refuses_results_of_different_runs(tmp_path):
 
 def test_runs_of_different_identities_still_load_and_check_same_run_names_them(tmp_path):
     model, task = nn.Linear(2, 2), li.ClassificationTask()
-    quick, full = run_identity(model, task, torch.arange(5)), run_identity(model, task, torch.arange(9))
+    quick, full = run_identity(model, task, torch.arange(5), "quick"), run_identity(model, task, torch.arange(9), "full")
     make_result(1, quick).save(tmp_path / "step=1")
     make_result(2, full, n_train=9).save(tmp_path / "step=2")
     results = li.load_results(tmp_path)

@@ -275,7 +275,7 @@ def test_bad_arguments_fail_fast():
     with pytest.raises(ValueError, match="unknown fisher"):
         li.fit_factors(model, task, data, fisher="approx")
     factors = li.fit_factors(model, task, data, batch_size=8)
-    with pytest.raises(ValueError, match="damping must be non-negative"):
+    with pytest.raises(ValueError, match="damping must be a number from 0 to 1e"):
         li.compute_influence(model, task, data, data, factors=factors, damping=-1.0)
     with pytest.raises(ValueError, match="query_rank"):
         li.compute_influence(model, task, data, data, factors=factors, query_rank=0)

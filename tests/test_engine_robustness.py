@@ -61,6 +61,23 @@ def test_nonfinite_examples_with_the_true_fisher_and_then_finite_scores():
     assert torch.isfinite(result.scores).all()
 
 
+def test_the_session_names_a_nonfinite_example_by_its_dataset_index_in_every_warning():
+    """The correction pass reads a seeded shuffle of the pool: its warning used to name the
+    example's position in that order (27), while scoring named its dataset index (7)."""
+    torch.manual_seed(0)
+    model, task, clean = mlp(), li.ClassificationTask(), classification_data(n=40)
+    session = li.InfluenceSession(task, _poisoned(clean, {7: math.nan}), Subset(clean, range(3)),
+                                  fisher="empirical", batch_size=8, correction_batches=None, top_k=2)
+    assert session.correction_ids().tolist().index(7) != 7  # shuffled: position and index differ
+    layers = li.select_layers(model)
+    statistics = li.factors.accumulate_covariances(model, task, clean, layers, fisher="empirical")
+    with pytest.warns(UserWarning, match=r"1 example\(s\) with non-finite values.*their dataset indices: \[7\]"):
+        factors = session.fit_factors(model, statistics)
+    with pytest.warns(UserWarning, match=r"1 training example\(s\).*ids \[7\]"):
+        result = session.score(model, factors)
+    assert result.meta["nonfinite_train_ids"] == [7]
+
+
 def test_nonfinite_training_examples_get_nan_scores_and_are_never_ranked():
     model, task, clean = mlp(), li.ClassificationTask(), classification_data(n=20)
     factors = li.fit_factors(model, task, clean, fisher="empirical")
@@ -210,6 +227,27 @@ def test_damping_must_be_finite_non_negative_and_cover_every_layer(damping):
         li.compute_influence(model, task, data, Subset(data, range(2)), factors=factors, damping=damping)
     with pytest.raises(ValueError, match="damping"):
         factors.damping("0", damping)
+
+
+@pytest.mark.parametrize("damping", [1e35, -1e-9])
+def test_one_damping_check_for_the_callback_compute_influence_and_the_command_line(damping, capsys):
+    """Damping was checked in three places with two upper bounds (1e30 and float32's 3.4e38)."""
+    from lightning_influence.cli import build_parser
+
+    expected = (f"damping must be a number from 0 to 1e+30 (above, it is effectively infinite: every score shrinks "
+                f"towards zero), or None for the per-layer heuristic; got {damping!r}")
+    with pytest.raises(ValueError) as config:
+        li.InfluenceConfig(task="classification", damping=damping).validate()
+    model, task, data = mlp(), li.ClassificationTask(), classification_data(n=8)
+    factors = li.fit_factors(model, task, data, fisher="empirical")
+    with pytest.raises(ValueError) as offline:
+        li.compute_influence(model, task, data, Subset(data, range(2)), factors=factors, damping=damping)
+    assert str(config.value) == str(offline.value) == expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["score", "--checkpoint", "c", "--model", "m:M", "--train-data", "d:t",
+                                   "--query-data", "d:q", "--factors", "f", "--task", "classification",
+                                   "--out", "o", f"--damping={damping}"])
+    assert expected in " ".join(capsys.readouterr().err.split())
 
 
 def test_damping_per_layer_matches_the_heuristic_where_no_floor_applies():

@@ -83,6 +83,6 @@ def test_results_name_the_model_class_inside_wrappers():
     wrapped = nn.Module()
     wrapped._checkpoint_wrapped_module = plain
     ids = torch.arange(3)
-    identity = li.results.run_identity(plain, li.ClassificationTask(), ids)
-    assert li.results.run_identity(sharded, li.ClassificationTask(), ids) == identity
-    assert li.results.run_identity(wrapped, li.ClassificationTask(), ids) == identity
+    identity = li.results.run_identity(plain, li.ClassificationTask(), ids, "run")
+    assert li.results.run_identity(sharded, li.ClassificationTask(), ids, "run") == identity
+    assert li.results.run_identity(wrapped, li.ClassificationTask(), ids, "run") == identity

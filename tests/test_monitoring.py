@@ -204,3 +204,16 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
     assert SubspaceQueries(queries, size=None, scales=scales).captured["layer"] == pytest.approx(1.0)
     unweighted = SubspaceQueries(queries, size=10).scores(layer, acts, grads)
     assert not torch.allclose(unweighted, contract(queries, layer, acts, grads, False), rtol=1e-2, atol=1e-2)
+
+
+def test_the_share_of_the_queries_the_ledger_keeps_is_a_fraction():
+    """Kept whole, the share is a ratio of two sums of the same squares in another order, which
+    rounded above 1 (``meta["ledger"]["captured"]`` of 1.0000000000000007)."""
+    from lightning_influence.ledger import SubspaceQueries
+    from lightning_influence.scoring import PreconditionedQueries
+
+    shares = []
+    for seed in range(20):
+        dense = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        shares.append(SubspaceQueries(PreconditionedQueries({"layer": dense}), size=None).captured["layer"])
+    assert all(0.0 <= share <= 1.0 for share in shares) and shares == pytest.approx([1.0] * 20)

@@ -215,7 +215,7 @@ def test_disk_full_while_writing_warns_and_training_is_unharmed(tmp_path, monkey
 
     monkeypatch.setattr(lightning_influence.results, "save_tensors", disk_full_at_step_6)
     _, plain = fit(tmp_path / "plain", None, batch_size=16, max_epochs=2)
-    cb = make_callback(tmp_path, batch_size=16, **EPOCHS)
+    cb = make_callback(tmp_path, batch_size=16, on_error="warn", **EPOCHS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, tracked = fit(tmp_path, None, batch_size=16, callbacks=[_StepClock(), cb], max_epochs=2)

@@ -55,8 +55,9 @@ class InfluenceMonitor(MonitorState):
         task: a :class:`~lightning_influence.Task` or a built-in task's name.
         train_data: the candidate pool (map-style Dataset or DataLoader); ids index into it.
         query_data: the queries (Dataset or DataLoader).
-        output_dir: where results go (``<output_dir>/step=<N>/``); default
-            ``<fabric.logger.log_dir>/influence`` or ``./influence``.
+        output_dir: where results go (``<output_dir>/step=<N>/``; refused when it holds another
+            run's results); default ``<fabric.logger.log_dir>/influence`` or ``./influence``, or their
+            next version ``influence-v1``, ... when another run has it.
         **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
             ``fisher``, ``damping``, ``loss_reduction``, ``collect_every_n_steps``, ``top_k``, ...).
     """

@@ -61,7 +61,8 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         every_n_epochs: compute at the end of every n-th epoch (``None``: never).
         on_save: compute when the Trainer saves a checkpoint, and record the checkpoint's path.
         on_train_end: compute at the end of training.
-        output_dir: default ``<args.output_dir>/influence``.
+        output_dir: refused when it holds another run's results; default ``<args.output_dir>/influence``,
+            or its next version ``influence-v1``, ... when another run has it.
         loss_reduction: how the model's own loss reduces the micro-batch: ``"token_mean"``
             (Hugging Face's losses: mean over the labels that count, which for one label per
             example is the mean over examples), ``"mean"`` or ``"sum"``.
@@ -92,6 +93,8 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         problem = _unsupported(args)
         if problem:
             raise ValueError(problem)
+        if self._loop is not None:  # an earlier train() that ended in an exception: its output_dir is released
+            self._loop.close()
         train = self._train_data if self._train_data is not None else train_dataloader
         if train is None:
             raise ValueError("cannot find the Trainer's training data; pass train_data=<Dataset or DataLoader>")

@@ -31,6 +31,7 @@ __all__ = ["ResultPublisher", "REPORT_DIR", "SUMMARY_FILE"]
 
 REPORT_DIR = "report"
 SUMMARY_FILE = "summary.json"
+DELIVERED_FILE = "delivered.json"  # written once every logger was given the report: a resumed run owes the rest
 
 
 WORKER_NAME = "lightning-influence-report"
@@ -231,7 +232,21 @@ class ResultPublisher:
         if directory is not None:
             self._write_files(directory, report, summary)
 
+    @staticmethod
+    def delivered(result: Any) -> bool:
+        """Whether the report of the saved ``result`` was completed and given to the loggers (a
+        process killed before that owes it: see ``LoopInfluence.publish_owed_reports``)."""
+        return result.path is not None and (Path(result.path) / REPORT_DIR / DELIVERED_FILE).is_file()
+
     def _log(self, report: Report) -> None:
+        self._log_to_sinks(report)
+        if self.write_files and report.result_path is not None:
+            directory = Path(report.result_path) / REPORT_DIR
+            directory.mkdir(exist_ok=True)
+            write_file_atomic(directory / DELIVERED_FILE, json.dumps(
+                {"step": report.step, "loggers": self.active_loggers}).encode("utf-8"))
+
+    def _log_to_sinks(self, report: Report) -> None:
         for index, sink in enumerate(self._sinks):
             if index in self._failed:
                 continue
