@@ -34,7 +34,8 @@ POOL = 33
 
 
 class OptionCallback(InfluenceCallback):
-    """An InfluenceCallback whose checkpoint state is keyed by its option (several in one Trainer)."""
+    """An InfluenceCallback whose checkpoint state is keyed by its option: the resumed run (another
+    ``output_dir``, which the default key names) finds each option's state."""
 
     def __init__(self, option: str, **settings) -> None:
         super().__init__(**settings)
