@@ -94,6 +94,7 @@ class InfluenceCallbackMixin(MonitorState):
         statistics_device: Optional[str] = None,
         eigenbasis_dtype: str = "float64",
         shard_factors: bool = False,
+        shard_statistics: bool = False,
         report: bool = True,
         report_in_background: bool = True,
         log_artifacts: bool = True,
@@ -113,6 +114,7 @@ class InfluenceCallbackMixin(MonitorState):
             ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
             max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
             statistics_device=statistics_device, eigenbasis_dtype=eigenbasis_dtype, shard_factors=shard_factors,
+            shard_statistics=shard_statistics,
             report=report, report_in_background=report_in_background, log_artifacts=log_artifacts,
             show_progress=show_progress, on_error=on_error,
         ))

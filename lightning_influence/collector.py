@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from lightning_influence import distributed, passes
 from lightning_influence.factors import CovarianceStatistics
+from lightning_influence.sharding import owners_of
 from lightning_influence.tasks import Task, unwrap_logits
 from lightning_influence.tracking import LayerTracker, TrackedLayer
 
@@ -54,14 +55,22 @@ class StepStatistics:
         seed: seed of the private generators (token subsets, sampled targets).
         statistics_device: where the sums live (e.g. ``"cpu"``: off the GPU; each layer's
             product is computed on ``device`` and added there); default ``device``.
+        shard: in a process group, each process accumulates only the layers it owns
+            (:func:`~lightning_influence.sharding.owners_of`), from its own batches: statistics
+            memory per process about ``1/world``, no communication during training, each layer's
+            statistics from ``1/world`` of the batches. For sharded factors only.
     """
 
     def __init__(self, layers: Sequence[TrackedLayer], task: Task, *, fisher: str = "empirical",
                  loss_reduction: str = "mean", max_tokens_per_step: Optional[int] = None,
                  window: str = "reset", ema_decay: float = 0.99, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, seed: int = 0,
-                 statistics_device: Union[None, str, torch.device] = None) -> None:
+                 statistics_device: Union[None, str, torch.device] = None, shard: bool = False) -> None:
         self.layers = list(layers)
+        self.sharded = shard and distributed.world_size() > 1
+        owners = owners_of(self.layers) if self.sharded else {}
+        here = distributed.rank()
+        accumulated = [layer for layer in self.layers if owners.get(layer.name, here) == here]
         self.task = task
         self.fisher = fisher
         self.loss_reduction = loss_reduction
@@ -70,8 +79,8 @@ class StepStatistics:
         self.ema_decay = ema_decay
         self.device = device or torch.device("cpu")
         self.statistics_device = torch.device(statistics_device) if statistics_device is not None else self.device
-        self.stats = CovarianceStatistics(self.layers, dtype=dtype, device=self.statistics_device)
-        self._pending = CovarianceStatistics(self.layers, dtype=dtype, device=self.statistics_device)
+        self.stats = CovarianceStatistics(accumulated, dtype=dtype, device=self.statistics_device)
+        self._pending = CovarianceStatistics(accumulated, dtype=dtype, device=self.statistics_device)
         self.tracker = LayerTracker(self.layers, on_gradient=self._on_gradient)
         self._own_tracker = LayerTracker(self.layers)  # for the extra forward of the true Fisher
         self._token_generator = torch.Generator().manual_seed(seed)
@@ -225,6 +234,8 @@ class StepStatistics:
         if calls != 1:
             self.miscounted[layer.name] = calls
             return
+        if layer.name not in self._pending.state:
+            return  # another process's layer (shard)
         with torch.no_grad(), torch.autocast(acts.device.type, enabled=False):
             acts_kept, grads_kept, weight, tokens = self._subsample(acts, grads)
             self._pending.add_activations(layer.name, acts_kept, tokens)
@@ -260,6 +271,8 @@ class StepStatistics:
 
     def _add_sampled(self, layer: TrackedLayer, grads: Tensor, factor: float, weight: float = 1.0,
                      share: float = 1.0) -> None:
+        if layer.name not in self._pending.state:
+            return  # another process's layer (shard)
         with torch.no_grad(), torch.autocast(grads.device.type, enabled=False):
             flat = grads.reshape(-1, grads.shape[-1])
             keep, scale = self._token_subset(flat.shape[0])
@@ -349,10 +362,12 @@ class StepStatistics:
         """Fold the buffered batches of one optimizer step into the statistics, unless the step
         was skipped (``valid=False``) or produced non-finite values; no host synchronisation."""
         pending = self._pending.tensors()
-        has_data = torch.stack([p["s_count"] > 0 for p in self._pending.state.values()]).any()
+        # A process accumulating no layer (shard) counts the step as the others do.
+        has_data = torch.stack([p["s_count"] > 0 for p in self._pending.state.values()] or
+                               [torch.ones((), dtype=torch.bool, device=self.device)]).any()
         # One sum per tensor finds NaN and inf (they propagate) without an element-wise mask; a step
         # whose finite sums overflow float32 is skipped too: its statistics would overflow the totals.
-        finite = torch.stack([t.sum() for t in pending]).isfinite().all()
+        finite = torch.stack([t.sum() for t in pending] or [torch.zeros((), device=self.device)]).isfinite().all()
         ok = finite & has_data & valid
         decay = torch.where(ok, self.ema_decay, 1.0) if self.window == "ema" else None
         for total, new in zip(self.stats.tensors(), pending):
@@ -376,16 +391,24 @@ class StepStatistics:
     # -- across processes -----------------------------------------------------------------------
     def reduced(self) -> CovarianceStatistics:
         """The statistics summed over every process (collective); the local sums stay as they are."""
+        if self.sharded:
+            raise ValueError("statistics collected sharded (shard=True) are reduced onto their owners only: "
+                             "use InfluenceSession(shard_factors=True).reduce_statistics")
         total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
                                      device=self.statistics_device)
         total.merge_(self.stats)
         distributed.all_reduce_sum_(total.tensors())
         return total
 
+    def held_bytes(self) -> int:
+        """Bytes of the sums and of one step's buffer this process holds."""
+        return sum(t.numel() * t.element_size() for t in self.stats.tensors() + self._pending.tensors())
+
     def consolidate_(self) -> None:
         """Move every process's sums onto rank 0 (the totals are unchanged), so rank 0's state
-        alone describes the run: what a checkpoint written by rank 0 needs (collective)."""
-        if distributed.world_size() == 1:
+        alone describes the run: what a checkpoint written by rank 0 needs (collective). Sharded,
+        the sums stay with their owners and :meth:`state_dict` gathers them."""
+        if distributed.world_size() == 1 or self.sharded:
             return
         distributed.all_reduce_sum_(self.stats.tensors())
         if distributed.rank() != 0:
@@ -396,9 +419,13 @@ class StepStatistics:
         return [[layer.name, layer.d_out, layer.d_in] for layer in self.layers]
 
     def state_dict(self) -> Dict[str, Any]:
+        """Every layer's sums (sharded: gathered from their owners, collective)."""
+        stats = self.stats.state_dict()
+        if self.sharded:
+            stats = {key: value for held in distributed.gather_objects(stats) for key, value in held.items()}
         return {
             "layers": self.layer_shapes(),
-            "stats": self.stats.state_dict(),
+            "stats": stats,
             "steps_committed": float(self.steps_committed),
             "steps_in_window": float(self.steps_in_window),
             "steps_skipped": float(self.steps_skipped),
@@ -415,9 +442,13 @@ class StepStatistics:
                 f"the checkpoint's influence statistics track other layers ({[n for n, *_ in saved][:8]}) than this "
                 f"callback ({[layer.name for layer in self.layers][:8]}); resume with the same layers / exclude settings"
             )
-        self.stats.load_state_dict(state["stats"])
-        if distributed.rank() != 0:
-            self.stats.zero_()
+        if self.sharded:  # this process's layers, whoever held them when the checkpoint was written
+            self.stats.load_state_dict({key: value for key, value in state["stats"].items()
+                                        if key.rpartition("/")[0] in self.stats.state})
+        else:
+            self.stats.load_state_dict(state["stats"])
+            if distributed.rank() != 0:
+                self.stats.zero_()
         self.steps_committed.fill_(state["steps_committed"])
         self.steps_in_window.fill_(state.get("steps_in_window", state["steps_committed"]))  # older states: one window
         self.steps_skipped.fill_(state["steps_skipped"])

@@ -31,7 +31,7 @@ EIGENBASIS_DTYPES = ("float64", "float32", "bfloat16")
 QUERY_SPLITS = ("val", "test")
 ON_ERROR = ("warn", "raise")
 BOOL_FIELDS = ("on_checkpoint", "on_train_end", "self_influence", "ledger", "report", "report_in_background",
-               "log_artifacts", "show_progress", "shard_factors")
+               "log_artifacts", "show_progress", "shard_factors", "shard_statistics")
 # Built-in tasks a config may name by a string (a YAML file cannot hold a Task instance); the one
 # mapping the callback and the CLI resolve names with.
 BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionTask, "causal_lm": CausalLMTask}
@@ -118,10 +118,14 @@ class InfluenceConfig:
             (``"cpu"``: off the GPU; default ``None``: the tracked modules' device).
         eigenbasis_dtype: dtype of the stored eigenbases: ``"float64"`` (default), ``"float32"``
             or ``"bfloat16"`` (half or a quarter of the factors' memory; accuracy cost in the benchmarks).
-        shard_factors: under DDP, each layer's statistics, eigenbases and preconditioned queries
+        shard_factors: under DDP or FSDP, each layer's statistics, eigenbases and preconditioned queries
             live on one process (balanced by size): factor memory per process about ``1/world``,
             the same scores; factors are saved one file per process (needs a file system shared by
             the processes, and ``strategy`` ``"ekfac"`` or ``"kfac"``; no ``self_influence`` or ``ledger``).
+        shard_statistics: with ``shard_factors``, the training-time statistics too: each process
+            accumulates only the layers it owns, from its own batches (memory per process about
+            ``1/world``, no communication; each layer's covariances then come from ``1/world`` of
+            the training batches, so the scores differ a little from the replicated run's).
         report: after saving each result, analyse it, write its figures and summary to
             ``<result>/report`` and log it to the trainer's loggers (``ResultPublisher``).
         report_in_background: draw the report's figures and write its files on a worker thread,
@@ -172,6 +176,7 @@ class InfluenceConfig:
     statistics_device: Optional[str] = None
     eigenbasis_dtype: str = "float64"
     shard_factors: bool = False
+    shard_statistics: bool = False
     report: bool = True
     report_in_background: bool = True
     log_artifacts: bool = True
@@ -262,6 +267,9 @@ class InfluenceConfig:
                              f"tracked modules' device), got {_shown(self.statistics_device)}") from None
 
     def _check_sharding(self) -> None:
+        if self.shard_statistics and not self.shard_factors:
+            raise ValueError("shard_statistics needs shard_factors=True (the statistics are collected by the processes "
+                             "that own the factors); set both")
         if not self.shard_factors:
             return
         if self.strategy not in ("ekfac", "kfac"):

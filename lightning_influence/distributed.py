@@ -126,6 +126,16 @@ def broadcast_from(tensors: Sequence[Tensor], owner: int) -> None:
         _count(sent=nbytes * (world_size() - 1)) if rank() == owner else _count(received=nbytes)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds on some process (collective): a decision every process then takes alike."""
+    if world_size() == 1:
+        return flag
+    vote = torch.tensor([float(flag)])
+    vote = vote.to(_wire_device(vote))
+    dist.all_reduce(vote, op=dist.ReduceOp.MAX)
+    return bool(vote.item())
+
+
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()

@@ -686,6 +686,8 @@ def _example_norms(tensors: Sequence[Tensor], batch: int, dtype: torch.dtype) ->
             return torch.linalg.vector_norm(t.flatten(1), dim=1, dtype=within).to(dtype)
         return torch.linalg.vector_norm(t, dtype=within).to(dtype).expand(batch)
 
+    if not tensors:  # a process that tracks no layer of its own (sharded factors)
+        return torch.zeros(0, batch, dtype=dtype)
     return torch.stack([norms(t) for t in tensors])
 
 
@@ -783,13 +785,14 @@ def _warn_left_out(left_out: Sequence[int]) -> None:
 
 def _accumulate(model, task, data, layers: Sequence[TrackedLayer], *, desc: str, dtype: torch.dtype,
                 covariances: Sequence[CovarianceStatistics] = (), correction: Optional["EigenvalueCorrection"] = None,
-                left_out: Optional[List[int]] = None, **pass_options: Any) -> None:
+                left_out: Optional[List[int]] = None, reach: Sequence[TrackedLayer] = (), **pass_options: Any) -> None:
     """One pass over ``data``: covariances into ``covariances`` (the example at place ``p`` into
     ``covariances[p % len(covariances)]``: several split the examples, see
     :func:`_curvature_passes`' ``first_example``), squared per-example gradients into
     ``correction``. Examples with non-finite values are left out (see :func:`_curvature_passes`);
-    their data positions are appended to ``left_out`` if given, else reported in a warning."""
-    tracker = LayerTracker(layers)
+    their data positions are appended to ``left_out`` if given, else reported in a warning.
+    The backward passes also reach the outputs of ``reach`` (see :class:`LayerTracker`)."""
+    tracker = LayerTracker(layers, reach=reach)
     found: List[int] = []
     with passes.evaluation_mode(model), tracker:
         for acts, tokens, samples, places, finite in _curvature_passes(
@@ -842,19 +845,21 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                                      dtype: torch.dtype = torch.float32, show_progress: bool = False,
                                      left_out: Optional[List[int]] = None,
                                      covariances_into: Sequence[CovarianceStatistics] = (),
-                                     first_example: int = 0) -> EigenvalueCorrection:
+                                     first_example: int = 0,
+                                     reach: Sequence[TrackedLayer] = ()) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
     or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher); also the same
     examples' covariances into ``covariances_into`` (the example at place ``first_example + i``
     into ``covariances_into[(first_example + i) % len]``): the fresh curvature at these weights that
-    :func:`curvature_at_checkpoint` measures staleness against.
+    :func:`curvature_at_checkpoint` measures staleness against. The backward passes also reach
+    the outputs of ``reach`` (see :class:`LayerTracker`).
 
     Examples with non-finite values are left out (see :func:`_curvature_passes`); their dataset
     indices are appended to ``left_out`` if given, else reported in a warning."""
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
                 dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
-                left_out=left_out, fisher=fisher, num_samples=num_samples, batch_size=batch_size,
+                left_out=left_out, fisher=fisher, reach=reach, num_samples=num_samples, batch_size=batch_size,
                 max_batches=max_batches, seed=seed, show_progress=show_progress)
     return correction
 
@@ -862,6 +867,7 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
 def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layers: Sequence[TrackedLayer],
                             training: CovarianceStatistics, *, strategy: str, refresh: str,
                             eigenbasis_dtype: torch.dtype, reduce: Optional[Callable[[List[Tensor]], None]],
+                            any_process: Callable[[bool], bool] = bool,
                             **pass_options: Any) -> Tuple[Dict[str, Dict[str, Tensor]],
                                                           Optional[EigenvalueCorrection], Dict[str, Any]]:
     """K-FAC / EK-FAC bases and eigenvalue correction at the current weights from covariances
@@ -879,12 +885,15 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     basis does; ``"always"`` does so for every layer (one covariance pass, then one correction:
     the refit on the correction examples); ``"never"`` keeps the training statistics, and EK-FAC
     still measures their staleness (K-FAC then runs no pass at all).
+    ``any_process(flag)``: whether ``flag`` holds on some process (collective), where processes
+    measure different layers (sharded factors): every process then runs the stale layers' second
+    correction pass when one needs it, as a sharded model's passes must run on every process.
 
     Returns the bases, the correction (EK-FAC) and ``meta["curvature"]`` (staleness per layer, the
     refreshed layers, and ``tokens_seen``: the tokens each layer's covariances were built from)."""
     freshness.check_refresh(refresh)
     device = passes.model_device(model)
-    dtype = next(iter(training.state.values()))["a_sum"].dtype
+    dtype = next((parts["a_sum"].dtype for parts in training.state.values()), torch.float32)  # none: sharded
 
     def keep_bases(decomposed):
         return stored_bases(decomposed, eigenbasis_dtype, device)
@@ -929,7 +938,7 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     if strategy == "ekfac":
         if correction is None:
             correction = correct(bases, layers)
-        elif stale:
+        elif any_process(bool(stale)):
             again = correct(bases, [layer for layer in layers if layer.name in stale])
             correction.state.update(again.state)
     report = freshness.staleness_report(measured, stale, refresh)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from lightning_influence import passes
+from lightning_influence import distributed, passes
 from lightning_influence.scoring import PreconditionedQueries, precondition_queries
 from lightning_influence.tracking import TrackedLayer
 
@@ -277,23 +277,28 @@ class InfluenceLedger:
             self.steps = self.steps + keep.double().cpu()
         self._step = []
         if len(self._chunks) > _MERGE_EVERY:
-            self._chunks = [self._merged()]
-
-    def _merged(self) -> Tuple[Tensor, Tensor]:
-        ids = torch.cat([ids for ids, _ in self._chunks])
-        scores = torch.cat([scores for _, scores in self._chunks], dim=1)
-        unique, position = ids.unique(return_inverse=True)
-        total = scores.new_zeros(scores.shape[0], len(unique)).index_add_(1, position.to(scores.device), scores)
-        return unique, total
+            self._chunks = [_merged(self._chunks)]
 
     def take(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """The window's ``(ids [M], scores [Q, M])`` on the CPU, ids sorted (``None``: nothing
-        recorded), and a new empty window."""
-        if not self._chunks:
-            return None
-        ids, scores = self._merged()
+        """The window's ``(ids [M], scores [Q, M])`` of every process (each recorded its own
+        batches) on the CPU, ids sorted (``None``: nothing recorded), and a new empty window.
+        Collective: call on every process."""
+        local = [tuple(t.cpu() for t in _merged(self._chunks))] if self._chunks else []
         self._chunks = []
-        return ids, scores.float().cpu()
+        windows = [chunk for chunks in distributed.gather_objects(local) for chunk in chunks]
+        if not windows:
+            return None
+        ids, scores = _merged(windows)
+        return ids, scores.float()
+
+
+def _merged(chunks: List[Tuple[Tensor, Tensor]]) -> Tuple[Tensor, Tensor]:
+    """One ``(ids, scores)`` of several, ids sorted and unique, the scores of repeated ids added."""
+    ids = torch.cat([ids for ids, _ in chunks])
+    scores = torch.cat([scores for _, scores in chunks], dim=1)
+    unique, position = ids.unique(return_inverse=True)
+    total = scores.new_zeros(scores.shape[0], len(unique)).index_add_(1, position.to(scores.device), scores)
+    return unique, total
 
 
 @passes.outside_inference_mode

@@ -70,6 +70,11 @@ class MonitorState:
         """Collected steps dropped because they were skipped (AMP) or not finite."""
         return int(self._loop.statistics.steps_skipped) if self._loop is not None else 0
 
+    def statistics_bytes(self) -> int:
+        """Bytes of curvature statistics this process holds during training (the sums and one
+        step's buffer; with ``shard_statistics`` only its own layers'); 0 before training starts."""
+        return self._loop.statistics.held_bytes() if self._loop is not None else 0
+
 
 class LoopInfluence:
     """Statistics from a loop's training steps and influence at the checkpoints the loop asks for.
@@ -126,7 +131,7 @@ class LoopInfluence:
             layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
             max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
             dtype=getattr(torch, cfg.covariance_dtype), device=passes.model_device(model), seed=cfg.seed,
-            statistics_device=cfg.statistics_device,
+            statistics_device=cfg.statistics_device, shard=cfg.shard_statistics,
         )
         self.session.check(model, layers)
         self.index.output_dir = self._claim_output_dir()

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_influence import distributed
 from lightning_influence.tasks import Task
 from lightning_influence.tracking import LayerTracker, TrackedLayer
 
@@ -67,10 +68,12 @@ class Lockstep:
     """One process's share of data, padded with ``filler`` (a real batch, whose results are
     discarded) to ``batches`` batches: the same number on every process. Under FSDP each forward
     and backward gathers the weights with collectives, so a process running one pass more than the
-    others would wait for them forever."""
+    others would wait for them forever. ``batches=None`` (a share of unknown length: a streaming
+    pool): read in rounds, every process running one more batch while any still has one (one
+    vote per batch, collective)."""
 
     data: Any
-    batches: int
+    batches: Optional[int]
     filler: Any
 
 
@@ -86,11 +89,23 @@ def iterate_batches(data: Any, batch_size: int, device: torch.device, desc: str,
     except TypeError:  # a streaming pool (IterableDataset): its length is known once read
         length = None
     total = length if max_batches is None else max_batches if length is None else min(length, max_batches)
-    fillers = max(0, padding.batches - total) if padding is not None else 0  # a Lockstep share has a length
-    batches = itertools.chain(((batch, True) for batch in itertools.islice(loader, total)),
-                              itertools.repeat((padding.filler if padding else None, False), fillers))
+    if padding is not None and padding.batches is None:
+        batches, total, fillers = _in_rounds(itertools.islice(loader, total), padding.filler), None, 0
+    else:
+        fillers = max(0, padding.batches - total) if padding is not None else 0
+        batches = itertools.chain(((batch, True) for batch in itertools.islice(loader, total)),
+                                  itertools.repeat((padding.filler if padding else None, False), fillers))
     for batch, counted in progress(batches, None if total is None else total + fillers, desc, show_progress):
         yield to_device(batch, device), counted
+
+
+def _in_rounds(batches: Iterator[Any], filler: Any) -> Iterator[Tuple[Any, bool]]:
+    """``(batch, True)`` while this process has batches, then ``(filler, False)``, for as long as
+    any process still has one (a collective vote before each batch)."""
+    for batch in itertools.chain(batches, itertools.repeat(None)):
+        if not distributed.any_process(batch is not None):
+            return
+        yield (batch, True) if batch is not None else (filler, False)
 
 
 def outside_inference_mode(function: Callable) -> Callable:
@@ -257,12 +272,13 @@ def layer_gradients(target: Tensor, tracker: LayerTracker, grad_output: Optional
                     retain_graph: bool = False) -> List[Tensor]:
     """Gradients of ``target`` w.r.t. each tracked layer's output, as ``[B, T, d_out]`` (masked).
 
-    Uses ``torch.autograd.grad`` on the layer outputs: no parameter gradient is formed and no
-    ``.grad`` attribute is touched. A layer the target does not depend on gets zeros.
+    Uses ``torch.autograd.grad`` on the layer outputs (and the tracker's ``reach`` outputs, whose
+    gradients are dropped): no parameter gradient is formed and no ``.grad`` attribute is touched.
+    A layer the target does not depend on gets zeros.
     """
     outputs = tracker.outputs()
-    grads = torch.autograd.grad(target, outputs, grad_outputs=grad_output, retain_graph=retain_graph,
-                                allow_unused=True)
+    grads = torch.autograd.grad(target, outputs + tracker.reach_outputs(), grad_outputs=grad_output,
+                                retain_graph=retain_graph, allow_unused=True)[:len(outputs)]
     result = []
     for layer, out, grad in zip(tracker.layers, outputs, grads):
         grad = torch.zeros_like(out) if grad is None else grad

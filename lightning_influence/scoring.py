@@ -288,7 +288,8 @@ def _example_gradient_batches(model: nn.Module, task: Task, data: Any, tracker: 
 def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
                          layers: Sequence[TrackedLayer], damping: Dict[str, float], query_rank: Optional[int] = None,
                          batch_size: int = 32, show_progress: bool = False, truncation: str = "randomized",
-                         pool_examples: Optional[int] = None) -> Tuple[PreconditionedQueries, Tensor]:
+                         pool_examples: Optional[int] = None,
+                         reach: Sequence[TrackedLayer] = ()) -> Tuple[PreconditionedQueries, Tensor]:
     """Gradients of minus each query's measurement, preconditioned layer by layer with ``damping``
     (λ per layer), and which queries' preconditioned gradients are not finite in the gradients'
     dtype ``[Q]`` (they are zeroed, so they cannot disturb the truncation or other queries).
@@ -303,19 +304,21 @@ def precondition_queries(model: nn.Module, task: Task, query_data: Any, factors:
     and the queries are only used for that (as inside :func:`compute_influence`). A side of a dense
     layer whose rotation back from the eigenbasis costs more for all queries than rotating the
     pool's token vectors into it (see :func:`_sides_kept_in_eigenbasis`) is then left in the
-    eigenbasis, and the result's :meth:`PreconditionedQueries.in_query_basis` rotates the pool."""
+    eigenbasis, and the result's :meth:`PreconditionedQueries.in_query_basis` rotates the pool.
+    The backward passes also reach the outputs of ``reach`` (see :class:`LayerTracker`)."""
     if truncation not in TRUNCATIONS:
         raise ValueError(f"unknown truncation {truncation!r}; choose one of {', '.join(TRUNCATIONS)}")
-    tracker = LayerTracker(layers)
+    tracker = LayerTracker(layers, reach=reach)
     kept: Dict[str, List[Any]] = {layer.name: [] for layer in layers}
     in_eigenbasis: Dict[str, Tuple[bool, bool]] = {}
     num_queries = passes.example_count(query_data)
     unusable: List[Tensor] = []
     with passes.evaluation_mode(model), tracker:
-        for _, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
-                                                        "query gradients", show_progress):
+        for batch, acts, grads in _example_gradient_batches(model, task, query_data, tracker, batch_size, True,
+                                                            "query gradients", show_progress):
             with torch.no_grad():
-                batch_unusable = torch.zeros(grads[0].shape[0], dtype=torch.bool, device=grads[0].device)
+                batch_unusable = torch.zeros(task.batch_size(batch), dtype=torch.bool,
+                                             device=passes.model_device(model))
                 for layer, act, grad in zip(layers, acts, grads):
                     if layer.name not in in_eigenbasis:
                         in_eigenbasis[layer.name] = _sides_kept_in_eigenbasis(

@@ -195,13 +195,24 @@ class InfluenceSession:
     def pool_loader(self, ids: Union[Tensor, Sequence[int]]) -> DataLoader:
         return self.loader(passes.PoolSubset(self.pool, torch.as_tensor(ids).tolist()))
 
-    def pool_stream(self, limit: Optional[int], shard: bool = True, wanted: Optional[Tensor] = None) -> "PoolStream":
+    def pool_stream(self, limit: Optional[int], shard: bool = True, wanted: Optional[Tensor] = None,
+                    rank: Optional[int] = None) -> "PoolStream":
         """A streaming pool's first ``limit`` items (at most ``max_train_examples``): this process's
-        share of them, or those whose id is in ``wanted`` (all processes alike)."""
+        (or process ``rank``'s) share of them, or those whose id is in ``wanted`` (all processes alike)."""
         if self.max_train_examples is not None:
             limit = self.max_train_examples if limit is None else min(limit, self.max_train_examples)
-        world, here = (distributed.world_size(), distributed.rank()) if shard and wanted is None else (1, 0)
+        here = distributed.rank() if rank is None else rank
+        world, here = (distributed.world_size(), here) if shard and wanted is None else (1, 0)
         return PoolStream(self.pool, self.pool_id_key, limit, world, here, wanted)
+
+    def stream_share(self, stream: "PoolStream") -> Union[DataLoader, passes.Lockstep]:
+        """This process's share of a streaming pool; with several processes, read in lockstep rounds
+        (its length is unknown until read, and under FSDP every process must run as many passes),
+        a process out of items running the stream's first item as a filler."""
+        share = self.loader(stream)
+        if distributed.world_size() == 1:
+            return share
+        return passes.Lockstep(share, None, filler=next(iter(self.loader(self.pool_stream(1, shard=False)))))
 
     def pool_share(self, ids: Tensor) -> Union[DataLoader, passes.Lockstep]:
         """This process's share of the pool examples ``ids``; with several processes, padded to as
@@ -223,13 +234,24 @@ class InfluenceSession:
         order = torch.randperm(size, generator=torch.Generator().manual_seed(self.seed + _CORRECTION_SUBSET_OFFSET))
         return order[:count]
 
-    def correction_loader(self) -> DataLoader:
+    def correction_loader(self) -> Union[DataLoader, passes.Lockstep]:
         """This process's share of the eigenvalue-correction examples: of a seeded random subset of
         the pool, or of a streaming pool's first ``correction_batches`` batches."""
         if self.streaming:
-            limit = None if self.correction_batches is None else self.correction_batches * self.batch_size
-            return self.loader(self.pool_stream(limit))
+            return self.stream_share(self.pool_stream(self._stream_correction_limit()))
         return self.pool_share(self.correction_ids())
+
+    def correction_shares(self) -> List[DataLoader]:
+        """Every process's share of the eigenvalue-correction examples, by rank (sharded factors:
+        each owner corrects its layers on all of them)."""
+        if self.streaming:
+            limit = self._stream_correction_limit()
+            return [self.loader(self.pool_stream(limit, rank=r)) for r in range(distributed.world_size())]
+        ids = self.correction_ids()
+        return [self.pool_loader(ids[span.start:span.stop]) for span in _all_shares(len(ids))]
+
+    def _stream_correction_limit(self) -> Optional[int]:
+        return None if self.correction_batches is None else self.correction_batches * self.batch_size
 
     def memory_estimate(self, layers: Sequence[TrackedLayer]) -> str:
         """What the statistics and scores of this session will hold, for a log line."""
@@ -300,7 +322,8 @@ class InfluenceSession:
         every process (collective): all layers on every process, or with sharding each layer on its
         owner only. The collector's own sums are left as they are."""
         if self.sharded:
-            return sharding.reduce_to_owners(collector.stats, collector.layers)
+            return sharding.reduce_to_owners(collector.stats, collector.layers,
+                                             held_by_owners=collector.sharded)
         return collector.reduced()
 
     @passes.outside_inference_mode
@@ -316,10 +339,9 @@ class InfluenceSession:
             if self.sharded:
                 if layers is None:
                     raise ValueError("sharded fit_factors needs layers=<every tracked layer>")
-                ids = self.correction_ids()
-                shares = [self.pool_loader(ids[slice(span.start, span.stop)]) for span in _all_shares(len(ids))]
                 return sharding.fit_sharded_factors(
-                    model, self.task, statistics, layers, shares, seeds, strategy=self.strategy, fisher=self.fisher,
+                    model, self.task, statistics, layers, self.correction_shares(), seeds,
+                    strategy=self.strategy, fisher=self.fisher,
                     batch_size=self.batch_size, eigenbasis_dtype=self.eigenbasis_dtype,
                     show_progress=self.show_progress, refresh=self.curvature_refresh)
             return fit_factors(model, self.task, self.correction_loader(), self.strategy, self.fisher,
@@ -347,7 +369,7 @@ class InfluenceSession:
         device = passes.model_device(model)
         if self.streaming:
             stream = self.pool_stream(None)
-            loader, mine = self.loader(stream), stream.ids  # the list fills while the stream is read
+            loader, mine = self.stream_share(stream), stream.ids  # the list fills while the stream is read
         else:
             mine = self.pool_ids[_share(len(self.pool_ids))]
             loader = self.pool_share(self.pool_ids)
@@ -444,7 +466,7 @@ class InfluenceSession:
         if factors.is_sharded:
             return sharding.precondition_sharded_queries(
                 model, self.task, self.query_loader(), factors, layers, factors.damping_per_layer(self.damping),
-                len(self.queries), self.query_rank, self.batch_size, self.show_progress)
+                self.query_rank, self.batch_size, self.show_progress)
         return precondition_queries(model, self.task, self.query_loader(), factors,
                                     layers, factors.damping_per_layer(self.damping), self.query_rank,
                                     self.batch_size, self.show_progress)

@@ -13,6 +13,12 @@ Per checkpoint, with ``W`` processes and layers balanced by :func:`distributed.a
    pass's compute per process (the pass is bounded: ``correction_batches``);
 4. queries: every process computes the query gradients; owners precondition (and truncate) their
    layers' and broadcast them, so each process scores its share of the pool against all layers.
+
+Every process runs every pass of steps 3 and 4, over the same batches, and differentiates each
+w.r.t. the outputs of every tracked layer (keeping its own layers' results), even one that owns no
+layer: under FSDP each forward and backward gathers weights with collectives, and processes whose
+backward passes reached different layers would pair mismatched collectives (an abort under gloo,
+a hang under NCCL).
    Traffic per process: the preconditioned queries, ``Q·Σ_ℓ d_out·d_in`` dense or
    ``Q·r·Σ_ℓ (d_in + d_out)`` at rank r.
 
@@ -29,7 +35,6 @@ from torch import Tensor, nn
 from lightning_influence import distributed, freshness, passes
 from lightning_influence.factors import (
     CovarianceStatistics,
-    EigenvalueCorrection,
     Factors,
     _warn_left_out,
     curvature_at_checkpoint,
@@ -47,22 +52,29 @@ def owners_of(layers: Sequence[TrackedLayer]) -> Dict[str, int]:
     return distributed.assign_owners({layer.name: distributed.factor_cost(layer.d_out, layer.d_in) for layer in layers})
 
 
-def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]) -> CovarianceStatistics:
+def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer],
+                     held_by_owners: bool = False) -> CovarianceStatistics:
     """Every process's sums of each layer, on the layer's owner only (collective). The local sums
-    are left as they are (moving averages keep going). Raises, on every process alike, when a
-    layer has no statistics at all."""
+    are left as they are (moving averages keep going). ``held_by_owners``: each process's ``local``
+    holds only its own layers (statistics collected sharded), which are then its totals. Raises, on
+    every process alike, when a layer has no statistics at all."""
     owners = owners_of(layers)
     device = _device_of(local)
-    counts = torch.stack([local.state[layer.name][key].double().to(device)
+    none = torch.zeros((), dtype=torch.float64, device=device)
+    counts = torch.stack([local.state[layer.name][key].double().to(device) if layer.name in local.state else none
                           for layer in layers for key in ("a_count", "s_count")])
     distributed.all_reduce_sum_([counts])
     if bool((counts == 0).any()):
         raise RuntimeError("no statistics were collected for some tracked layers; influence cannot be computed yet")
     mine = [layer for layer in layers if owners[layer.name] == distributed.rank()]
-    out = CovarianceStatistics(mine, dtype=local.state[layers[0].name]["a_sum"].dtype, device=device)
+    dtype = next((parts["a_sum"].dtype for parts in local.state.values()), torch.float32)
+    out = CovarianceStatistics(mine, dtype=dtype, device=device)
     for position, layer in enumerate(layers):
-        parts = local.state[layer.name]
-        summed = distributed.reduce_to_owner([parts["a_sum"], parts["s_sum"]], owners[layer.name])
+        parts = local.state.get(layer.name)
+        if held_by_owners:
+            summed = [parts["a_sum"], parts["s_sum"]] if owners[layer.name] == distributed.rank() else []
+        else:
+            summed = distributed.reduce_to_owner([parts["a_sum"], parts["s_sum"]], owners[layer.name])
         if summed:
             target = out.state[layer.name]
             target["a_sum"].copy_(summed[0])
@@ -73,7 +85,7 @@ def reduce_to_owners(local: CovarianceStatistics, layers: Sequence[TrackedLayer]
 
 
 def _device_of(stats: CovarianceStatistics) -> torch.device:
-    return next(iter(stats.state.values()))["a_sum"].device
+    return next((parts["a_sum"].device for parts in stats.state.values()), torch.device("cpu"))
 
 
 def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStatistics,
@@ -89,15 +101,12 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
                          "set shard_factors=False")
     owners = owners_of(layers)
     mine = layers_by_name(model, list(statistics.state))
-    bases: Dict[str, Dict[str, Tensor]] = {}
-    correction: Optional[EigenvalueCorrection] = None
-    curvature: Dict[str, Any] = {}
     left_out: List[int] = []
-    if mine:  # seed + 1: as fit_factors seeds its correction pass
-        bases, correction, curvature = curvature_at_checkpoint(
-            model, task, [(share, seed + 1) for share, seed in zip(shares, seeds)], mine, statistics,
-            strategy=strategy, refresh=refresh, eigenbasis_dtype=eigenbasis_dtype, reduce=None,
-            fisher=fisher, batch_size=batch_size, show_progress=show_progress, left_out=left_out)
+    bases, correction, curvature = curvature_at_checkpoint(  # seed + 1: as fit_factors seeds its correction pass
+        model, task, [(share, seed + 1) for share, seed in zip(shares, seeds)], mine, statistics,
+        strategy=strategy, refresh=refresh, eigenbasis_dtype=eigenbasis_dtype, reduce=None,
+        any_process=distributed.any_process, reach=layers, fisher=fisher, batch_size=batch_size,
+        show_progress=show_progress, left_out=left_out)
     _warn_left_out(left_out)
     nonfinite, tokens_seen, measured, refreshed = set(), {}, {}, []
     for positions, tokens, report in distributed.gather_objects(
@@ -121,7 +130,7 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
 
 
 def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, factors: Factors,
-                                 layers: Sequence[TrackedLayer], damping: Mapping[str, float], num_queries: int,
+                                 layers: Sequence[TrackedLayer], damping: Mapping[str, float],
                                  query_rank: Optional[int] = None, batch_size: int = 32,
                                  show_progress: bool = False) -> Tuple[PreconditionedQueries, Tensor]:
     """What :func:`~lightning_influence.scoring.precondition_queries` returns, on every process,
@@ -129,11 +138,8 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
     here = distributed.rank()
     mine = [layer for layer in layers if factors.owners[layer.name] == here]
     device = passes.model_device(model)
-    if mine:
-        local, bad = precondition_queries(model, task, query_data, factors, mine, damping, query_rank,
-                                          batch_size, show_progress)
-    else:
-        local, bad = PreconditionedQueries({}), torch.zeros(num_queries, dtype=torch.bool, device=device)
+    local, bad = precondition_queries(model, task, query_data, factors, mine, damping, query_rank,
+                                      batch_size, show_progress, reach=layers)
     unusable = bad.to(device, torch.float32)
     distributed.all_reduce_sum_([unusable])
     bad = unusable > 0

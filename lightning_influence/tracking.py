@@ -303,8 +303,14 @@ class LayerTracker:
       (the callback's way of collecting statistics from training steps).
     """
 
-    def __init__(self, layers: Sequence[TrackedLayer], on_gradient: Optional[GradientCallback] = None) -> None:
+    def __init__(self, layers: Sequence[TrackedLayer], on_gradient: Optional[GradientCallback] = None,
+                 reach: Sequence[TrackedLayer] = ()) -> None:
         self.layers = list(layers)
+        # Further layers whose outputs the engine's backward passes differentiate too, their results
+        # dropped: with sharded factors every process tracks its own layers but reaches every tracked
+        # layer, so that a sharded model's backward passes issue the same collectives on every process.
+        names = {layer.name for layer in self.layers}
+        self.reach = [layer for layer in reach if layer.name not in names]
         self.on_gradient = on_gradient
         self.active = False
         self.token_mask: Optional[Tensor] = None  # [B, T] for the batch being processed
@@ -318,7 +324,7 @@ class LayerTracker:
     # -- hook management ----------------------------------------------------------------------
     def attach(self) -> "LayerTracker":
         if not self._handles:
-            for layer in self.layers:
+            for layer in self.layers + self.reach:
                 self._handles.append(layer.module.register_forward_hook(self._make_hook(layer)))
         return self
 
@@ -335,8 +341,8 @@ class LayerTracker:
         self.detach()
 
     def reset(self) -> None:
-        self._inputs = {layer.name: [] for layer in self.layers}
-        self._outputs = {layer.name: [] for layer in self.layers}
+        self._inputs = {layer.name: [] for layer in self.layers + self.reach}
+        self._outputs = {layer.name: [] for layer in self.layers + self.reach}
 
     def _make_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs, output: Tensor) -> None:
@@ -401,6 +407,10 @@ class LayerTracker:
     def outputs(self) -> List[Tensor]:
         """The single output of each layer in the last forward (call :meth:`check_single_calls` first)."""
         return [self._outputs[layer.name][0] for layer in self.layers]
+
+    def reach_outputs(self) -> List[Tensor]:
+        """The outputs of the ``reach`` layers in the last forward, differentiated along with :meth:`outputs`."""
+        return [self._outputs[layer.name][0] for layer in self.reach]
 
     def activations(self, layer: TrackedLayer) -> Tensor:
         return self.masked(layer.activations(self._inputs[layer.name][0]), self.token_mask)

@@ -16,9 +16,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 import lightning_influence as li
+from lightning_influence import distributed
+from lightning_influence.sharding import reduce_to_owners
 from lightning_influence.collector import StepStatistics
 from lightning_influence.session import InfluenceSession
 from tests import tiny_models
@@ -36,6 +38,18 @@ class Conv1D(tiny_models.Conv1D):
     def __init__(self, nf: int, nx: int) -> None:
         super().__init__(nf, nx)
         self.nx = nx
+
+
+class IndexedStream(IterableDataset):
+    """Examples ``(x, y)`` as a streaming pool: ``{"x", "y", "id"}`` dicts, the id their index."""
+
+    def __init__(self, examples) -> None:
+        self.examples = examples
+
+    def __iter__(self):
+        for index in range(len(self.examples)):
+            x, y = self.examples[index]
+            yield {"x": x, "y": y, "id": index}
 
 
 def make_model() -> nn.Module:
@@ -62,9 +76,11 @@ def shard(model: nn.Module, sharding: str) -> nn.Module:
                                     use_orig_params=True, device_id=torch.device("cpu"))
 
 
-def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -> None:
-    """Train 6 steps collecting statistics, then fit factors and score the pool (and a pool of one);
-    rank 0 saves what the test compares."""
+def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, shard_factors: bool = False) -> None:
+    """Train 6 steps collecting statistics, then fit factors (``shard_factors``: each layer's on its
+    owner) and score the pool, the pool with rank-2 queries, and a pool of one; with sharded factors
+    (and in one process) also with the last layer only; then compute influence again with the pool
+    as a stream (49 and 48 items per process: 4 and 3 batches); rank 0 saves what the test compares."""
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))  # a process out of step fails, not hangs
@@ -76,7 +92,7 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -
         task = li.ClassificationTask()
         statistics = StepStatistics(li.select_layers(model), task, loss_reduction="mean")
         session = InfluenceSession(task, train, Subset(val, range(4)), top_k=3, batch_size=BATCH,
-                                   correction_batches=None)
+                                   correction_batches=None, shard_factors=shard_factors)
         session.check(model, statistics.layers)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         statistics.attach()
@@ -90,14 +106,39 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -
             statistics.end_batch()
             statistics.commit()
         statistics.detach()
-        covariances = statistics.reduced()
-        result, factors = session.compute(model, covariances, step=6)
+        forwards = []  # every process must run as many forward passes as the others
+        counting = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+        covariances = session.reduce_statistics(statistics)
+        result, factors = session.compute(model, covariances, step=6, layers=statistics.layers)
+        session.query_rank = 2
+        low_rank = session.score(model, factors)
+        session.query_rank = None
+        last_layer = None
+        if shard_factors or world == 1:  # one layer on two processes: the second owns none
+            last = statistics.layers[-1:]
+            factors_of_last = session.fit_factors(model, reduce_to_owners(statistics.stats, last), step=6,
+                                                  layers=last)
+            last_layer = session.score(model, factors_of_last).scores
         session.pool_ids = torch.tensor([ONE_EXAMPLE])
         single = session.score(model, factors)
+        streaming = InfluenceSession(task, IndexedStream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
+                                     correction_batches=None, shard_factors=shard_factors,
+                                     curvature_refresh="never")  # "auto": see test_fsdp's module docstring
+        streamed, _ = streaming.compute(model, streaming.reduce_statistics(statistics), step=6,
+                                        layers=statistics.layers)
+        counting.remove()
+        forwards = distributed.gather_objects(len(forwards))
+        # With sharding each rank holds its own layers' statistics and factors: gathered here.
+        eigenvalues = {name: values for held in distributed.gather_objects(
+            {name: factors.eigenvalues(name) for name in factors.layers}) for name, values in held.items()}
+        covariances = {key: value for held in distributed.gather_objects(covariances.state_dict())
+                       for key, value in held.items()}
         if rank == 0:
-            torch.save({"layers": [layer.name for layer in statistics.layers], "covariances": covariances.state_dict(),
-                        "eigenvalues": {name: factors.eigenvalues(name) for name in factors.layer_names},
-                        "scores": result.scores, "layer_abs_sums": result.get("layer_abs_sums"),
+            torch.save({"layers": [layer.name for layer in statistics.layers], "covariances": covariances,
+                        "eigenvalues": eigenvalues, "scores": result.scores, "low_rank": low_rank.scores,
+                        "last_layer": last_layer, "forwards": forwards, "streamed": streamed.scores,
+                        "streamed_ids": streamed.train_ids,
+                        "layer_abs_sums": result.get("layer_abs_sums"),
                         "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
                         "one_example": single.scores, "planted": planted, "world_size": dist.get_world_size()
                         if world > 1 else 1}, out)
@@ -106,7 +147,7 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str) -
             dist.destroy_process_group()
 
 
-def run(out: Path, world: int, sharding: str = "fully_shard") -> dict:
+def run(out: Path, world: int, sharding: str = "fully_shard", shard_factors: bool = False) -> dict:
     """Run :func:`train_and_score` in this process (``world=1``) or in ``world`` spawned processes."""
     if world == 1:
         train_and_score(0, 1, 0, str(out), sharding)
@@ -114,5 +155,6 @@ def run(out: Path, world: int, sharding: str = "fully_shard") -> dict:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        torch.multiprocessing.spawn(train_and_score, args=(world, port, str(out), sharding), nprocs=world)
+        torch.multiprocessing.spawn(train_and_score, args=(world, port, str(out), sharding, shard_factors),
+                                    nprocs=world)
     return torch.load(out, weights_only=True)

@@ -59,6 +59,7 @@ BAD_VALUE = {
     "statistics_device": ("gpu", "statistics_device must be a device name such as 'cpu' or 'cuda:0', or None"),
     "eigenbasis_dtype": ("float16", "eigenbasis_dtype must be one of 'float64', 'float32', 'bfloat16', got 'float16'"),
     "shard_factors": ("yes", "shard_factors must be True or False, got 'yes'"),
+    "shard_statistics": ("no", "shard_statistics must be True or False, got 'no'"),
     "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
     "ledger": (1, "ledger must be True or False, got 1"),
     "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
@@ -85,6 +86,12 @@ def _config(**changes) -> InfluenceConfig:
 def test_sharded_factors_refuse_what_needs_every_layer_on_every_process(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         _config(shard_factors=True, **changes).validate()
+
+
+def test_sharded_statistics_need_sharded_factors():
+    with pytest.raises(ValueError, match="shard_statistics needs shard_factors=True"):
+        _config(shard_statistics=True).validate()
+    _config(shard_statistics=True, shard_factors=True).validate()
 
 
 def test_the_table_has_a_bad_value_for_every_field():

@@ -3,7 +3,9 @@
 batch. The pool is split unevenly (49 and 48 examples: 4 and 3 batches, for scoring and the
 eigenvalue correction), and a pool of one leaves a process without any example: every process
 still runs as many forward/backward passes as the others (the model's collectives need them), or
-the run would fail or hang."""
+the run would fail or hang. The streaming pool's run keeps the training bases
+(``curvature_refresh="never"``): a stream's correction examples are halved per process for the
+staleness measure, so ``"auto"`` may refresh other layers at another number of processes."""
 
 from __future__ import annotations
 
@@ -21,9 +23,13 @@ def single_process(tmp_path_factory):
     return fsdp_helpers.run(tmp_path_factory.mktemp("single") / "summary.pt", world=1)
 
 
-@pytest.mark.parametrize("sharding", ["fully_shard", "FullyShardedDataParallel"])
-def test_sharded_training_matches_a_single_process(tmp_path, single_process, sharding):
-    sharded = fsdp_helpers.run(tmp_path / "summary.pt", world=2, sharding=sharding)
+@pytest.mark.parametrize("sharding, shard_factors", [("fully_shard", False), ("FullyShardedDataParallel", False),
+                                                     ("fully_shard", True), ("FullyShardedDataParallel", True)])
+def test_sharded_training_matches_a_single_process(tmp_path, single_process, sharding, shard_factors):
+    """With ``shard_factors`` each process runs the correction passes of its own layers, and a
+    streaming pool splits into shares of unknown length: every process must still run the same
+    forward/backward passes (the model's collectives pair them up)."""
+    sharded = fsdp_helpers.run(tmp_path / "summary.pt", world=2, sharding=sharding, shard_factors=shard_factors)
     assert sharded["world_size"] == 2
     # The same layers under their unwrapped names, the Conv1D included (FSDP2 makes it FSDPConv1D).
     assert sharded["layers"] == single_process["layers"] == ["0", "2", "4"]
@@ -33,6 +39,12 @@ def test_sharded_training_matches_a_single_process(tmp_path, single_process, sha
         torch.testing.assert_close(sharded["eigenvalues"][name], value, rtol=1e-3, atol=1e-6, msg=name)
     assert torch.equal(sharded["train_ids"], single_process["train_ids"]) and len(sharded["train_ids"]) == 97
     torch.testing.assert_close(sharded["scores"], single_process["scores"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(sharded["low_rank"], single_process["low_rank"], rtol=1e-3, atol=1e-3)
+    assert sharded["forwards"][0] == sharded["forwards"][1] > 0
+    assert torch.equal(sharded["streamed_ids"], single_process["streamed_ids"]) and len(sharded["streamed_ids"]) == 97
+    torch.testing.assert_close(sharded["streamed"], single_process["streamed"], rtol=1e-3, atol=1e-3)
+    if shard_factors:
+        torch.testing.assert_close(sharded["last_layer"], single_process["last_layer"], rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(sharded["layer_abs_sums"], single_process["layer_abs_sums"], rtol=1e-3, atol=1e-3)
     assert torch.equal(sharded["top_ids"], single_process["top_ids"])
     assert int(sharded["top_ids"][0, 0]) == single_process["planted"]
