@@ -709,13 +709,14 @@ def _rows(tensors: Sequence[Tensor], keep: Tensor) -> List[Tensor]:
 
 def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, batch_size: int, seed: int, desc: str,
                       dtype: torch.dtype, left_out: List[int], num_samples: int = 1, max_batches: Optional[int] = None,
-                      show_progress: bool = False, first_example: int = 0,
+                      show_progress: bool = False, first_example: int = 0, example_stride: int = 1,
                       ) -> Iterator[Tuple[List[Tensor], List[float], Iterator, Tensor, Tensor]]:
     """The passes every curvature statistic is built from. Per batch: each layer's activations of
     the examples kept, their real-token count, the Fisher samples ``(weight, examples, per-layer
     activations, per-layer gradients, examples kept)`` of :func:`passes.fisher_gradients` (consume
-    them before the next batch), each example's place (``first_example`` + its position in
-    ``data``) and which examples the activations kept.
+    them before the next batch), each example's place (``first_example + example_stride × its
+    position in data``: its position among every process's examples) and which examples the
+    activations kept.
 
     One NaN example would make every statistic NaN, so each example is kept out of what it would
     spoil: of everything when its activations are not finite in ``dtype`` (squares included: an
@@ -730,7 +731,7 @@ def _curvature_passes(model, task, data, tracker: LayerTracker, *, fisher: str, 
     for batch, counted in passes.iterate_batches(data, batch_size, device, desc, show_progress, max_batches):
         outputs = passes.forward(model, task, batch, tracker)
         size = task.batch_size(batch)
-        places = first_example + position + torch.arange(size)
+        places = first_example + example_stride * (position + torch.arange(size))
         acts = [acts for _, acts in passes.layer_activations(tracker)]
         act_norms = _example_norms(acts, size, dtype)
         finite = _kept_examples(act_norms <= limit, acts) & counted  # a filler's passes only keep step
@@ -845,12 +846,12 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
                                      dtype: torch.dtype = torch.float32, show_progress: bool = False,
                                      left_out: Optional[List[int]] = None,
                                      covariances_into: Sequence[CovarianceStatistics] = (),
-                                     first_example: int = 0,
+                                     first_example: int = 0, example_stride: int = 1,
                                      reach: Sequence[TrackedLayer] = ()) -> EigenvalueCorrection:
     """One pass over ``data`` accumulating squared per-example gradients in ``bases`` (EK-FAC's Λ),
     or in the identity basis when ``bases`` is ``None`` (the diagonal Fisher); also the same
-    examples' covariances into ``covariances_into`` (the example at place ``first_example + i``
-    into ``covariances_into[(first_example + i) % len]``): the fresh curvature at these weights that
+    examples' covariances into ``covariances_into`` (the example at place ``p = first_example +
+    example_stride × i`` into ``covariances_into[p % len]``): the fresh curvature at these weights that
     :func:`curvature_at_checkpoint` measures staleness against. The backward passes also reach
     the outputs of ``reach`` (see :class:`LayerTracker`).
 
@@ -859,6 +860,7 @@ def accumulate_eigenvalue_correction(model, task, data, layers: Sequence[Tracked
     correction = EigenvalueCorrection(layers, bases, dtype=dtype, device=passes.model_device(model))
     _accumulate(model, task, data, layers, desc="eigenvalue correction" if bases is not None else "diagonal Fisher",
                 dtype=dtype, covariances=covariances_into, correction=correction, first_example=first_example,
+                example_stride=example_stride,
                 left_out=left_out, fisher=fisher, reach=reach, num_samples=num_samples, batch_size=batch_size,
                 max_batches=max_batches, seed=seed, show_progress=show_progress)
     return correction
@@ -900,9 +902,9 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
 
     def correct(bases, chosen, into=()):
         total = None
-        for data, seed, first in parts:
+        for data, seed, (first, stride) in parts:
             part = accumulate_eigenvalue_correction(model, task, data, chosen, bases, seed=seed, covariances_into=into,
-                                                    first_example=first, **pass_options)
+                                                    first_example=first, example_stride=stride, **pass_options)
             total = part if total is None else total.merge_(part)
         if reduce is not None:
             reduce(total.tensors() + [t for stats in into for t in stats.tensors()])
@@ -912,21 +914,15 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     correct_first = strategy == "ekfac" and refresh != "always"
     if refresh == "never" and not correct_first:
         return keep_bases(decomposed), None, {}
-    sizes = [_examples_in(data) for data, _ in parts]
-    if reduce is not None:  # one share per process: its examples come after the lower ranks'
-        sizes = [size for shares in distributed.gather_objects(sizes) for size in shares]
-        firsts = [sum(sizes[: distributed.rank()])]
-    else:
-        firsts = [sum(sizes[:i]) for i in range(len(parts))]
-    parts = [(data, seed, first) for (data, seed), first in zip(parts, firsts)]
+    parts = [(data, seed, place) for (data, seed), place in zip(parts, _share_places(parts, reduce is not None))]
     halves = [CovarianceStatistics(layers, dtype=dtype, device=device) for _ in range(2)]
     correction = None
     if correct_first:
         correction = correct(keep_bases(decomposed), layers, into=halves)
     else:
-        for data, seed, first in parts:
+        for data, seed, (first, stride) in parts:
             _accumulate(model, task, data, layers, desc="covariances", covariances=halves, seed=seed,
-                        first_example=first, **{**pass_options, "dtype": dtype})
+                        first_example=first, example_stride=stride, **{**pass_options, "dtype": dtype})
         if reduce is not None:
             reduce([t for stats in halves for t in stats.tensors()])
     fresh = CovarianceStatistics(layers, dtype=dtype, device=device).merge_(halves[0]).merge_(halves[1])
@@ -947,9 +943,20 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
     return bases, correction, report
 
 
-def _examples_in(data: Any) -> int:
-    """The examples a correction share holds (a :class:`~passes.Lockstep` share's own; 0 when unknown)."""
-    return passes.example_count(data.data if isinstance(data, passes.Lockstep) else data) or 0
+def _share_places(parts: Sequence[Tuple[Any, int]], one_per_process: bool) -> List[Tuple[int, int]]:
+    """Where each correction share's examples stand among every process's, as ``(first, stride)``:
+    a map-style share is a contiguous range after the lower ranks' shares (``stride`` 1); a
+    streaming pool's share, of unknown length, is every ``world``-th item from its rank (as
+    :class:`~lightning_influence.session.PoolStream` deals them). ``one_per_process``: ``parts``
+    is this process's share (collective); else every process's, in rank order."""
+    sizes = [passes.example_count(data.data if isinstance(data, passes.Lockstep) else data) for data, _ in parts]
+    if one_per_process:
+        here, world = distributed.rank(), distributed.world_size()
+        sizes = [size for shares in distributed.gather_objects(sizes) for size in shares]
+    else:
+        here, world = None, len(parts)
+    ranks = [here] if here is not None else list(range(world))
+    return [(rank, world) if sizes[rank] is None else (sum(size or 0 for size in sizes[:rank]), 1) for rank in ranks]
 
 
 def _report_left_out(found: List[int], left_out: Optional[List[int]]) -> None:

@@ -122,8 +122,7 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
         session.pool_ids = torch.tensor([ONE_EXAMPLE])
         single = session.score(model, factors)
         streaming = InfluenceSession(task, IndexedStream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
-                                     correction_batches=None, shard_factors=shard_factors,
-                                     curvature_refresh="never")  # "auto": see test_fsdp's module docstring
+                                     correction_batches=None, shard_factors=shard_factors)
         streamed, _ = streaming.compute(model, streaming.reduce_statistics(statistics), step=6,
                                         layers=statistics.layers)
         counting.remove()

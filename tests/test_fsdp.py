@@ -3,9 +3,8 @@
 batch. The pool is split unevenly (49 and 48 examples: 4 and 3 batches, for scoring and the
 eigenvalue correction), and a pool of one leaves a process without any example: every process
 still runs as many forward/backward passes as the others (the model's collectives need them), or
-the run would fail or hang. The streaming pool's run keeps the training bases
-(``curvature_refresh="never"``): a stream's correction examples are halved per process for the
-staleness measure, so ``"auto"`` may refresh other layers at another number of processes."""
+the run would fail or hang. The streaming pool's run refreshes stale layers as one process does: its
+correction examples are halved by their place in the stream, whatever the number of processes."""
 
 from __future__ import annotations
 
