@@ -436,7 +436,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                           for name, info in payload["callback"].items())
     sections = [benchlib.markdown_table(headers, table_rows),
                 f"Curvature staleness of the training statistics at the final computation: {staleness}.",
-                "Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings"].items())]
+                "Wall-clock seconds of each run, training included (a shared machine: not a cost measure, see the "
+                "cost table): " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings"].items())]
     if payload["checkpoint_cost"]:
         sections.append(cost_section(payload["checkpoint_cost"]))
     title = (f"Real text: Shakespeare, GPT ({cfg['blocks']} blocks, width {cfg['width']}) trained from scratch "

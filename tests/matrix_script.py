@@ -50,10 +50,8 @@ def options(train) -> dict:
     return {
         "plain": {},
         "shard_factors": {"shard_factors": True},
-        # A stream's correction examples are halved per process for the staleness measure, so "auto"
-        # may refresh other layers at another number of processes: the training bases are kept.
-        "stream": {"train_data": IndexedStream(train), "curvature_refresh": "never"},
-        "stream_sharded": {"train_data": IndexedStream(train), "shard_factors": True, "curvature_refresh": "never"},
+        "stream": {"train_data": IndexedStream(train)},
+        "stream_sharded": {"train_data": IndexedStream(train), "shard_factors": True},
         "ledger": {"ledger": True},
         "self_influence": {"self_influence": True},
         "keep_top_scores": {"keep_top_scores": 8},
