@@ -49,8 +49,8 @@ DEFINITIONS: Dict[str, str] = {
     "curvature_staleness": ("How stale the covariances collected during training are at the scored weights, mean "
                             "over layers: the fraction of the curvature (fresh covariances of the correction "
                             "examples) that falls off the diagonal of the training-time eigenbasis, 0 (exact) to 1. "
-                            "A few hundred fresh examples alone leave some off the diagonal too (meta['curvature']"
-                            "['fresh_staleness']); layers staler than that get fresh covariances "
+                            "A few hundred fresh examples alone leave some off the diagonal too (fresh_staleness in the "
+                            "result's curvature metadata); layers staler than that get fresh covariances "
                             "(curvature_refresh='auto')."),
     "layer_share/<layer>": ("Share of |score| carried by this layer, |s_layer| / Σ_layers |s_layer|, mean over "
                             "queries: where in depth the influence flows."),
