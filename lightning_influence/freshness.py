@@ -23,7 +23,7 @@ training basis wins ties, with drifting weights the fresh one wins.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -74,6 +74,10 @@ def measure(training_bases: Mapping[str, Mapping[str, Tensor]], halves: Sequence
     return out
 
 
+def _mean(values: Sequence[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
 def _merged(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Dict[str, Tensor]:
     return {key: a[key] + b[key] for key in ("a_sum", "s_sum")}
 
@@ -98,11 +102,10 @@ def staleness_report(measured: Mapping[str, Mapping[str, float]], refreshed: Seq
     floor = [m["fresh_staleness"] for m in measured.values() if m["fresh_staleness"] is not None]
     used = [m["fresh_staleness"] if name in refreshed and m["fresh_staleness"] is not None else m["staleness"]
             for name, m in measured.items()]
-    mean = (lambda values: sum(values) / len(values) if values else None)
     return {
-        "staleness": mean(stale),
-        "fresh_staleness": mean(floor) if len(floor) == len(stale) else None,
-        "staleness_used": mean(used),
+        "staleness": _mean(stale),
+        "fresh_staleness": _mean(floor) if len(floor) == len(stale) else None,
+        "staleness_used": _mean(used),
         "refreshed_layers": list(refreshed),
         "refreshed_fraction": len(refreshed) / len(measured) if measured else 0.0,
         "per_layer": {name: dict(m) for name, m in measured.items()},
