@@ -926,7 +926,7 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
         if reduce is not None:
             reduce([t for stats in halves for t in stats.tensors()])
     fresh = CovarianceStatistics(layers, dtype=dtype, device=device).merge_(halves[0]).merge_(halves[1])
-    measured = freshness.measure(decomposed, halves)
+    measured = freshness.measure(decomposed, halves, fresh)
     stale = freshness.stale_layers(measured, refresh)
     if stale:
         decomposed.update(fresh.eigendecompose(stale))

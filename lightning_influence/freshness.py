@@ -58,17 +58,18 @@ def layer_staleness(basis: Mapping[str, Tensor], fresh: Mapping[str, Tensor]) ->
     return min(max(1.0 - kept, 0.0), 1.0)  # round-off never leaves [0, 1]
 
 
-def measure(training_bases: Mapping[str, Mapping[str, Tensor]], halves: Sequence) -> Dict[str, Dict[str, float]]:
-    """Per layer, against the second half of the fresh covariances (``CovarianceStatistics``): the
-    ``staleness`` of the training basis, and the ``fresh_staleness`` of the first half's basis
-    (``None`` when a half saw no example: a single correction batch)."""
+def measure(training_bases: Mapping[str, Mapping[str, Tensor]], halves: Sequence, fresh) -> Dict[str, Dict[str, float]]:
+    """Per layer, against the second half of the fresh covariances (``CovarianceStatistics``; both
+    halves together, ``fresh``, when a half saw no example): the ``staleness`` of the training
+    basis, and the ``fresh_staleness`` of the first half's basis (``None`` without two halves: a
+    single correction example)."""
     first, second = halves
     measurable = all(float(parts["s_count"]) > 0 and float(parts["a_count"]) > 0
                      for half in halves for parts in half.state.values())
     fresh_bases = first.eigendecompose() if measurable else {}
     out = {}
     for name, basis in training_bases.items():
-        reference = second.state[name] if measurable else _merged(first.state[name], second.state[name])
+        reference = (second if measurable else fresh).state[name]
         out[name] = {"staleness": layer_staleness(basis, reference),
                      "fresh_staleness": layer_staleness(fresh_bases[name], reference) if measurable else None}
     return out
@@ -76,10 +77,6 @@ def measure(training_bases: Mapping[str, Mapping[str, Tensor]], halves: Sequence
 
 def _mean(values: Sequence[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
-
-
-def _merged(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Dict[str, Tensor]:
-    return {key: a[key] + b[key] for key in ("a_sum", "s_sum")}
 
 
 def stale_layers(measured: Mapping[str, Mapping[str, float]], refresh: str) -> List[str]:
