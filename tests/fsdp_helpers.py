@@ -9,7 +9,9 @@ A module of its own: ``torch.multiprocessing.spawn`` imports the worker by name 
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -141,9 +143,24 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
                         "train_ids": result.train_ids, "top_ids": result.get("top_ids"),
                         "one_example": single.scores, "planted": planted, "world_size": dist.get_world_size()
                         if world > 1 else 1}, out)
-    finally:
+    except BaseException:
         if world > 1:
             dist.destroy_process_group()
+        raise
+    if world > 1:
+        leave_process_group()
+
+
+def leave_process_group() -> None:
+    """End a spawned process that succeeded: wait for the other processes, destroy the group, and exit
+    without the interpreter's finalization. FSDP1 on gloo leaves C++ work objects that, torn down at
+    interpreter exit under load, abort the process ("terminate called without an active exception")
+    after everything was computed and saved."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(out: Path, world: int, sharding: str = "fully_shard", shard_factors: bool = False) -> dict:
