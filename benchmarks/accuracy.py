@@ -22,7 +22,7 @@ from torch.utils.data import TensorDataset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence.oracle import factor_block
+from lightning_influence.engine.oracle import factor_block
 from oracle import DenseGaussNewton
 
 FULL = dict(num_train=500, num_query=50, hidden=32, epochs=20, dampings=(0.01, 0.1, 1.0))

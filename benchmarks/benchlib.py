@@ -22,13 +22,13 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.factors import (
+from lightning_influence.engine.factors import (
     CovarianceStatistics,
     EigenvalueCorrection,
     accumulate_covariances,
     accumulate_eigenvalue_correction,
 )
-from lightning_influence.tracking import select_layers
+from lightning_influence.engine.tracking import select_layers
 
 class Block(nn.Module):
     """A pre-norm transformer block of ``nn.Linear`` layers (every projection is tracked), shared by

@@ -1,6 +1,6 @@
 """Dense damped Gauss-Newton influence for the accuracy benchmarks, vectorised with torch.func.
 
-``lightning_influence.oracle`` is the reference the tests use; it loops over examples and output
+``lightning_influence.engine.oracle`` is the reference the tests use; it loops over examples and output
 dimensions, which takes minutes at benchmark sizes (hundreds of examples). This is the same
 quantity for softmax cross-entropy models, from one batched Jacobian per data set:
 ``G_ℓ = (1/N) Σ_n J_nℓᵀ (diag p_n − p_n p_nᵀ) J_nℓ`` and per-example gradients ``J_nᵀ (p_n − e_y)``,
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
-from lightning_influence.tracking import layers_by_name
+from lightning_influence.engine.tracking import layers_by_name
 
 
 class DenseGaussNewton:

@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence import distributed
-from lightning_influence.collector import StepStatistics
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine import distributed
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.checkpoint.session import InfluenceSession
 
 FULL = dict(widths=(64, 256, 512, 256, 512, 128, 10), examples=512, queries=32, worlds=(2, 4))
 QUICK = dict(widths=(16, 32, 48, 32, 10), examples=64, queries=8, worlds=(2,))

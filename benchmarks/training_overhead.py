@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence.callback import InfluenceCallback
+from lightning_influence.loops.callback import InfluenceCallback
 
 
 class TinyGPT(pl.LightningModule):

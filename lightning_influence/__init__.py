@@ -5,17 +5,18 @@ Public names only; see README.md for a tour and docs/ (mkdocs) for the documenta
 
 from lightning_influence import analysis
 from lightning_influence._io import FormatError
-from lightning_influence.analysis import InfluenceSummary, PowerLawFit, fit_power_law, summarize
-from lightning_influence.collector import StepStatistics
-from lightning_influence.compare import Comparison, RunAnalysis, compare, trajectory
+from lightning_influence.analysis.summary import InfluenceSummary, summarize
+from lightning_influence.analysis.tails import PowerLawFit, fit_power_law
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.analysis.compare import Comparison, RunAnalysis, compare, trajectory
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors, load_factors
+from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors, load_factors
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
 from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
-from lightning_influence.scoring import compute_influence, compute_self_influence
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine.scoring import compute_influence, compute_self_influence
+from lightning_influence.checkpoint.session import InfluenceSession
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
-from lightning_influence.tracking import TrackingError, select_layers
+from lightning_influence.engine.tracking import TrackingError, select_layers
 
 __version__ = "0.1.0"
 
@@ -61,11 +62,11 @@ __all__ = [
 
 
 _LAZY = {  # heavy imports (Lightning, matplotlib, torchmetrics) only when asked for
-    "InfluenceCallback": ("lightning_influence.callback", "InfluenceCallback"),
+    "InfluenceCallback": ("lightning_influence.loops.callback", "InfluenceCallback"),
     "write_html_report": ("lightning_influence.reporting.html", "write_html_report"),
-    "metrics": ("lightning_influence.metrics", None),
-    "LayerShare": ("lightning_influence.metrics", "LayerShare"),
-    "InfluenceConcentration": ("lightning_influence.metrics", "InfluenceConcentration"),
+    "metrics": ("lightning_influence.analysis.metrics", None),
+    "LayerShare": ("lightning_influence.analysis.metrics", "LayerShare"),
+    "InfluenceConcentration": ("lightning_influence.analysis.metrics", "InfluenceConcentration"),
 }
 
 

@@ -171,7 +171,7 @@ def _positive_int(text: str) -> int:
 
 def _damping(text: str) -> float:
     """A damping the scores can use (see ``check_damping``), refused while parsing the arguments."""
-    from lightning_influence.factors import check_damping
+    from lightning_influence.engine.factors import check_damping
 
     try:
         value = float(text)
@@ -188,7 +188,7 @@ def _damping(text: str) -> float:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from lightning_influence._format import format_number
-    from lightning_influence.compare import RunAnalysis
+    from lightning_influence.analysis.compare import RunAnalysis
     from lightning_influence.results import load_results
 
     results = load_results(args.path)
@@ -275,7 +275,7 @@ def _section(out, title: str) -> None:
 
 def _cmd_compare(args: argparse.Namespace) -> int:
     from lightning_influence._io import json_ready
-    from lightning_influence.compare import compare
+    from lightning_influence.analysis.compare import compare
 
     a, b = _load_single(args.a), _load_single(args.b)
     comparison = compare(a, b, ks=tuple(args.k), top_k_changes=args.changes,
@@ -307,7 +307,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
     import lightning_influence as li
     from lightning_influence._io import check_replaceable
     from lightning_influence.results import factors_path, saved_run_id
-    from lightning_influence.session import InfluenceSession
+    from lightning_influence.checkpoint.session import InfluenceSession
 
     for path, what in ((args.checkpoint, "checkpoint"), (args.factors, "factors directory")):
         if not path.exists():

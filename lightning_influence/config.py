@@ -20,8 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.factors import FISHER_KINDS, STRATEGIES, check_damping
-from lightning_influence.freshness import REFRESH
+from lightning_influence.engine.factors import FISHER_KINDS, STRATEGIES, check_damping
+from lightning_influence.engine.freshness import REFRESH
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
@@ -87,7 +87,7 @@ class InfluenceConfig:
             (``meta["curvature"]``, logged as ``curvature_staleness``). ``"auto"``: a layer whose
             training basis describes the fresh covariances worse than a basis from half of them
             gets their eigenbasis and a second correction pass; ``"always"``: every layer (the
-            refit on the correction examples); ``"never"``: none. See ``lightning_influence.freshness``.
+            refit on the correction examples); ``"never"``: none. See ``lightning_influence.engine.freshness``.
         max_train_examples: score a fixed random subset of this many pool examples (chosen once,
             kept across checkpoints and resumes; at most the pool's size); of a streaming pool, its
             first this many items.
@@ -98,14 +98,14 @@ class InfluenceConfig:
         keep_top_scores: keep per query only this many most positive and most negative scores
             (with their ids) and a sketch of the rest (exact sums, a log-magnitude histogram)
             instead of every score ``[Q, N]``, for pools too large for that (``None``: every score).
-            At least ``top_k``. See ``lightning_influence.sketch``.
+            At least ``top_k``. See ``lightning_influence.analysis.sketch``.
         pool_id_key: a streaming pool (an ``IterableDataset`` as ``train_data``) yields mappings
             holding a stable integer id under this key; the result's ``train_ids`` are those ids.
         self_influence: also score each pool example on itself at every computation (mislabel and
             memorisation candidates): ``result.self_scores``, a logged table and ``influence/self/*``.
         ledger: on each collected step, score the batch against the queries preconditioned at the
             last computation, weighted by the learning rate (TracIn-style); stored with the next
-            result as ``ledger_ids`` / ``ledger_scores`` (see ``lightning_influence.ledger``).
+            result as ``ledger_ids`` / ``ledger_scores`` (see ``lightning_influence.loops.ledger``).
         ledger_subspace: the ledger scores with its queries projected onto this many shared
             directions per layer and side, which bounds its per-step cost whatever the number of
             queries (``None``: the queries themselves, exact and slower).

@@ -6,7 +6,7 @@ The same implementation as :class:`lightning_influence.InfluenceCallback`, bound
 
 from lightning.pytorch import Callback
 
-from lightning_influence.callback import InfluenceCallbackMixin
+from lightning_influence.loops.callback import InfluenceCallbackMixin
 
 
 class InfluenceCallback(InfluenceCallbackMixin, Callback):

@@ -33,11 +33,11 @@ from lightning_influence._io import (
     write_file_atomic,
     write_json,
 )
-from lightning_influence.sketch import MOMENTS, NUM_BINS, SKETCH_FIELDS
-from lightning_influence.tracking import model_class
+from lightning_influence.analysis.sketch import MOMENTS, NUM_BINS, SKETCH_FIELDS
+from lightning_influence.engine.tracking import model_class
 
 if TYPE_CHECKING:
-    from lightning_influence.factors import Factors
+    from lightning_influence.engine.factors import Factors
 
 RESULT_FORMAT = "lightning-influence/result"
 FORMAT_VERSION = 1
@@ -364,7 +364,7 @@ def save_result_with_factors(path: PathLike, result: InfluenceResult, factors: "
 
 def factors_path(result_or_dir: Union[InfluenceResult, PathLike]) -> Path:
     """The factors directory of a saved factors directory, or of a result saved with its factors."""
-    from lightning_influence.factors import FACTORS_FORMAT
+    from lightning_influence.engine.factors import FACTORS_FORMAT
 
     path = result_or_dir.path if isinstance(result_or_dir, InfluenceResult) else result_or_dir
     if path is None:

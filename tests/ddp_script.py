@@ -18,7 +18,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from torch.utils.data import DataLoader, DistributedSampler  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.callback import InfluenceCallback  # noqa: E402
+from lightning_influence.loops.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_datamodule_class, make_module_class, planted_data  # noqa: E402
 
 

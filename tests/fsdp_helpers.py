@@ -21,10 +21,10 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 import lightning_influence as li
-from lightning_influence import distributed
-from lightning_influence.sharding import reduce_to_owners
-from lightning_influence.collector import StepStatistics
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine import distributed
+from lightning_influence.engine.sharding import reduce_to_owners
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests import tiny_models
 from tests.callback_models import planted_data
 

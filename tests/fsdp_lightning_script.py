@@ -18,7 +18,7 @@ import torch  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.callback import InfluenceCallback  # noqa: E402
+from lightning_influence.loops.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
 

@@ -22,8 +22,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.distributed import gather_objects  # noqa: E402
-from lightning_influence.callback import InfluenceCallback  # noqa: E402
+from lightning_influence.engine.distributed import gather_objects  # noqa: E402
+from lightning_influence.loops.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
 from tests.fsdp_helpers import IndexedStream  # noqa: E402

@@ -23,7 +23,7 @@ import threading  # noqa: E402
 import pytorch_lightning as pl  # noqa: E402
 from pytorch_lightning.callbacks import ModelCheckpoint  # noqa: E402
 
-import lightning_influence.factors  # noqa: E402
+import lightning_influence.engine.factors  # noqa: E402
 import lightning_influence.results  # noqa: E402
 from lightning_influence.reporting import publisher  # noqa: E402
 from tests.reliability_helpers import fit, make_callback  # noqa: E402
@@ -59,7 +59,7 @@ def main(mode: str, run_dir: str) -> None:
     if mode == "kill-result":
         kill_on_second_write(lightning_influence.results)
     elif mode == "kill-factors":
-        kill_on_second_write(lightning_influence.factors)
+        kill_on_second_write(lightning_influence.engine.factors)
     elif mode == "kill-after-checkpoint":  # the background worker never finishes drawing step 6's report
         publisher.ResultPublisher._complete = lambda *args: threading.Event().wait()
         callbacks.append(KillInSecondEpoch())

@@ -15,9 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence import distributed
-from lightning_influence.collector import StepStatistics
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine import distributed
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.checkpoint.session import InfluenceSession
 
 BATCH = 8
 

@@ -13,7 +13,7 @@ import torch.distributed as dist  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.session import InfluenceSession  # noqa: E402
+from lightning_influence.checkpoint.session import InfluenceSession  # noqa: E402
 from tests.callback_models import planted_data  # noqa: E402
 from tests.stream_helpers import BlobStream, blob_statistics, trained_blob_model  # noqa: E402
 

@@ -12,7 +12,7 @@ import torch
 
 from lightning_influence._format import format_number
 from lightning_influence.cli import main
-from lightning_influence.compare import RunAnalysis, compare, trajectory
+from lightning_influence.analysis.compare import RunAnalysis, compare, trajectory
 from lightning_influence.reporting import ResultPublisher
 from lightning_influence.reporting.html import write_html_report
 from lightning_influence.reporting.publisher import REPORT_DIR, SUMMARY_FILE
@@ -20,7 +20,7 @@ from lightning_influence.results import InfluenceResult, check_same_run
 
 from tests.reporting_helpers import make_result
 
-compare_module = importlib.import_module("lightning_influence.compare")  # li.compare is the function
+compare_module = importlib.import_module("lightning_influence.analysis.compare")  # li.compare is the function
 
 
 def run_result(step, run_id, pool_size, *, path=None, seed=None):

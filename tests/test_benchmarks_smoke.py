@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence import oracle as reference
+from lightning_influence.engine import oracle as reference
 
 pytest.importorskip("sklearn")
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"

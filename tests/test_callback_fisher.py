@@ -14,8 +14,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.callback import InfluenceCallback
-from lightning_influence.oracle import dense_influence
+from lightning_influence.loops.callback import InfluenceCallback
+from lightning_influence.engine.oracle import dense_influence
 from tests.callback_models import blobs, make_datamodule_class, make_module_class
 
 

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_influence import _trainer
+from lightning_influence.loops import trainer as _trainer
 
 SCRIPT = Path(__file__).with_name("fsdp_lightning_script.py")
 
@@ -80,7 +80,7 @@ def test_sharded_strategies_are_accepted():
 
 def test_hugging_face_fsdp_is_refused_pointing_to_the_supported_paths():
     pytest.importorskip("transformers")
-    from lightning_influence.integrations import hf
+    from lightning_influence.loops import hf
 
     message = hf._unsupported(SimpleNamespace(n_gpu=1, fsdp="full_shard", deepspeed=None))
     assert "ModelParallelStrategy" in message and "InfluenceSession" in message

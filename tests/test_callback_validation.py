@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_influence as li
-from lightning_influence.callback import InfluenceCallback
+from lightning_influence.loops.callback import InfluenceCallback
 from tests.callback_models import make_datamodule_class, make_module_class, planted_data
 
 Classifier = make_module_class(pl)

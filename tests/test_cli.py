@@ -148,7 +148,7 @@ def test_compare_table(capsys, run_dir):
 
 
 def test_compare_json_matches_api(capsys, run_dir):
-    from lightning_influence.compare import compare
+    from lightning_influence.analysis.compare import compare
 
     code, out, err = run_cli(capsys, "compare", run_dir / "step=10", run_dir / "step=30", "--json", "--k", "2", "7")
     assert code == 0, err

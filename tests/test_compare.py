@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lightning_influence.analysis import concentration
-from lightning_influence.compare import (
+from lightning_influence.analysis.compare import (
     compare,
     js_divergence,
     kendall_tau_b,

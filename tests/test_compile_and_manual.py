@@ -13,7 +13,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_influence import _trainer
+from lightning_influence.loops import trainer as _trainer
 from tests.reliability_helpers import (COLLECT_ONLY, Classifier, assert_refused_before_training,
                                        assert_statistics_close, fit, make_callback, seeded)
 

@@ -6,7 +6,6 @@ rules, which the callback calls."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re

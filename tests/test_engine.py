@@ -8,9 +8,9 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.factors import CovarianceStatistics, accumulate_covariances
-from lightning_influence.scoring import PreconditionedQueries, contract
-from lightning_influence.tracking import LayerTracker
+from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.engine.scoring import PreconditionedQueries, contract
+from lightning_influence.engine.tracking import LayerTracker
 from tests.tiny_models import TinyTransformer, TokenData, classification_data, mlp
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_influence import passes
+from lightning_influence.engine import passes
 from tests.reliability_helpers import Classifier, fit, make_callback, seeded
 
 

@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence import passes
+from lightning_influence.engine import passes
 from lightning_influence.analysis import layer_shares
 from lightning_influence.results import finite_topk
 from tests.tiny_models import TinyTransformer, TokenData, classification_data, mlp, regression_data

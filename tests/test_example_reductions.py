@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_influence import factors as factors_module
-from lightning_influence import scoring
-from lightning_influence.factors import Factors, per_example_gradients, squared_example_gradients
-from lightning_influence.scoring import PreconditionedQueries
+from lightning_influence.engine import factors as factors_module
+from lightning_influence.engine import scoring
+from lightning_influence.engine.factors import Factors, per_example_gradients, squared_example_gradients
+from lightning_influence.engine.scoring import PreconditionedQueries
 
 
 def _random_tokens(examples, tokens, d_in, d_out, seed=0):

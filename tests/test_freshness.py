@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence import freshness
-from lightning_influence.factors import CovarianceStatistics, accumulate_covariances
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine import freshness
+from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import make_module_class, planted_data
 from tests.tiny_models import classification_data, mlp
 

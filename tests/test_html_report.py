@@ -153,7 +153,7 @@ def test_tables_list_the_top_examples_with_highlighted_tokens(report):
 
 
 def test_comparison_lists_entered_and_left_examples(report):
-    from lightning_influence.compare import compare
+    from lightning_influence.analysis.compare import compare
 
     results, _, page = report
     comparison = compare(results[0], results[-1], top_k_changes=TOP)

@@ -14,8 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import lightning_influence as li
-from lightning_influence.factors import CovarianceStatistics, accumulate_covariances
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 
 TEST_SETTINGS = dict(on_error="raise", show_progress=False, collect_every_n_steps=1, max_tokens_per_step=None)
@@ -62,7 +62,7 @@ def fabric_fit(fabric, monitor, model, optimizer, train, *, epochs: int, accumul
 @pytest.mark.parametrize("accumulation", [1, 3])
 def test_fabric_statistics_equal_offline_pass(tmp_path, accumulation):
     """With lr=0 the weights stay put: one epoch of the loop's statistics equals one offline pass."""
-    from lightning_influence.integrations.fabric import InfluenceMonitor
+    from lightning_influence.loops.fabric import InfluenceMonitor
 
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1)
     train, val, _ = planted_data()
@@ -82,7 +82,7 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
     Fabric's logger."""
     from lightning.fabric.loggers import CSVLogger
 
-    from lightning_influence.integrations.fabric import InfluenceMonitor
+    from lightning_influence.loops.fabric import InfluenceMonitor
 
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1, loggers=CSVLogger(str(tmp_path / "logs")))
     train, val, planted = planted_data()
@@ -112,7 +112,7 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
 
 
 def test_fabric_refuses_callback_only_settings(tmp_path):
-    from lightning_influence.integrations.fabric import InfluenceMonitor
+    from lightning_influence.loops.fabric import InfluenceMonitor
 
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1)
     train, val, _ = planted_data()
@@ -182,7 +182,7 @@ def hf_trainer(tmp_path, model, callback, *, learning_rate=0.0, accumulation=1, 
 
 
 def test_hf_refuses_the_ledger_it_cannot_run():
-    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     with pytest.raises(ValueError, match=r"ledger=True is not supported here: .*InfluenceCallback\(ledger=True\)"):
         InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), ledger=True)  # was silently ignored
@@ -193,7 +193,7 @@ def test_hf_refuses_the_ledger_it_cannot_run():
 def test_hf_trainer_statistics_equal_offline_pass(tmp_path, make_model):
     """lr=0, 6 micro-batches with 4 accumulated per step (so the last step accumulates 2): the
     statistics from the Trainer's steps equal one offline pass, whichever way the Trainer scales."""
-    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     callback = InfluenceTrainerCallback(li.CausalLMTask(), TokenData(4, seed=1), on_train_end=False,
                                         every_n_train_steps=1000, report=False, **TEST_SETTINGS)
@@ -210,7 +210,7 @@ def test_hf_trainer_writes_results_and_logs_to_wandb(tmp_path, monkeypatch):
     """Influence every 3 steps and at the end, on disk under <output_dir>/influence and in the W&B
     run that report_to="wandb" started."""
     wandb = pytest.importorskip("wandb")
-    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
     from tests import wandb_reader
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
@@ -238,7 +238,7 @@ def test_integrations_import_no_framework_they_do_not_need():
     import subprocess
     import sys
 
-    code = ("import sys, lightning_influence, lightning_influence.integrations, lightning_influence.integrations.fabric; "
+    code = ("import sys, lightning_influence, lightning_influence.loops, lightning_influence.loops.fabric; "
             "print(sorted(m for m in ('transformers', 'lightning', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=str(Path(__file__).resolve().parents[1]))

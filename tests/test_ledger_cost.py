@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from lightning_influence import ledger, session
-from lightning_influence.session import InfluenceSession
+from lightning_influence.loops import ledger
+from lightning_influence.checkpoint import session
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.reliability_helpers import fit, make_callback
 
 EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False)

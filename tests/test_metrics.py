@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lightning_influence.analysis import concentration, layer_shares
-from lightning_influence.metrics import InfluenceConcentration, LayerShare
+from lightning_influence.analysis.metrics import InfluenceConcentration, LayerShare
 
 
 def chunks(tensor, size, dim):

@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import lightning_influence as li
-from lightning_influence import factors as factors_module
-from lightning_influence import passes, scoring
-from lightning_influence.factors import accumulate_covariances
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine import factors as factors_module
+from lightning_influence.engine import passes
+from lightning_influence.engine import scoring
+from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 from tests.reliability_helpers import fit, make_callback
 
@@ -164,7 +165,7 @@ def test_integrations_read_their_mixed_precision_setting():
     from types import SimpleNamespace
 
     pytest.importorskip("transformers")
-    from lightning_influence.integrations.hf import _autocast_dtype
+    from lightning_influence.loops.hf import _autocast_dtype
 
     assert _autocast_dtype(SimpleNamespace(bf16=True, fp16=False)) == torch.bfloat16
     assert _autocast_dtype(SimpleNamespace(bf16=False, fp16=True)) == torch.float16
@@ -173,7 +174,7 @@ def test_integrations_read_their_mixed_precision_setting():
 
 def test_fabric_monitor_uses_fabrics_bf16_autocast(tmp_path):
     fabric_module = pytest.importorskip("lightning.fabric")
-    from lightning_influence.integrations.fabric import InfluenceMonitor
+    from lightning_influence.loops.fabric import InfluenceMonitor
 
     model, train, queries, _ = trained_classifier()
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")

@@ -14,8 +14,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 import lightning_influence as li
-from lightning_influence import monitors
-from lightning_influence.ledger import BatchIds
+from lightning_influence.analysis import monitors
+from lightning_influence.loops.ledger import BatchIds
 from tests.callback_models import planted_data
 from tests.reliability_helpers import BlobData, Classifier, fit, make_callback
 
@@ -174,9 +174,9 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
     queries span no more than its size; otherwise it scores with the projected queries and reports
     the share of their squared norm it keeps; chosen in the training gradients' metric, it keeps
     exactly the scores of gradients that stay where the curvature says they go."""
-    from lightning_influence.ledger import SubspaceQueries
-    from lightning_influence.scoring import PreconditionedQueries, contract
-    from lightning_influence.tracking import TrackedLayer
+    from lightning_influence.loops.ledger import SubspaceQueries
+    from lightning_influence.engine.scoring import PreconditionedQueries, contract
+    from lightning_influence.engine.tracking import TrackedLayer
 
     gen = torch.Generator().manual_seed(0)
     queries = PreconditionedQueries({"layer": torch.randn(5, 20, 24, generator=gen)}, rank=3)
@@ -209,8 +209,8 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
 def test_the_share_of_the_queries_the_ledger_keeps_is_a_fraction():
     """Kept whole, the share is a ratio of two sums of the same squares in another order, which
     rounded above 1 (``meta["ledger"]["captured"]`` of 1.0000000000000007)."""
-    from lightning_influence.ledger import SubspaceQueries
-    from lightning_influence.scoring import PreconditionedQueries
+    from lightning_influence.loops.ledger import SubspaceQueries
+    from lightning_influence.engine.scoring import PreconditionedQueries
 
     shares = []
     for seed in range(20):

@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils.data import Subset
 
 import lightning_influence as li
-from lightning_influence.oracle import dense_influence, factor_block, gauss_newton_blocks
-from lightning_influence.tracking import layers_by_name
+from lightning_influence.engine.oracle import dense_influence, factor_block, gauss_newton_blocks
+from lightning_influence.engine.tracking import layers_by_name
 from tests.tiny_models import (
     TinyConvNet,
     TinyTransformer,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from lightning_influence.callback import InfluenceCallback
+from lightning_influence.loops.callback import InfluenceCallback
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()

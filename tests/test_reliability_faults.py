@@ -20,8 +20,8 @@ from pytorch_lightning.loggers import Logger
 from torch.utils.data import DataLoader, Subset
 
 import lightning_influence as li
-import lightning_influence.session
-import lightning_influence.factors
+import lightning_influence.checkpoint.session
+import lightning_influence.engine.factors
 import lightning_influence.results
 from lightning_influence._io import FormatError
 from tests.callback_models import planted_data
@@ -150,9 +150,9 @@ def _fail_at_step(monkeypatch, module, name, step, truncate=False):
 
 @pytest.mark.parametrize("where", ["scoring", "writing scores", "writing factors"])
 def test_crash_inside_a_computation_leaves_no_partial_result(tmp_path, monkeypatch, where):
-    module, name = {"scoring": (lightning_influence.session, "compute_influence"),
+    module, name = {"scoring": (lightning_influence.checkpoint.session, "compute_influence"),
                     "writing scores": (lightning_influence.results, "save_tensors"),
-                    "writing factors": (lightning_influence.factors, "save_tensors")}[where]
+                    "writing factors": (lightning_influence.engine.factors, "save_tensors")}[where]
     _fail_at_step(monkeypatch, module, name, step=12, truncate=where != "scoring")
     cb = make_callback(tmp_path, on_error="warn", batch_size=16, **EPOCHS)
     with warnings.catch_warnings(record=True) as caught:

@@ -18,7 +18,7 @@ from torch.utils.data import IterableDataset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence._io import FormatError
-from lightning_influence.callback import InfluenceCallback
+from lightning_influence.loops.callback import InfluenceCallback
 from tests.callback_models import planted_data
 from tests.reliability_helpers import (COLLECT_ONLY, BlobData, Classifier, assert_refused_before_training, fit,
                                        make_callback)

@@ -19,8 +19,8 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import Subset
 
 import lightning_influence as li
-from lightning_influence.callback import STATE_VERSION
-from lightning_influence.run_dir import LOCK_FILE
+from lightning_influence.loops.callback import STATE_VERSION
+from lightning_influence.checkpoint.run_dir import LOCK_FILE
 from tests.callback_models import planted_data
 from tests.reliability_helpers import Classifier, assert_refused_before_training, fit, make_callback, seeded
 
@@ -158,7 +158,7 @@ def test_a_checkpoint_of_an_earlier_version_resumes_under_the_id_its_results_rec
 HOLD_THE_DIRECTORY = """
 import sys, time
 from pathlib import Path
-from lightning_influence.run_dir import OutputDirectory
+from lightning_influence.checkpoint.run_dir import OutputDirectory
 OutputDirectory(Path(sys.argv[1]), "another-run").claim()
 print("claimed", flush=True)
 time.sleep(600)

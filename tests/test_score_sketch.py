@@ -16,12 +16,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence import sketch as score_sketch
+from lightning_influence.analysis import sketch as score_sketch
 from lightning_influence.analysis import summarize
-from lightning_influence.compare import compare
-from lightning_influence.monitors import monitor_scalars
+from lightning_influence.analysis.compare import compare
+from lightning_influence.analysis.monitors import monitor_scalars
 from lightning_influence.reporting.publisher import ResultPublisher
-from lightning_influence.session import InfluenceSession
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.reliability_helpers import fit, make_callback
 
 # Where a histogram bin (a quarter octave) stands in for the scores that were not kept.

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 import lightning_influence as li
 from lightning_influence.cli import main
-from lightning_influence.collector import StepStatistics
-from lightning_influence.session import InfluenceSession
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 from tests.reliability_helpers import Classifier, fit, make_callback, seeded
 

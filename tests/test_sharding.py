@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import lightning_influence as li
-from lightning_influence import distributed
-from lightning_influence.factors import Factors
+from lightning_influence.engine import distributed
+from lightning_influence.engine.factors import Factors
 from tests import sharding_helpers as helpers
 from tests.ddp_script import main as train_planted
 

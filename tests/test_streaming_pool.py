@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Subset
 
 import lightning_influence as li
-from lightning_influence.session import InfluenceSession
+from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 from tests.reliability_helpers import fit, make_callback
 from tests.stream_ddp_script import main as stream_ddp_main

@@ -73,7 +73,7 @@ def _media_file(files_dir: Path, cell: dict) -> Path:
 
 
 def test_offline_wandb_run_holds_scalars_histogram_images_tables_and_artifact(tmp_path):
-    pytest.importorskip("lightning_influence.compare", reason="trajectory plots need compare.trajectory")
+    pytest.importorskip("lightning_influence.analysis.compare", reason="trajectory plots need compare.trajectory")
     logger = pl.loggers.WandbLogger(offline=True, save_dir=str(tmp_path), project="li-test")
     publish = PublishEachEpoch(tmp_path / "influence")
     data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 1))

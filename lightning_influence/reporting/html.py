@@ -19,7 +19,7 @@ import torch
 
 from lightning_influence._format import format_number
 from lightning_influence._io import PathLike, write_file_atomic
-from lightning_influence.compare import Analysis, RunAnalysis
+from lightning_influence.analysis.compare import Analysis, RunAnalysis
 from lightning_influence.reporting.glossary import describe, glossary_rows
 from lightning_influence.results import InfluenceResult, load_results
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Deque, Iterable, List, Optional, Sequence
 
 from lightning_influence._io import json_ready, write_file_atomic
-from lightning_influence.compare import Analysis, RunAnalysis
+from lightning_influence.analysis.compare import Analysis, RunAnalysis
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, render_example
 from lightning_influence.reporting.report import Report, build_report
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from lightning_influence.monitors import saved_monitors
+from lightning_influence.analysis.monitors import saved_monitors
 from lightning_influence.results import finite_topk
 from lightning_influence.reporting import plots
 from lightning_influence.reporting.render import RenderedExample

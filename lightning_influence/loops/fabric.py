@@ -32,9 +32,9 @@ from typing import Any, Iterator, Optional, Union
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_influence import passes
-from lightning_influence.collector import scaler_scale
-from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
+from lightning_influence.engine import passes
+from lightning_influence.engine.collector import scaler_scale
+from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 
@@ -121,7 +121,7 @@ class InfluenceMonitor(MonitorState):
 
     @property
     def session(self):
-        """The :class:`~lightning_influence.session.InfluenceSession` computing the results."""
+        """The :class:`~lightning_influence.checkpoint.session.InfluenceSession` computing the results."""
         return self._loop.session
 
     def _loss_scale(self) -> float:

@@ -44,9 +44,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, Sampler
 
-from lightning_influence import distributed, passes
-from lightning_influence.scoring import PreconditionedQueries, precondition_queries
-from lightning_influence.tracking import TrackedLayer
+from lightning_influence.engine import distributed
+from lightning_influence.engine import passes
+from lightning_influence.engine.scoring import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.tracking import TrackedLayer
 
 # Rank of the preconditioned queries before their projection (unless query_rank is set): the
 # paper's rank-32 queries reached Pearson 0.995 with full rank.

@@ -22,11 +22,12 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from lightning_influence import distributed, passes
-from lightning_influence.factors import CovarianceStatistics
-from lightning_influence.sharding import owners_of
+from lightning_influence.engine import distributed
+from lightning_influence.engine import passes
+from lightning_influence.engine.factors import CovarianceStatistics
+from lightning_influence.engine.sharding import owners_of
 from lightning_influence.tasks import Task, unwrap_logits
-from lightning_influence.tracking import LayerTracker, TrackedLayer
+from lightning_influence.engine.tracking import LayerTracker, TrackedLayer
 
 # The training loss may differ from the task's by regularisers or dropout; beyond this factor the
 # declared loss_reduction is almost certainly wrong (a sum declared as a mean differs by the batch size).
@@ -56,7 +57,7 @@ class StepStatistics:
         statistics_device: where the sums live (e.g. ``"cpu"``: off the GPU; each layer's
             product is computed on ``device`` and added there); default ``device``.
         shard: in a process group, each process accumulates only the layers it owns
-            (:func:`~lightning_influence.sharding.owners_of`), from its own batches: statistics
+            (:func:`~lightning_influence.engine.sharding.owners_of`), from its own batches: statistics
             memory per process about ``1/world``, no communication during training, each layer's
             statistics from ``1/world`` of the batches. For sharded factors only.
     """

@@ -38,8 +38,10 @@ from lightning_influence._io import (
     save_tensors,
     write_json,
 )
-from lightning_influence import distributed, freshness, passes
-from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name, select_layers
+from lightning_influence.engine import distributed
+from lightning_influence.engine import freshness
+from lightning_influence.engine import passes
+from lightning_influence.engine.tracking import LayerTracker, TrackedLayer, layers_by_name, select_layers
 
 STRATEGIES = ("ekfac", "kfac", "diagonal", "identity")
 FISHER_KINDS = ("true", "empirical", "exact")
@@ -873,7 +875,7 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
                             **pass_options: Any) -> Tuple[Dict[str, Dict[str, Tensor]],
                                                           Optional[EigenvalueCorrection], Dict[str, Any]]:
     """K-FAC / EK-FAC bases and eigenvalue correction at the current weights from covariances
-    collected in ``training``, refreshed where they went stale (:mod:`~lightning_influence.freshness`).
+    collected in ``training``, refreshed where they went stale (:mod:`~lightning_influence.engine.freshness`).
 
     ``parts`` are ``(data, seed)`` of the correction examples: every process's share in rank order
     (a process correcting the others' shares too), or with ``reduce`` (which sums each statistic
@@ -947,7 +949,7 @@ def _share_places(parts: Sequence[Tuple[Any, int]], one_per_process: bool) -> Li
     """Where each correction share's examples stand among every process's, as ``(first, stride)``:
     a map-style share is a contiguous range after the lower ranks' shares (``stride`` 1); a
     streaming pool's share, of unknown length, is every ``world``-th item from its rank (as
-    :class:`~lightning_influence.session.PoolStream` deals them). ``one_per_process``: ``parts``
+    :class:`~lightning_influence.checkpoint.pool.PoolStream` deals them). ``one_per_process``: ``parts``
     is this process's share (collective); else every process's, in rank order."""
     sizes = [passes.example_count(data.data if isinstance(data, passes.Lockstep) else data) for data, _ in parts]
     if one_per_process:
@@ -1029,7 +1031,7 @@ def fit_factors(model, task, data, strategy: str = "ekfac", fisher: str = "true"
             halve or quarter the factors' memory: see the README for the accuracy cost).
         refresh: with ``covariances`` (K-FAC / EK-FAC, e.g. collected while the weights moved):
             ``"auto"`` refits from ``data``'s covariances the eigenbasis of each layer where they
-            describe the current weights better (:mod:`~lightning_influence.freshness`), ``"always"``
+            describe the current weights better (:mod:`~lightning_influence.engine.freshness`), ``"always"``
             every layer's, ``"never"`` none (EK-FAC still measures their staleness);
             ``meta["curvature"]`` records it.
 

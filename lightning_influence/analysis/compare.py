@@ -19,11 +19,13 @@ import torch
 
 from lightning_influence._format import format_number
 from lightning_influence._io import json_ready
-from lightning_influence.analysis import InfluenceSummary, concentration, fit_query_tails, layer_shares, result_layer_shares, summarize
+from lightning_influence.analysis.summary import InfluenceSummary, summarize
+from lightning_influence.analysis.distribution import concentration, layer_shares, result_layer_shares
+from lightning_influence.analysis.tails import fit_query_tails
 from lightning_influence.results import check_same_run
-from lightning_influence.sketch import ScoreSketch
-from lightning_influence.sketch import concentration as sketch_concentration
-from lightning_influence.sketch import tail_fits as sketch_tail_fits
+from lightning_influence.analysis.sketch import ScoreSketch
+from lightning_influence.analysis.sketch import concentration as sketch_concentration
+from lightning_influence.analysis.sketch import tail_fits as sketch_tail_fits
 
 RBO_PERSISTENCE = 0.9
 

@@ -25,13 +25,13 @@ import json
 import os
 import re
 import socket
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from lightning_influence._io import remove_incomplete
 from lightning_influence.results import runs_in_directory
-from lightning_influence.session import check_writable
 
 try:
     import fcntl
@@ -191,3 +191,20 @@ def _same_file(fd: int, path: Path) -> bool:
     except OSError:
         return False
     return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse, before any work, an output directory that could never be written (a path through a
+    regular file, a read-only file system): probed in its nearest existing ancestor, creating nothing."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        if not existing.is_dir():
+            raise NotADirectoryError(f"{existing} is a file, not a directory")
+        fd, probe = tempfile.mkstemp(prefix=".influence-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"cannot write influence results under output_dir={str(directory)!r} ({err}); "
+                         "choose a writable output_dir") from err

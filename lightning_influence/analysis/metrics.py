@@ -13,7 +13,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from lightning_influence.analysis import Groups, shares_from_sums, concentration
+from lightning_influence.analysis.distribution import Groups, shares_from_sums, concentration
 
 
 class LayerShare(Metric):

@@ -12,8 +12,8 @@ from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_influence import passes
-from lightning_influence.collector import scaler_scale
+from lightning_influence.engine import passes
+from lightning_influence.engine.collector import scaler_scale
 
 def unsupported(trainer: Any, pl_module: Any) -> Optional[str]:
     """Why the callback cannot monitor this run (a message saying what to do), or ``None``.

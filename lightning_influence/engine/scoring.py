@@ -21,13 +21,13 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from lightning_influence import passes
-from lightning_influence.factors import (CHUNK_ELEMENTS, Damping, Factors, blockwise, chunk_ranges, fit_factors,
+from lightning_influence.engine import passes
+from lightning_influence.engine.factors import (CHUNK_ELEMENTS, Damping, Factors, blockwise, chunk_ranges, fit_factors,
                                          left_multiply, per_example_gradients, stored_transposed)
 from lightning_influence.results import InfluenceResult
-from lightning_influence.sketch import ScoreSketch
+from lightning_influence.analysis.sketch import ScoreSketch
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import LayerTracker, TrackedLayer, layers_by_name
+from lightning_influence.engine.tracking import LayerTracker, TrackedLayer, layers_by_name
 
 
 class PreconditionedQueries:
@@ -372,7 +372,7 @@ def _sides_kept_in_eigenbasis(layer: TrackedLayer, num_queries: Optional[int], p
 
 def _concatenate(parts: Sequence[Tensor]) -> Tensor:
     """Chunks of dense queries ``[q, d_out, d_in]`` as one, stored transposed if they are (see
-    :func:`~lightning_influence.factors.stored_transposed`); a single chunk as it is (no copy)."""
+    :func:`~lightning_influence.engine.factors.stored_transposed`); a single chunk as it is (no copy)."""
     if len(parts) == 1:
         return parts[0]
     if all(stored_transposed(part) for part in parts):
@@ -464,12 +464,12 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         self_influence: also return ``self_scores [N]`` (each training example on itself).
         keep_top: keep no ``scores [Q, N]``: per query only the ``keep_top`` most positive and most
             negative scores with their train ids, exact moments and a histogram of the rest (a
-            :class:`~lightning_influence.sketch.ScoreSketch`, stored as its result fields), so that
+            :class:`~lightning_influence.analysis.sketch.ScoreSketch`, stored as its result fields), so that
             memory does not grow with ``Q·N``. Not with ``per_layer`` or ``per_token``.
         batch_size: batch size for Datasets.
         train_ids, query_ids: dataset indices to record (default ``0..N-1``); ``train_ids`` is
             read after the pass, so a list that fills while ``train_data`` is read (the ids of a
-            streaming pool, see :class:`~lightning_influence.session.PoolStream`) works too.
+            streaming pool, see :class:`~lightning_influence.checkpoint.pool.PoolStream`) works too.
         prepared_queries: what :func:`precondition_queries` returned for these factors, damping
             and rank, to score another part of the pool without preparing the queries again
             (``query_data`` is then not read).

@@ -12,14 +12,17 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
-from lightning_influence import distributed, passes
-from lightning_influence.collector import StepStatistics
+from lightning_influence.engine import distributed
+from lightning_influence.engine import passes
+from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.freshness import STALE_WARNING_GAP
+from lightning_influence.engine.freshness import STALE_WARNING_GAP
 from lightning_influence.results import InfluenceResult, new_run_id
-from lightning_influence.run_dir import OutputDirectory
-from lightning_influence.session import InfluenceSession, ResultIndex, check_writable
-from lightning_influence.tracking import select_layers
+from lightning_influence.checkpoint.run_dir import OutputDirectory
+from lightning_influence.checkpoint.index import ResultIndex
+from lightning_influence.checkpoint.run_dir import check_writable
+from lightning_influence.checkpoint.session import InfluenceSession
+from lightning_influence.engine.tracking import select_layers
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +95,7 @@ class LoopInfluence:
         autocast: the training steps' autocast dtype (mixed precision), which the session's own
             forward passes then use too; ``None`` for full precision.
         run_id: the run these results belong to, kept by a resumed run (default: a new run). Its
-            ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.run_dir`; a
+            ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.checkpoint.run_dir`; a
             default directory, ``config.output_dir=None``, is versioned when another run has it):
             call :meth:`close` when the run ends, normally or not.
     """

@@ -25,13 +25,9 @@ a single process and must run on every rank otherwise.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import numbers
 import os
-from collections.abc import Mapping
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -39,24 +35,26 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
-from lightning_influence import distributed, freshness, passes, sharding
-from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors
+from lightning_influence.engine import distributed
+from lightning_influence.engine import freshness
+from lightning_influence.engine import passes
+from lightning_influence.engine import sharding
+from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors
 from lightning_influence.results import (
     InfluenceResult,
     finite_topk,
-    is_saved_result,
     new_run_id,
     run_identity,
     save_result_with_factors,
-    update_result_meta,
 )
-from lightning_influence.scoring import PreconditionedQueries, compute_influence, precondition_queries
-from lightning_influence.sketch import MOMENTS, NUM_BINS, ScoreSketch
+from lightning_influence.checkpoint.pool import PoolStream, choose_pool_ids, dataset_and_collate
+from lightning_influence.engine.scoring import PreconditionedQueries, compute_influence, precondition_queries
+from lightning_influence.analysis.sketch import MOMENTS, NUM_BINS, ScoreSketch
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
+from lightning_influence.engine.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +81,7 @@ class InfluenceSession:
             streaming pool, its first ``max_train_examples`` items.
         keep_top_scores: keep no dense ``scores [Q, N]``: per query the ``keep_top_scores`` most
             positive and negative scores with their ids and a sketch of the rest (see
-            :mod:`lightning_influence.sketch`); at least ``top_k``. ``None``: dense scores.
+            :mod:`lightning_influence.analysis.sketch`); at least ``top_k``. ``None``: dense scores.
         pool_id_key: the key of a streaming pool item's integer id.
         strategy, fisher, damping, query_rank: as in :func:`~lightning_influence.compute_influence`.
         top_k: per query, the most positive / negative examples kept with per-token scores.
@@ -101,12 +99,12 @@ class InfluenceSession:
             factors' ``meta["run_id"]``, so results scored later from them join the run); default:
             a new run (:func:`~lightning_influence.results.new_run_id`).
         shard_factors: in a process group, each layer's statistics, eigenbases and preconditioned
-            queries live on one owning process (:mod:`~lightning_influence.sharding`): factor memory
+            queries live on one owning process (:mod:`~lightning_influence.engine.sharding`): factor memory
             per process about ``1/world``; the same scores. No effect in a single process.
         eigenbasis_dtype: dtype the eigenbases are kept in (``torch.float64``, ``float32``, ``bfloat16``).
         curvature_refresh: at each checkpoint, refit on the correction examples the eigenbasis of
             the layers whose training-time covariances went stale (``"auto"``; see
-            :mod:`~lightning_influence.freshness`), of every layer (``"always"``) or of none
+            :mod:`~lightning_influence.engine.freshness`), of every layer (``"always"``) or of none
             (``"never"``: EK-FAC still measures the staleness).
     """
 
@@ -318,7 +316,7 @@ class InfluenceSession:
         return self.shard_factors and distributed.world_size() > 1
 
     def reduce_statistics(self, collector: Any) -> CovarianceStatistics:
-        """The statistics of a :class:`~lightning_influence.collector.StepStatistics` summed over
+        """The statistics of a :class:`~lightning_influence.engine.collector.StepStatistics` summed over
         every process (collective): all layers on every process, or with sharding each layer on its
         owner only. The collector's own sums are left as they are."""
         if self.sharded:
@@ -561,175 +559,3 @@ def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:
     non-finite (a broken query is reported on its own, not as a fault of every example)."""
     queries_ok = torch.isfinite(scores).any(1)
     return ids[(~torch.isfinite(scores[queries_ok])).any(0)].tolist()
-
-
-class PoolStream(IterableDataset):
-    """A streaming pool read once: its first ``limit`` items, of which every ``world``-th from
-    ``rank`` (or, with ``wanted``, only the items with those ids), each without its id key, so that
-    the task and the model see the item as it was. ``ids`` lists, in order, the ids of the items
-    read by the current iteration (filled as the DataLoader fetches them in this process)."""
-
-    def __init__(self, source: IterableDataset, id_key: str, limit: Optional[int], world: int = 1, rank: int = 0,
-                 wanted: Optional[Tensor] = None) -> None:
-        self.source, self.id_key, self.limit, self.world, self.rank = source, id_key, limit, world, rank
-        self.wanted = set(wanted.tolist()) if wanted is not None else None
-        self.ids: List[int] = []
-
-    def __iter__(self):
-        self.ids.clear()  # in place: callers hold this list to learn the ids after the pass
-        for position, item in enumerate(itertools.islice(self.source, self.limit)):
-            if position % self.world != self.rank:
-                continue
-            example_id = stable_id(item, self.id_key, position)
-            if self.wanted is not None and example_id not in self.wanted:
-                continue
-            self.ids.append(example_id)
-            yield {key: value for key, value in item.items() if key != self.id_key}
-
-    def dataset_indices(self, positions: Sequence[int]) -> List[int]:
-        """The ids of the items read at ``positions`` of the current iteration."""
-        return [self.ids[position] for position in positions]
-
-
-def stable_id(item: Any, key: str, position: int) -> int:
-    """The integer id a streaming pool item carries under ``key``, or a ``ValueError`` saying what to change."""
-    if not isinstance(item, Mapping):
-        raise ValueError(f"item {position} of the streaming pool is a {type(item).__name__}, not a mapping: a "
-                         f"streaming train_data must yield dicts with a stable integer id under {key!r}")
-    if key not in item:
-        raise ValueError(f"item {position} of the streaming pool has no {key!r} key (it has {sorted(map(str, item))}): "
-                         "each item needs a stable integer id there (e.g. its row number in the source), or set "
-                         "pool_id_key to the key that holds it")
-    value = item[key]
-    if isinstance(value, Tensor) and value.numel() == 1 and not value.is_floating_point() and not value.is_complex():
-        value = value.item()
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
-        raise ValueError(f"item {position} of the streaming pool has {key!r} = {value!r}; ids must be integers "
-                         "(map string keys to integers, e.g. a row number kept with the data)")
-    return int(value)
-
-
-def choose_pool_ids(size: int, max_train_examples: Optional[int], seed: int) -> Tensor:
-    """All pool indices, or a seeded random subset of ``max_train_examples`` of them, sorted."""
-    if max_train_examples is None:
-        return torch.arange(size)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(size, generator=generator)[:max_train_examples].sort().values
-
-
-def dataset_and_collate(data: Any, what: str) -> Tuple[Any, Optional[Callable]]:
-    """A DataLoader's dataset and collate function, or a Dataset with no collate function of its own."""
-    if isinstance(data, DataLoader):
-        return data.dataset, data.collate_fn
-    if isinstance(data, Dataset) or hasattr(data, "__getitem__"):
-        return data, None
-    raise TypeError(f"{what} must be a Dataset or DataLoader, got {type(data).__name__}")
-
-
-def check_writable(directory: Path) -> None:
-    """Refuse, before any work, an output directory that could never be written (a path through a
-    regular file, a read-only file system): probed in its nearest existing ancestor, creating nothing."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        if not existing.is_dir():
-            raise NotADirectoryError(f"{existing} is a file, not a directory")
-        fd, probe = tempfile.mkstemp(prefix=".influence-write-test-", dir=existing)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise ValueError(f"cannot write influence results under output_dir={str(directory)!r} ({err}); "
-                         "choose a writable output_dir") from err
-
-
-class ResultIndex:
-    """The results a run wrote under ``output_dir``, oldest first, with why each was computed and
-    the checkpoints it belongs to. Directories are stored relative to ``output_dir``, so a run that
-    was moved or copied resumes with its own earlier results."""
-
-    def __init__(self) -> None:
-        self.output_dir: Optional[Path] = None
-        self.entries: List[Dict[str, Any]] = []
-        self._handles: Dict[str, InfluenceResult] = {}
-
-    def find(self, step: int) -> Optional[Dict[str, Any]]:
-        return next((entry for entry in self.entries if entry["step"] == step), None)
-
-    def path(self, entry: Dict[str, Any]) -> Path:
-        return Path(self.output_dir) / entry["dir"]
-
-    def is_saved(self, entry: Dict[str, Any]) -> bool:
-        """Whether the entry's result is on disk in ``output_dir`` (never through a symbolic link)."""
-        path = self.path(entry)
-        return self.output_dir is not None and not path.is_symlink() and is_saved_result(path)
-
-    def add(self, step: int, epoch: Optional[int], reason: str) -> Dict[str, Any]:
-        entry = {"step": step, "epoch": epoch, "reasons": [reason], "dir": f"step={step}", "checkpoint_paths": []}
-        self.entries.append(entry)
-        return entry
-
-    def results(self) -> List[InfluenceResult]:
-        """The saved results (tensors load lazily); entries whose directory is missing are skipped."""
-        found = []
-        for entry in self.entries:
-            if not self.is_saved(entry):
-                continue
-            if entry["dir"] not in self._handles:
-                self._handles[entry["dir"]] = InfluenceResult.load(self.path(entry))
-            found.append(self._handles[entry["dir"]])
-        return found
-
-    def write_meta(self, entry: Dict[str, Any]) -> None:
-        """Record the entry's reasons and checkpoint paths in its saved result (one process only)."""
-        if not self.is_saved(entry):
-            return
-        path = self.path(entry)
-        paths = list(entry["checkpoint_paths"])
-        meta = update_result_meta(path, checkpoint_path=paths[0] if paths else None, checkpoint_paths=paths,
-                                  reasons=list(entry["reasons"]))
-        if entry["dir"] in self._handles:
-            self._handles[entry["dir"]].meta.update(meta)
-
-    def record_checkpoints(self, saved_at: Callable[[int], List[str]], resumed_from: Optional[str],
-                           step: int) -> List[Dict[str, Any]]:
-        """Record the checkpoints saved at each awaiting entry's step (``saved_at(step)``; known only
-        after the save), or the checkpoint a run resumed from; return the entries that changed.
-        An entry stops waiting once recorded or once training moved past its step."""
-        changed = []
-        for entry in self.entries:
-            if not entry.get("awaiting_checkpoint"):
-                continue
-            paths = saved_at(entry["step"]) + ([resumed_from] if entry.get("restored") and resumed_from else [])
-            new = [p for p in paths if p not in entry["checkpoint_paths"]]
-            if new:
-                entry["checkpoint_paths"].extend(new)
-                changed.append(entry)
-            if new or step > entry["step"] or entry.get("restored"):
-                entry["awaiting_checkpoint"] = False
-                entry.pop("restored", None)
-        return changed
-
-    def state(self) -> List[Dict[str, Any]]:
-        return [dict(entry) for entry in self.entries]
-
-    def load_state(self, entries: Sequence[Dict[str, Any]]) -> None:
-        """Entries of a resumed run; one awaiting its checkpoint path belongs to the checkpoint resumed from."""
-        self.entries = [current_entry(entry) for entry in entries]
-        for entry in self.entries:
-            if entry.get("awaiting_checkpoint"):
-                entry["restored"] = True
-
-
-def current_entry(entry: Dict[str, Any]) -> Dict[str, Any]:
-    """An index entry in today's layout (callback states of version 1 stored absolute paths),
-    refused unless its directory is the ``step=<N>`` of its own step directly under ``output_dir``:
-    an edited checkpoint must not make a run read or write anywhere else."""
-    entry = dict(entry)
-    if "dir" not in entry:
-        entry["dir"] = Path(entry.pop("path")).name
-    if entry["dir"] != f"step={entry.get('step')}":
-        raise ValueError(f"the checkpoint's influence state names the result directory {entry['dir']!r} for step "
-                         f"{entry.get('step')!r}; results live in output_dir as step=<N>, so the checkpoint was "
-                         "edited or damaged: resume from an intact checkpoint")
-    return entry

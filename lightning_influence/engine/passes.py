@@ -16,9 +16,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from lightning_influence import distributed
+from lightning_influence.engine import distributed
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import LayerTracker, TrackedLayer
+from lightning_influence.engine.tracking import LayerTracker, TrackedLayer
 
 
 def as_loader(data: Any, batch_size: int) -> DataLoader:

@@ -2,7 +2,7 @@
 
 Usage::
 
-    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     callback = InfluenceTrainerCallback(li.CausalLMTask(), query_data=queries, every_n_train_steps=200)
     trainer = Trainer(model, args, train_dataset=train, data_collator=collator, callbacks=[callback])
@@ -37,10 +37,10 @@ from torch.utils.data import DataLoader, Dataset
 try:
     from transformers import TrainerCallback
 except ImportError as err:  # pragma: no cover - depends on the environment
-    raise ImportError("lightning_influence.integrations.hf needs transformers: "
+    raise ImportError("lightning_influence.loops.hf needs transformers: "
                       "pip install 'lightning-influence[hf]'") from err
 
-from lightning_influence.loop import LoopInfluence, MonitorState, loop_config, unwrapped
+from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.tasks import Task
 
 __all__ = ["InfluenceTrainerCallback"]

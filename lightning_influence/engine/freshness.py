@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Mapping, Optional, Sequence
 
-import torch
 from torch import Tensor
 
 REFRESH = ("auto", "always", "never")

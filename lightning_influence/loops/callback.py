@@ -1,8 +1,8 @@
 """The Lightning callback: curvature from the training steps, influence at checkpoints.
 
-Thin glue over the Lightning-free core: :class:`~lightning_influence.collector.StepStatistics`
+Thin glue over the Lightning-free core: :class:`~lightning_influence.engine.collector.StepStatistics`
 turns the training steps' hooks into covariance statistics, and
-:class:`~lightning_influence.session.InfluenceSession` computes, writes and describes the influence
+:class:`~lightning_influence.checkpoint.session.InfluenceSession` computes, writes and describes the influence
 at each checkpoint. What stays here needs Lightning: translating the trainer's hooks, triggers,
 state in checkpoints, process ranks, and handing results to the trainer's loggers.
 
@@ -23,12 +23,14 @@ from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 
-from lightning_influence import _monitoring, _trainer, passes
-from lightning_influence.collector import StepStatistics
+from lightning_influence.loops import monitoring as _monitoring
+from lightning_influence.loops import trainer as _trainer
+from lightning_influence.engine import passes
+from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.loop import LoopInfluence, MonitorState, warn_once
+from lightning_influence.loops.protocol import LoopInfluence, MonitorState, warn_once
 from lightning_influence.results import saved_run_id
-from lightning_influence.session import current_entry
+from lightning_influence.checkpoint.index import current_entry
 from lightning_influence.tasks import Task
 
 log = logging.getLogger(__name__)
@@ -44,12 +46,12 @@ class InfluenceCallbackMixin(MonitorState):
     ``InfluenceConfig``, a dict or an OmegaConf ``DictConfig`` instead. Statistics come from the
     training steps' own forward and backward passes; at each trigger (``every_n_epochs``,
     ``every_n_train_steps``, ``on_checkpoint``, ``on_train_end``; one computation per step) the
-    :class:`~lightning_influence.session.InfluenceSession` scores the candidate pool against the
+    :class:`~lightning_influence.checkpoint.session.InfluenceSession` scores the candidate pool against the
     queries and writes ``<output_dir>/step=<N>/``; :attr:`results` lists them.
 
     A run is an identity (:attr:`run_id`, kept in checkpoints): resuming with ``ckpt_path``
     continues its results; a new run refuses an ``output_dir`` holding another run's results or
-    written by another process (see :mod:`~lightning_influence.run_dir`). Several influence
+    written by another process (see :mod:`~lightning_influence.checkpoint.run_dir`). Several influence
     callbacks in one Trainer (say, two query sets) each need their own ``output_dir``, which their
     :attr:`state_key` names.
     """

@@ -4,7 +4,7 @@ rate over each window (for trajectory weighting), and the monitor scalars that r
 them) and every logger (through the result's ``meta["monitors"]``).
 
 Reads the Trainer duck-typed (works for ``pytorch_lightning`` and ``lightning.pytorch``); the
-numerical work lives in :mod:`~lightning_influence.ledger` and :mod:`~lightning_influence.monitors`.
+numerical work lives in :mod:`~lightning_influence.loops.ledger` and :mod:`~lightning_influence.analysis.monitors`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from lightning_influence.collector import StepStatistics
-from lightning_influence.factors import Factors
-from lightning_influence.ledger import BatchIds, InfluenceLedger, ledger_queries
-from lightning_influence.monitors import monitor_scalars
+from lightning_influence.engine.collector import StepStatistics
+from lightning_influence.engine.factors import Factors
+from lightning_influence.loops.ledger import BatchIds, InfluenceLedger, ledger_queries
+from lightning_influence.analysis.monitors import monitor_scalars
 
 NAMESPACE = "influence"
 

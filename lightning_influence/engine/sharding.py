@@ -32,17 +32,19 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from lightning_influence import distributed, freshness, passes
-from lightning_influence.factors import (
+from lightning_influence.engine import distributed
+from lightning_influence.engine import freshness
+from lightning_influence.engine import passes
+from lightning_influence.engine.factors import (
     CovarianceStatistics,
     Factors,
     _warn_left_out,
     curvature_at_checkpoint,
     factors_from_statistics,
 )
-from lightning_influence.scoring import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.scoring import PreconditionedQueries, precondition_queries
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import TrackedLayer, layers_by_name
+from lightning_influence.engine.tracking import TrackedLayer, layers_by_name
 
 SHARDED_STRATEGIES = ("ekfac", "kfac")
 
@@ -95,7 +97,7 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
     """This process's layers of the factors (collective): ``statistics`` are its layers' totals
     (:func:`reduce_to_owners`); ``shares[r]`` and ``seeds[r]`` are the correction examples and
     sampling seed of process ``r`` in the unsharded computation, which this reproduces, refreshing
-    stale layers as :func:`~lightning_influence.factors.curvature_at_checkpoint` does."""
+    stale layers as :func:`~lightning_influence.engine.factors.curvature_at_checkpoint` does."""
     if strategy not in SHARDED_STRATEGIES:
         raise ValueError(f"sharded factors need strategy 'ekfac' or 'kfac', got {strategy!r}; "
                          "set shard_factors=False")
@@ -133,7 +135,7 @@ def precondition_sharded_queries(model: nn.Module, task: Task, query_data: Any, 
                                  layers: Sequence[TrackedLayer], damping: Mapping[str, float],
                                  query_rank: Optional[int] = None, batch_size: int = 32,
                                  show_progress: bool = False) -> Tuple[PreconditionedQueries, Tensor]:
-    """What :func:`~lightning_influence.scoring.precondition_queries` returns, on every process,
+    """What :func:`~lightning_influence.engine.scoring.precondition_queries` returns, on every process,
     from sharded factors: owners precondition their layers, then broadcast them (collective)."""
     here = distributed.rank()
     mine = [layer for layer in layers if factors.owners[layer.name] == here]

@@ -13,10 +13,10 @@ from typing import Any, Dict, List, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_influence import passes
-from lightning_influence.factors import Factors
+from lightning_influence.engine import passes
+from lightning_influence.engine.factors import Factors
 from lightning_influence.tasks import Task
-from lightning_influence.tracking import TrackedLayer, layers_by_name
+from lightning_influence.engine.tracking import TrackedLayer, layers_by_name
 
 
 def layer_matrix(layer: TrackedLayer, weight: Tensor, bias: Any = None) -> Tensor:

@@ -16,8 +16,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_influence.analysis import concentration, result_layer_shares
-from lightning_influence.compare import (
+from lightning_influence.analysis.distribution import concentration, result_layer_shares
+from lightning_influence.analysis.compare import (
     distribution_of,
     with_k,
     kept_size,
@@ -27,8 +27,8 @@ from lightning_influence.compare import (
     spearman,
     topk_jaccard,
 )
-from lightning_influence.sketch import ScoreSketch
-from lightning_influence.sketch import concentration as sketch_concentration
+from lightning_influence.analysis.sketch import ScoreSketch
+from lightning_influence.analysis.sketch import concentration as sketch_concentration
 
 # Every key monitor_scalars can return, for users wiring ``monitor="influence/<key>"``; ``@<k>`` is
 # the size of the top-k lists (the callback's ``top_k``), e.g. ``drift/topk_churn@10``.

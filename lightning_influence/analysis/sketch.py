@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_influence.analysis import fit_power_law
+from lightning_influence.analysis.tails import fit_power_law
 
 # log2 |s| histogram: quarter-octave bins over [2^-64, 2^64); values beyond land in the end bins.
 BINS_PER_OCTAVE = 4

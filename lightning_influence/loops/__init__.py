@@ -1,0 +1,12 @@
+"""The training loops: each translates its loop's events into the shared protocol.
+
+* :mod:`.protocol`: what every loop shares (settings, statistics, the checkpoint procedure, results
+  on disk and their publishing).
+* :mod:`.callback`: ``InfluenceCallback`` for Lightning ``Trainer`` runs (:mod:`.trainer` reads the
+  trainer; :mod:`.monitoring` and :mod:`.ledger` follow the training steps).
+* :mod:`.fabric`: ``InfluenceMonitor`` for Lightning Fabric loops (``pip install lightning-influence[fabric]``).
+* :mod:`.hf`: ``InfluenceTrainerCallback`` for the Hugging Face ``Trainer``
+  (``pip install lightning-influence[hf]``).
+
+Nothing is imported here: each loop imports its framework only when it is imported itself.
+"""
