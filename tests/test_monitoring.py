@@ -93,7 +93,7 @@ class _StepSpy(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            ledger = self.holder._steps.monitor.ledger
+            ledger = self.holder._loop.monitor.ledger
             self.epochs.append(({name: ledger.queries.dense_for(name).clone() for name in ("net.0", "net.2")}, []))
         params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
         lr = trainer.optimizers[0].param_groups[0]["lr"]
