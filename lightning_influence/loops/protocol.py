@@ -1,6 +1,7 @@
 """What every training loop's monitoring shares: settings, statistics, the session, the results on
 disk and their publishing. Framework-free: the Lightning callback, the Fabric helper and the Hugging
-Face callback translate their loop's events into the calls below."""
+Face callback translate their loop's events into the calls of
+:class:`~lightning_influence.loops.steps.LoopProtocol`, which drives the class below."""
 
 from __future__ import annotations
 
@@ -27,12 +28,6 @@ from lightning_influence.engine.tracking import select_layers
 log = logging.getLogger(__name__)
 
 
-# Features only the Lightning callback runs (it sees each step's batch ids and learning rate), refused
-# when switched on in another loop rather than silently ignored.
-CALLBACK_ONLY = {"ledger": "the per-step ledger needs each training step's example ids and learning rate, which "
-                           "only the Lightning callback (InfluenceCallback(ledger=True)) follows; set ledger=False"}
-
-
 def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **arguments: Any) -> InfluenceConfig:
     """A validated :class:`InfluenceConfig` from an integration's own ``arguments`` and the user's
     further ``settings``; settings that belong to the Lightning callback only are refused with what
@@ -40,9 +35,6 @@ def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **argu
     for name, instead in not_applicable.items():
         if name in settings:
             raise ValueError(f"{name} does not apply here: {instead}")
-    for name, why in CALLBACK_ONLY.items():
-        if settings.get(name):
-            raise ValueError(f"{name}=True is not supported here: {why}")
     config = InfluenceConfig.from_mapping(dict(settings, **arguments))
     if isinstance(config.query_data, str):
         raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "

@@ -80,12 +80,15 @@ class LoopProtocol(LoopInfluence):
         return step % self.config.collect_every_n_steps == 0
 
     def on_batch_start(self, batch: Any, step: int, *, lr: Optional[float] = None, accumulation: int = 1,
-                       loss_scale: float = 1.0, loss_divisor: Any = None, ids: Any = None) -> bool:
+                       loss_scale: float = 1.0, loss_divisor: Any = None, ids: Any = None,
+                       batches_per_step: Optional[int] = None) -> bool:
         """A training (micro-)batch of optimizer step ``step`` starts; returns whether it is recorded.
 
         ``lr``: the learning rate the step will use (``None``: unknown, the window then records no
         ``lr_sum`` and the ledger weighs nothing); ``accumulation``: by how much the loss is divided
-        for gradient accumulation; ``loss_scale``: the AMP scale; ``loss_divisor``: see
+        for gradient accumulation (1 where the statistics measure it, as Hugging Face's do);
+        ``batches_per_step``: micro-batches per optimizer step, each taking that share of the
+        step's learning rate (default ``accumulation``); ``loss_scale``: the AMP scale; ``loss_divisor``: see
         :meth:`~lightning_influence.engine.collector.StepStatistics.begin_batch`; ``ids``: the
         batch's example ids (indices into the pool) when :meth:`start` had no loader to trace."""
         self.deliver_reports()
@@ -94,7 +97,8 @@ class LoopProtocol(LoopInfluence):
         if ids is None and self.monitor.needs_ids:
             raise ValueError("ledger=True needs each training batch's example ids (indices into train_data): pass "
                              "them with the batch, or the training DataLoader at the start; or set ledger=False")
-        self.monitor.batch_start(batch, lr=lr, accumulation=accumulation, collecting=self._collecting, ids=ids)
+        self.monitor.batch_start(batch, lr=lr, accumulation=batches_per_step or accumulation,
+                                 collecting=self._collecting, ids=ids)
         if self._collecting:
             self.statistics.begin_batch(batch, accumulation=accumulation, loss_scale=loss_scale,
                                         loss_divisor=loss_divisor)
