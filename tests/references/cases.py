@@ -32,7 +32,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
-from torch.utils.data import Subset
 
 import lightning_influence as li
 
