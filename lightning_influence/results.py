@@ -576,11 +576,10 @@ def _trajectory_weights(results: Sequence[InfluenceResult], weighting: str) -> L
     if weighting == "none":
         return [1.0] * len(results)
     if weighting == "lr":
-        missing = [r.step for r in results
-                   if not isinstance(r.meta.get("window"), Mapping) or "lr_sum" not in r.meta["window"]]
+        missing = [r.step for r in results if "lr_sum" not in (r.meta.get("window") or {})]
         if missing:
             raise ValueError(f"weighting='lr' needs each result's meta['window']['lr_sum'] (recorded by the "
-                             f"training loops when they know the learning rate); the results at steps {missing} lack it: pass the learning-rate sums "
+                             f"loops that know it); the results at steps {missing} lack it: pass the learning-rate sums "
                              "as a list of weights instead")
         return [float(r.meta["window"]["lr_sum"]) for r in results]
     normalised = [1.0 / max(r.scores.abs().mean().item(), 1e-30) for r in results]
