@@ -177,3 +177,14 @@ def test_every_loop_equals_the_plain_protocol(tmp_path, plain, loop):
         assert set(result.meta["monitors"]) == set(want.meta["monitors"])
         for name, value in want.meta["monitors"].items():
             assert result.meta["monitors"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), name
+
+
+def test_true_fisher_from_a_fabric_loop_equals_the_plain_protocols(tmp_path, monkeypatch):
+    """fisher="true": Fabric now reuses the model's captured outputs, as the plain loop does."""
+    monkeypatch.setitem(SETTINGS, "fisher", "true")
+    monkeypatch.setitem(SETTINGS, "ledger", False)
+    (results, statistics), (expected, expected_statistics) = fabric_loop(tmp_path), plain_loop(tmp_path)
+    for sums, want in zip(_sums(statistics), _sums(expected_statistics), strict=True):
+        torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-7)
+    for result, want in zip(results, expected, strict=True):
+        torch.testing.assert_close(result.scores, want.scores, rtol=1e-4, atol=1e-6)

@@ -3,8 +3,10 @@
 Thin glue over the Lightning-free core: :class:`~lightning_influence.engine.collector.StepStatistics`
 turns the training steps' hooks into covariance statistics, and
 :class:`~lightning_influence.checkpoint.session.InfluenceSession` computes, writes and describes the influence
-at each checkpoint. What stays here needs Lightning: translating the trainer's hooks, triggers,
-state in checkpoints, process ranks, and handing results to the trainer's loggers.
+at each checkpoint; :class:`~lightning_influence.loops.steps.LoopProtocol` owns the collection
+cadence, the triggers, the monitors and the ledger, as for every loop. What stays here needs
+Lightning: translating the trainer's hooks into the protocol's events, state in checkpoints,
+process ranks, and handing results and monitor scalars to the trainer.
 
 ``pytorch_lightning`` and ``lightning.pytorch`` each need a subclass of their own ``Callback`` (a
 Trainer accepts only its package's callbacks): :class:`InfluenceCallback` here, and

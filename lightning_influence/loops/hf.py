@@ -113,6 +113,9 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         config = loop_config(self._settings, NOT_APPLICABLE, **self._arguments, train_data=train)
         model = unwrapped(model)
         output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
+        if config.ledger and train_dataloader is None:
+            raise ValueError("ledger=True reads each training batch's example ids from the Trainer's training "
+                             "DataLoader, which this Trainer did not hand to its callbacks; set ledger=False")
         if config.ledger and getattr(args, "world_size", 1) > 1:
             raise ValueError("ledger=True needs each training batch's example ids, which accelerate's sharded "
                              "batches hide from the callback under several processes; train in one process, use "
