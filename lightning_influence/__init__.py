@@ -9,7 +9,7 @@ from lightning_influence.analysis.summary import InfluenceSummary, summarize
 from lightning_influence.analysis.tails import PowerLawFit, fit_power_law
 from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.analysis.compare import Comparison, RunAnalysis, compare, trajectory
-from lightning_influence.config import InfluenceConfig
+from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors, load_factors
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
 from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
@@ -31,6 +31,9 @@ __all__ = [
     "InfluenceCallback",
     "InfluenceConcentration",
     "InfluenceConfig",
+    "CurvatureConfig",
+    "ScoringConfig",
+    "ReportConfig",
     "InfluenceResult",
     "InfluenceSession",
     "InfluenceSummary",

@@ -79,7 +79,7 @@ def regroup(values: Mapping[str, Any], owner: str = "InfluenceCallback", stackle
         groups.setdefault("report", {})["mode"] = new
         said.append(("report/report_in_background", f"report={{'mode': {new!r}}}"))
     for group, fields in groups.items():
-        values[group] = _merged(values.get(group), fields)
+        values[group] = merged_group(values.get(group), fields)
     for key, new in said:
         warnings.warn(f"{owner}: the flat setting {key} is deprecated and will be removed in the next release; "
                       f"write {new}", FutureWarning, stacklevel=stacklevel)
@@ -90,8 +90,10 @@ def _popped(values: Dict[str, Any], old: list, key: str, default: Any) -> Any:
     return values.pop(key, default) if key in old else default
 
 
-def _merged(group: Any, fields: Dict[str, Any]) -> Any:
-    """The group (None, a mapping or a dataclass) with ``fields`` set on top."""
+def merged_group(group: Any, fields: Any) -> Any:
+    """The group (None, a mapping or a dataclass) with ``fields`` (old flat keys' values) set on top."""
+    if not fields:
+        return group
     if group is None:
         return fields
     if isinstance(group, Mapping):

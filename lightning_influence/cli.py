@@ -323,9 +323,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         # The run the factors were fitted in (factors saved before run ids: the result holding them).
         run_id = factors.meta.get("run_id") or saved_run_id(factors_dir.parent)
-        session = InfluenceSession(task, train, query, strategy=factors.strategy, fisher=factors.meta.get("fisher"),
-                                   damping=args.damping, query_rank=args.query_rank, top_k=args.top_k,
-                                   batch_size=args.batch_size, show_progress=sys.stderr.isatty(), run_id=run_id)
+        session = InfluenceSession(
+            task, train, query,
+            curvature=li.CurvatureConfig(strategy=factors.strategy, fisher=factors.meta.get("fisher"),
+                                         damping=args.damping),
+            scoring=li.ScoringConfig(query_rank=args.query_rank, top_k=args.top_k, batch_size=args.batch_size),
+            show_progress=sys.stderr.isatty(), run_id=run_id)
         result = session.score(model, factors, per_layer=args.per_layer, per_token=args.per_token,
                                self_influence=args.self_influence,
                                meta={"checkpoint": str(args.checkpoint), "factors": str(factors_dir),
