@@ -357,6 +357,9 @@ class InfluenceConfig:
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
+    def __post_init__(self) -> None:
+        self.with_groups()
+
     def validate(self) -> "InfluenceConfig":
         """Raise ``ValueError`` naming the first invalid field (a group's as ``<group>.<field>``); return ``self``.
 
@@ -541,7 +544,7 @@ class InfluenceConfig:
             raise ValueError(f"unknown InfluenceConfig fields {unknown}; known: {sorted(known)}")
         if "task" not in values:
             raise ValueError(f"task is required: a lightning_influence.Task or one of {tuple(BUILTIN_TASKS)}")
-        return cls(**values).with_groups()
+        return cls(**values)
 
     def with_groups(self) -> "InfluenceConfig":
         """``self`` with groups given as dicts or ``DictConfig`` made their dataclasses (not validated)."""
