@@ -12,7 +12,8 @@ from lightning_influence.analysis.compare import Comparison, RunAnalysis, compar
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors, load_factors
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
-from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
+from lightning_influence.analysis.aggregate import aggregate
+from lightning_influence.results import InfluenceResult, check_same_run, load_results
 from lightning_influence.engine.scoring import compute_influence, compute_self_influence
 from lightning_influence.checkpoint.session import InfluenceSession
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
