@@ -139,8 +139,8 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
 
     def _after_forward(self, model, args, kwargs, outputs):
         stats = self._loop.statistics
-        if not stats.recording or stats.tracker.in_backward:
-            return None
+        if not stats.recording or stats.tracker.in_backward or not torch.is_grad_enabled():
+            return None  # not this micro-batch's training forward (no gradients: another callback's loss check)
         loss = _model_loss(outputs)
         if loss is None or not loss.requires_grad:
             raise ValueError("InfluenceTrainerCallback needs the model to compute its loss (outputs.loss, from the "
