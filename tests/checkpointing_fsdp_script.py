@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.callback import InfluenceCallback  # noqa: E402
+from lightning_influence.loops.callback import InfluenceCallback  # noqa: E402
 from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
 from tests.fsdp_helpers import leave_process_group  # noqa: E402

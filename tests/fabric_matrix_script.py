@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
-from lightning_influence.integrations.fabric import InfluenceMonitor  # noqa: E402
+from lightning_influence.loops.fabric import InfluenceMonitor  # noqa: E402
 from tests.callback_models import planted_data  # noqa: E402
 from tests.fsdp_helpers import IndexedStream  # noqa: E402
 from tests.matrix_helpers import summary  # noqa: E402

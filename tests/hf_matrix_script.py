@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from lightning_influence.integrations.hf import InfluenceTrainerCallback  # noqa: E402
+from lightning_influence.loops.hf import InfluenceTrainerCallback  # noqa: E402
 from tests.matrix_helpers import summary  # noqa: E402
 from tests.test_integrations import TokenData, tiny_gpt2  # noqa: E402
 

@@ -7,7 +7,7 @@ its loss")."""
 import pytest
 
 import lightning_influence as li
-from lightning_influence.factors import accumulate_covariances
+from lightning_influence.engine.factors import accumulate_covariances
 
 transformers = pytest.importorskip("transformers")
 
@@ -15,7 +15,7 @@ from tests.test_integrations import TEST_SETTINGS, TokenData, assert_statistics_
 
 
 def test_several_hf_callbacks_each_collect_the_offline_statistics(tmp_path):
-    from lightning_influence.integrations.hf import InfluenceTrainerCallback
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     callbacks = [InfluenceTrainerCallback(li.CausalLMTask(), TokenData(4, seed=1), on_train_end=False,
                                           every_n_train_steps=1000, output_dir=str(tmp_path / f"influence{index}"), report=False,
