@@ -10,6 +10,7 @@ from lightning_influence.collector import StepStatistics
 from lightning_influence.compare import Comparison, RunAnalysis, compare, trajectory
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.factors import CovarianceStatistics, Factors, fit_factors, load_factors
+from lightning_influence.memory_plan import MemoryPlan, plan_memory
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
 from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
 from lightning_influence.scoring import compute_influence, compute_self_influence
@@ -34,6 +35,7 @@ __all__ = [
     "InfluenceSession",
     "InfluenceSummary",
     "LayerShare",
+    "MemoryPlan",
     "PowerLawFit",
     "RegressionTask",
     "RenderedExample",
@@ -53,6 +55,7 @@ __all__ = [
     "load_factors",
     "load_results",
     "metrics",
+    "plan_memory",
     "select_layers",
     "summarize",
     "trajectory",
