@@ -2,8 +2,8 @@
 statistics after training steps, fitted factors (EK-FAC, K-FAC), each process's share under
 sharding, the preconditioned queries, one streamed score chunk and the kept scores."""
 
-import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,6 +202,23 @@ def test_cli_refuses_bad_plans_in_one_line(capsys, argv, code, fragment):
     assert main(argv) == code
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err
+
+
+def test_benchmark_script_labels_its_plans(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import memory_plan
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    threads = torch.get_num_threads()  # the benchmarks run on one thread
+    try:
+        payload = memory_plan.main(["--quick", "--json", str(tmp_path / "out.json"),
+                                    "--markdown", str(tmp_path / "out.md")])
+    finally:
+        torch.set_num_threads(threads)
+    assert payload["planned_not_run"] and "(planned, not run)" in (tmp_path / "out.md").read_text()
+    sharded = {p["world_size"]: p["statistics"] for p in payload["plans"] if p["layout"] == "sharded"}
+    assert sharded[64] < sharded[8]
 
 
 def test_readme_table_is_the_benchmark_output():
