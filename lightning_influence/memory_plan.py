@@ -31,7 +31,6 @@ activation eigenbasis), counted once on the first layer of the group (:func:`inp
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -47,30 +46,30 @@ from lightning_influence.config import InfluenceConfig
 from lightning_influence.sketch import MOMENTS, NUM_BINS
 from lightning_influence.tracking import TrackedLayer, select_layers
 
-COUNT_BYTES = 8  # every sum comes with a float64 count
+FLOAT64_BYTES = 8  # counts, eigenvalues, the EK-FAC / diagonal [d_out, d_in] values, score sums and moments
 SCORE_BYTES = 4  # scores are float32
 ID_BYTES = 8  # example ids are int64
 # Layers of one Hugging Face block that read the same input tensor, by the last part of their module
 # path (Llama, Mistral, Qwen and other Llama-style models; GPT-2 fuses q/k/v into one ``c_attn`` already).
 SHARED_INPUT_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 BINARY_UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
-ModelSource = Union[nn.Module, "os.PathLike[str]", str, Any]
+ModelSource = Any  # an nn.Module, a transformers PretrainedConfig, a config.json path or a model type
 
 
 def _default(name: str) -> Any:
     """The callback's default for setting ``name`` (one source of truth: ``InfluenceConfig``)."""
-    field = InfluenceConfig.__dataclass_fields__[name]
-    return field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+    return InfluenceConfig.__dataclass_fields__[name].default
 
 
 @dataclass(frozen=True)
 class LayerMemory:
-    """One tracked layer's bytes, on its owning process (queries: on every process)."""
+    """One tracked layer's bytes: statistics and factors on its owner (``None``: every process, not
+    sharded), queries on every process."""
 
     name: str
     d_out: int
     d_in: int
-    owner: int
+    owner: Optional[int]
     statistics: int
     factors: int
     queries: int
@@ -131,12 +130,12 @@ class MemoryPlan:
     def format_table(self) -> str:
         """The busiest process's bytes per component, in binary units, with the settings that decide them."""
         peak = self.peak
-        scores_note = "(give pool_size or keep_top_scores)" if peak.scores is None else ""
         rows = [("statistics", human_bytes(peak.statistics), "training-time sums and one step's buffer"),
                 ("factors", human_bytes(peak.factors), f"{self.settings['strategy']} preconditioner"),
                 ("queries", human_bytes(peak.queries), f"{self.settings['num_queries']} preconditioned queries"),
                 ("score chunk", human_bytes(peak.score_chunk), f"one batch of {self.settings['batch_size']}"),
-                ("scores", human_bytes(peak.scores), scores_note or "kept in the result"),
+                ("scores", human_bytes(peak.scores),
+                 "kept in the result" if peak.scores is not None else "(give pool_size or keep_top_scores)"),
                 ("total", human_bytes(peak.total), "")]
         shown = ", ".join(f"{key}={value}" for key, value in self.settings.items())
         width = max(len(name) for name, _, _ in rows)
@@ -225,9 +224,9 @@ def _activation_side_bytes(d_in: int, covariance_bytes: int, eigenbasis_bytes: i
                            strategy: str) -> Tuple[int, int]:
     """``(statistics, factors)`` bytes of one input's activation covariance: the one term that sharing
     an input among layers counts once."""
-    statistics = 2 * (d_in * d_in * covariance_bytes + COUNT_BYTES)
+    statistics = 2 * (d_in * d_in * covariance_bytes + FLOAT64_BYTES)
     factors = {"ekfac": d_in * d_in * eigenbasis_bytes,
-               "kfac": d_in * d_in * eigenbasis_bytes + d_in * 8}.get(strategy, 0)
+               "kfac": d_in * d_in * eigenbasis_bytes + d_in * FLOAT64_BYTES}.get(strategy, 0)
     return statistics, factors
 
 
@@ -235,10 +234,10 @@ def _gradient_side_bytes(d_out: int, d_in: int, covariance_bytes: int, eigenbasi
                          strategy: str) -> Tuple[int, int]:
     """``(statistics, factors)`` bytes of one layer's own terms: the output-gradient covariance, its
     eigenbasis, and the ``[d_out, d_in]`` float64 eigenvalues (EK-FAC) or Fisher diagonal."""
-    statistics = 2 * (d_out * d_out * covariance_bytes + COUNT_BYTES)
-    factors = {"ekfac": d_out * d_out * eigenbasis_bytes + d_out * d_in * 8,
-               "kfac": d_out * d_out * eigenbasis_bytes + d_out * 8,
-               "diagonal": d_out * d_in * 8}.get(strategy, 0)
+    statistics = 2 * (d_out * d_out * covariance_bytes + FLOAT64_BYTES)
+    factors = {"ekfac": d_out * d_out * eigenbasis_bytes + d_out * d_in * FLOAT64_BYTES,
+               "kfac": d_out * d_out * eigenbasis_bytes + d_out * FLOAT64_BYTES,
+               "diagonal": d_out * d_in * FLOAT64_BYTES}.get(strategy, 0)
     return statistics, factors
 
 
@@ -252,9 +251,9 @@ def _query_bytes(d_out: int, d_in: int, num_queries: int, query_rank: Optional[i
 def _kept_score_bytes(num_queries: int, pool_size: Optional[int], keep_top_scores: Optional[int],
                       num_layers: int) -> Optional[int]:
     """The result's scores: dense ``[Q, N]`` or the top/bottom M with ids and the sketch; plus ``[L, Q]`` sums."""
-    layer_sums = num_layers * num_queries * 8
-    if keep_top_scores is not None:
-        sketch = 2 * keep_top_scores * (SCORE_BYTES + ID_BYTES) + 8 * (len(MOMENTS) + 2 * 2 * NUM_BINS)
+    layer_sums = num_layers * num_queries * FLOAT64_BYTES
+    if keep_top_scores is not None:  # histogram: counts and sums, per sign and bin
+        sketch = 2 * keep_top_scores * (SCORE_BYTES + ID_BYTES) + FLOAT64_BYTES * (len(MOMENTS) + 2 * 2 * NUM_BINS)
         return num_queries * sketch + layer_sums
     if pool_size is None:
         return None
@@ -281,9 +280,11 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
         model: an ``nn.Module`` (real or on the meta device), a ``transformers`` ``PretrainedConfig``,
             or a path to a ``config.json`` / a Hugging Face model type (built on the meta device).
         world_size: number of processes (DDP / FSDP ranks).
-        strategy, shard_factors, shard_statistics, num_queries, query_rank, batch_size, keep_top_scores,
-            layers, exclude, covariance_dtype, eigenbasis_dtype: as the callback's settings
-            (:class:`~lightning_influence.InfluenceConfig`), with its defaults, checked by its validation.
+        strategy, shard_factors, shard_statistics: the callback's settings (defaults and validation of
+            :class:`~lightning_influence.InfluenceConfig`), as are the next three entries.
+        num_queries, query_rank, batch_size, keep_top_scores: the scoring settings.
+        layers, exclude: the tracked layers, selected as the callback selects them.
+        covariance_dtype, eigenbasis_dtype: dtypes of the statistics and of the stored eigenbases.
         pool_size: training examples scored (the pool, or ``max_train_examples``); needed for the
             dense scores (``keep_top_scores=None``).
         share_inputs: count one activation covariance per group of layers reading the same input
@@ -305,7 +306,8 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
         if shard_factors else {layer.name: None for layer in tracked}
     covariance_bytes = getattr(torch, covariance_dtype).itemsize
     eigenbasis_bytes = getattr(torch, eigenbasis_dtype).itemsize
-    carries_input = {id(group[0]) for group in (input_groups(tracked) if share_inputs else [[l] for l in tracked])}
+    groups = input_groups(tracked) if share_inputs else [[layer] for layer in tracked]
+    carries_input = {id(group[0]) for group in groups}
     per_layer = []
     for layer in tracked:
         statistics, factors = _gradient_side_bytes(layer.d_out, layer.d_in, covariance_bytes, eigenbasis_bytes,

@@ -24,6 +24,15 @@ from .hf_models import loader, tiny_gpt2, tiny_llama, token_examples
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on one thread: a second one only spins on a busy machine (50x slower measured)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_mlp():
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5), nn.Tanh(), nn.Linear(5, 3, bias=False))
@@ -80,28 +89,29 @@ def test_statistics_equal_what_training_steps_hold(case):
 
 @pytest.fixture(scope="module")
 def gpt2_fitted():
-    """A tiny GPT-2, its queries and pool, and EK-FAC / K-FAC / diagonal factors fitted on the pool."""
+    """A tiny GPT-2, its queries and pool, and EK-FAC / K-FAC factors fitted on the pool."""
     model, task = tiny_gpt2(), li.CausalLMTask()
-    pool, queries = token_examples(12, seed=1), token_examples(3, seed=2)
+    pool, queries = token_examples(8, seed=1), token_examples(2, seed=2)
     factors = {strategy: li.fit_factors(model, task, loader(pool, 4), strategy=strategy, fisher="empirical")
-               for strategy in ("ekfac", "kfac", "diagonal")}
-    factors["ekfac_float32"] = li.fit_factors(model, task, loader(pool, 4), fisher="empirical",
-                                              eigenbasis_dtype=torch.float32)
+               for strategy in ("ekfac", "kfac")}
     return model, task, pool, queries, factors
 
 
-@pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal"])
+@pytest.mark.parametrize("strategy", ["ekfac", "kfac"])
 def test_factors_equal_the_fitted_tensors(gpt2_fitted, strategy):
     model, _, _, _, factors = gpt2_fitted
     assert li.plan_memory(model, strategy=strategy).factors == factors[strategy].held_bytes()
-    assert li.plan_memory(model, eigenbasis_dtype="float32").factors == factors["ekfac_float32"].held_bytes()
 
 
-def test_mlp_factors_count_the_bias_column():
+@pytest.mark.parametrize("strategy, eigenbasis_dtype", [("ekfac", "float64"), ("ekfac", "float32"),
+                                                        ("kfac", "bfloat16"), ("diagonal", "float64")])
+def test_mlp_factors_count_the_bias_column_and_dtypes(strategy, eigenbasis_dtype):
     model = tiny_mlp()
-    fitted = li.fit_factors(model, li.ClassificationTask(), mlp_data(16), fisher="empirical")
-    assert fitted.layers["0"]["q_a"].shape == (7, 7)  # 6 inputs and the bias
-    assert li.plan_memory(model).factors == fitted.held_bytes()
+    fitted = li.fit_factors(model, li.ClassificationTask(), mlp_data(16), strategy=strategy, fisher="empirical",
+                            eigenbasis_dtype=getattr(torch, eigenbasis_dtype))
+    if strategy != "diagonal":
+        assert fitted.layers["0"]["q_a"].shape == (7, 7)  # 6 inputs and the bias
+    assert li.plan_memory(model, strategy=strategy, eigenbasis_dtype=eigenbasis_dtype).factors == fitted.held_bytes()
 
 
 def test_each_process_holds_its_owned_layers(gpt2_fitted, monkeypatch):
@@ -150,7 +160,7 @@ def test_score_chunk_and_kept_scores_equal_the_result(gpt2_fitted):
     planned = li.plan_memory(model, num_queries=len(queries), pool_size=len(pool)).scores
     assert planned == tensor_bytes([dense.scores, dense.get("layer_abs_sums")])
 
-    kept = li.compute_influence(model, task, loader(pool, 4), loader(queries, 4), factors["ekfac"], layer_sums=True,
+    kept = li.compute_influence(model, task, loader(pool * 2, 4), loader(queries, 4), factors["ekfac"], layer_sums=True,
                                 keep_top=10)
     planned = li.plan_memory(model, num_queries=len(queries), keep_top_scores=10).scores
     assert planned == tensor_bytes([kept.get(name) for name in SKETCH_FIELDS + ("layer_abs_sums",)])
@@ -210,12 +220,7 @@ def test_benchmark_script_labels_its_plans(tmp_path):
         import memory_plan
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
-    threads = torch.get_num_threads()  # the benchmarks run on one thread
-    try:
-        payload = memory_plan.main(["--quick", "--json", str(tmp_path / "out.json"),
-                                    "--markdown", str(tmp_path / "out.md")])
-    finally:
-        torch.set_num_threads(threads)
+    payload = memory_plan.main(["--quick", "--json", str(tmp_path / "out.json"), "--markdown", str(tmp_path / "out.md")])
     assert payload["planned_not_run"] and "(planned, not run)" in (tmp_path / "out.md").read_text()
     sharded = {p["world_size"]: p["statistics"] for p in payload["plans"] if p["layout"] == "sharded"}
     assert sharded[64] < sharded[8]
