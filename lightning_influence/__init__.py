@@ -14,6 +14,7 @@ from lightning_influence.engine.factors import CovarianceStatistics, Factors, fi
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
 from lightning_influence.analysis.aggregate import aggregate
 from lightning_influence.results import InfluenceResult, check_same_run, load_results
+from lightning_influence.engine.memory_plan import MemoryPlan, plan_memory
 from lightning_influence.engine.scoring import compute_influence, compute_self_influence
 from lightning_influence.checkpoint.session import InfluenceSession
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -39,6 +40,7 @@ __all__ = [
     "InfluenceSession",
     "InfluenceSummary",
     "LayerShare",
+    "MemoryPlan",
     "PowerLawFit",
     "RegressionTask",
     "RenderedExample",
@@ -60,6 +62,7 @@ __all__ = [
     "load_results",
     "register_sink",
     "metrics",
+    "plan_memory",
     "select_layers",
     "summarize",
     "trajectory",
