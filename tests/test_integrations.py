@@ -120,12 +120,12 @@ def test_fabric_refuses_callback_only_settings_and_a_ledger_without_ids(tmp_path
         InfluenceMonitor(fabric, classifier(), "classification", train, val, every_n_epochs=1)
     with pytest.raises(ValueError, match="query_data='val' names a Lightning Trainer's split"):
         InfluenceMonitor(fabric, classifier(), "classification", train, "val")
-    monitor = InfluenceMonitor(fabric, classifier(), "classification", train, val, ledger=True, report=False,
-                               output_dir=tmp_path / "ledger", **TEST_SETTINGS)
-    with pytest.raises(ValueError, match=r"ledger=True weighs each step by its learning rate: pass monitor.step"):
+    monitor = InfluenceMonitor(fabric, classifier(), "classification", train, val, scoring={"ledger": 32},
+                               report=False, output_dir=tmp_path / "ledger", **TEST_SETTINGS)
+    with pytest.raises(ValueError, match=r"scoring.ledger weighs each step by its learning rate: pass monitor.step"):
         with monitor.step(next(iter(DataLoader(train, batch_size=4)))):
             pass
-    with pytest.raises(ValueError, match=r"ledger=True needs each training batch's example ids"):
+    with pytest.raises(ValueError, match=r"scoring.ledger needs each training batch's example ids"):
         with monitor.step(next(iter(DataLoader(train, batch_size=4))), lr=0.1):
             pass
     monitor.close()
@@ -191,7 +191,7 @@ def hf_trainer(tmp_path, model, callback, *, learning_rate=0.0, accumulation=1, 
 def test_hf_accepts_the_ledger():
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
-    assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), ledger=True).config.ledger  # was refused
+    assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), scoring={"ledger": 32}).config.scoring.ledger == 32  # was refused
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, TinyLM], ids=["gpt2-num_items_in_batch", "module-divided-loss"])

@@ -17,8 +17,9 @@ from tests.test_integrations import TinyLM, TokenData, fabric_module, transforme
 import pytorch_lightning as pl
 
 LR, BATCH, POOL, STEPS = 0.1, 4, 28, 7  # 7 optimizer steps, every 2nd collected, influence at 3 and 6
-SETTINGS = dict(on_error="raise", show_progress=False, report=False, collect_every_n_steps=2, max_tokens_per_step=None,
-                ledger=True, top_k=2, batch_size=8, loss_reduction="token_mean")
+SETTINGS = dict(on_error="raise", report=dict(mode="off", show_progress=False),
+                curvature=dict(collect_every_n_steps=2, max_tokens_per_step=None, loss_reduction="token_mean"),
+                scoring=dict(ledger=32, top_k=2, batch_size=8))
 TRIGGERS = dict(every_n_epochs=None, every_n_train_steps=3, on_checkpoint=False, on_train_end=False)
 
 
@@ -34,8 +35,8 @@ def plain_loop(tmp_path):
     """The protocol without any framework: a loop calling its events."""
     model = TinyLM()
     optimizer = torch.optim.SGD(model.parameters(), lr=LR)
-    config = InfluenceConfig(task=li.CausalLMTask(), train_data=pool(), query_data=queries(),
-                             output_dir=str(tmp_path / "plain"), **TRIGGERS, **SETTINGS).validate()
+    config = InfluenceConfig.from_mapping(dict(task=li.CausalLMTask(), train_data=pool(), query_data=queries(),
+                                               output_dir=str(tmp_path / "plain"), **TRIGGERS, **SETTINGS)).validate()
     loop = LoopProtocol(config, model, output_dir=tmp_path / "plain", is_global_zero=True)
     loop.attach(model)
     loader = DataLoader(pool(), batch_size=BATCH)
@@ -90,9 +91,8 @@ def fabric_loop(tmp_path):
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1)
     net = TinyLM()
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=LR))
-    settings = dict(SETTINGS, loss_reduction="token_mean")
     monitor = InfluenceMonitor(fabric, model, li.CausalLMTask(), pool(), queries(), output_dir=tmp_path / "fabric",
-                               **settings)
+                               **SETTINGS)
     for step, batch in enumerate(DataLoader(pool(), batch_size=BATCH)):
         ids = torch.arange(step * BATCH, min((step + 1) * BATCH, POOL))  # the loop knows its examples
         with monitor.step(batch, optimizer=optimizer, ids=ids):
@@ -115,7 +115,8 @@ class _SequentialTrainer(transformers.Trainer if transformers else object):
 def hf_loop(tmp_path):
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
-    hf_settings = {k: v for k, v in SETTINGS.items() if k != "loss_reduction"}
+    curvature = {k: v for k, v in SETTINGS["curvature"].items() if k != "loss_reduction"}  # an argument here
+    hf_settings = dict(SETTINGS, curvature=curvature)
     callback = InfluenceTrainerCallback(li.CausalLMTask(), queries(), train_data=pool(), every_n_train_steps=3,
                                         on_train_end=False, output_dir=str(tmp_path / "hf-influence"), **hf_settings)
     model = TinyLM()
@@ -181,8 +182,8 @@ def test_every_loop_equals_the_plain_protocol(tmp_path, plain, loop):
 
 def test_true_fisher_from_a_fabric_loop_equals_the_plain_protocols(tmp_path, monkeypatch):
     """fisher="true": Fabric now reuses the model's captured outputs, as the plain loop does."""
-    monkeypatch.setitem(SETTINGS, "fisher", "true")
-    monkeypatch.setitem(SETTINGS, "ledger", False)
+    monkeypatch.setitem(SETTINGS["curvature"], "fisher", "true")
+    monkeypatch.setitem(SETTINGS["scoring"], "ledger", None)
     (results, statistics), (expected, expected_statistics) = fabric_loop(tmp_path), plain_loop(tmp_path)
     for sums, want in zip(_sums(statistics), _sums(expected_statistics), strict=True):
         torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-7)

@@ -98,9 +98,6 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
     (:func:`reduce_to_owners`); ``shares[r]`` and ``seeds[r]`` are the correction examples and
     sampling seed of process ``r`` in the unsharded computation, which this reproduces, refreshing
     stale layers as :func:`~lightning_influence.engine.factors.curvature_at_checkpoint` does."""
-    if strategy not in SHARDED_STRATEGIES:
-        raise ValueError(f"sharded factors need strategy 'ekfac' or 'kfac', got {strategy!r}; "
-                         "set shard_factors=False")
     owners = owners_of(layers)
     mine = layers_by_name(model, list(statistics.state))
     left_out: List[int] = []

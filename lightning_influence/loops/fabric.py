@@ -18,7 +18,7 @@ Usage (three touch points in the loop)::
 Settings are :class:`~lightning_influence.InfluenceConfig` fields (validated there); the callback's
 triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. The
 collection cadence, the monitors (``meta["window"]``, ``meta["monitors"]``) and the per-step ledger
-(``ledger=True``: pass each batch's example ids, ``monitor.step(batch, ids=...)``, or the training
+(``scoring.ledger``: pass each batch's example ids, ``monitor.step(batch, ids=...)``, or the training
 DataLoader once, ``monitor.start(loader)``) are the Lightning callback's, run by
 :class:`~lightning_influence.loops.steps.LoopProtocol`; ``optimizer=`` gives the learning rate. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
@@ -31,13 +31,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import scaler_scale
+from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.monitoring import learning_rate
 from lightning_influence.loops.protocol import MonitorState, loop_config, unwrapped
 from lightning_influence.loops.steps import LoopProtocol
@@ -64,15 +65,20 @@ class InfluenceMonitor(MonitorState):
         output_dir: where results go (``<output_dir>/step=<N>/``; refused when it holds another
             run's results); default ``<fabric.logger.log_dir>/influence`` or ``./influence``, or their
             next version ``influence-v1``, ... when another run has it.
-        **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
-            ``fisher``, ``damping``, ``loss_reduction``, ``collect_every_n_steps``, ``top_k``, ...).
+        seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
+            (the groups as dataclasses or dicts).
+        **deprecated: the flat settings of earlier releases (``strategy=``, ``top_k=`` ...), with a
+            ``FutureWarning`` naming the group they moved to.
     """
 
     def __init__(self, fabric: Any, model: Any, task: Union[Task, str], train_data: Union[Dataset, DataLoader],
                  query_data: Union[Dataset, DataLoader], *, output_dir: Optional[Union[str, Path]] = None,
-                 **settings: Any) -> None:
-        config = loop_config(settings, NOT_APPLICABLE, task=task, train_data=train_data, query_data=query_data,
-                             output_dir=output_dir)
+                 seed: int = 0, on_error: str = "warn", curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
+                 scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None,
+                 report: Optional[Union[ReportConfig, Dict[str, Any]]] = None, **deprecated: Any) -> None:
+        settings = dict(deprecated, curvature=curvature, scoring=scoring, report=report)
+        config = loop_config(settings, NOT_APPLICABLE, "InfluenceMonitor", task=task, train_data=train_data,
+                             query_data=query_data, output_dir=output_dir, seed=seed, on_error=on_error)
         self.fabric = fabric
         self.model = unwrapped(model)
         self.global_step = 0
@@ -84,7 +90,7 @@ class InfluenceMonitor(MonitorState):
 
     # -- the loop's steps ----------------------------------------------------------------------------
     def start(self, train_loader: Any = None) -> None:
-        """Optional, before the first step: with ``ledger=True`` the example ids of each batch are
+        """Optional, before the first step: with ``scoring.ledger`` the example ids of each batch are
         then traced from ``train_loader``'s sampler (a map-style DataLoader over ``train_data``)
         instead of passed to :meth:`step`. Called by the first :meth:`step` otherwise."""
         if not self._started:
@@ -99,12 +105,12 @@ class InfluenceMonitor(MonitorState):
         ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation;
         ``optimizer`` (or ``lr``): the learning rate of this step, for ``meta["window"]["lr_sum"]``
         and the ledger; ``ids``: the batch's example ids (indices into ``train_data``), which
-        ``ledger=True`` needs unless :meth:`start` was given the training DataLoader."""
+        ``scoring.ledger`` needs unless :meth:`start` was given the training DataLoader."""
         self.start()
         if lr is None:
             lr = learning_rate(optimizer)
-        if lr is None and self._loop.config.ledger:
-            raise ValueError("ledger=True weighs each step by its learning rate: pass monitor.step(batch, "
+        if lr is None and self._loop.config.scoring.ledger is not None:
+            raise ValueError("scoring.ledger weighs each step by its learning rate: pass monitor.step(batch, "
                              "optimizer=optimizer) (or lr=...)")
         self._loop.on_batch_start(batch, self.global_step, lr=lr, accumulation=accumulation,
                                   loss_scale=self._loss_scale(), ids=ids)

@@ -64,10 +64,11 @@ class LoopProtocol(LoopInfluence):
             self._output_hook = module.register_forward_hook(torch.compiler.disable(self._capture_outputs))
 
     def start(self, train_loader: Any = None) -> None:
-        """Before the first training batch. With ``ledger=True``: the example ids are traced from
+        """Before the first training batch. With ``scoring.ledger``: the example ids are traced from
         ``train_loader``'s sampler (refused clearly when impossible); without a loader each
         :meth:`on_batch_start` must bring its batch's ``ids``."""
-        ids = BatchIds(train_loader) if self.config.ledger and train_loader is not None else None
+        ledger = self.config.scoring.ledger is not None
+        ids = BatchIds(train_loader) if ledger and train_loader is not None else None
         self.monitor.start(self.module, self.session, ids)
 
     def _capture_outputs(self, module: Any, inputs: Any, output: Any) -> None:
@@ -77,7 +78,7 @@ class LoopProtocol(LoopInfluence):
     # -- the collection cadence ----------------------------------------------------------------------
     def collects(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based, the number of steps before it) is collected."""
-        return step % self.config.collect_every_n_steps == 0
+        return step % self.config.curvature.collect_every_n_steps == 0
 
     def on_batch_start(self, batch: Any, step: int, *, lr: Optional[float] = None, accumulation: int = 1,
                        loss_scale: float = 1.0, loss_divisor: Any = None, ids: Any = None,
@@ -95,8 +96,8 @@ class LoopProtocol(LoopInfluence):
         self._collecting = self.collects(step)
         self._last_outputs = None
         if ids is None and self.monitor.needs_ids:
-            raise ValueError("ledger=True needs each training batch's example ids (indices into train_data): pass "
-                             "them with the batch, or the training DataLoader at the start; or set ledger=False")
+            raise ValueError("scoring.ledger needs each training batch's example ids (indices into train_data): pass "
+                             "them with the batch, or the training DataLoader at the start; or set scoring.ledger=None")
         self.monitor.batch_start(batch, lr=lr, accumulation=batches_per_step or accumulation,
                                  collecting=self._collecting, ids=ids)
         if self._collecting:
