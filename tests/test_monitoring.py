@@ -79,7 +79,7 @@ def test_live_self_influence_ranks_the_planted_mislabel_first_and_is_reported(tm
     assert latest.self_scores is not None and latest.self_scores.shape == (96,)
     assert int(latest.train_ids[latest.self_scores.argmax()]) == planted
     assert float(trainer.callback_metrics["influence/self/max"]) == pytest.approx(float(latest.self_scores.max()))
-    assert f"self/topk_churn@{cb.config.top_k}" in latest.meta["monitors"]
+    assert f"self/topk_churn@{cb.config.scoring.top_k}" in latest.meta["monitors"]
     summary = json.loads((latest.path / "report" / "summary.json").read_text())
     assert summary["self_influence_examples"][0]["train_id"] == planted
     assert summary["scalars"]["self/max"] == pytest.approx(float(latest.self_scores.max()))
