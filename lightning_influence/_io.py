@@ -239,7 +239,13 @@ def read_meta(directory: PathLike, expected_format: str) -> Dict[str, Any]:
 def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    written: Dict[int, torch.Tensor] = {}  # safetensors refuses tensors sharing memory: a shared one is copied
+    out = {}
+    for key, value in tensors.items():
+        value = value.detach().contiguous().cpu()
+        out[key] = value.clone() if id(value) in written else value
+        written.setdefault(id(value), value)
+    save_file(out, str(path))
     os.chmod(path, 0o666 & ~_umask())
 
 
