@@ -11,7 +11,7 @@ from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.analysis.compare import Comparison, RunAnalysis, compare, trajectory
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors, load_factors
-from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
+from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
 from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
 from lightning_influence.engine.scoring import compute_influence, compute_self_influence
 from lightning_influence.checkpoint.session import InfluenceSession
@@ -40,6 +40,7 @@ __all__ = [
     "RenderedExample",
     "ResultPublisher",
     "RunAnalysis",
+    "Sink",
     "StepStatistics",
     "Task",
     "TrackingError",
@@ -53,6 +54,7 @@ __all__ = [
     "fit_power_law",
     "load_factors",
     "load_results",
+    "register_sink",
     "metrics",
     "select_layers",
     "summarize",
