@@ -239,12 +239,13 @@ def read_meta(directory: PathLike, expected_format: str) -> Dict[str, Any]:
 def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    written: Dict[int, torch.Tensor] = {}  # safetensors refuses tensors sharing memory: a shared one is copied
-    out = {}
+    out: Dict[str, torch.Tensor] = {}
+    seen = set()  # safetensors refuses tensors sharing memory: one stored under several names is copied
     for key, value in tensors.items():
-        value = value.detach().contiguous().cpu()
-        out[key] = value.clone() if id(value) in written else value
-        written.setdefault(id(value), value)
+        out[key] = value.detach().contiguous().cpu()
+        if id(value) in seen:
+            out[key] = out[key].clone()
+        seen.add(id(value))
     save_file(out, str(path))
     os.chmod(path, 0o666 & ~_umask())
 
