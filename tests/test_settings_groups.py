@@ -108,12 +108,6 @@ def test_one_validator_per_rule_the_same_message_everywhere(settings, message, t
         _hf(**settings)
 
 
-def test_the_ledger_is_refused_outside_the_lightning_callback(tmp_path):
-    with pytest.raises(ValueError, match="scoring.ledger is not supported here"):
-        InfluenceMonitor(_Fabric(), torch.nn.Linear(3, 2), "classification", DATA, DATA, output_dir=tmp_path,
-                         scoring={"ledger": 8})
-
-
 def test_the_session_takes_the_groups_and_its_old_keywords_with_a_warning():
     task = li.ClassificationTask()
     new = li.InfluenceSession(task, DATA, DATA, curvature={"strategy": "kfac"}, scoring=li.ScoringConfig(top_k=3))
