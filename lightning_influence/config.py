@@ -20,7 +20,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_influence.engine.factors import FISHER_KINDS, STRATEGIES, check_damping
+from lightning_influence.engine.approximations import approximation_names
+from lightning_influence.engine.factors import FISHER_KINDS, check_damping
 from lightning_influence.engine.freshness import REFRESH
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
@@ -190,7 +191,7 @@ class InfluenceConfig:
         ``exclude=None`` or a list to a tuple, ``layers`` to a list), so YAML and Python settings
         compare equal. Nothing else is coerced: ``"no"`` is not ``False`` and ``2.0`` is not ``2``.
         """
-        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("strategy", self.strategy, approximation_names())
         _check_choice("fisher", self.fisher, tuple(k for k in FISHER_KINDS if k != "exact"),
                       hint="('exact' needs one backward per output dimension; use it offline with fit_factors)")
         _check_choice("loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)

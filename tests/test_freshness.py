@@ -11,7 +11,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.engine import freshness
-from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import make_module_class, planted_data
 from tests.tiny_models import classification_data, mlp

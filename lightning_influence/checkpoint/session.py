@@ -42,7 +42,9 @@ from lightning_influence.engine import distributed
 from lightning_influence.engine import freshness
 from lightning_influence.engine import passes
 from lightning_influence.engine import sharding
-from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors
+from lightning_influence.engine.factors import Factors
+from lightning_influence.engine.fitting import fit_factors
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.results import (
     InfluenceResult,
     finite_topk,
@@ -51,7 +53,8 @@ from lightning_influence.results import (
     save_result_with_factors,
 )
 from lightning_influence.checkpoint.pool import PoolStream, choose_pool_ids, dataset_and_collate
-from lightning_influence.engine.scoring import PreconditionedQueries, compute_influence, precondition_queries
+from lightning_influence.engine.queries import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.scoring import compute_influence
 from lightning_influence.analysis.sketch import MOMENTS, NUM_BINS, ScoreSketch
 from lightning_influence.tasks import Task
 from lightning_influence.engine.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name
@@ -144,8 +147,8 @@ class InfluenceSession:
         self.seed, self.show_progress = seed, show_progress
         self.shard_factors, self.eigenbasis_dtype = shard_factors, eigenbasis_dtype
         self.curvature_refresh = freshness.check_refresh(curvature_refresh)
-        if shard_factors and strategy not in sharding.SHARDED_STRATEGIES:
-            raise ValueError(f"shard_factors needs strategy 'ekfac' or 'kfac', got {strategy!r}")
+        if shard_factors:
+            sharding.check_can_shard(strategy, "shard_factors needs")
         if shard_factors and self_influence:
             raise ValueError("self_influence needs every layer's factors on every process; "
                              "set shard_factors=False to compute self-influence")
