@@ -1,0 +1,1 @@
+"""Saved references of today's numbers (see :mod:`tests.references.cases`)."""
