@@ -13,7 +13,7 @@ from lightning_influence.config import InfluenceConfig
 from lightning_influence.engine.factors import Factors, load_factors
 from lightning_influence.engine.fitting import fit_factors
 from lightning_influence.engine.statistics import CovarianceStatistics
-from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher
+from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
 from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
 from lightning_influence.engine.scoring import compute_influence, compute_self_influence
 from lightning_influence.checkpoint.session import InfluenceSession
@@ -42,6 +42,7 @@ __all__ = [
     "RenderedExample",
     "ResultPublisher",
     "RunAnalysis",
+    "Sink",
     "StepStatistics",
     "Task",
     "TrackingError",
@@ -55,6 +56,7 @@ __all__ = [
     "fit_power_law",
     "load_factors",
     "load_results",
+    "register_sink",
     "metrics",
     "select_layers",
     "summarize",

@@ -76,6 +76,46 @@ _TENSOR_FIELDS = (
     "score_histogram_sums",  # [n_query, 2, bins] float64: Σ|s| per bin
 )
 
+# What ``meta`` may hold beside the tensors: every key the package writes, and what it means (the
+# reference page docs/reference/result-meta.md lists the same keys). Users may add their own keys.
+META_FIELDS = {
+    # scoring (every result)
+    "strategy": "the curvature approximation",
+    "fisher": "the Fisher the covariances were built with",
+    "damping": "per layer, the damping used",
+    "query_rank": "rank of the low-rank queries (None: exact)",
+    "query_truncation": "how low-rank queries were truncated",
+    "n_train": "examples scored",
+    "n_query": "queries scored",
+    "nonfinite_train_ids": "examples whose scores were not finite (never ranked)",
+    "nonfinite_query_ids": "queries whose scores were not finite",
+    "timings": "seconds of each stage",
+    # the checkpoint procedure
+    "run": "the run identity (report, compare and aggregate refuse to mix runs)",
+    "n_pool": "size of the candidate pool",
+    "world_size": "processes that computed the result",
+    "keep_top_scores": "scores kept per query and sign (None: every score)",
+    "streaming_pool": "whether the pool was a stream",
+    "tokens_seen": "per layer, the real tokens its activation covariance was built from",
+    "token_scores_skipped": "why the top examples' token scores are missing (None: not skipped)",
+    "curvature": "how fresh the curvature is at the scored weights",
+    # the training loops
+    "reasons": "what triggered the computation",
+    "checkpoint_path": "the first checkpoint saved at the result's step",
+    "checkpoint_paths": "every checkpoint saved at the result's step",
+    "config": "the loop's settings",
+    "steps_collected": "optimizer steps whose statistics the covariances hold",
+    "steps_collected_total": "optimizer steps collected since training started",
+    "steps_skipped": "collected steps dropped (AMP-skipped or non-finite)",
+    "window": "the training window: optimizer batches and summed learning rate",
+    "ledger": "the share of each layer's query norm the ledger's subspace captured",
+    "monitors": "the monitor scalars logged with the result",
+    # aggregate()
+    "aggregated_steps": "steps of the combined results",
+    "aggregated_paths": "directories of the combined results",
+    "weighting": "how the checkpoints were weighted",
+}
+
 
 class InfluenceResult:
     """Influence scores of training examples on queries, from one checkpoint (or aggregated).

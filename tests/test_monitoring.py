@@ -14,6 +14,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import DataLoader
 
 import lightning_influence as li
+from lightning_influence.results import META_FIELDS
 from lightning_influence.analysis import monitors
 from lightning_influence.loops.ledger import BatchIds
 from tests.callback_models import planted_data
@@ -138,6 +139,7 @@ def test_ledger_equals_the_learning_rate_weighted_per_step_scores(tmp_path, shuf
         torch.testing.assert_close(result.get("ledger_scores").double(), expected, rtol=1e-4, atol=1e-6)
         assert result.meta["ledger"]["captured"] == pytest.approx({"net.0": 1.0, "net.2": 1.0})
     second = cb.results[1]
+    assert set(second.meta) <= set(META_FIELDS), "undeclared meta keys: add them to results.META_FIELDS"
     assert second.meta["window"]["optimizer_batches"] == 12
     assert second.meta["window"]["lr_sum"] == pytest.approx(12 * 0.1)
 

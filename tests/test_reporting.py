@@ -286,3 +286,52 @@ def test_unknown_logger_types_are_refused_up_front():
         ResultPublisher([object()])
     with pytest.raises(ValueError, match="positive"):
         ResultPublisher(top_k=0)
+
+
+class RecordingSink:
+    """A user's own sink: anything with a name and ``publish(report)``."""
+
+    name = "recording"
+
+    def __init__(self) -> None:
+        self.steps, self.scalars = [], []
+
+    def publish(self, report) -> None:
+        self.steps.append(report.step)
+        self.scalars.append(dict(report.scalars))
+
+
+class SlackLikeClient:
+    """A logger the package knows nothing about (no log_metrics): published to through a registered sink."""
+
+    def __init__(self) -> None:
+        self.messages = []
+
+
+def test_a_sink_is_published_to_as_it_is_and_a_registered_sink_serves_its_logger(tmp_path, monkeypatch):
+    import lightning_influence as li
+    from lightning_influence.reporting import sinks
+
+    monkeypatch.setattr(sinks, "_RECOGNISERS", [])  # registrations last for the process: undo this test's
+    own = RecordingSink()
+    client = SlackLikeClient()
+    with pytest.raises(TypeError, match="register_sink"):
+        ResultPublisher([client])
+
+    class MessageSink:
+        name = "messages"
+
+        def __init__(self, target, log_artifacts):
+            self.target = target
+
+        def publish(self, report):
+            self.target.messages.append(f"step {report.step}: {len(report.scalars)} numbers")
+
+    li.register_sink(lambda logger: isinstance(logger, SlackLikeClient), MessageSink)
+    assert isinstance(own, li.Sink) and not isinstance(client, li.Sink)
+    publisher = ResultPublisher([own, client], max_queries=1)
+    for step in (10, 20):
+        summary = publisher.publish(make_result(step, seed=step, path=tmp_path / f"step={step}"), step=step)
+    assert own.steps == [10, 20] and own.scalars[-1] == summary.scalars
+    assert [m.split(":")[0] for m in client.messages] == ["step 10", "step 20"]
+    assert publisher.active_loggers == ["recording", "messages"]

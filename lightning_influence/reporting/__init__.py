@@ -7,5 +7,6 @@ logger of that kind is actually used.
 
 from lightning_influence.reporting.publisher import ResultPublisher
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, highlight_tokens
+from lightning_influence.reporting.sinks import Sink, register_sink
 
-__all__ = ["DefaultRenderer", "ExampleRenderer", "RenderedExample", "ResultPublisher", "highlight_tokens"]
+__all__ = ["DefaultRenderer", "ExampleRenderer", "RenderedExample", "ResultPublisher", "Sink", "highlight_tokens", "register_sink"]

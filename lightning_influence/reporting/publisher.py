@@ -26,6 +26,7 @@ from lightning_influence._io import json_ready, write_file_atomic
 from lightning_influence.analysis.compare import Analysis, RunAnalysis
 from lightning_influence.reporting.render import DefaultRenderer, ExampleRenderer, RenderedExample, render_example
 from lightning_influence.reporting.report import Report, build_report
+from lightning_influence.reporting.sinks import make_sink
 
 __all__ = ["ResultPublisher", "REPORT_DIR", "SUMMARY_FILE"]
 
@@ -50,34 +51,12 @@ def figure_file_name(name: str) -> str:
     return name.replace("/", "_") + ".png"
 
 
-def make_sink(logger: Any, *, log_artifacts: bool):
-    """The sink that knows how to show a report in ``logger``.
-
-    Recognises Lightning's ``WandbLogger`` and ``TensorBoardLogger`` (from ``lightning.pytorch``
-    or ``pytorch_lightning``) and raw ``wandb`` runs by class name, so neither package is imported
-    here; any other object with ``log_metrics(metrics, step)`` gets the scalars.
-    """
-    from lightning_influence.reporting.logger_sink import LoggerSink, TensorBoardSink
-    from lightning_influence.reporting.wandb_sink import WandbSink, is_wandb_run
-
-    class_names = {cls.__name__ for cls in type(logger).__mro__}
-    if "WandbLogger" in class_names or is_wandb_run(logger):
-        return WandbSink(logger, log_artifacts=log_artifacts)
-    if "TensorBoardLogger" in class_names:
-        return TensorBoardSink(logger)
-    if callable(getattr(logger, "log_metrics", None)):
-        return LoggerSink(logger)
-    raise TypeError(
-        f"cannot publish influence results to {type(logger).__name__}: expected a Lightning logger "
-        "(anything with log_metrics(metrics, step)) or a wandb run"
-    )
-
-
 class ResultPublisher:
     """Writes an influence result's report to disk and to every logger, failure-isolated.
 
     Args:
-        loggers: Lightning loggers (e.g. ``trainer.loggers``) and/or raw ``wandb`` runs.
+        loggers: Lightning loggers (e.g. ``trainer.loggers``), raw ``wandb`` runs and/or
+            :class:`~lightning_influence.reporting.sinks.Sink` objects.
         renderer: ``render(example, token_scores=None, token_mask=None) -> RenderedExample | str``
             used to show training examples and queries in tables; default: :class:`DefaultRenderer`.
         top_k: rows per query in the top-k and bottom-k example tables.
