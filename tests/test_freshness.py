@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.engine import freshness
-from lightning_influence.engine.curvature_passes import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances, accumulate_eigenvalue_correction
 from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import make_module_class, planted_data
@@ -151,15 +151,15 @@ def test_the_halves_are_the_same_examples_however_the_data_is_batched():
     halves = {}
     for batch_size in (8, 5):
         into = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
-                                                    fisher="empirical", batch_size=batch_size, dtype=torch.float64,
-                                                    covariances_into=into)
+        accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
+                                         fisher="empirical", batch_size=batch_size, dtype=torch.float64,
+                                         covariances_into=into)
         halves[batch_size] = into
     shares = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
     for start, stop in ((0, 15), (15, 40)):  # two processes' shares, 15 and 25 examples
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
-                                                    layers, None, fisher="empirical", batch_size=8,
-                                                    dtype=torch.float64, covariances_into=shares, first_example=start)
+        accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
+                                         layers, None, fisher="empirical", batch_size=8,
+                                         dtype=torch.float64, covariances_into=shares, first_example=start)
     for one, other in ((halves[8], halves[5]), (halves[8], shares)):
         for a, b in zip(one, other):
             for name in a.state:
