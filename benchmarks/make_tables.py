@@ -3,7 +3,7 @@
 The documentation's benchmarks page (``docs/benchmarks.md``) includes the ``<name>.md`` files as
 they are, so it shows these tables once the site is rebuilt.
 
-    python benchmarks/make_tables.py [--quick] [--only accuracy lds speed lm_scale real_text]
+    python benchmarks/make_tables.py [--quick] [--only accuracy lds speed memory_plan lm_scale real_text]
 
 ``lm_scale`` (a GPT, ~40 minutes on one CPU thread with kronfluence) and ``real_text`` (a GPT trained
 from scratch on Shakespeare, ~40 minutes without its LDS) run only when named in ``--only``.
@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import benchlib
 
-SCRIPTS = ("accuracy", "lds", "speed", "training_overhead", "lm_scale", "real_text")
-DEFAULT = ("accuracy", "lds", "speed", "training_overhead")
+SCRIPTS = ("accuracy", "lds", "speed", "training_overhead", "memory_plan", "lm_scale", "real_text")
+DEFAULT = ("accuracy", "lds", "speed", "training_overhead", "memory_plan")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -275,11 +275,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         query_data="val",                    # the first num_queries validation examples
         num_queries=args.queries,
         every_n_epochs=args.influence_every,  # fires at the same step as the checkpoint: one computation
-        loss_reduction="token_mean",         # training_step returns a mean over tokens, as Hugging Face does
         # output_dir unset: <log dir>/influence, or influence-v1, -v2, ... when an earlier run is there
-        top_k=5,
-        renderer=DefaultRenderer(decode=tokenizer.tokens),
-        show_progress=False,
+        # training_step returns a mean over tokens, as Hugging Face does
+        curvature=li.CurvatureConfig(loss_reduction="token_mean"),
+        scoring=li.ScoringConfig(top_k=5),
+        report=li.ReportConfig(renderer=DefaultRenderer(decode=tokenizer.tokens), show_progress=False),
     )
     logger = make_logger(args, project="arithmetic-lm")
     trainer = pl.Trainer(

@@ -137,10 +137,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         task=li.ClassificationTask(),
         query_data="val", num_queries=args.queries,  # clean images
         every_n_epochs=None, on_checkpoint=False,      # once, when training ends
-        fisher="true",                                 # sampled labels: the flipped ones do not shape the curvature
-        self_influence=True,                           # each training image scored on itself, live
         # output_dir unset: <log dir>/influence, or influence-v1, -v2, ... when an earlier run is there
-        show_progress=False,
+        curvature={"fisher": "true"},                  # sampled labels: the flipped ones do not shape the curvature
+        scoring={"self_influence": True},              # each training image scored on itself, live
+        report={"show_progress": False},
     )
     logger = make_logger(args, project="digits-flipped-labels")
     trainer = pl.Trainer(

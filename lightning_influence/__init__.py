@@ -9,12 +9,14 @@ from lightning_influence.analysis.summary import InfluenceSummary, summarize
 from lightning_influence.analysis.tails import PowerLawFit, fit_power_law
 from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.analysis.compare import Comparison, RunAnalysis, compare, trajectory
-from lightning_influence.config import InfluenceConfig
+from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.engine.factors import Factors, load_factors
 from lightning_influence.engine.fitting import fit_factors
 from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
-from lightning_influence.results import InfluenceResult, aggregate, check_same_run, load_results
+from lightning_influence.analysis.aggregate import aggregate
+from lightning_influence.results import InfluenceResult, check_same_run, load_results
+from lightning_influence.engine.memory_plan import MemoryPlan, plan_memory
 from lightning_influence.engine.scoring import compute_influence, compute_self_influence
 from lightning_influence.checkpoint.session import InfluenceSession
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
@@ -33,10 +35,14 @@ __all__ = [
     "InfluenceCallback",
     "InfluenceConcentration",
     "InfluenceConfig",
+    "CurvatureConfig",
+    "ScoringConfig",
+    "ReportConfig",
     "InfluenceResult",
     "InfluenceSession",
     "InfluenceSummary",
     "LayerShare",
+    "MemoryPlan",
     "PowerLawFit",
     "RegressionTask",
     "RenderedExample",
@@ -58,6 +64,7 @@ __all__ = [
     "load_results",
     "register_sink",
     "metrics",
+    "plan_memory",
     "select_layers",
     "summarize",
     "trajectory",

@@ -239,7 +239,14 @@ def read_meta(directory: PathLike, expected_format: str) -> Dict[str, Any]:
 def save_tensors(path: PathLike, tensors: Mapping[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    out: Dict[str, torch.Tensor] = {}
+    seen = set()  # safetensors refuses tensors sharing memory: one stored under several names is copied
+    for key, value in tensors.items():
+        out[key] = value.detach().contiguous().cpu()
+        if id(value) in seen:
+            out[key] = out[key].clone()
+        seen.add(id(value))
+    save_file(out, str(path))
     os.chmod(path, 0o666 & ~_umask())
 
 

@@ -28,6 +28,7 @@ examples:
   lightning-influence score --checkpoint last.ckpt --model mypkg.models:Classifier \\
       --train-data mypkg.data:train_set --query-data mypkg.data:new_queries \\
       --factors runs/influence/step=500/factors --task classification --out new_scores
+  lightning-influence plan llama --world-size 8 --shard-factors --shard-statistics --query-rank 32
 
 A result is a directory written by InfluenceResult.save (meta.json + tensors.safetensors); a run
 directory holds one result per checkpoint as step=<N>/ subdirectories.
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--batch-size", type=_positive_int, default=32, metavar="B", help="batch size (default: 32)")
     score.add_argument("--device", default="cpu", help="device to score on, e.g. cuda:0 (default: cpu)")
     score.set_defaults(run=_cmd_score)
+    _add_plan_command(commands)
     return parser
 
 
@@ -323,9 +325,12 @@ def _cmd_score(args: argparse.Namespace) -> int:
     try:
         # The run the factors were fitted in (factors saved before run ids: the result holding them).
         run_id = factors.meta.get("run_id") or saved_run_id(factors_dir.parent)
-        session = InfluenceSession(task, train, query, strategy=factors.strategy, fisher=factors.meta.get("fisher"),
-                                   damping=args.damping, query_rank=args.query_rank, top_k=args.top_k,
-                                   batch_size=args.batch_size, show_progress=sys.stderr.isatty(), run_id=run_id)
+        session = InfluenceSession(
+            task, train, query,
+            curvature=li.CurvatureConfig(strategy=factors.strategy, fisher=factors.meta.get("fisher"),
+                                         damping=args.damping),
+            scoring=li.ScoringConfig(query_rank=args.query_rank, top_k=args.top_k, batch_size=args.batch_size),
+            show_progress=sys.stderr.isatty(), run_id=run_id)
         result = session.score(model, factors, per_layer=args.per_layer, per_token=args.per_token,
                                self_influence=args.self_influence,
                                meta={"checkpoint": str(args.checkpoint), "factors": str(factors_dir),
@@ -506,3 +511,66 @@ def _indent(text: str, prefix: str = "  ") -> str:
 
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+# -- plan --------------------------------------------------------------------------------------
+
+
+def _add_plan_command(commands: Any) -> None:
+    """``plan``: per-process memory from a configuration; unset options take the callback's defaults."""
+    plan = commands.add_parser(
+        "plan",
+        help="plan the per-process memory of statistics, factors, queries and scores (no weights, no run)",
+        description="Build the model from its configuration on the meta device (no weight memory) and print "
+        "the bytes each process would hold. Options left out take the callback's defaults.",
+        epilog="examples:\n  lightning-influence plan gpt2 --pool-size 100000\n"
+        "  lightning-influence plan path/to/config.json --world-size 16 --shard-factors --query-rank 32\n"
+        "  lightning-influence plan llama --set num_hidden_layers=80 --set hidden_size=8192 --world-size 64",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    plan.add_argument("config", metavar="CONFIG",
+                      help="a Hugging Face config.json (or its directory), or a model type such as gpt2 or llama")
+    plan.add_argument("--set", dest="overrides", type=_override, action="append", default=[], metavar="KEY=VALUE",
+                      help="change a configuration value (VALUE read as JSON, else as text); repeatable")
+    plan.add_argument("--world-size", type=_positive_int, default=1, metavar="W", help="processes (default: 1)")
+    plan.add_argument("--strategy", metavar="NAME", help="ekfac, kfac, diagonal or identity")
+    plan.add_argument("--shard-factors", action="store_true", default=None, help="each layer's factors on one process")
+    plan.add_argument("--shard-statistics", action="store_true", default=None,
+                      help="with --shard-factors, the training-time statistics too")
+    plan.add_argument("--share-inputs", action="store_true",
+                      help="one activation covariance for layers reading the same input (q/k/v, gate/up)")
+    for flag, metavar, what in (("--num-queries", "Q", "queries"), ("--query-rank", "R", "rank of the queries"),
+                                ("--batch-size", "B", "batch size of the scoring pass"),
+                                ("--pool-size", "N", "training examples scored"),
+                                ("--keep-top-scores", "M", "scores kept per query and sign")):
+        plan.add_argument(flag, type=_positive_int, metavar=metavar, help=what)
+    plan.add_argument("--covariance-dtype", metavar="DTYPE", help="float32 or float64")
+    plan.add_argument("--eigenbasis-dtype", metavar="DTYPE", help="float64, float32 or bfloat16")
+    plan.add_argument("--layers", nargs="+", metavar="PATTERN", help="module names or glob patterns to track")
+    plan.add_argument("--exclude", nargs="+", metavar="PATTERN", help="module names or glob patterns to leave out")
+    plan.set_defaults(run=_cmd_plan)
+
+
+def _override(text: str) -> tuple:
+    key, equals, value = text.partition("=")
+    if not equals or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from lightning_influence.engine.memory_plan import load_config, plan_memory
+
+    config = load_config(args.config)
+    unknown = [key for key, _ in args.overrides if not hasattr(config, key)]
+    if unknown:
+        raise CommandError(f"--set {unknown[0]}: {type(config).__name__} has no such setting")
+    config.update(dict(args.overrides))
+    settings = {name: getattr(args, name) for name in (
+        "strategy", "shard_factors", "shard_statistics", "num_queries", "query_rank", "batch_size", "pool_size",
+        "keep_top_scores", "covariance_dtype", "eigenbasis_dtype", "layers", "exclude") if getattr(args, name) is not None}
+    print(plan_memory(config, world_size=args.world_size, share_inputs=args.share_inputs, **settings))
+    return 0

@@ -28,6 +28,7 @@ from tests.callback_models import make_module_class, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
 from tests.fsdp_helpers import IndexedStream  # noqa: E402
 from tests.fsdp_lightning_script import ShardedClassifier  # noqa: E402
+from tests.matrix_helpers import summary as result_summary  # noqa: E402
 
 LEARNING_RATE = 1e-3
 POOL = 33
@@ -87,10 +88,7 @@ def fit(out: Path, mode: str, chosen, ckpt_path=None, checkpoints=()):
 
 def summary(callback) -> dict:
     (result,) = callback.results
-    names = ("scores", "self_scores", "ledger_ids", "ledger_scores", "kept_top_ids", "kept_top_scores", "top_ids",
-             "score_moments")
-    return {"step": result.step, "train_ids": result.train_ids, "world_size": result.meta["world_size"],
-            **{name: result.get(name) for name in names if result.get(name) is not None}}
+    return result_summary(result)
 
 
 def main(out: Path, mode: str) -> None:

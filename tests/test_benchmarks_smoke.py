@@ -21,6 +21,7 @@ import benchlib  # noqa: E402
 import lds  # noqa: E402
 import lm_scale  # noqa: E402
 import sharding  # noqa: E402
+import shared_inputs  # noqa: E402
 import speed  # noqa: E402
 from oracle import DenseGaussNewton  # noqa: E402
 
@@ -55,6 +56,12 @@ def test_speed_quick(tmp_path):
     payload = run(speed, tmp_path, "--no-kronfluence")
     assert len(payload["memory"]) == 2 and all(p["peak_growth_bytes"] >= 0 for p in payload["memory"])
     assert all(v["streaming"] > 0 and v["query_seconds"] >= 0 for v in payload["throughput"].values())
+
+
+def test_shared_inputs_quick(tmp_path):
+    pytest.importorskip("transformers")
+    payload = run(shared_inputs, tmp_path)
+    assert payload["bytes"]["shared"] < payload["bytes"]["per layer"] and len(payload["groups"]) == 4
 
 
 def test_sharding_quick(tmp_path):

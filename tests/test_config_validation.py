@@ -9,6 +9,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -16,9 +17,14 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.config import BUILTIN_TASKS, SEED_LIMIT, InfluenceConfig
+from lightning_influence._deprecated import regroup
+from lightning_influence.config import (
+    BUILTIN_TASKS, SEED_LIMIT, CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig,
+)
 
-FIELDS = [field.name for field in dataclasses.fields(InfluenceConfig)]
+GROUPS = {"curvature": CurvatureConfig, "scoring": ScoringConfig, "report": ReportConfig}
+FIELDS = [field.name for field in dataclasses.fields(InfluenceConfig) if field.name not in GROUPS] + [
+    f"{group}.{field.name}" for group, cls in GROUPS.items() for field in dataclasses.fields(cls)]
 
 # One bad value per field and the fragment of the message that must name it.
 BAD_VALUE = {
@@ -34,53 +40,60 @@ BAD_VALUE = {
     "on_train_end": ("false", "on_train_end must be True or False, got 'false'"),
     "output_dir": (123, "output_dir must be a path (str or os.PathLike) or None (the trainer's log directory), "
                         "got 123"),
-    "strategy": ("ekfca", "strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', got 'ekfca'"),
-    "fisher": ("exact", "fisher must be one of 'true', 'empirical', got 'exact'"),
-    "damping": (math.inf, "damping must be a number from 0 to 1e+30 (above, it is effectively infinite"),
-    "layers": ("net.0", "layers must be a list of module names or glob patterns, got 'net.0'"),
-    "exclude": ("net.0", "exclude must be a list of module names or glob patterns, got 'net.0'"),
-    "collect_every_n_steps": (0, "collect_every_n_steps must be an integer >= 1, got 0"),
-    "max_tokens_per_step": (-1, "max_tokens_per_step must be an integer >= 1, got -1"),
-    "loss_reduction": ("avg", "loss_reduction must be one of 'mean', 'sum', 'token_mean', got 'avg'"),
-    "window": ("sliding", "window must be one of 'reset', 'ema', got 'sliding'"),
-    "ema_decay": (math.nan, "ema_decay must be in (0, 1), got nan"),
-    "correction_batches": (0, "correction_batches must be an integer >= 1, got 0"),
-    "curvature_refresh": ("sometimes", "curvature_refresh must be one of 'auto', 'always', 'never', got 'sometimes'"),
-    "max_train_examples": (True, "max_train_examples must be an integer >= 1, got True"),
+    "curvature.strategy": ("ekfca", "curvature.strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', got 'ekfca'"),
+    "curvature.fisher": ("exact", "curvature.fisher must be one of 'true', 'empirical', got 'exact'"),
+    "curvature.damping": (math.inf, "curvature.damping must be a number from 0 to 1e+30 (above, it is effectively infinite"),
+    "curvature.layers": ("net.0", "curvature.layers must be a list of module names or glob patterns, got 'net.0'"),
+    "curvature.exclude": ("net.0", "curvature.exclude must be a list of module names or glob patterns, got 'net.0'"),
+    "curvature.collect_every_n_steps": (0, "curvature.collect_every_n_steps must be an integer >= 1, got 0"),
+    "curvature.max_tokens_per_step": (-1, "curvature.max_tokens_per_step must be an integer >= 1, got -1"),
+    "curvature.loss_reduction": ("avg", "curvature.loss_reduction must be one of 'mean', 'sum', 'token_mean', got 'avg'"),
+    "curvature.ema_decay": (math.nan, "curvature.ema_decay must be in (0, 1), or None for statistics reset after "
+                                      "each computation, got nan"),
+    "curvature.correction_batches": (0, "curvature.correction_batches must be an integer >= 1, got 0"),
+    "curvature.refresh": ("sometimes", "curvature.refresh must be one of 'auto', 'always', 'never', got 'sometimes'"),
+    "scoring.max_train_examples": (True, "scoring.max_train_examples must be an integer >= 1, got True"),
     "seed": (2**63, "seed must be below 2**62 (derived seeds add the step and the process rank"),
-    "query_rank": (0, "query_rank must be an integer >= 1, got 0"),
-    "top_k": (None, "top_k must be an integer >= 1, got None"),
-    "batch_size": ("32", "batch_size must be an integer >= 1, got '32'"),
-    "renderer": (5, "renderer must be callable or have a render() method, got 5"),
-    "max_layer_mb": (math.inf, "max_layer_mb must be a finite positive number of MiB or None, got inf"),
-    "memory_budget_mb": (math.nan, "memory_budget_mb must be a finite positive number of MiB or None, got nan"),
-    "covariance_dtype": ("bfloat16", "covariance_dtype must be one of 'float32', 'float64', got 'bfloat16'"),
-    "statistics_device": ("gpu", "statistics_device must be a device name such as 'cpu' or 'cuda:0', or None"),
-    "eigenbasis_dtype": ("float16", "eigenbasis_dtype must be one of 'float64', 'float32', 'bfloat16', got 'float16'"),
-    "shard_factors": ("yes", "shard_factors must be True or False, got 'yes'"),
-    "shard_statistics": ("no", "shard_statistics must be True or False, got 'no'"),
-    "self_influence": ("yes", "self_influence must be True or False, got 'yes'"),
-    "ledger": (1, "ledger must be True or False, got 1"),
-    "ledger_subspace": (0, "ledger_subspace must be an integer >= 1, got 0"),
-    "keep_top_scores": (0, "keep_top_scores must be an integer >= 1, got 0"),
-    "pool_id_key": ("", "pool_id_key must be a non-empty string (the key of a streaming pool item's integer id), "
+    "scoring.query_rank": (0, "scoring.query_rank must be an integer >= 1, got 0"),
+    "scoring.top_k": (None, "scoring.top_k must be an integer >= 1, got None"),
+    "scoring.batch_size": ("32", "scoring.batch_size must be an integer >= 1, got '32'"),
+    "report.renderer": (5, "report.renderer must be callable or have a render() method, got 5"),
+    "curvature.max_layer_mb": (math.inf, "curvature.max_layer_mb must be a finite positive number of MiB or None, got inf"),
+    "curvature.memory_budget_mb": (math.nan, "curvature.memory_budget_mb must be a finite positive number of MiB or None, got nan"),
+    "curvature.covariance_dtype": ("bfloat16", "curvature.covariance_dtype must be one of 'float32', 'float64', got 'bfloat16'"),
+    "curvature.statistics_device": ("gpu", "curvature.statistics_device must be a device name such as 'cpu' or 'cuda:0', or None"),
+    "curvature.eigenbasis_dtype": ("float16", "curvature.eigenbasis_dtype must be one of 'float64', 'float32', 'bfloat16', got 'float16'"),
+    "curvature.shard_factors": ("yes", "curvature.shard_factors must be True or False, got 'yes'"),
+    "curvature.shard_statistics": ("no", "curvature.shard_statistics must be True or False, got 'no'"),
+    "scoring.self_influence": ("yes", "scoring.self_influence must be True or False, got 'yes'"),
+    "scoring.ledger": (-1, "scoring.ledger must be an integer >= 0, got -1"),
+    "scoring.keep_top_scores": (0, "scoring.keep_top_scores must be an integer >= 1, got 0"),
+    "scoring.pool_id_key": ("", "scoring.pool_id_key must be a non-empty string (the key of a streaming pool item's integer id), "
                         "got ''"),
-    "report": ("yes", "report must be True or False, got 'yes'"),
-    "report_in_background": ("no", "report_in_background must be True or False, got 'no'"),
-    "log_artifacts": (1, "log_artifacts must be True or False, got 1"),
-    "show_progress": (None, "show_progress must be True or False, got None"),
+    "report.mode": ("yes", "report.mode must be one of 'background', 'foreground', 'off', got 'yes'"),
+    "report.log_artifacts": (1, "report.log_artifacts must be True or False, got 1"),
+    "report.show_progress": ("yes", "report.show_progress must be True or False or None (as the training loop shows "
+                                    "its own), got 'yes'"),
     "on_error": ("ignore", "on_error must be one of 'warn', 'raise', got 'ignore'"),
 }
 
 
 def _config(**changes) -> InfluenceConfig:
-    return InfluenceConfig(**{"task": "classification", **changes})
+    """A config from flat fields, ``"<group>.<field>"`` keys and the old flat names (translated quietly)."""
+    dotted = {key: value for key, value in changes.items() if "." in key}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        settings = regroup({"task": "classification", **{k: v for k, v in changes.items() if k not in dotted}})
+    for key, value in dotted.items():
+        group, name = key.split(".")
+        settings[group] = {**(settings.get(group) or {}), name: value}
+    return InfluenceConfig(**settings)
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(strategy="diagonal"), "shard_factors needs strategy 'ekfac' or 'kfac' (got 'diagonal')"),
-    (dict(self_influence=True), "self_influence needs every layer's factors on every process"),
-    (dict(ledger=True), "ledger needs every layer's factors on every process"),
+    (dict(strategy="diagonal"), "curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac' (got 'diagonal')"),
+    (dict(self_influence=True), "scoring.self_influence needs every layer's factors on every process"),
+    (dict(ledger=True), "scoring.ledger needs every layer's factors on every process"),
 ])
 def test_sharded_factors_refuse_what_needs_every_layer_on_every_process(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -88,7 +101,7 @@ def test_sharded_factors_refuse_what_needs_every_layer_on_every_process(changes,
 
 
 def test_sharded_statistics_need_sharded_factors():
-    with pytest.raises(ValueError, match="shard_statistics needs shard_factors=True"):
+    with pytest.raises(ValueError, match="curvature.shard_statistics needs curvature.shard_factors=True"):
         _config(shard_statistics=True).validate()
     _config(shard_statistics=True, shard_factors=True).validate()
 
@@ -116,9 +129,9 @@ def test_a_bad_value_fails_naming_the_field(field):
     (dict(output_dir=b"/tmp/out"), "output_dir must be a path (str or os.PathLike)"),
     (dict(task=object()), "task must be a lightning_influence.Task or one of ('classification', 'regression', "
                           "'causal_lm'), got <object objec"),
-    (dict(exclude=["net.0", 3]), "exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
-    (dict(keep_top_scores=5, top_k=10), "keep_top_scores=5 is smaller than top_k=10"),
-    (dict(pool_id_key=7), "pool_id_key must be a non-empty string"),
+    (dict(exclude=["net.0", 3]), "curvature.exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
+    (dict(keep_top_scores=5, top_k=10), "scoring.keep_top_scores=5 is smaller than scoring.top_k=10"),
+    (dict(pool_id_key=7), "scoring.pool_id_key must be a non-empty string"),
 ], ids=["damping-huge", "damping-minus-inf", "damping-nan", "damping-string", "seed-negative", "seed-limit",
         "query-none", "train-float", "output-bytes", "task-object", "exclude-non-string", "keep-below-top-k",
         "id-key-not-string"])
@@ -131,9 +144,9 @@ def test_equivalent_spellings_are_accepted_and_normalised(tmp_path):
     config = _config(output_dir=tmp_path / "out", exclude=None, layers=("net.0",), damping=1e30,
                      seed=SEED_LIMIT - 1).validate()
     assert config.output_dir == str(tmp_path / "out") and isinstance(config.output_dir, str)
-    assert config.exclude == () and config.layers == ["net.0"]
-    assert _config(exclude=["net.2"]).validate().exclude == ("net.2",)
-    assert _config(exclude=OmegaConf.create(["net.2"])).validate().exclude == ("net.2",)
+    assert config.curvature.exclude == () and config.curvature.layers == ["net.0"]
+    assert _config(exclude=["net.2"]).validate().curvature.exclude == ("net.2",)
+    assert _config(exclude=OmegaConf.create(["net.2"])).validate().curvature.exclude == ("net.2",)
     json.dumps(config.to_dict())  # the normalised settings are JSON as they are
 
 
@@ -170,12 +183,13 @@ def test_builtin_tasks_are_the_public_classes():
 
 # -- one way in: coerce --------------------------------------------------------------------------------
 def test_coerce_from_a_dict_a_yaml_dictconfig_and_a_config(tmp_path):
-    from_dict = InfluenceConfig.coerce({"task": "regression", "exclude": ["net.2"], "output_dir": tmp_path})
-    assert from_dict.exclude == ("net.2",) and from_dict.output_dir == str(tmp_path)
+    from_dict = InfluenceConfig.coerce({"task": "regression", "curvature": {"exclude": ["net.2"]},
+                                        "output_dir": tmp_path})
+    assert from_dict.curvature.exclude == ("net.2",) and from_dict.output_dir == str(tmp_path)
     yaml = OmegaConf.merge(OmegaConf.structured(InfluenceConfig),
-                           OmegaConf.create("task: classification\nexclude: null\nlayers: [net.0]\nseed: 3\n"))
+                           OmegaConf.create("task: classification\ncurvature:\n  exclude: null\n  layers: [net.0]\nseed: 3\n"))
     from_yaml = InfluenceConfig.coerce(yaml)
-    assert from_yaml.exclude == () and from_yaml.layers == ["net.0"] and from_yaml.seed == 3
+    assert from_yaml.curvature.exclude == () and from_yaml.curvature.layers == ["net.0"] and from_yaml.seed == 3
     given = _config()
     assert InfluenceConfig.coerce(given) is given
 
@@ -216,13 +230,13 @@ def test_a_sound_schedule_has_nothing_to_say():
     (dict(every_n_epochs=None, every_n_train_steps=50), dict(max_steps=10),
      "every_n_train_steps=50 never fires with max_steps=10; lower it or set every_n_train_steps=None"),
     (dict(), dict(max_steps=4),
-     "collect_every_n_steps=8 exceeds max_steps=4: only the first step would be collected; lower it"),
+     "curvature.collect_every_n_steps=8 exceeds max_steps=4: only the first step would be collected; lower it"),
     (dict(every_n_epochs=None, on_train_end=False), dict(saves_checkpoints=False),
      "on_checkpoint is the only trigger but the trainer saves no checkpoints (no ModelCheckpoint); enable "
      "checkpointing or another trigger"),
     (dict(collect_every_n_steps=16), dict(steps_per_epoch=6),
-     "collect_every_n_steps=16 is more than the 6 optimizer steps between influence computations "
-     "(every_n_epochs=1): some windows would hold no statistics; lower collect_every_n_steps"),
+     "curvature.collect_every_n_steps=16 is more than the 6 optimizer steps between influence computations "
+     "(every_n_epochs=1): some windows would hold no statistics; lower curvature.collect_every_n_steps"),
 ], ids=["epochs", "steps", "collect", "checkpoints", "empty-windows"])
 def test_a_schedule_that_never_computes_is_refused(changes, run, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -5,13 +5,13 @@ unevenly (with and without ``shard_factors``), the ledger, ``self_influence``, `
 checkpoint, a directory). One process group per strategy
 (``tests/matrix_script.py``: one callback per option in the same Trainer), the three runs side by side."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.matrix_helpers import assert_same_result, launch
 
 SCRIPT = Path(__file__).with_name("matrix_script.py")
 MODES = ("single", "ddp", "fsdp2")
@@ -19,15 +19,8 @@ MODES = ("single", "ddp", "fsdp2")
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("matrix")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    started = {mode: subprocess.Popen([sys.executable, str(SCRIPT), str(out / mode), mode], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for mode in MODES}
-    for mode, run in started.items():
-        output, _ = run.communicate(timeout=600)
-        assert run.returncode == 0, f"{mode} run failed:\n{output[-4000:]}"
-    return {mode: torch.load(out / mode / "summary.pt", weights_only=True) for mode in MODES}
+    return launch({mode: [sys.executable, str(SCRIPT), "{out}", mode] for mode in MODES},
+                  tmp_path_factory.mktemp("matrix"))
 
 
 OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "ledger", "self_influence", "keep_top_scores",
@@ -37,15 +30,8 @@ OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "ledger", "self
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("option", OPTIONS)
 def test_every_option_gives_the_single_process_result(runs, mode, option):
-    single, distributed = runs["single"][option], runs[mode][option]
-    assert (single["world_size"], distributed["world_size"]) == (1, 2)
-    assert distributed["step"] == single["step"] == 12
-    assert sorted(distributed) == sorted(single)  # the same fields: nothing missing under the strategy
-    for name, expected in single.items():
-        if isinstance(expected, torch.Tensor) and not expected.is_floating_point():
-            assert torch.equal(distributed[name], expected), name
-        elif isinstance(expected, torch.Tensor):
-            torch.testing.assert_close(distributed[name], expected, rtol=1e-3, atol=1e-3, msg=name)
+    single = runs["single"][option]
+    assert_same_result(single, runs[mode][option])
     assert len(single["train_ids"]) == 33
 
 

@@ -121,8 +121,8 @@ def test_fabric_refuses_callback_only_settings(tmp_path):
         InfluenceMonitor(fabric, classifier(), "classification", train, val, every_n_epochs=1)
     with pytest.raises(ValueError, match="query_data='val' names a Lightning Trainer's split"):
         InfluenceMonitor(fabric, classifier(), "classification", train, "val")
-    with pytest.raises(ValueError, match=r"ledger=True is not supported here: .*InfluenceCallback\(ledger=True\)"):
-        InfluenceMonitor(fabric, classifier(), "classification", train, val, ledger=True)  # was silently ignored
+    with pytest.raises(ValueError, match=r"scoring.ledger is not supported here: .*InfluenceCallback\(scoring="):
+        InfluenceMonitor(fabric, classifier(), "classification", train, val, scoring={"ledger": 32})
 
 
 # -- Hugging Face Trainer -----------------------------------------------------------------------------
@@ -185,9 +185,9 @@ def hf_trainer(tmp_path, model, callback, *, learning_rate=0.0, accumulation=1, 
 def test_hf_refuses_the_ledger_it_cannot_run():
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
-    with pytest.raises(ValueError, match=r"ledger=True is not supported here: .*InfluenceCallback\(ledger=True\)"):
-        InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), ledger=True)  # was silently ignored
-    assert not InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), ledger=False).config.ledger
+    with pytest.raises(ValueError, match=r"scoring.ledger is not supported here: .*InfluenceCallback\(scoring="):
+        InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), scoring={"ledger": 32})
+    assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1)).config.scoring.ledger is None
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, TinyLM], ids=["gpt2-num_items_in_batch", "module-divided-loss"])

@@ -58,8 +58,20 @@ def configuration_rows() -> List[Tuple[str, str, str]]:
     missing = [field.name for field in dataclasses.fields(InfluenceConfig) if field.name not in meanings]
     if missing:
         raise ValueError(f"InfluenceConfig's docstring documents no {missing}: add them to its Args section")
-    return [(f"`{field.name}`", _default(field), _markdown(meanings[field.name]))
-            for field in dataclasses.fields(InfluenceConfig)]
+    rows = []
+    for field in dataclasses.fields(InfluenceConfig):
+        if not dataclasses.is_dataclass(field.default_factory):
+            rows.append((f"`{field.name}`", _default(field), _markdown(meanings[field.name])))
+            continue
+        group = field.default_factory  # a group: one row for it, then one per field, as `<group>.<field>`
+        rows.append((f"`{field.name}`", f"`{group.__name__}()`", _markdown(meanings[field.name])))
+        inner = docstring_arguments(group)
+        missing = [item.name for item in dataclasses.fields(group) if item.name not in inner]
+        if missing:
+            raise ValueError(f"{group.__name__}'s docstring documents no {missing}: add them to its Args section")
+        rows += [(f"`{field.name}.{item.name}`", _default(item), _markdown(inner[item.name]))
+                 for item in dataclasses.fields(group)]
+    return rows
 
 
 def configuration_table() -> str:

@@ -154,7 +154,8 @@ def saved_monitors(meta: Dict[str, Any]) -> Dict[str, float]:
     before top-k statistics carried their k (``drift/topk_churn``) gets it from its configuration's
     ``top_k``, the k it was computed with."""
     monitors = dict(meta.get("monitors", {}))
-    k = (meta.get("config") or {}).get("top_k")
+    config = meta.get("config") or {}
+    k = config.get("top_k", (config.get("scoring") or {}).get("top_k"))  # flat in results of earlier releases
     if k is None:
         return monitors
     return {with_k(key, k) if key in _WITHOUT_K else key: value for key, value in monitors.items()}

@@ -38,8 +38,9 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data.dataloader import default_collate
 
+from lightning_influence._deprecated import merged_group, regroup
+from lightning_influence.config import CurvatureConfig, ScoringConfig, check_combination
 from lightning_influence.engine import distributed
-from lightning_influence.engine import freshness
 from lightning_influence.engine import passes
 from lightning_influence.engine import sharding
 from lightning_influence.engine.factors import Factors
@@ -74,52 +75,45 @@ class InfluenceSession:
         train_data: the candidate pool: a map-style Dataset, or a DataLoader (its dataset and
             ``collate_fn`` are used; its order and batch size are not). Example ids are indices
             into the dataset. Or a streaming pool, an ``IterableDataset`` of mappings each holding a
-            stable integer id under ``pool_id_key``: read in one pass per checkpoint, every
+            stable integer id under ``scoring.pool_id_key``: read in one pass per checkpoint, every
             process taking every ``world_size``-th item; its ids become the result's ``train_ids``.
         query_data: the queries: a Dataset or DataLoader.
+        curvature: a :class:`~lightning_influence.CurvatureConfig` (or a dict of its fields): the
+            session uses ``strategy``, ``fisher``, ``damping``, ``correction_batches``, ``refresh``,
+            ``eigenbasis_dtype`` and ``shard_factors`` (in a process group, each layer's statistics,
+            eigenbases and preconditioned queries live on one owning process; no effect in one process).
+        scoring: a :class:`~lightning_influence.ScoringConfig` (or a dict of its fields):
+            ``max_train_examples``, ``query_rank``, ``top_k``, ``keep_top_scores``, ``pool_id_key``,
+            ``batch_size``, ``self_influence``.
+        seed: seed of every private random generator.
         query_ids: dataset indices recorded for the queries (default ``0..Q-1``; e.g. the
             positions of a ``Subset`` of a validation set).
-        pool_ids: which pool examples to score (default: all, or ``max_train_examples`` of them).
-        max_train_examples: score a fixed random subset of this many examples (seeded); of a
-            streaming pool, its first ``max_train_examples`` items.
-        keep_top_scores: keep no dense ``scores [Q, N]``: per query the ``keep_top_scores`` most
-            positive and negative scores with their ids and a sketch of the rest (see
-            :mod:`lightning_influence.analysis.sketch`); at least ``top_k``. ``None``: dense scores.
-        pool_id_key: the key of a streaming pool item's integer id.
-        strategy, fisher, damping, query_rank: as in :func:`~lightning_influence.compute_influence`.
-        top_k: per query, the most positive / negative examples kept with per-token scores.
-        self_influence: :meth:`compute` also scores each pool example on itself (``self_scores``).
-        batch_size: batch size of the session's own passes.
-        correction_batches: batches of the pool in the eigenvalue-correction pass (``None``: all).
-        seed: seed of every private random generator.
+        pool_ids: which pool examples to score (default: all, or ``scoring.max_train_examples`` of them).
         show_progress: progress bars (pass ``False`` on all but one process).
         autocast: run the session's forward passes under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` / ``torch.float16``), as mixed-precision training steps run; the
             statistics, rotations and contractions stay float32 (see ``passes.mixed_precision``).
         run_config: the settings described in each result's ``meta["run"]``; default: this
-            session's scoring settings.
+            session's settings.
         run_id: the training run the results belong to (kept in ``meta["run"]["id"]`` and in the
             factors' ``meta["run_id"]``, so results scored later from them join the run); default:
             a new run (:func:`~lightning_influence.results.new_run_id`).
-        shard_factors: in a process group, each layer's statistics, eigenbases and preconditioned
-            queries live on one owning process (:mod:`~lightning_influence.engine.sharding`): factor memory
-            per process about ``1/world``; the same scores. No effect in a single process.
-        eigenbasis_dtype: dtype the eigenbases are kept in (``torch.float64``, ``float32``, ``bfloat16``).
-        curvature_refresh: at each checkpoint, refit on the correction examples the eigenbasis of
-            the layers whose training-time covariances went stale (``"auto"``; see
-            :mod:`~lightning_influence.engine.freshness`), of every layer (``"always"``) or of none
-            (``"never"``: EK-FAC still measures the staleness).
+        **deprecated: the flat keywords of earlier releases (``strategy=``, ``top_k=``,
+            ``curvature_refresh=``, ``eigenbasis_dtype=torch.float32`` ...), with a ``FutureWarning``.
+
+    The groups are validated (each its own fields, then :func:`~lightning_influence.config.check_combination`),
+    except that ``curvature.fisher`` may also be ``"exact"`` or ``None`` here (factors fitted offline).
     """
 
-    def __init__(self, task: Task, train_data: Any, query_data: Any, *, query_ids: Optional[Sequence[int]] = None,
-                 pool_ids: Optional[Tensor] = None, max_train_examples: Optional[int] = None,
-                 strategy: str = "ekfac", fisher: str = "empirical", damping: Optional[float] = None,
-                 query_rank: Optional[int] = None, top_k: int = 10, self_influence: bool = False, batch_size: int = 32,
-                 correction_batches: Optional[int] = 16, seed: int = 0, show_progress: bool = False,
-                 run_config: Optional[Dict[str, Any]] = None, keep_top_scores: Optional[int] = None,
-                 pool_id_key: str = "id", shard_factors: bool = False, run_id: Optional[str] = None,
-                 eigenbasis_dtype: torch.dtype = torch.float64, autocast: Optional[torch.dtype] = None,
-                 curvature_refresh: str = "auto") -> None:
+    def __init__(self, task: Task, train_data: Any, query_data: Any, *,
+                 curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
+                 scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None, seed: int = 0,
+                 query_ids: Optional[Sequence[int]] = None, pool_ids: Optional[Tensor] = None,
+                 show_progress: bool = False, autocast: Optional[torch.dtype] = None,
+                 run_config: Optional[Dict[str, Any]] = None, run_id: Optional[str] = None,
+                 **deprecated: Any) -> None:
+        curvature, scoring = _session_groups(curvature, scoring, deprecated)
+        self.curvature, self.scoring = curvature, scoring
         self.autocast = passes.check_autocast(autocast)
         self.task = task
         self.pool, self.pool_collate = dataset_and_collate(train_data, "train_data")
@@ -133,28 +127,21 @@ class InfluenceSession:
             raise ValueError("the candidate pool (train_data) is empty")
         if not hasattr(self.queries, "__len__") or len(self.queries) == 0:
             raise ValueError("the query set is empty; pass query_data with at least one example")
-        if keep_top_scores is not None and keep_top_scores < top_k:
-            raise ValueError(f"keep_top_scores={keep_top_scores} is smaller than top_k={top_k}: the top examples are "
-                             "taken from the kept scores; raise keep_top_scores or lower top_k")
+        max_train_examples = scoring.max_train_examples
         if not self.streaming and max_train_examples is not None and max_train_examples > len(self.pool):
-            raise ValueError(f"max_train_examples={max_train_examples} is larger than the candidate pool "
+            raise ValueError(f"scoring.max_train_examples={max_train_examples} is larger than the candidate pool "
                              f"({len(self.pool)} examples); lower it or set it to None")
-        self.strategy, self.fisher, self.damping, self.query_rank = strategy, fisher, damping, query_rank
-        self.top_k, self.batch_size, self.correction_batches = top_k, batch_size, correction_batches
-        self.self_influence = self_influence
-        self.keep_top_scores, self.pool_id_key = keep_top_scores, pool_id_key
+        self.strategy, self.fisher, self.damping = curvature.strategy, curvature.fisher, curvature.damping
+        self.correction_batches, self.curvature_refresh = curvature.correction_batches, curvature.refresh
+        self.shard_factors, self.eigenbasis_dtype = curvature.shard_factors, getattr(torch, curvature.eigenbasis_dtype)
+        self.query_rank, self.top_k, self.batch_size = scoring.query_rank, scoring.top_k, scoring.batch_size
+        self.self_influence = scoring.self_influence
+        self.keep_top_scores, self.pool_id_key = scoring.keep_top_scores, scoring.pool_id_key
         self.max_train_examples = max_train_examples
         self.seed, self.show_progress = seed, show_progress
-        self.shard_factors, self.eigenbasis_dtype = shard_factors, eigenbasis_dtype
-        self.curvature_refresh = freshness.check_refresh(curvature_refresh)
-        if shard_factors:
-            sharding.check_can_shard(strategy, "shard_factors needs")
-        if shard_factors and self_influence:
-            raise ValueError("self_influence needs every layer's factors on every process; "
-                             "set shard_factors=False to compute self-influence")
         self.run_config = run_config if run_config is not None else {
-            "strategy": strategy, "fisher": fisher, "damping": damping, "query_rank": query_rank,
-            "correction_batches": correction_batches, "max_train_examples": max_train_examples, "seed": seed}
+            "strategy": self.strategy, "fisher": self.fisher, "damping": self.damping, "query_rank": self.query_rank,
+            "correction_batches": self.correction_batches, "max_train_examples": max_train_examples, "seed": seed}
         self.run_id = run_id or new_run_id()
         self.query_ids = torch.as_tensor(list(query_ids) if query_ids is not None else range(len(self.queries)))
         if pool_ids is None and not self.streaming:
@@ -562,3 +549,24 @@ def _nonfinite_examples(scores: Tensor, ids: Tensor) -> List[int]:
     non-finite (a broken query is reported on its own, not as a fault of every example)."""
     queries_ok = torch.isfinite(scores).any(1)
     return ids[(~torch.isfinite(scores[queries_ok])).any(0)].tolist()
+
+
+def _session_groups(curvature: Any, scoring: Any, deprecated: Dict[str, Any]) -> Tuple[CurvatureConfig, ScoringConfig]:
+    """The session's two groups, validated (the flat keywords of earlier releases moved into them, with
+    a ``FutureWarning``): each group's own rules, then the rules across them."""
+    if isinstance(deprecated.get("eigenbasis_dtype"), torch.dtype):  # the session took a torch.dtype
+        deprecated["eigenbasis_dtype"] = str(deprecated["eigenbasis_dtype"]).replace("torch.", "")
+    settings = regroup(dict(deprecated, curvature=curvature, scoring=scoring), "InfluenceSession", stacklevel=4)
+    unknown = sorted(set(settings) - {"curvature", "scoring"})
+    if unknown:
+        raise TypeError(f"InfluenceSession() got unexpected keyword arguments {unknown}")
+    curvature = CurvatureConfig.coerce(settings["curvature"])
+    scoring = ScoringConfig.coerce(settings["scoring"]).validate()
+    fisher = curvature.fisher
+    if fisher in ("exact", None):  # factors fitted offline (the CLI's score): the fisher of the correction pass
+        curvature = merged_group(curvature, {"fisher": "empirical"}).validate()
+        curvature.fisher = fisher
+    else:
+        curvature.validate()
+    check_combination(curvature, scoring)
+    return curvature, scoring

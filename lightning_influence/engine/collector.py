@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from contextlib import ExitStack
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -60,13 +60,19 @@ class StepStatistics:
             (:func:`~lightning_influence.engine.sharding.owners_of`), from its own batches: statistics
             memory per process about ``1/world``, no communication during training, each layer's
             statistics from ``1/world`` of the batches. For sharded factors only.
+        share_inputs: layers found reading the same input tensor object in the first recorded
+            forward (the q/k/v projections of an attention block, gate/up of a gated MLP) share one
+            activation covariance: one Gram per batch and one ``d_in x d_in`` sum per group, the
+            same numbers as per layer. A group's token subset (``max_tokens_per_step``) is the same
+            positions for all its layers either way. ``False`` only to compare or debug.
     """
 
     def __init__(self, layers: Sequence[TrackedLayer], task: Task, *, fisher: str = "empirical",
                  loss_reduction: str = "mean", max_tokens_per_step: Optional[int] = None,
                  window: str = "reset", ema_decay: float = 0.99, dtype: torch.dtype = torch.float32,
                  device: Optional[torch.device] = None, seed: int = 0,
-                 statistics_device: Union[None, str, torch.device] = None, shard: bool = False) -> None:
+                 statistics_device: Union[None, str, torch.device] = None, shard: bool = False,
+                 share_inputs: bool = True) -> None:
         self.layers = list(layers)
         self.sharded = shard and distributed.world_size() > 1
         owners = owners_of(self.layers) if self.sharded else {}
@@ -106,6 +112,10 @@ class StepStatistics:
         self._accumulation = 1
         self._loss_checked = False  # the loss reduction is checked once, on the first recorded backward
         self._window_scale: Optional[float] = None  # AMP scale at the optimizer step's first recorded batch
+        # Input groups (layers reading one input tensor), found on the first recorded backward.
+        self.share_inputs = share_inputs
+        self._group_of: Optional[Dict[str, List[str]]] = None
+        self._batch_groups: Dict[str, Any] = {}  # per batch: group -> checked / its token subset / added
 
     # -- hooks ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -142,6 +152,7 @@ class StepStatistics:
             self._window_scale = float(loss_scale)
         self.set_loss_scale(float(loss_scale))
         self.tracker.reset()
+        self._batch_groups = {}
         self.tracker.token_mask = mask
         self.tracker.active = True
         self.tracker.in_backward = False
@@ -237,14 +248,41 @@ class StepStatistics:
             return
         if layer.name not in self._pending.state:
             return  # another process's layer (shard)
+        group = self._input_group(layer.name)
         with torch.no_grad(), torch.autocast(acts.device.type, enabled=False):
-            acts_kept, grads_kept, weight, tokens = self._subsample(acts, grads)
-            self._pending.add_activations(layer.name, acts_kept, tokens)
+            acts_kept, grads_kept, weight, tokens = self._subsample(acts, grads, group)
+            target = self._pending.activations_of(layer.name)  # an input group's sums: added once per batch
+            if ("added", target) not in self._batch_groups:
+                self._batch_groups["added", target] = True
+                self._pending.add_activations(target, acts_kept, tokens)
             if self.fisher == "empirical":
                 self._pending.add_gradients(layer.name, grads_kept.float() * self._grad_factor,
                                             self._batch_size, weight)
             if self.observer is not None:  # scale the observer's result, not the gradients (cheaper)
                 self.observer(layer, acts, grads, self._grad_factor)
+
+    def _input_group(self, name: str) -> Optional[str]:
+        """The first layer of ``name``'s input group (``None``: in none), finding the groups on the
+        first call and checking on each batch that the group's layers still read one tensor (else
+        they stop sharing: their sums so far are equal, so each gets a copy)."""
+        if self._group_of is None:
+            groups = self.tracker.input_groups()
+            if self.share_inputs:
+                self._pending.share_inputs(self.stats.share_inputs(groups))
+            self._group_of = {member: group for group in groups for member in group}
+        group = self._group_of.get(name)
+        if group is None:
+            return None
+        if ("checked", group[0]) not in self._batch_groups:
+            self._batch_groups["checked", group[0]] = True
+            keys = {self.tracker.input_key(member) for member in group}
+            if len(keys) != 1 or None in keys:
+                for statistics in (self.stats, self._pending):
+                    statistics.split_inputs(group)
+                for member in group:
+                    del self._group_of[member]
+                return None
+        return group[0]
 
     def _token_subset(self, positions: int) -> Tuple[Optional[Tensor], float]:
         """Which of ``positions`` token rows to keep (``None``: all of them) and the weight on ``S``
@@ -254,15 +292,20 @@ class StepStatistics:
         keep = torch.randperm(positions, generator=self._token_generator)[: self.max_tokens]
         return keep, positions / self.max_tokens
 
-    def _subsample(self, acts: Tensor, grads: Tensor):
+    def _subsample(self, acts: Tensor, grads: Tensor, group: Optional[str] = None):
         """Flatten token positions and keep at most ``max_tokens`` of them: ``(acts, grads, S
-        weight, real tokens kept)``."""
+        weight, real tokens kept)``. The layers of an input ``group`` keep the same positions."""
         positions = acts.shape[0] * acts.shape[1]
         mask = self.tracker.token_mask
         mask_applies = mask is not None and mask.shape[1] == acts.shape[1]
         acts = acts.reshape(positions, -1)
         grads = grads.reshape(positions, -1)
-        keep, weight = self._token_subset(positions)
+        if group is None:
+            keep, weight = self._token_subset(positions)
+        else:
+            if ("subset", group) not in self._batch_groups:
+                self._batch_groups["subset", group] = self._token_subset(positions)
+            keep, weight = self._batch_groups["subset", group]
         if keep is None:
             tokens = self._token_total if mask_applies else float(positions)
             return acts, grads, weight, tokens
@@ -397,6 +440,7 @@ class StepStatistics:
                              "use InfluenceSession(shard_factors=True).reduce_statistics")
         total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
                                      device=self.statistics_device)
+        total.share_inputs(self.stats.input_groups)
         total.merge_(self.stats)
         distributed.all_reduce_sum_(total.tensors())
         return total
@@ -450,6 +494,9 @@ class StepStatistics:
             self.stats.load_state_dict(state["stats"])
             if distributed.rank() != 0:
                 self.stats.zero_()
+        for group in self._pending.input_groups:  # a group the saved sums split: the step buffer follows
+            if group not in self.stats.input_groups:
+                self._pending.split_inputs(group)
         self.steps_committed.fill_(state["steps_committed"])
         self.steps_in_window.fill_(state.get("steps_in_window", state["steps_committed"]))  # older states: one window
         self.steps_skipped.fill_(state["steps_skipped"])

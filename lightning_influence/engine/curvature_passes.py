@@ -145,9 +145,12 @@ def _accumulate(model, task, data, layers: Sequence[TrackedLayer], *, desc: str,
     The backward passes also reach the outputs of ``reach`` (see :class:`LayerTracker`)."""
     tracker = LayerTracker(layers, reach=reach)
     found: List[int] = []
+    grouped: List[List[List[str]]] = []
     with passes.evaluation_mode(model), tracker:
         for acts, tokens, samples, places, finite in _curvature_passes(
                 model, task, data, tracker, desc=desc, dtype=dtype, left_out=found, **pass_options):
+            if not grouped:  # layers reading one input tensor: one activation sum (and Gram) per group
+                grouped = [stats.share_inputs(tracker.input_groups()) for stats in covariances] or [[]]
             if len(covariances) == 1:
                 groups = [(covariances[0], acts, tokens, None)]
             else:  # each statistic its own examples' rows
@@ -276,7 +279,9 @@ def curvature_at_checkpoint(model, task, parts: Sequence[Tuple[Any, int]], layer
                         first_example=first, example_stride=stride, **{**pass_options, "dtype": dtype})
         if reduce is not None:
             reduce([t for stats in halves for t in stats.tensors()])
-    fresh = CovarianceStatistics(layers, dtype=dtype, device=device).merge_(halves[0]).merge_(halves[1])
+    fresh = CovarianceStatistics(layers, dtype=dtype, device=device)
+    fresh.share_inputs(halves[0].input_groups)
+    fresh.merge_(halves[0]).merge_(halves[1])
     measured = freshness.measure(decomposed, halves, fresh)
     stale = freshness.stale_layers(measured, refresh)
     if stale:

@@ -43,7 +43,7 @@ from lightning_influence.engine.approximations import (
     rotates_tokens,
     tokens_in_eigenbasis,
 )
-from lightning_influence.engine.statistics import _flat_to_state, _state_to_flat
+from lightning_influence.engine.statistics import _flat_to_state, _shared_map, _state_to_flat
 
 FISHER_KINDS = ("true", "empirical", "exact")
 FACTORS_FORMAT = "lightning-influence/factors"
@@ -237,12 +237,13 @@ class Factors:
         return self.approximation.quadratic_form(self.layers[name], acts, grads, damping)
 
     def to(self, device: Union[str, torch.device]) -> "Factors":
-        layers = {n: {k: v.to(device) for k, v in parts.items()} for n, parts in self.layers.items()}
+        layers = _shared_map(self.layers, lambda key, value: value.to(device))
         return Factors(self.approximation, layers, self.meta, self.owners, self.summaries)
 
     def held_bytes(self) -> int:
         """Bytes of the factor tensors this process holds."""
-        return sum(v.numel() * v.element_size() for parts in self.layers.values() for v in parts.values())
+        unique = {id(v): v for parts in self.layers.values() for v in parts.values()}  # shared bases once
+        return sum(v.numel() * v.element_size() for v in unique.values())
 
     # -- persistence ---------------------------------------------------------------------------
     def save(self, path: PathLike, overwrite: bool = False) -> None:

@@ -13,7 +13,7 @@ The passes that fill them are in :mod:`~lightning_influence.engine.curvature_pas
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -46,17 +46,25 @@ class _LayerSums:
             raise ValueError(
                 f"cannot merge statistics over different layers: {sorted(self.state)} vs {sorted(other.state)}"
             )
+        seen = set()  # a tensor several layers share (one input group's activation sums) is added once
         for name, parts in self.state.items():
             for key, value in parts.items():
                 incoming = other.state[name][key]
                 if incoming.shape != value.shape:
                     raise ValueError(f"cannot merge {name}/{key}: shape {tuple(incoming.shape)} vs {tuple(value.shape)}")
-                value.add_(incoming.to(value.device, value.dtype))
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    value.add_(incoming.to(value.device, value.dtype))
         return self
 
     def tensors(self) -> List[Tensor]:
-        """Every sum and count, for an in-place ``all_reduce(SUM)`` across processes."""
-        return [value for parts in self.state.values() for value in parts.values()]
+        """Every sum and count (a tensor layers share listed once), for an in-place ``all_reduce(SUM)``
+        across processes."""
+        unique: Dict[int, Tensor] = {}
+        for parts in self.state.values():
+            for value in parts.values():
+                unique.setdefault(id(value), value)
+        return list(unique.values())
 
     def zero_(self) -> None:
         for value in self.tensors():
@@ -96,9 +104,66 @@ class CovarianceStatistics(_LayerSums):
             }
             for layer in layers
         })
+        self._leaders: Dict[str, str] = {}  # a layer sharing its input group's activation sums -> the group's first
+
+    # -- input groups: layers reading the same input tensor share one activation covariance -----------
+    @property
+    def input_groups(self) -> List[List[str]]:
+        """The groups of layers whose activation sums are one shared tensor (first layer first)."""
+        groups: Dict[str, List[str]] = {}
+        for name, leader in self._leaders.items():
+            groups.setdefault(leader, [leader]).append(name)
+        return list(groups.values())
+
+    def share_inputs(self, groups: Sequence[Sequence[str]]) -> List[List[str]]:
+        """Make each group's layers (those held here) share the first one's ``a_sum`` and ``a_count``:
+        one Gram per batch and one ``d_in x d_in`` matrix for the group. Only layers not yet grouped,
+        with equal sums so far (none yet, or the same activations), are grouped; the others keep their
+        own. Returns the groups formed (apply the same to another accumulator merged with this one)."""
+        formed = []
+        for group in groups:
+            names = [n for n in group if n in self.state and n not in self._leaders
+                     and n not in self._leaders.values()]
+            if len(names) < 2:
+                continue
+            first = self.state[names[0]]
+            names = names[:1] + [n for n in names[1:] if self.state[n]["a_sum"].shape == first["a_sum"].shape
+                                 and torch.equal(self.state[n]["a_sum"], first["a_sum"])
+                                 and torch.equal(self.state[n]["a_count"], first["a_count"])]
+            if len(names) < 2:
+                continue
+            for name in names[1:]:
+                self.state[name]["a_sum"] = first["a_sum"]
+                self.state[name]["a_count"] = first["a_count"]
+                self._leaders[name] = names[0]
+            formed.append(names)
+        return formed
+
+    def split_inputs(self, group: Sequence[str]) -> None:
+        """Give the layers of ``group`` their own activation sums again (a copy of the shared ones:
+        until now their activations were the same)."""
+        for name in group:
+            if self._leaders.pop(name, None) is not None:
+                parts = self.state[name]
+                parts["a_sum"], parts["a_count"] = parts["a_sum"].clone(), parts["a_count"].clone()
+
+    def activations_of(self, name: str) -> str:
+        """The layer whose activation sums hold ``name``'s: its input group's first layer, or itself."""
+        return self._leaders.get(name, name)
+
+    def load_state_dict(self, flat: Mapping[str, Tensor]) -> None:
+        for group in self.input_groups:  # sums saved without the group's sharing (token subsets per layer)
+            saved = [flat.get(f"{name}/a_sum") for name in group]
+            if any(value is None or not torch.equal(value, saved[0]) for value in saved):
+                self.split_inputs(group)
+        super().load_state_dict(flat)
 
     def add_activations(self, name: str, acts: Tensor, num_tokens: float) -> None:
-        """``acts``: ``[B, T, d_in]`` with padded positions already zeroed; ``num_tokens`` real ones."""
+        """``acts``: ``[B, T, d_in]`` with padded positions already zeroed; ``num_tokens`` real ones.
+        The layers of an input group (:meth:`share_inputs`) add their activations once, through the
+        group's first layer: a call for another of its layers adds nothing."""
+        if name in self._leaders:
+            return
         parts = self.state[name]
         _add_gram(parts["a_sum"], acts.reshape(-1, acts.shape[-1]))
         _add_count(parts["a_count"], num_tokens)
@@ -119,11 +184,14 @@ class CovarianceStatistics(_LayerSums):
         empty = [n for n, p in chosen.items() if p["a_count"] == 0 or p["s_count"] == 0]
         if empty:
             raise ValueError(f"no statistics were collected for layers {empty[:5]}; nothing to decompose")
-        bases = {}
+        bases, shared = {}, {}  # an input group's activation covariance is decomposed once, its basis shared
         for name, parts in chosen.items():
-            eig_a, q_a = torch.linalg.eigh(parts["a_sum"].double() / parts["a_count"])
+            if id(parts["a_sum"]) not in shared:
+                eig_a, q_a = torch.linalg.eigh(parts["a_sum"].double() / parts["a_count"])
+                shared[id(parts["a_sum"])] = (q_a, eig_a.clamp_min(0))
+            q_a, eig_a = shared[id(parts["a_sum"])]
             eig_s, q_s = torch.linalg.eigh(parts["s_sum"].double() / parts["s_count"])
-            bases[name] = {"q_a": q_a, "eig_a": eig_a.clamp_min(0), "q_s": q_s, "eig_s": eig_s.clamp_min(0)}
+            bases[name] = {"q_a": q_a, "eig_a": eig_a, "q_s": q_s, "eig_s": eig_s.clamp_min(0)}
         return bases
 
 
@@ -172,9 +240,21 @@ def stored_bases(bases: Mapping[str, Mapping[str, Tensor]], dtype: torch.dtype,
     """Eigenbases as the factors keep them: ``q_a``, ``q_s`` in ``dtype`` (``eigenbasis_dtype``:
     float32 or bfloat16 halve or quarter the factors' largest tensors), eigenvalues in float64, all
     on ``device`` (the model's, when the statistics were decomposed on the CPU)."""
-    return {name: {key: value.to(device, dtype if key.startswith("q_") else value.dtype)
-                   for key, value in parts.items()}
-            for name, parts in bases.items()}
+    return _shared_map(bases, lambda key, value: value.to(device, dtype if key.startswith("q_") else value.dtype))
+
+
+def _shared_map(layers: Mapping[str, Mapping[str, Tensor]], convert: Callable[[str, Tensor], Tensor]
+                ) -> Dict[str, Dict[str, Tensor]]:
+    """``convert(key, tensor)`` on every tensor, once per tensor object: a basis layers share (one
+    input group's ``q_a``) stays shared."""
+    done: Dict[int, Tensor] = {}
+    out: Dict[str, Dict[str, Tensor]] = {}
+    for name, parts in layers.items():
+        for key, value in parts.items():
+            if id(value) not in done:
+                done[id(value)] = convert(key, value)
+            out.setdefault(name, {})[key] = done[id(value)]
+    return out
 
 
 class EigenvalueCorrection(_LayerSums):

@@ -123,6 +123,15 @@ class TrackedLayer:
             acts = torch.cat([acts, acts.new_ones(acts.shape[:-1] + (1,))], dim=-1)
         return acts
 
+    @property
+    def input_reading(self) -> tuple:
+        """What turns the layer's input into its activation rows: layers reading the same input
+        tensor with equal readings have equal activations (and one activation covariance)."""
+        module = self.module
+        if self.kind == "conv2d":
+            return (self.kind, self.d_in, module.kernel_size, module.dilation, module.padding, module.stride)
+        return (self.kind, self.d_in)
+
     def output_gradients(self, grad_output: Tensor) -> Tensor:
         """Gradient w.r.t. the layer output -> ``[B, T, d_out]``."""
         if self.kind == "conv2d":
@@ -287,6 +296,26 @@ def _unknown_name_message(pattern: str, names: Sequence[str], what: str = "inclu
     return f"{what}: no module named or matching {pattern!r} in the model{hint}"
 
 
+def input_key(tensor: Tensor, layer: TrackedLayer) -> tuple:
+    """Identifies a layer's input tensor object and how the layer reads it. Tensors with equal values
+    but other memory never match; neither does a tensor changed in place in between (its version)."""
+    try:
+        version = tensor._version
+    except RuntimeError:  # an inference-mode tensor: no version counter (and no in-place change outside it)
+        version = -1
+    return (tensor.device, tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()),
+            version, layer.input_reading)
+
+
+def group_by_key(keyed: Sequence[tuple]) -> List[List[str]]:
+    """``[(name, key or None)]`` -> the groups (two or more names, in order) with equal keys."""
+    groups: Dict[tuple, List[str]] = {}
+    for name, key in keyed:
+        if key is not None:
+            groups.setdefault(key, []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 GradientCallback = Callable[[TrackedLayer, Tensor, Tensor], None]
 
 
@@ -319,6 +348,9 @@ class LayerTracker:
         self.in_backward = False
         self._inputs: Dict[str, List[Tensor]] = {}
         self._outputs: Dict[str, List[Tensor]] = {}
+        # Per layer, the identity of each recorded input: the tensor's memory, layout and version
+        # (in-place changes bump it). Compared while the tensor is held, so the memory is not reused.
+        self._input_keys: Dict[str, List[tuple]] = {}
         self._handles: list = []
 
     # -- hook management ----------------------------------------------------------------------
@@ -343,6 +375,7 @@ class LayerTracker:
     def reset(self) -> None:
         self._inputs = {layer.name: [] for layer in self.layers + self.reach}
         self._outputs = {layer.name: [] for layer in self.layers + self.reach}
+        self._input_keys = {layer.name: [] for layer in self.layers + self.reach}
 
     def _make_hook(self, layer: TrackedLayer):
         def hook(module: nn.Module, inputs, output: Tensor) -> None:
@@ -352,6 +385,7 @@ class LayerTracker:
                 return  # activation checkpointing recomputing a forward already recorded
             activation = inputs[0].detach()
             self._inputs[layer.name].append(activation)
+            self._input_keys[layer.name].append(input_key(inputs[0], layer))
             self._outputs[layer.name].append(output)
             if self.on_gradient is not None and output.requires_grad:
                 mask = self.token_mask
@@ -403,6 +437,17 @@ class LayerTracker:
             )
         if problems:
             raise TrackingError("cannot track these layers: " + "; ".join(problems))
+
+    def input_key(self, name: str) -> Optional[tuple]:
+        """The identity of layer ``name``'s single input in the last forward (``None``: not exactly one)."""
+        keys = self._input_keys.get(name, [])
+        return keys[0] if len(keys) == 1 else None
+
+    def input_groups(self) -> List[List[str]]:
+        """Tracked layers that read the same input tensor in the last forward, with the same reading
+        (:attr:`TrackedLayer.input_reading`): groups of two or more names, in tracking order. Their
+        activations are equal, so they share one activation covariance (q/k/v, gate/up projections)."""
+        return group_by_key([(layer.name, self.input_key(layer.name)) for layer in self.layers])
 
     def outputs(self) -> List[Tensor]:
         """The single output of each layer in the last forward (call :meth:`check_single_calls` first)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -27,7 +27,8 @@ from lightning_influence.loops import monitoring as _monitoring
 from lightning_influence.loops import trainer as _trainer
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import StepStatistics
-from lightning_influence.config import InfluenceConfig
+from lightning_influence._deprecated import merged_group as _merged_group, regroup
+from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.protocol import LoopInfluence, MonitorState, warn_once
 from lightning_influence.results import saved_run_id
 from lightning_influence.checkpoint.index import current_entry
@@ -42,7 +43,12 @@ class InfluenceCallbackMixin(MonitorState):
     """Accumulate EK-FAC curvature while training; score training examples at checkpoints.
 
     The arguments are the fields of :class:`~lightning_influence.InfluenceConfig`, where each is
-    documented (and in the README's configuration reference); ``from_config`` takes an
+    documented (and in the README's configuration reference): the common settings flat, the advanced
+    ones in groups, ``curvature`` (:class:`~lightning_influence.CurvatureConfig`), ``scoring``
+    (:class:`~lightning_influence.ScoringConfig`) and ``report`` (:class:`~lightning_influence.ReportConfig`),
+    each the dataclass or a dict of its fields (as YAML gives it). The flat names of earlier releases
+    (``strategy="kfac"``, ``window="ema"``, ``report=False`` ...) are accepted for one more release
+    with a ``FutureWarning`` naming the new spelling. ``from_config`` takes an
     ``InfluenceConfig``, a dict or an OmegaConf ``DictConfig`` instead. Statistics come from the
     training steps' own forward and backward passes; at each trigger (``every_n_epochs``,
     ``every_n_train_steps``, ``on_checkpoint``, ``on_train_end``; one computation per step) the
@@ -67,58 +73,24 @@ class InfluenceCallbackMixin(MonitorState):
         on_checkpoint: bool = True,
         on_train_end: bool = True,
         output_dir: Optional[str] = None,
-        strategy: str = "ekfac",
-        fisher: str = "empirical",
-        damping: Optional[float] = None,
-        layers: Optional[List[str]] = None,
-        exclude: Optional[Sequence[str]] = (),
-        collect_every_n_steps: int = 8,
-        max_tokens_per_step: Optional[int] = 512,
-        loss_reduction: str = "mean",
-        window: str = "reset",
-        ema_decay: float = 0.99,
-        correction_batches: Optional[int] = 16,
-        curvature_refresh: str = "auto",
-        max_train_examples: Optional[int] = None,
         seed: int = 0,
-        query_rank: Optional[int] = None,
-        top_k: int = 10,
-        keep_top_scores: Optional[int] = None,
-        pool_id_key: str = "id",
-        self_influence: bool = False,
-        ledger: bool = False,
-        ledger_subspace: Optional[int] = 32,
-        batch_size: int = 32,
-        renderer: Optional[Callable] = None,
-        max_layer_mb: Optional[float] = None,
-        memory_budget_mb: Optional[float] = None,
-        covariance_dtype: str = "float32",
-        statistics_device: Optional[str] = None,
-        eigenbasis_dtype: str = "float64",
-        shard_factors: bool = False,
-        shard_statistics: bool = False,
-        report: bool = True,
-        report_in_background: bool = True,
-        log_artifacts: bool = True,
-        show_progress: bool = True,
         on_error: str = "warn",
+        curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
+        scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None,
+        report: Optional[Union[ReportConfig, Dict[str, Any]]] = None,
+        **deprecated: Any,
     ) -> None:
+        settings = regroup(dict(deprecated, report=report), type(self).__name__)
+        report = settings.pop("report")
+        unknown = sorted(set(settings) - {"curvature", "scoring"})
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
         self._configure(InfluenceConfig(
             task=task, query_data=query_data, num_queries=num_queries, train_data=train_data,
             every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, on_checkpoint=on_checkpoint,
-            on_train_end=on_train_end, output_dir=output_dir, strategy=strategy, fisher=fisher, damping=damping,
-            layers=layers, exclude=exclude, collect_every_n_steps=collect_every_n_steps,
-            max_tokens_per_step=max_tokens_per_step, loss_reduction=loss_reduction, window=window,
-            ema_decay=ema_decay, correction_batches=correction_batches, curvature_refresh=curvature_refresh,
-            max_train_examples=max_train_examples,
-            seed=seed, query_rank=query_rank, top_k=top_k, keep_top_scores=keep_top_scores,
-            pool_id_key=pool_id_key, self_influence=self_influence, ledger=ledger,
-            ledger_subspace=ledger_subspace, batch_size=batch_size, renderer=renderer,
-            max_layer_mb=max_layer_mb, memory_budget_mb=memory_budget_mb, covariance_dtype=covariance_dtype,
-            statistics_device=statistics_device, eigenbasis_dtype=eigenbasis_dtype, shard_factors=shard_factors,
-            shard_statistics=shard_statistics,
-            report=report, report_in_background=report_in_background, log_artifacts=log_artifacts,
-            show_progress=show_progress, on_error=on_error,
+            on_train_end=on_train_end, output_dir=output_dir, seed=seed, on_error=on_error,
+            curvature=_merged_group(curvature, settings.get("curvature")),
+            scoring=_merged_group(scoring, settings.get("scoring")), report=report,
         ))
 
     @classmethod
@@ -187,7 +159,8 @@ class InfluenceCallbackMixin(MonitorState):
             self._loop = LoopInfluence(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
                                        is_global_zero=trainer.is_global_zero, loggers=trainer.loggers,
                                        train_data=data.train, query_data=data.queries, query_ids=data.query_ids,
-                                       autocast=_trainer.autocast_dtype(trainer), run_id=self.run_id)
+                                       autocast=_trainer.autocast_dtype(trainer), run_id=self.run_id,
+                                       show_progress=getattr(trainer, "progress_bar_callback", None) is not None)
         self.run_id = self._loop.run_id
         tracked = [layer.module for layer in self._loop.statistics.layers]
         problem = _trainer.unsupported_training(trainer, pl_module, tracked)
@@ -358,7 +331,7 @@ class _StepRecorder:
     true Fisher, and one check of the declared loss reduction."""
 
     def __init__(self, collector: StepStatistics, config: InfluenceConfig, warn: Callable[[str, str], None]) -> None:
-        self.collector, self.every_n_steps, self.warn = collector, config.collect_every_n_steps, warn
+        self.collector, self.every_n_steps, self.warn = collector, config.curvature.collect_every_n_steps, warn
         self.monitor = _monitoring.TrainingMonitor(collector, config, warn)
         self._output_hook = None
         self._last_outputs: Any = None

@@ -27,13 +27,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Dict, Iterator, Optional, Union
 
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import scaler_scale
+from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
@@ -58,15 +59,20 @@ class InfluenceMonitor(MonitorState):
         output_dir: where results go (``<output_dir>/step=<N>/``; refused when it holds another
             run's results); default ``<fabric.logger.log_dir>/influence`` or ``./influence``, or their
             next version ``influence-v1``, ... when another run has it.
-        **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
-            ``fisher``, ``damping``, ``loss_reduction``, ``collect_every_n_steps``, ``top_k``, ...).
+        seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
+            (the groups as dataclasses or dicts; ``scoring.ledger`` is the Lightning callback's only).
+        **deprecated: the flat settings of earlier releases (``strategy=``, ``top_k=`` ...), with a
+            ``FutureWarning`` naming the group they moved to.
     """
 
     def __init__(self, fabric: Any, model: Any, task: Union[Task, str], train_data: Union[Dataset, DataLoader],
                  query_data: Union[Dataset, DataLoader], *, output_dir: Optional[Union[str, Path]] = None,
-                 **settings: Any) -> None:
-        config = loop_config(settings, NOT_APPLICABLE, task=task, train_data=train_data, query_data=query_data,
-                             output_dir=output_dir)
+                 seed: int = 0, on_error: str = "warn", curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
+                 scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None,
+                 report: Optional[Union[ReportConfig, Dict[str, Any]]] = None, **deprecated: Any) -> None:
+        settings = dict(deprecated, curvature=curvature, scoring=scoring, report=report)
+        config = loop_config(settings, NOT_APPLICABLE, "InfluenceMonitor", task=task, train_data=train_data,
+                             query_data=query_data, output_dir=output_dir, seed=seed, on_error=on_error)
         self.fabric = fabric
         self.model = unwrapped(model)
         self.global_step = 0
@@ -84,7 +90,7 @@ class InfluenceMonitor(MonitorState):
         ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation."""
         stats = self._loop.statistics
         self._loop.deliver_reports()
-        self._collecting = self.global_step % self._loop.config.collect_every_n_steps == 0
+        self._collecting = self.global_step % self._loop.config.curvature.collect_every_n_steps == 0
         if self._collecting:
             stats.begin_batch(batch, accumulation=accumulation, loss_scale=self._loss_scale())
         try:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import Tensor
@@ -40,6 +40,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError("lightning_influence.loops.hf needs transformers: "
                       "pip install 'lightning-influence[hf]'") from err
 
+from lightning_influence._deprecated import merged_group, regroup
+from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
 from lightning_influence.tasks import Task
 
@@ -66,20 +68,33 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         loss_reduction: how the model's own loss reduces the micro-batch: ``"token_mean"``
             (Hugging Face's losses: mean over the labels that count, which for one label per
             example is the mean over examples), ``"mean"`` or ``"sum"``.
-        **settings: further :class:`~lightning_influence.InfluenceConfig` fields (``strategy``,
-            ``fisher``, ``damping``, ``collect_every_n_steps``, ``top_k``, ``batch_size``, ...).
+            Sets ``curvature.loss_reduction`` (the loop knows its loss).
+        seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
+            (the groups as dataclasses or dicts; ``scoring.ledger`` is the Lightning callback's only;
+            ``report.show_progress=None`` follows ``args.disable_tqdm``).
+        **deprecated: the flat settings of earlier releases (``strategy=``, ``top_k=`` ...), with a
+            ``FutureWarning`` naming the group they moved to.
     """
 
     def __init__(self, task: Union[Task, str], query_data: Union[Dataset, DataLoader], *,
                  train_data: Optional[Union[Dataset, DataLoader]] = None, every_n_train_steps: Optional[int] = None,
                  every_n_epochs: Optional[int] = None, on_save: bool = False, on_train_end: bool = True,
-                 output_dir: Optional[str] = None, loss_reduction: str = "token_mean", **settings: Any) -> None:
+                 output_dir: Optional[str] = None, loss_reduction: str = "token_mean", seed: int = 0,
+                 on_error: str = "warn", curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
+                 scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None,
+                 report: Optional[Union[ReportConfig, Dict[str, Any]]] = None, **deprecated: Any) -> None:
+        for name, instead in NOT_APPLICABLE.items():
+            if name in deprecated:
+                raise ValueError(f"{name} does not apply here: {instead}")
+        settings = regroup(dict(deprecated, curvature=curvature, scoring=scoring, report=report),
+                           "InfluenceTrainerCallback")
+        settings["curvature"] = merged_group(settings["curvature"], {"loss_reduction": loss_reduction})
         self._settings = settings
         self._arguments = dict(task=task, query_data=query_data, every_n_train_steps=every_n_train_steps,
                                every_n_epochs=every_n_epochs, on_checkpoint=on_save, on_train_end=on_train_end,
-                               output_dir=output_dir, loss_reduction=loss_reduction)
+                               output_dir=output_dir, seed=seed, on_error=on_error)
         # Validate now, with a stand-in pool when the Trainer's dataset is meant: errors surface at construction.
-        self.config = loop_config(settings, NOT_APPLICABLE, **self._arguments,
+        self.config = loop_config(settings, NOT_APPLICABLE, "InfluenceTrainerCallback", **self._arguments,
                                   train_data=train_data if train_data is not None else [0])
         self._train_data = train_data
         self._loop: Optional[LoopInfluence] = None
@@ -98,11 +113,13 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         train = self._train_data if self._train_data is not None else train_dataloader
         if train is None:
             raise ValueError("cannot find the Trainer's training data; pass train_data=<Dataset or DataLoader>")
-        config = loop_config(self._settings, NOT_APPLICABLE, **self._arguments, train_data=train)
+        config = loop_config(self._settings, NOT_APPLICABLE, "InfluenceTrainerCallback", **self._arguments,
+                             train_data=train)
         model = unwrapped(model)
         output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
         self._loop = LoopInfluence(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
-                                   loggers=lambda: _loggers(args), autocast=_autocast_dtype(args))
+                                   loggers=lambda: _loggers(args), autocast=_autocast_dtype(args),
+                                   show_progress=not getattr(args, "disable_tqdm", False))
         self._loop.statistics.attach()
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
@@ -122,8 +139,8 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
 
     def _after_forward(self, model, args, kwargs, outputs):
         stats = self._loop.statistics
-        if not stats.recording or stats.tracker.in_backward:
-            return None
+        if not stats.recording or stats.tracker.in_backward or not torch.is_grad_enabled():
+            return None  # not this micro-batch's training forward (no gradients: another callback's loss check)
         loss = _model_loss(outputs)
         if loss is None or not loss.requires_grad:
             raise ValueError("InfluenceTrainerCallback needs the model to compute its loss (outputs.loss, from the "
@@ -155,7 +172,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         if self._loop is not None:
             self._loop.deliver_reports()
-            self._collecting = state.global_step % self._loop.config.collect_every_n_steps == 0
+            self._collecting = state.global_step % self._loop.config.curvature.collect_every_n_steps == 0
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self._loop is not None:

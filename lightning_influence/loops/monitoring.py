@@ -34,9 +34,9 @@ class TrainingMonitor:
 
     def __init__(self, collector: StepStatistics, config: Any, warn: Callable[[str, str], None]) -> None:
         self.collector, self.warn = collector, warn
-        self.every_n_steps, self.top_k = config.collect_every_n_steps, config.top_k
-        self.ledger = InfluenceLedger() if config.ledger else None
-        self.ledger_subspace = config.ledger_subspace
+        self.every_n_steps, self.top_k = config.curvature.collect_every_n_steps, config.scoring.top_k
+        self.ledger = InfluenceLedger() if config.scoring.ledger is not None else None
+        self.ledger_subspace = config.scoring.ledger_subspace
         self._ids: Optional[BatchIds] = None
         self._previous: Any = None  # the run's last result (after a resume: none until the next one)
         self._lr_sum, self._steps = 0.0, 0

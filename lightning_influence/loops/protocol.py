@@ -15,6 +15,7 @@ from torch import nn
 from lightning_influence.engine import distributed
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import StepStatistics
+from lightning_influence._deprecated import regroup
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.engine.freshness import STALE_WARNING_GAP
 from lightning_influence.results import InfluenceResult, new_run_id
@@ -29,27 +30,30 @@ log = logging.getLogger(__name__)
 
 # Features only the Lightning callback runs (it sees each step's batch ids and learning rate), refused
 # when switched on in another loop rather than silently ignored.
-CALLBACK_ONLY = {"ledger": "the per-step ledger needs each training step's example ids and learning rate, which "
-                           "only the Lightning callback (InfluenceCallback(ledger=True)) follows; set ledger=False"}
+CALLBACK_ONLY = {("scoring", "ledger"): "the per-step ledger needs each training step's example ids and learning "
+                                        "rate, which only the Lightning callback (InfluenceCallback(scoring="
+                                        "{'ledger': 32})) follows; set scoring.ledger=None"}
 
 
-def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], **arguments: Any) -> InfluenceConfig:
+def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], owner: str,
+                **arguments: Any) -> InfluenceConfig:
     """A validated :class:`InfluenceConfig` from an integration's own ``arguments`` and the user's
-    further ``settings``; settings that belong to the Lightning callback only are refused with what
-    to use instead."""
+    further ``settings`` (the groups, or the deprecated flat names); settings that belong to the
+    Lightning callback only are refused with what to use instead."""
     for name, instead in not_applicable.items():
         if name in settings:
             raise ValueError(f"{name} does not apply here: {instead}")
-    for name, why in CALLBACK_ONLY.items():
-        if settings.get(name):
-            raise ValueError(f"{name}=True is not supported here: {why}")
-    config = InfluenceConfig.from_mapping(dict(settings, **arguments))
+    settings = regroup(settings, owner, stacklevel=4)
+    config = InfluenceConfig.from_mapping(dict(settings, **arguments)).validate()
+    for (group, name), why in CALLBACK_ONLY.items():
+        if getattr(getattr(config, group), name) is not None:
+            raise ValueError(f"{group}.{name} is not supported here: {why}")
     if isinstance(config.query_data, str):
         raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "
                          "Dataset or DataLoader")
     if config.train_data is None:
         raise ValueError("train_data is required: the candidate pool, a map-style Dataset or a DataLoader")
-    return config.validate()
+    return config
 
 
 class MonitorState:
@@ -94,6 +98,8 @@ class LoopInfluence:
             (e.g. a Trainer's own data); default ``config.train_data`` / ``config.query_data``.
         autocast: the training steps' autocast dtype (mixed precision), which the session's own
             forward passes then use too; ``None`` for full precision.
+        show_progress: whether the loop shows progress bars of its own (what ``report.show_progress=None``
+            follows).
         run_id: the run these results belong to, kept by a resumed run (default: a new run). Its
             ``output_dir`` is claimed for it at once (see :mod:`~lightning_influence.checkpoint.run_dir`; a
             default directory, ``config.output_dir=None``, is versioned when another run has it):
@@ -103,38 +109,38 @@ class LoopInfluence:
     def __init__(self, config: InfluenceConfig, model: nn.Module, *, output_dir: Path, is_global_zero: bool,
                  loggers: Any = (), loss_reduction: Optional[str] = None, train_data: Any = None,
                  query_data: Any = None, query_ids: Optional[Sequence[int]] = None,
-                 autocast: Optional[torch.dtype] = None, run_id: Optional[str] = None) -> None:
+                 autocast: Optional[torch.dtype] = None, run_id: Optional[str] = None,
+                 show_progress: bool = True) -> None:
         cfg = self.config = config
+        # report.show_progress=None: as the loop shows its own (``show_progress``, the loop's)
+        self.show_progress = show_progress if cfg.report.show_progress is None else cfg.report.show_progress
         self.run_id = distributed.gather_objects(run_id or new_run_id())[0]  # process 0's, on every process
         self.task = cfg.build_task()
         mib = 2**20
+        curvature = cfg.curvature
         layers = select_layers(
-            model, cfg.layers, cfg.exclude,
-            max_layer_bytes=int(cfg.max_layer_mb * mib) if cfg.max_layer_mb else None,
-            memory_budget_bytes=int(cfg.memory_budget_mb * mib) if cfg.memory_budget_mb else None,
+            model, curvature.layers, curvature.exclude,
+            max_layer_bytes=int(curvature.max_layer_mb * mib) if curvature.max_layer_mb else None,
+            memory_budget_bytes=int(curvature.memory_budget_mb * mib) if curvature.memory_budget_mb else None,
         )
         self.is_global_zero = is_global_zero
         self.session = InfluenceSession(
             self.task, train_data if train_data is not None else cfg.train_data,
             query_data if query_data is not None else cfg.query_data, query_ids=query_ids,
-            max_train_examples=cfg.max_train_examples,
-            strategy=cfg.strategy, fisher=cfg.fisher, damping=cfg.damping, query_rank=cfg.query_rank,
-            top_k=cfg.top_k, self_influence=cfg.self_influence, batch_size=cfg.batch_size,
-            correction_batches=cfg.correction_batches, seed=cfg.seed,
-            show_progress=cfg.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
-            keep_top_scores=cfg.keep_top_scores, pool_id_key=cfg.pool_id_key,
-            shard_factors=cfg.shard_factors, eigenbasis_dtype=getattr(torch, cfg.eigenbasis_dtype),
-            curvature_refresh=cfg.curvature_refresh, run_id=self.run_id,
+            curvature=curvature, scoring=cfg.scoring, seed=cfg.seed,
+            show_progress=self.show_progress and is_global_zero, run_config=cfg.to_dict(), autocast=autocast,
+            run_id=self.run_id,
         )
         self.index = ResultIndex()
         self.output = OutputDirectory(Path(output_dir), self.run_id, versioned=cfg.output_dir is None)
         if is_global_zero:
             check_writable(self.output.path)  # before the slower checks below
         self.statistics = StepStatistics(
-            layers, self.task, fisher=cfg.fisher, loss_reduction=loss_reduction or cfg.loss_reduction,
-            max_tokens_per_step=cfg.max_tokens_per_step, window=cfg.window, ema_decay=cfg.ema_decay,
-            dtype=getattr(torch, cfg.covariance_dtype), device=passes.model_device(model), seed=cfg.seed,
-            statistics_device=cfg.statistics_device, shard=cfg.shard_statistics,
+            layers, self.task, fisher=curvature.fisher, loss_reduction=loss_reduction or curvature.loss_reduction,
+            max_tokens_per_step=curvature.max_tokens_per_step, window=curvature.window,
+            ema_decay=0.99 if curvature.ema_decay is None else curvature.ema_decay,
+            dtype=getattr(torch, curvature.covariance_dtype), device=passes.model_device(model), seed=cfg.seed,
+            statistics_device=curvature.statistics_device, shard=curvature.shard_statistics,
         )
         self.session.check(model, layers)
         self.index.output_dir = self._claim_output_dir()
@@ -218,7 +224,7 @@ class LoopInfluence:
         stats = self.session.reduce_statistics(self.statistics)
         if stats.is_empty():
             raise RuntimeError(f"no statistics were collected before step {step} (collect_every_n_steps="
-                               f"{self.config.collect_every_n_steps}); influence cannot be computed there")
+                               f"{self.config.curvature.collect_every_n_steps}); influence cannot be computed there")
         collector = self.statistics
         meta = {"reasons": [reason], "checkpoint_path": None, "checkpoint_paths": [], "config": self.config.to_dict(),
                 "steps_collected": float(collector.steps_in_window),
@@ -278,15 +284,15 @@ class LoopInfluence:
     def _publisher_now(self):
         """The publisher, built at the first computation: the loggers exist by then (Hugging Face
         starts its W&B run after the callbacks are set up)."""
-        if not self.config.report:
+        if self.config.report.mode == "off":
             return None
         if self._publisher is None:
             loggers = list(self._loggers() if callable(self._loggers) else self._loggers)
             from lightning_influence.reporting.publisher import ResultPublisher
 
             cfg = self.config
-            kwargs = dict(renderer=cfg.renderer, top_k=cfg.top_k, log_artifacts=cfg.log_artifacts,
-                          background=cfg.report_in_background)
+            kwargs = dict(renderer=cfg.report.renderer, top_k=cfg.scoring.top_k, log_artifacts=cfg.report.log_artifacts,
+                          background=cfg.report.mode == "background")
             try:
                 self._publisher = ResultPublisher(loggers, **kwargs)
             except TypeError as err:
