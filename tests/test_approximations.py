@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Subset
 
 import lightning_influence as li
-from lightning_influence.config import InfluenceConfig
+from lightning_influence.config import CurvatureConfig
 from lightning_influence.engine.approximations import (
     CurvatureApproximation,
     approximation,
@@ -90,11 +90,11 @@ def test_the_registry_lists_exactly_the_built_ins():
 
 
 def test_config_validation_uses_the_registry(registered):
-    assert InfluenceConfig(task="classification", strategy=ScaledIdentity.name).validate().strategy == ScaledIdentity.name
+    assert CurvatureConfig(strategy=ScaledIdentity.name).validate().strategy == ScaledIdentity.name
     unregister_approximation(ScaledIdentity.name)
-    with pytest.raises(ValueError, match="strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', "
+    with pytest.raises(ValueError, match="curvature.strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', "
                                          "'test-plain-kfac', got 'test-scaled-identity'"):
-        InfluenceConfig(task="classification", strategy=ScaledIdentity.name).validate()
+        CurvatureConfig(strategy=ScaledIdentity.name).validate()
 
 
 def test_a_registered_kfac_variant_matches_the_dense_oracle_where_kfac_is_exact(registered, tmp_path):
