@@ -31,7 +31,6 @@ MODELS = {  # name -> configuration (published shapes)
 LAYOUTS = {  # name -> settings
     "replicated": dict(),
     "sharded": dict(shard_factors=True, shard_statistics=True),
-    "sharded, shared inputs": dict(shard_factors=True, shard_statistics=True, share_inputs=True),
 }
 WORLD_SIZES = (8, 16, 32, 64)
 # Scoring settings of the table: the paper's rank-32 queries, and a bounded record of scores per query.

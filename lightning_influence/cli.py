@@ -537,8 +537,6 @@ def _add_plan_command(commands: Any) -> None:
     plan.add_argument("--shard-factors", action="store_true", default=None, help="each layer's factors on one process")
     plan.add_argument("--shard-statistics", action="store_true", default=None,
                       help="with --shard-factors, the training-time statistics too")
-    plan.add_argument("--share-inputs", action="store_true",
-                      help="one activation covariance for layers reading the same input (q/k/v, gate/up)")
     for flag, metavar, what in (("--num-queries", "Q", "queries"), ("--query-rank", "R", "rank of the queries"),
                                 ("--batch-size", "B", "batch size of the scoring pass"),
                                 ("--pool-size", "N", "training examples scored"),
@@ -572,5 +570,5 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     settings = {name: getattr(args, name) for name in (
         "strategy", "shard_factors", "shard_statistics", "num_queries", "query_rank", "batch_size", "pool_size",
         "keep_top_scores", "covariance_dtype", "eigenbasis_dtype", "layers", "exclude") if getattr(args, name) is not None}
-    print(plan_memory(config, world_size=args.world_size, share_inputs=args.share_inputs, **settings))
+    print(plan_memory(config, world_size=args.world_size, **settings))
     return 0

@@ -136,6 +136,23 @@ def test_each_process_holds_its_owned_layers(gpt2_fitted, monkeypatch):
     assert sum(p.factors for p in sharded.processes) == replicated.factors
 
 
+def test_a_shared_input_split_across_processes_is_held_by_each(monkeypatch):
+    """A group of layers reading one input whose members have different owners: each owner keeps its
+    own copy of the activation covariance, as ``StepStatistics(shard=True)`` does."""
+    make, task_class, batches, reduction = CASES["llama"]
+    plan = li.plan_memory(make(), world_size=2, shard_factors=True, shard_statistics=True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    split = 0
+    for rank in range(2):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        model = make()
+        owners = owners_of(li.select_layers(model))
+        split += sum(len({owners[layer.name] for layer in group}) > 1 for group in input_groups(li.select_layers(model)))
+        assert plan.processes[rank].statistics == train_statistics(model, task_class(), batches(), reduction,
+                                                                   shard=True).held_bytes()
+    assert split > 0, "no group was split across the two processes: the case is not exercised"
+
+
 @pytest.mark.parametrize("query_rank", [None, 4, 32])  # 32: dense where min(d_out, d_in) is 32, factored at 33
 def test_queries_equal_the_preconditioned_tensors(gpt2_fitted, query_rank):
     model, task, _, queries, factors = gpt2_fitted
@@ -180,11 +197,9 @@ def test_shared_inputs_count_one_activation_covariance_per_group():
               if len(group) > 1]
     assert groups == [["q_proj", "k_proj", "v_proj"], ["gate_proj", "up_proj"]] * 2
     hidden, blocks = model.config.hidden_size, model.config.num_hidden_layers
-    saved_per_block = 3 * 2 * (hidden * hidden * 4 + 8)  # two of q/k/v's and one of gate/up's, sums and buffer
-    assert li.plan_memory(model).statistics - li.plan_memory(model, share_inputs=True).statistics == \
-        blocks * saved_per_block
-    fused = li.plan_memory(tiny_gpt2())  # GPT-2's c_attn reads its input alone already
-    assert li.plan_memory(tiny_gpt2(), share_inputs=True).statistics == fused.statistics
+    unshared = sum(2 * (layer.d_in ** 2 + layer.d_out ** 2) * 4 + 4 * 8 for layer in li.select_layers(model))
+    saved_per_block = 3 * 2 * (hidden * hidden * 4 + 8)  # two of q/k/v's and one of gate/up's, sums and counts
+    assert unshared - li.plan_memory(model).statistics == blocks * saved_per_block
 
 
 def test_cli_plans_a_config_json(tmp_path, capsys):

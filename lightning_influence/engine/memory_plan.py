@@ -25,8 +25,9 @@ balanced by :func:`~lightning_influence.engine.distributed.factor_cost`). Not co
 contraction, the all-gather of dense scores), the fresh covariances of ``curvature_refresh``, the
 per-token scores of the top examples, and the model, optimizer and activations of training itself.
 
-With ``share_inputs`` the layers that read the same tensor share one activation covariance (and one
-activation eigenbasis), counted once on the first layer of the group (:func:`input_groups`).
+Layers that read the same tensor share one activation covariance and eigenbasis, as the engine
+finds at run time (:func:`input_groups` names the groups it finds in Hugging Face models): counted
+once per group, or once per process holding members of the group when the layers are sharded.
 """
 
 from __future__ import annotations
@@ -223,6 +224,19 @@ def input_groups(layers: Sequence[TrackedLayer]) -> List[List[TrackedLayer]]:
     return list(groups.values())
 
 
+def _input_carriers(groups: Sequence[Sequence[TrackedLayer]], owners: Optional[Dict[str, Optional[int]]]) -> set:
+    """Names of the layers that hold their group's activation covariance: the group's first layer, or,
+    when the layers are owned by processes, the first of each process's members (each keeps a copy)."""
+    carriers, seen = set(), set()
+    for index, group in enumerate(groups):
+        for layer in group:
+            holder = (index, owners[layer.name] if owners is not None else None)
+            if holder not in seen:
+                seen.add(holder)
+                carriers.add(layer.name)
+    return carriers
+
+
 def _activation_side_bytes(d_in: int, covariance_bytes: int, eigenbasis_bytes: int,
                            strategy: str) -> Tuple[int, int]:
     """``(statistics, factors)`` bytes of one input's activation covariance: the one term that sharing
@@ -276,7 +290,7 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
                 exclude: Sequence[str] = _default("exclude"),
                 covariance_dtype: str = _default("covariance_dtype"),
                 eigenbasis_dtype: str = _default("eigenbasis_dtype"),
-                share_inputs: bool = False) -> MemoryPlan:
+                ) -> MemoryPlan:
     """Plan the per-process memory of the callback's statistics, factors, queries and scores.
 
     Args:
@@ -290,8 +304,6 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
         covariance_dtype, eigenbasis_dtype: dtypes of the statistics and of the stored eigenbases.
         pool_size: training examples scored (the pool, or ``max_train_examples``); needed for the
             dense scores (``keep_top_scores=None``).
-        share_inputs: count one activation covariance per group of layers reading the same input
-            (:func:`input_groups`).
 
     Returns:
         A :class:`MemoryPlan`: bytes per process and component, and per layer.
@@ -310,16 +322,17 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
         if shard_factors else {layer.name: None for layer in tracked}
     covariance_bytes = getattr(torch, covariance_dtype).itemsize
     eigenbasis_bytes = getattr(torch, eigenbasis_dtype).itemsize
-    groups = input_groups(tracked) if share_inputs else [[layer] for layer in tracked]
-    carries_input = {id(group[0]) for group in groups}
+    groups = input_groups(tracked)
+    carries_statistics = _input_carriers(groups, owners if shard_statistics else None)
+    carries_factors = _input_carriers(groups, owners if shard_factors else None)
     per_layer = []
     for layer in tracked:
         statistics, factors = _gradient_side_bytes(layer.d_out, layer.d_in, covariance_bytes, eigenbasis_bytes,
                                                    strategy)
-        if id(layer) in carries_input:
-            input_statistics, input_factors = _activation_side_bytes(layer.d_in, covariance_bytes,
-                                                                     eigenbasis_bytes, strategy)
-            statistics, factors = statistics + input_statistics, factors + input_factors
+        input_statistics, input_factors = _activation_side_bytes(layer.d_in, covariance_bytes, eigenbasis_bytes,
+                                                                 strategy)
+        statistics += input_statistics if layer.name in carries_statistics else 0
+        factors += input_factors if layer.name in carries_factors else 0
         queries = _query_bytes(layer.d_out, layer.d_in, num_queries, query_rank, layer.module.weight.element_size())
         per_layer.append(LayerMemory(layer.name, layer.d_out, layer.d_in, owners[layer.name], statistics, factors,
                                      queries))
@@ -333,7 +346,7 @@ def plan_memory(model: ModelSource, *, world_size: int = 1,
     processes = [ProcessMemory(rank, held(rank, shard_statistics, "statistics"), held(rank, shard_factors, "factors"),
                                queries, score_chunk, scores) for rank in range(world_size)]
     settings = {"world_size": world_size, "strategy": strategy, "shard_factors": shard_factors,
-                "shard_statistics": shard_statistics, "share_inputs": share_inputs, "num_queries": num_queries,
+                "shard_statistics": shard_statistics, "num_queries": num_queries,
                 "query_rank": query_rank, "batch_size": batch_size, "pool_size": pool_size,
                 "keep_top_scores": keep_top_scores, "covariance_dtype": covariance_dtype,
                 "eigenbasis_dtype": eigenbasis_dtype}
