@@ -62,6 +62,14 @@ class CurvatureApproximation:
         in the layer's coordinates (with ``needs_correction_pass``)."""
         raise NotImplementedError
 
+    def factor_bytes(self, d_out: int, d_in: int, eigenbasis_bytes: int) -> Tuple[int, int]:
+        """Bytes of what :meth:`layer_factors` keeps for a ``[d_out, d_in]`` layer, as ``(input side,
+        the layer's own)``: the input side (``q_a``) is what layers reading one input share (the
+        memory planner counts it once). Default: the bases with ``needs_covariances``, float64
+        ``[d_out, d_in]`` eigenvalues with ``needs_correction_pass``."""
+        basis = eigenbasis_bytes if self.needs_covariances else 0
+        return d_in * d_in * basis, d_out * d_out * basis + (d_out * d_in * 8 if self.needs_correction_pass else 0)
+
     # -- eigenvalues and damping ----------------------------------------------------------------
     def eigenvalues(self, parts: LayerFactors) -> Optional[Tensor]:
         """The approximation's own eigenvalues of the layer's curvature block, ``[d_out, d_in]``."""
@@ -246,6 +254,9 @@ class KFAC(CurvatureApproximation):
 
     def smallest_eigenvalue(self, parts):
         return float(parts["eig_s"].min() * parts["eig_a"].min())
+
+    def factor_bytes(self, d_out, d_in, eigenbasis_bytes):  # the bases and both factors' float64 eigenvalues
+        return d_in * d_in * eigenbasis_bytes + d_in * 8, d_out * d_out * eigenbasis_bytes + d_out * 8
 
 
 @register_approximation
