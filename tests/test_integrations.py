@@ -112,7 +112,7 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
     assert any(row.get("influence/tail_alpha") not in (None, "") for row in rows), list(rows[0])
 
 
-def test_fabric_refuses_callback_only_settings(tmp_path):
+def test_fabric_refuses_callback_only_settings_and_a_ledger_without_ids(tmp_path):
     from lightning_influence.loops.fabric import InfluenceMonitor
 
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1)
@@ -121,8 +121,15 @@ def test_fabric_refuses_callback_only_settings(tmp_path):
         InfluenceMonitor(fabric, classifier(), "classification", train, val, every_n_epochs=1)
     with pytest.raises(ValueError, match="query_data='val' names a Lightning Trainer's split"):
         InfluenceMonitor(fabric, classifier(), "classification", train, "val")
-    with pytest.raises(ValueError, match=r"scoring.ledger is not supported here: .*InfluenceCallback\(scoring="):
-        InfluenceMonitor(fabric, classifier(), "classification", train, val, scoring={"ledger": 32})
+    monitor = InfluenceMonitor(fabric, classifier(), "classification", train, val, scoring={"ledger": 32},
+                               report=False, output_dir=tmp_path / "ledger", **TEST_SETTINGS)
+    with pytest.raises(ValueError, match=r"scoring.ledger weighs each step by its learning rate: pass monitor.step"):
+        with monitor.step(next(iter(DataLoader(train, batch_size=4)))):
+            pass
+    with pytest.raises(ValueError, match=r"scoring.ledger needs each training batch's example ids"):
+        with monitor.step(next(iter(DataLoader(train, batch_size=4))), lr=0.1):
+            pass
+    monitor.close()
 
 
 # -- Hugging Face Trainer -----------------------------------------------------------------------------
@@ -182,12 +189,10 @@ def hf_trainer(tmp_path, model, callback, *, learning_rate=0.0, accumulation=1, 
     return transformers.Trainer(model=model, args=args, train_dataset=TokenData(size, seed=0), callbacks=[callback])
 
 
-def test_hf_refuses_the_ledger_it_cannot_run():
+def test_hf_accepts_the_ledger():
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
-    with pytest.raises(ValueError, match=r"scoring.ledger is not supported here: .*InfluenceCallback\(scoring="):
-        InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), scoring={"ledger": 32})
-    assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1)).config.scoring.ledger is None
+    assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), scoring={"ledger": 32}).config.scoring.ledger == 32  # was refused
 
 
 @pytest.mark.parametrize("make_model", [tiny_gpt2, TinyLM], ids=["gpt2-num_items_in_batch", "module-divided-loss"])

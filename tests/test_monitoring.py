@@ -79,7 +79,7 @@ def test_live_self_influence_ranks_the_planted_mislabel_first_and_is_reported(tm
     assert latest.self_scores is not None and latest.self_scores.shape == (96,)
     assert int(latest.train_ids[latest.self_scores.argmax()]) == planted
     assert float(trainer.callback_metrics["influence/self/max"]) == pytest.approx(float(latest.self_scores.max()))
-    assert f"self/topk_churn@{cb.config.top_k}" in latest.meta["monitors"]
+    assert f"self/topk_churn@{cb.config.scoring.top_k}" in latest.meta["monitors"]
     summary = json.loads((latest.path / "report" / "summary.json").read_text())
     assert summary["self_influence_examples"][0]["train_id"] == planted
     assert summary["scalars"]["self/max"] == pytest.approx(float(latest.self_scores.max()))
@@ -94,7 +94,7 @@ class _StepSpy(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 0:
-            ledger = self.holder._steps.monitor.ledger
+            ledger = self.holder._loop.monitor.ledger
             self.epochs.append(({name: ledger.queries.dense_for(name).clone() for name in ("net.0", "net.2")}, []))
         params = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
         lr = trainer.optimizers[0].param_groups[0]["lr"]

@@ -84,7 +84,7 @@ def _trajectory_weights(results: Sequence[InfluenceResult], weighting: str) -> L
     if weighting == "none":
         return [1.0] * len(results)
     if weighting == "lr":
-        missing = [r.step for r in results if not isinstance(r.meta.get("window"), Mapping)]
+        missing = [r.step for r in results if not isinstance(w := r.meta.get("window"), Mapping) or "lr_sum" not in w]
         if missing:
             raise ValueError(f"weighting='lr' needs each result's meta['window']['lr_sum'] (recorded by the "
                              f"callback); the results at steps {missing} lack it: pass the learning-rate sums "

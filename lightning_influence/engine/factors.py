@@ -237,8 +237,7 @@ class Factors:
         return self.approximation.quadratic_form(self.layers[name], acts, grads, damping)
 
     def to(self, device: Union[str, torch.device]) -> "Factors":
-        moved = _shared_map(self.layers, lambda key, value: value.to(device))
-        layers = {name: moved.get(name, {}) for name in self.layers}  # layers without tensors (identity) kept
+        layers = _shared_map(self.layers, lambda key, value: value.to(device))
         return Factors(self.approximation, layers, self.meta, self.owners, self.summaries)
 
     def held_bytes(self) -> int:

@@ -250,10 +250,11 @@ def _shared_map(layers: Mapping[str, Mapping[str, Tensor]], convert: Callable[[s
     done: Dict[int, Tensor] = {}
     out: Dict[str, Dict[str, Tensor]] = {}
     for name, parts in layers.items():
+        out[name] = {}  # a layer without tensors (identity factors) stays a layer
         for key, value in parts.items():
             if id(value) not in done:
                 done[id(value)] = convert(key, value)
-            out.setdefault(name, {})[key] = done[id(value)]
+            out[name][key] = done[id(value)]
     return out
 
 

@@ -2,8 +2,10 @@
 
 * :mod:`.protocol`: what every loop shares (settings, statistics, the checkpoint procedure, results
   on disk and their publishing).
+* :mod:`.steps`: ``LoopProtocol``, the events every loop sends; it owns the collection cadence, the
+  triggers and the per-step monitors (:mod:`.monitoring`, :mod:`.ledger`).
 * :mod:`.callback`: ``InfluenceCallback`` for Lightning ``Trainer`` runs (:mod:`.trainer` reads the
-  trainer; :mod:`.monitoring` and :mod:`.ledger` follow the training steps).
+  trainer).
 * :mod:`.fabric`: ``InfluenceMonitor`` for Lightning Fabric loops (``pip install lightning-influence[fabric]``).
 * :mod:`.hf`: ``InfluenceTrainerCallback`` for the Hugging Face ``Trainer``
   (``pip install lightning-influence[hf]``).

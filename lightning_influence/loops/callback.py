@@ -3,8 +3,10 @@
 Thin glue over the Lightning-free core: :class:`~lightning_influence.engine.collector.StepStatistics`
 turns the training steps' hooks into covariance statistics, and
 :class:`~lightning_influence.checkpoint.session.InfluenceSession` computes, writes and describes the influence
-at each checkpoint. What stays here needs Lightning: translating the trainer's hooks, triggers,
-state in checkpoints, process ranks, and handing results to the trainer's loggers.
+at each checkpoint; :class:`~lightning_influence.loops.steps.LoopProtocol` owns the collection
+cadence, the triggers, the monitors and the ledger, as for every loop. What stays here needs
+Lightning: translating the trainer's hooks into the protocol's events, state in checkpoints,
+process ranks, and handing results and monitor scalars to the trainer.
 
 ``pytorch_lightning`` and ``lightning.pytorch`` each need a subclass of their own ``Callback`` (a
 Trainer accepts only its package's callbacks): :class:`InfluenceCallback` here, and
@@ -16,20 +18,21 @@ from __future__ import annotations
 import logging
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 import pytorch_lightning as pl
 
-from lightning_influence.loops import monitoring as _monitoring
 from lightning_influence.loops import trainer as _trainer
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import StepStatistics
 from lightning_influence._deprecated import merged_group as _merged_group, regroup
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
-from lightning_influence.loops.protocol import LoopInfluence, MonitorState, warn_once
+from lightning_influence.loops.monitoring import learning_rate, publish_scalars
+from lightning_influence.loops.protocol import MonitorState, warn_once
+from lightning_influence.loops.steps import LoopProtocol
 from lightning_influence.results import saved_run_id
 from lightning_influence.checkpoint.index import current_entry
 from lightning_influence.tasks import Task
@@ -102,9 +105,9 @@ class InfluenceCallbackMixin(MonitorState):
 
     def _configure(self, config: InfluenceConfig) -> None:
         self.config = config.validate()
-        self._loop: Optional[LoopInfluence] = None  # statistics, session, results: from on_fit_start
+        self._loop: Optional[LoopProtocol] = None  # statistics, session, results: from on_fit_start
         self._restored: Optional[Dict[str, Any]] = None  # loaded before the loop existed
-        self._steps: Optional[_StepRecorder] = None
+        self._steps: Optional[_StepEvents] = None
         self._warned: set = set()
         self.run_id: Optional[str] = None  # made at the first fit, or restored from the checkpoint resumed
 
@@ -156,7 +159,7 @@ class InfluenceCallbackMixin(MonitorState):
         if self._restored is not None:
             self.run_id = _restored_run_id(self._restored, output_dir)
         with passes.eager():  # the set-up check runs a compiled model's code eagerly
-            self._loop = LoopInfluence(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
+            self._loop = LoopProtocol(cfg, _trainer.influence_model(trainer, pl_module), output_dir=output_dir,
                                        is_global_zero=trainer.is_global_zero, loggers=trainer.loggers,
                                        train_data=data.train, query_data=data.queries, query_ids=data.query_ids,
                                        autocast=_trainer.autocast_dtype(trainer), run_id=self.run_id,
@@ -174,8 +177,8 @@ class InfluenceCallbackMixin(MonitorState):
         if self._restored is not None:
             self._apply_state(self._restored)
             self._restored = None
-        self._steps = _StepRecorder(self._loop.statistics, cfg, self._warn)
-        self._steps.attach(pl_module)
+        self._steps = _StepEvents(self._loop)
+        self._loop.attach(pl_module)
 
     # -- collecting during training ------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -187,7 +190,7 @@ class InfluenceCallbackMixin(MonitorState):
                 total_steps=_trainer.total_steps(trainer), steps_per_epoch=_trainer.steps_per_epoch(trainer)):
             if trainer.is_global_zero:
                 self._warn(message, message)
-        self._steps.monitor.start(trainer, pl_module, self._loop.session)
+        self._loop.start(trainer.train_dataloader)
         self._resolve_pending(trainer)
         self._loop.publish_owed_reports()  # a resumed run's reports a crash kept from the loggers
 
@@ -204,25 +207,24 @@ class InfluenceCallbackMixin(MonitorState):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self._collector is None or not self._steps.batch_end(trainer):
             return  # still accumulating gradients: the optimizer step has not happened
-        cfg = self.config
-        if cfg.every_n_train_steps and trainer.global_step % cfg.every_n_train_steps == 0:
-            self._compute(trainer, pl_module, "every_n_train_steps")
-        if cfg.every_n_epochs and trainer.is_last_batch and (trainer.current_epoch + 1) % cfg.every_n_epochs == 0:
-            self._compute(trainer, pl_module, "every_n_epochs")
+        if not trainer.sanity_checking:
+            self._loop.on_train_step(_trainer.influence_model(trainer, pl_module), trainer.global_step,
+                                     trainer.current_epoch, last_batch=trainer.is_last_batch,
+                                     observe=partial(self._observe, trainer))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         # Normally done at the epoch's last batch (before validation and checkpointing); this catches
         # epochs whose last batch was not recognised as such.
-        every = self.config.every_n_epochs
-        if self._collector is not None and every and (trainer.current_epoch + 1) % every == 0:
-            self._compute(trainer, pl_module, "every_n_epochs")
+        if self._collector is not None and not trainer.sanity_checking:
+            self._loop.on_epoch_end(_trainer.influence_model(trainer, pl_module), trainer.global_step,
+                                    trainer.current_epoch, observe=partial(self._observe, trainer))
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         if self._collector is None or trainer.sanity_checking or not _trainer.fitting(trainer):
             return
         self._resolve_pending(trainer)
-        if self.config.on_checkpoint:
-            self._compute(trainer, pl_module, "checkpoint")
+        self._loop.on_checkpoint(_trainer.influence_model(trainer, pl_module), trainer.global_step,
+                                 trainer.current_epoch, observe=partial(self._observe, trainer))
         entry = self._loop.index.find(trainer.global_step)
         if entry is not None:
             entry["awaiting_checkpoint"] = True  # the path is known once the save returns
@@ -234,9 +236,9 @@ class InfluenceCallbackMixin(MonitorState):
         if self._collector is None:
             return
         self._resolve_pending(trainer)
-        if self.config.on_train_end:
-            self._compute(trainer, pl_module, "train_end")
-        self._loop.flush_reports()  # every report logged while the loggers are still open
+        # Then every report is logged while the loggers are still open.
+        self._loop.on_train_end(_trainer.influence_model(trainer, pl_module), trainer.global_step,
+                                trainer.current_epoch, observe=partial(self._observe, trainer))
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self._collector is not None:
@@ -250,20 +252,14 @@ class InfluenceCallbackMixin(MonitorState):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage == "fit" and self._loop is not None:
-            if self._steps is not None:
-                self._steps.detach()
+            self._loop.detach()
             self._loop.release_output_dir()
 
     # -- influence at a checkpoint -------------------------------------------------------------------
-    def _compute(self, trainer: Any, pl_module: Any, reason: str) -> None:
-        """One influence computation per global step, whatever triggered it (none in the sanity check)."""
-        if trainer.sanity_checking:
-            return
-        with passes.eager():  # the engine's passes run a compiled model's code eagerly
-            self._loop.compute(_trainer.influence_model(trainer, pl_module), step=trainer.global_step,
-                               epoch=trainer.current_epoch, reason=reason,
-                               observe=partial(self._steps.monitor.finish, trainer, pl_module,
-                                               session=self._loop.session))
+    def _observe(self, trainer: Any, result: Any, factors: Any) -> None:
+        """A new result's monitor scalars reach ``trainer.callback_metrics`` (``EarlyStopping``,
+        ``ModelCheckpoint(monitor=...)``)."""
+        publish_scalars(trainer.callback_metrics, self._loop.scalars)
 
     def _resolve_pending(self, trainer: Any) -> None:
         """Record the paths of checkpoints saved at a result's step (known only after the save)."""
@@ -325,45 +321,22 @@ def _restored_run_id(state: Dict[str, Any], output_dir: Path) -> Optional[str]:
     return None
 
 
-class _StepRecorder:
-    """Lightning's training-step hooks as :class:`StepStatistics` calls: which steps are collected,
-    the AMP loss scale and the steps its GradScaler skipped, the step's own outputs reused for the
-    true Fisher, and one check of the declared loss reduction."""
+class _StepEvents:
+    """Lightning's training-step hooks as :class:`LoopProtocol` events: the optimizer step a batch
+    belongs to, its learning rate, accumulation and AMP loss scale, and the check that a step runs
+    one backward pass."""
 
-    def __init__(self, collector: StepStatistics, config: InfluenceConfig, warn: Callable[[str, str], None]) -> None:
-        self.collector, self.every_n_steps, self.warn = collector, config.curvature.collect_every_n_steps, warn
-        self.monitor = _monitoring.TrainingMonitor(collector, config, warn)
-        self._output_hook = None
-        self._last_outputs: Any = None
+    def __init__(self, loop: LoopProtocol) -> None:
+        self.loop = loop
         self._step_at_batch_start = -1
         self._backward_passes = 0
-        self._collecting = False
-
-    def attach(self, pl_module: Any) -> None:
-        self.collector.attach()
-        if self.collector.fisher == "true":
-            self._output_hook = pl_module.register_forward_hook(torch.compiler.disable(self._capture_outputs))
-
-    def detach(self) -> None:
-        self.collector.detach()
-        self.monitor.stop()
-        if self._output_hook is not None:
-            self._output_hook.remove()
-            self._output_hook = None
-
-    def _capture_outputs(self, module: Any, inputs: Any, output: Any) -> None:
-        if self._collecting and self.collector.recording:
-            self._last_outputs = output
 
     def batch_start(self, trainer: Any, batch: Any) -> None:
         self._step_at_batch_start = trainer.global_step
         self._backward_passes = 0
-        self._collecting = trainer.global_step % self.every_n_steps == 0
-        self.monitor.batch_start(trainer, batch, self._collecting)
-        if not self._collecting:
-            return
-        self.collector.begin_batch(batch, accumulation=trainer.accumulate_grad_batches,
-                                   loss_scale=_trainer.loss_scale(trainer))
+        self.loop.on_batch_start(batch, trainer.global_step, lr=learning_rate(trainer.optimizers) or 0.0,
+                                 accumulation=trainer.accumulate_grad_batches,
+                                 loss_scale=_trainer.loss_scale(trainer))
 
     def before_backward(self, trainer: Any, pl_module: Any, loss: Any) -> None:
         self._backward_passes += 1
@@ -373,25 +346,14 @@ class _StepRecorder:
                 "one per optimizer as in a GAN, or an optimizer such as LBFGS that re-evaluates its closure); "
                 "InfluenceCallback's statistics need one backward pass of one loss per training step: add the "
                 "losses and call manual_backward once, or train without InfluenceCallback")
-        if not (self._collecting and self.collector.recording):
-            return
-        outputs, self._last_outputs = self._last_outputs, None
-        with passes.eager():
-            message = self.collector.before_backward(pl_module, loss, outputs)
-        if message and trainer.is_global_zero:
-            self.warn("loss-reduction", message)
+        self.loop.on_before_backward(loss)
 
     def batch_end(self, trainer: Any) -> bool:
         """Stop recording the batch; commit the statistics when the optimizer stepped (returned)."""
-        if self._collecting:
-            self.collector.end_batch()
-            self._last_outputs = None
-            self.collector.check_single_runs()
+        self.loop.on_batch_end()
         if trainer.global_step == self._step_at_batch_start:
             return False
-        counted = self.collector.commit_step(_trainer.loss_scale(trainer))  # GradScaler backs off when it skips
-        if counted is not None:
-            self.monitor.commit(counted)
+        self.loop.on_optimizer_step(_trainer.loss_scale(trainer))  # GradScaler backs off when it skips
         return True
 
 

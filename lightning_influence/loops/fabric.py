@@ -5,7 +5,7 @@ Usage (three touch points in the loop)::
     monitor = InfluenceMonitor(fabric, model, li.ClassificationTask(), train_data=train_set,
                                query_data=query_set, output_dir="runs/influence")
     for batch in loader:
-        with monitor.step(batch):               # records the forward/backward of this batch
+        with monitor.step(batch, optimizer=optimizer):   # records the forward/backward of this batch
             loss = F.cross_entropy(model(batch[0]), batch[1])
             monitor.backward(loss)              # instead of fabric.backward(loss)
         optimizer.step()
@@ -16,7 +16,11 @@ Usage (three touch points in the loop)::
     monitor.close()                             # the last reports logged, hooks removed
 
 Settings are :class:`~lightning_influence.InfluenceConfig` fields (validated there); the callback's
-triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. Under DDP
+triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` itself. The
+collection cadence, the monitors (``meta["window"]``, ``meta["monitors"]``) and the per-step ledger
+(``scoring.ledger``: pass each batch's example ids, ``monitor.step(batch, ids=...)``, or the training
+DataLoader once, ``monitor.start(loader)``) are the Lightning callback's, run by
+:class:`~lightning_influence.loops.steps.LoopProtocol`; ``optimizer=`` gives the learning rate. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
 processes and only process 0 writes and logs. Reports (figures, ``report/``, logged media) are
 completed in the background (``report_in_background``): the loggers get each one at a later
@@ -35,7 +39,9 @@ from torch.utils.data import DataLoader, Dataset
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import scaler_scale
 from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
-from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
+from lightning_influence.loops.monitoring import learning_rate
+from lightning_influence.loops.protocol import MonitorState, loop_config, unwrapped
+from lightning_influence.loops.steps import LoopProtocol
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 
@@ -60,7 +66,7 @@ class InfluenceMonitor(MonitorState):
             run's results); default ``<fabric.logger.log_dir>/influence`` or ``./influence``, or their
             next version ``influence-v1``, ... when another run has it.
         seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
-            (the groups as dataclasses or dicts; ``scoring.ledger`` is the Lightning callback's only).
+            (the groups as dataclasses or dicts).
         **deprecated: the flat settings of earlier releases (``strategy=``, ``top_k=`` ...), with a
             ``FutureWarning`` naming the group they moved to.
     """
@@ -76,44 +82,53 @@ class InfluenceMonitor(MonitorState):
         self.fabric = fabric
         self.model = unwrapped(model)
         self.global_step = 0
-        self._collecting = False
-        self._loop = LoopInfluence(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
+        self._started = False
+        self._loop = LoopProtocol(config, self.model, output_dir=Path(config.output_dir or _default_dir(fabric)),
                                    is_global_zero=fabric.is_global_zero, loggers=lambda: fabric.loggers,
                                    autocast=passes.autocast_dtype(getattr(self._precision, "precision", None)))
-        self._loop.statistics.attach()
+        self._loop.attach(self.model)
 
     # -- the loop's steps ----------------------------------------------------------------------------
+    def start(self, train_loader: Any = None) -> None:
+        """Optional, before the first step: with ``scoring.ledger`` the example ids of each batch are
+        then traced from ``train_loader``'s sampler (a map-style DataLoader over ``train_data``)
+        instead of passed to :meth:`step`. Called by the first :meth:`step` otherwise."""
+        if not self._started:
+            self._started = True
+            self._loop.start(train_loader)
+
     @contextmanager
-    def step(self, batch: Any, *, accumulation: int = 1) -> Iterator[None]:
+    def step(self, batch: Any, *, accumulation: int = 1, optimizer: Any = None, lr: Optional[float] = None,
+             ids: Any = None) -> Iterator[None]:
         """Record the forward and backward run inside the block on ``batch`` (on collected steps).
 
-        ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation."""
-        stats = self._loop.statistics
-        self._loop.deliver_reports()
-        self._collecting = self.global_step % self._loop.config.curvature.collect_every_n_steps == 0
-        if self._collecting:
-            stats.begin_batch(batch, accumulation=accumulation, loss_scale=self._loss_scale())
+        ``accumulation``: by how much the loop divides this batch's loss for gradient accumulation;
+        ``optimizer`` (or ``lr``): the learning rate of this step, for ``meta["window"]["lr_sum"]``
+        and the ledger; ``ids``: the batch's example ids (indices into ``train_data``), which
+        ``scoring.ledger`` needs unless :meth:`start` was given the training DataLoader."""
+        self.start()
+        if lr is None:
+            lr = learning_rate(optimizer)
+        if lr is None and self._loop.config.scoring.ledger is not None:
+            raise ValueError("scoring.ledger weighs each step by its learning rate: pass monitor.step(batch, "
+                             "optimizer=optimizer) (or lr=...)")
+        self._loop.on_batch_start(batch, self.global_step, lr=lr, accumulation=accumulation,
+                                  loss_scale=self._loss_scale(), ids=ids)
         try:
             yield
         finally:
-            if stats.recording:
-                stats.end_batch()
-                stats.check_single_runs()
+            self._loop.on_batch_end()
 
     def backward(self, loss: Tensor, **kwargs: Any) -> None:
         """``fabric.backward(loss)``, telling the statistics that the backward starts (and, once,
         checking that ``loss`` is reduced as ``loss_reduction`` says)."""
-        stats = self._loop.statistics
-        if stats.recording:
-            message = stats.before_backward(self.model, loss)
-            if message:
-                self._loop.warn_once("loss-reduction", message)
+        self._loop.on_before_backward(loss)
         self.fabric.backward(loss, **kwargs)
 
     def optimizer_step(self) -> None:
         """After ``optimizer.step()``: commit the collected batches of this step, unless the AMP
         scaler skipped it or its values were not finite."""
-        self._loop.statistics.commit_step(self._loss_scale())  # GradScaler backs off when it skips
+        self._loop.on_optimizer_step(self._loss_scale())  # GradScaler backs off when it skips
         self.global_step += 1
 
     # -- influence -----------------------------------------------------------------------------------

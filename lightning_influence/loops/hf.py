@@ -19,6 +19,13 @@ itself is a token mean over the micro-batch (``loss_reduction="token_mean"``, th
 when the Trainer passes ``num_items_in_batch`` to the model, the sum over the micro-batch divided by
 that count (the label tokens of the whole optimizer step).
 
+The collection cadence, the triggers, the monitors (``meta["window"]``, ``meta["monitors"]``) and
+the per-step ledger are the Lightning callback's, run by
+:class:`~lightning_influence.loops.steps.LoopProtocol`: the learning rate is the optimizer's at
+``on_step_begin``, the ledger's example ids are traced from the sampler of the Trainer's training
+DataLoader (one process; under several processes accelerate shards the batches out of the sampler's
+sight, so ``scoring.ledger`` is refused there).
+
 Results: written to disk always; logged to W&B when ``"wandb"`` is in ``args.report_to`` (the run
 Hugging Face's ``WandbCallback`` started), other trackers get nothing but the files.
 """
@@ -42,7 +49,9 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from lightning_influence._deprecated import merged_group, regroup
 from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
-from lightning_influence.loops.protocol import LoopInfluence, MonitorState, loop_config, unwrapped
+from lightning_influence.loops.monitoring import learning_rate
+from lightning_influence.loops.protocol import MonitorState, loop_config, unwrapped
+from lightning_influence.loops.steps import LoopProtocol
 from lightning_influence.tasks import Task
 
 __all__ = ["InfluenceTrainerCallback"]
@@ -70,7 +79,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
             example is the mean over examples), ``"mean"`` or ``"sum"``.
             Sets ``curvature.loss_reduction`` (the loop knows its loss).
         seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
-            (the groups as dataclasses or dicts; ``scoring.ledger`` is the Lightning callback's only;
+            (the groups as dataclasses or dicts;
             ``report.show_progress=None`` follows ``args.disable_tqdm``).
         **deprecated: the flat settings of earlier releases (``strategy=``, ``top_k=`` ...), with a
             ``FutureWarning`` naming the group they moved to.
@@ -97,9 +106,12 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         self.config = loop_config(settings, NOT_APPLICABLE, "InfluenceTrainerCallback", **self._arguments,
                                   train_data=train_data if train_data is not None else [0])
         self._train_data = train_data
-        self._loop: Optional[LoopInfluence] = None
+        self._loop: Optional[LoopProtocol] = None
         self._hooks: List[Any] = []
-        self._collecting = False
+        self._in_step = False  # between on_step_begin and on_optimizer_step: forwards are training micro-batches
+        self._in_batch = False  # a micro-batch's forward started and its backward has not ended
+        self._step, self._step_lr = 0, None
+        self._accumulation = 1
         self._loss_seen = False
 
     # -- public state --------------------------------------------------------------------------------
@@ -117,24 +129,35 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
                              train_data=train)
         model = unwrapped(model)
         output_dir = Path(config.output_dir or Path(args.output_dir) / "influence")
-        self._loop = LoopInfluence(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
-                                   loggers=lambda: _loggers(args), autocast=_autocast_dtype(args),
-                                   show_progress=not getattr(args, "disable_tqdm", False))
-        self._loop.statistics.attach()
+        if config.scoring.ledger is not None and train_dataloader is None:
+            raise ValueError("scoring.ledger reads each training batch's example ids from the Trainer's training "
+                             "DataLoader, which this Trainer did not hand to its callbacks; set scoring.ledger=None")
+        if config.scoring.ledger is not None and getattr(args, "world_size", 1) > 1:
+            raise ValueError("scoring.ledger needs each training batch's example ids, which accelerate's sharded "
+                             "batches hide from the callback under several processes; train in one process, use "
+                             "the Lightning callback or a Fabric loop (InfluenceMonitor) for the ledger under DDP, or "
+                             "set scoring.ledger=None")
+        self._loop = LoopProtocol(config, model, output_dir=output_dir, is_global_zero=state.is_world_process_zero,
+                                  loggers=lambda: _loggers(args), autocast=_autocast_dtype(args),
+                                  show_progress=not getattr(args, "disable_tqdm", False))
+        self._loop.attach(model, capture_outputs=False)
+        self._loop.start(train_dataloader if config.scoring.ledger is not None else None)
+        self._accumulation = max(1, int(getattr(args, "gradient_accumulation_steps", 1) or 1))
         self._hooks = [model.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                        model.register_forward_hook(self._after_forward, with_kwargs=True)]
 
     # -- collecting: the model's hooks ---------------------------------------------------------------
     def _before_forward(self, model, args, kwargs):
-        stats = self._loop.statistics
-        if not (self._collecting and model.training and torch.is_grad_enabled()) or stats.recording:
+        if not (self._in_step and model.training and torch.is_grad_enabled()) or self._in_batch:
             return None  # evaluation, our own passes, or a second forward inside one micro-batch
         batch = {key: value for key, value in kwargs.items() if key != "num_items_in_batch"}
         if args or not batch:
             raise ValueError("InfluenceTrainerCallback expects the Trainer to call the model with keyword inputs "
                              "(model(**inputs)); a custom compute_loss must do the same")
-        stats.begin_batch(batch, loss_divisor=kwargs.get("num_items_in_batch"))
-        self._loss_seen = False
+        self._in_batch, self._loss_seen = True, False
+        # The loss's scaling (accumulation included) is measured at its gradient: accumulation=1 here.
+        self._loop.on_batch_start(batch, self._step, lr=self._step_lr, batches_per_step=self._accumulation,
+                                  loss_divisor=kwargs.get("num_items_in_batch"))
         return None
 
     def _after_forward(self, model, args, kwargs, outputs):
@@ -148,9 +171,7 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
                              "computes the loss outside the model are not supported")
         loss.register_hook(self._on_loss_gradient)
         # The forward is over: layer calls from now on are recomputations.
-        message = stats.before_backward(model, loss, outputs)
-        if message:
-            self._loop.warn_once("loss-reduction", message)
+        self._loop.on_before_backward(loss, outputs)
         return None
 
     def _on_loss_gradient(self, grad: Tensor) -> None:
@@ -159,20 +180,20 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
         self._loop.statistics.set_loss_scale(grad.detach().float())
 
     def _end_micro_batch(self) -> None:
-        stats = self._loop.statistics
-        if not stats.recording:
+        self._in_batch = False
+        if not self._loop.statistics.recording:
             return
-        stats.end_batch()
         if not self._loss_seen:
+            self._loop.statistics.end_batch()
             raise ValueError("the Trainer did not back-propagate the model's own loss (outputs.loss), so the "
                              "statistics cannot be scaled; a custom compute_loss must return the model's loss")
-        stats.check_single_runs()
+        self._loop.on_batch_end()
 
     # -- collecting: the Trainer's events ------------------------------------------------------------
-    def on_step_begin(self, args, state, control, **kwargs):
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if self._loop is not None:
-            self._loop.deliver_reports()
-            self._collecting = state.global_step % self._loop.config.curvature.collect_every_n_steps == 0
+            self._in_step, self._in_batch, self._step = True, False, state.global_step
+            self._step_lr = learning_rate(optimizer)  # before the scheduler steps: this step's
 
     def on_substep_end(self, args, state, control, **kwargs):
         if self._loop is not None:
@@ -183,42 +204,40 @@ class InfluenceTrainerCallback(MonitorState, TrainerCallback):
             self._end_micro_batch()
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        # A step the AMP scaler skips has non-finite gradients: commit drops it.
-        if self._loop is not None and self._collecting:
-            self._loop.statistics.commit()
-            self._collecting = False
+        # A step the AMP scaler skips has non-finite gradients: the commit drops it.
+        if self._loop is not None:
+            self._in_step = False
+            self._loop.on_optimizer_step()
 
     # -- triggers ------------------------------------------------------------------------------------
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        every = self.config.every_n_train_steps
-        if self._loop is not None and every and state.global_step % every == 0:
-            self._compute(model, state, "every_n_train_steps")
+        if self._loop is not None:
+            self._loop.on_train_step(unwrapped(model), state.global_step, _epoch(state))
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        every = self.config.every_n_epochs
-        if self._loop is not None and every and round(state.epoch) % every == 0:
-            self._compute(model, state, "every_n_epochs")
+        if self._loop is not None:
+            self._loop.on_epoch_end(unwrapped(model), state.global_step, _epoch(state))
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if self._loop is None or not self.config.on_checkpoint:
-            return
-        self._compute(model, state, "checkpoint")
-        # The Trainer names its checkpoints <output_dir>/checkpoint-<global step>.
-        self._loop.add_checkpoint_path(state.global_step, str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
+        if self._loop is not None:  # the Trainer names its checkpoints <output_dir>/checkpoint-<global step>
+            self._loop.on_checkpoint(unwrapped(model), state.global_step, _epoch(state),
+                                     path=str(Path(args.output_dir) / f"checkpoint-{state.global_step}"))
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if self._loop is None:
             return
-        if self.config.on_train_end:
-            self._compute(model, state, "train_end")
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-        self._loop.close()
+        try:
+            self._loop.on_train_end(unwrapped(model), state.global_step, _epoch(state))
+        finally:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
+            self._loop.close()
 
-    def _compute(self, model: Any, state: Any, reason: str) -> None:
-        epoch = max(math.ceil(state.epoch or 0) - 1, 0)  # Hugging Face's epoch is fractional: 1.0 ends the first
-        self._loop.compute(unwrapped(model), step=state.global_step, epoch=epoch, reason=reason)
+
+def _epoch(state: Any) -> int:
+    """Hugging Face's epoch is fractional: 1.0 ends the first (0)."""
+    return max(math.ceil(state.epoch or 0) - 1, 0)
 
 
 def _model_loss(outputs: Any) -> Optional[Tensor]:

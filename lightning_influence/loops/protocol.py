@@ -1,6 +1,7 @@
 """What every training loop's monitoring shares: settings, statistics, the session, the results on
 disk and their publishing. Framework-free: the Lightning callback, the Fabric helper and the Hugging
-Face callback translate their loop's events into the calls below."""
+Face callback translate their loop's events into the calls of
+:class:`~lightning_influence.loops.steps.LoopProtocol`, which drives the class below."""
 
 from __future__ import annotations
 
@@ -28,13 +29,6 @@ from lightning_influence.engine.tracking import select_layers
 log = logging.getLogger(__name__)
 
 
-# Features only the Lightning callback runs (it sees each step's batch ids and learning rate), refused
-# when switched on in another loop rather than silently ignored.
-CALLBACK_ONLY = {("scoring", "ledger"): "the per-step ledger needs each training step's example ids and learning "
-                                        "rate, which only the Lightning callback (InfluenceCallback(scoring="
-                                        "{'ledger': 32})) follows; set scoring.ledger=None"}
-
-
 def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], owner: str,
                 **arguments: Any) -> InfluenceConfig:
     """A validated :class:`InfluenceConfig` from an integration's own ``arguments`` and the user's
@@ -45,9 +39,6 @@ def loop_config(settings: Dict[str, Any], not_applicable: Dict[str, str], owner:
             raise ValueError(f"{name} does not apply here: {instead}")
     settings = regroup(settings, owner, stacklevel=4)
     config = InfluenceConfig.from_mapping(dict(settings, **arguments)).validate()
-    for (group, name), why in CALLBACK_ONLY.items():
-        if getattr(getattr(config, group), name) is not None:
-            raise ValueError(f"{group}.{name} is not supported here: {why}")
     if isinstance(config.query_data, str):
         raise ValueError(f"query_data={config.query_data!r} names a Lightning Trainer's split; pass the queries as a "
                          "Dataset or DataLoader")
