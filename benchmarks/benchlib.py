@@ -22,12 +22,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils.data import TensorDataset
 
 import lightning_influence as li
-from lightning_influence.engine.factors import (
-    CovarianceStatistics,
-    EigenvalueCorrection,
-    accumulate_covariances,
-    accumulate_eigenvalue_correction,
-)
+from lightning_influence.engine.curvature_passes import accumulate_covariances, accumulate_eigenvalue_correction
+from lightning_influence.engine.statistics import CovarianceStatistics, EigenvalueCorrection
 from lightning_influence.engine.tracking import select_layers
 
 class Block(nn.Module):

@@ -38,7 +38,7 @@ from torch.utils.data import Subset, TensorDataset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from lightning_influence.engine.tracking import select_layers
 
 FULL = dict(width=512, blocks=4, heads=8, vocab=1024, tokens=64, pool=256, queries=32, rank=32, batch_size=16,

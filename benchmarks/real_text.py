@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 import benchlib
 import lightning_influence as li
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from ledger_lds import coverage, ledger_total
 
 FULL = dict(pool=1024, planted=16, blocks=4, width=256, heads=4, tokens=64, vocab=2048, epochs=4, batch=32,

@@ -10,7 +10,9 @@ from lightning_influence.analysis.tails import PowerLawFit, fit_power_law
 from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.analysis.compare import Comparison, RunAnalysis, compare, trajectory
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
-from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors, load_factors
+from lightning_influence.engine.factors import Factors, load_factors
+from lightning_influence.engine.fitting import fit_factors
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.reporting import DefaultRenderer, RenderedExample, ResultPublisher, Sink, register_sink
 from lightning_influence.analysis.aggregate import aggregate
 from lightning_influence.results import InfluenceResult, check_same_run, load_results

@@ -26,9 +26,9 @@ from lightning_influence._checks import (
     _json_fields, _looks_like_task, _shown,
 )
 from lightning_influence._deprecated import regroup
-from lightning_influence.engine.factors import FISHER_KINDS, STRATEGIES, check_damping
+from lightning_influence.engine.approximations import approximation, approximation_names
+from lightning_influence.engine.factors import FISHER_KINDS, check_damping
 from lightning_influence.engine.freshness import REFRESH
-from lightning_influence.engine.sharding import SHARDED_STRATEGIES
 from lightning_influence.tasks import CausalLMTask, ClassificationTask, RegressionTask, Task
 
 LOSS_REDUCTIONS = ("mean", "sum", "token_mean")
@@ -135,7 +135,7 @@ class CurvatureConfig:
     def validate(self) -> "CurvatureConfig":
         """Raise ``ValueError`` naming the first invalid field (``curvature.<field>``); normalise
         ``exclude`` to a tuple and ``layers`` to a list; return ``self``."""
-        _check_choice("curvature.strategy", self.strategy, STRATEGIES)
+        _check_choice("curvature.strategy", self.strategy, approximation_names())
         _check_choice("curvature.fisher", self.fisher, tuple(k for k in FISHER_KINDS if k != "exact"),
                       hint="('exact' needs one backward per output dimension; use it offline with fit_factors)")
         _check_choice("curvature.loss_reduction", self.loss_reduction, LOSS_REDUCTIONS)
@@ -300,7 +300,7 @@ def check_combination(curvature: CurvatureConfig, scoring: ScoringConfig) -> Non
     sharded factors need a strategy that shards and exclude what needs every layer on every process."""
     if not curvature.shard_factors:
         return
-    if curvature.strategy not in SHARDED_STRATEGIES:
+    if not approximation(curvature.strategy).can_shard:
         raise ValueError(f"curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac' (got "
                          f"{curvature.strategy!r}); set curvature.shard_factors=False")
     for name, on in (("self_influence", scoring.self_influence), ("ledger", scoring.ledger is not None)):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Subset
 
 import lightning_influence as li
 from lightning_influence.loops.callback import InfluenceCallback
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from tests.callback_models import make_datamodule_class, make_module_class, planted_data
 
 Classifier = make_module_class(pl)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
 import lightning_influence as li
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from tests.callback_models import planted_data
 
 ID_OFFSET = 1000  # stream ids are not positions: example i carries id 1000 + i

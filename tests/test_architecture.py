@@ -26,7 +26,6 @@ MAY_IMPORT = {
 }
 MAX_ROOT_MODULES = 12
 MAX_LINES = 600
-BEING_SPLIT = {"factors.py", "scoring.py"}  # split with the curvature registry (issue 26); then removed
 
 
 def _module_name(path: Path) -> str:
@@ -104,5 +103,5 @@ def test_the_package_root_is_small_and_the_parts_are_subpackages():
 
 def test_no_module_is_longer_than_it_can_be_read():
     long = {str(path.relative_to(PACKAGE)): n for path in PACKAGE.rglob("*.py")
-            if (n := len(path.read_text().splitlines())) > MAX_LINES and path.name not in BEING_SPLIT}
+            if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"

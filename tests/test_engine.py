@@ -8,8 +8,10 @@ from torch import nn
 from torch.utils.data import Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
-from lightning_influence.engine.scoring import PreconditionedQueries, contract
+from lightning_influence.engine.curvature_passes import accumulate_covariances
+from lightning_influence.engine.statistics import CovarianceStatistics
+from lightning_influence.engine.queries import PreconditionedQueries
+from lightning_influence.engine.scoring import contract
 from lightning_influence.engine.tracking import LayerTracker
 from tests.tiny_models import TinyTransformer, TokenData, classification_data, mlp
 

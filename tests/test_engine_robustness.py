@@ -14,6 +14,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.engine import passes
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from lightning_influence.analysis import layer_shares
 from lightning_influence.results import finite_topk
 from tests.tiny_models import TinyTransformer, TokenData, classification_data, mlp, regression_data
@@ -70,7 +71,7 @@ def test_the_session_names_a_nonfinite_example_by_its_dataset_index_in_every_war
                                   fisher="empirical", batch_size=8, correction_batches=None, top_k=2)
     assert session.correction_ids().tolist().index(7) != 7  # shuffled: position and index differ
     layers = li.select_layers(model)
-    statistics = li.factors.accumulate_covariances(model, task, clean, layers, fisher="empirical")
+    statistics = accumulate_covariances(model, task, clean, layers, fisher="empirical")
     with pytest.warns(UserWarning, match=r"1 example\(s\) with non-finite values.*their dataset indices: \[7\]"):
         factors = session.fit_factors(model, statistics)
     with pytest.warns(UserWarning, match=r"1 training example\(s\).*ids \[7\]"):

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_influence.engine import factors as factors_module
+from lightning_influence.engine import example_gradients as example_gradients_module
 from lightning_influence.engine import scoring
-from lightning_influence.engine.factors import Factors, per_example_gradients, squared_example_gradients
-from lightning_influence.engine.scoring import PreconditionedQueries
+from lightning_influence.engine.example_gradients import per_example_gradients, squared_example_gradients
+from lightning_influence.engine.factors import Factors
+from lightning_influence.engine.queries import PreconditionedQueries
 
 
 def _random_tokens(examples, tokens, d_in, d_out, seed=0):
@@ -41,11 +42,11 @@ def _factors(strategy, d_in, d_out, seed=1):
 def reduction(request, monkeypatch):
     """Small blocks (several per example) or the batched formula, whatever the layer's size."""
     if request.param == "blockwise":
-        monkeypatch.setattr(factors_module, "EXAMPLE_BLOCK_ELEMENTS", 7 * 96)
-        monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(example_gradients_module, "EXAMPLE_BLOCK_ELEMENTS", 7 * 96)
+        monkeypatch.setattr(example_gradients_module, "BLOCKWISE_MIN_ELEMENTS", 1)
         monkeypatch.setattr(scoring, "BATCH_BLOCK_ELEMENTS", 3 * 7 * 96)
     else:
-        monkeypatch.setattr(factors_module, "BLOCKWISE_MIN_ELEMENTS", 2**62)
+        monkeypatch.setattr(example_gradients_module, "BLOCKWISE_MIN_ELEMENTS", 2**62)
     return request.param
 
 
@@ -54,7 +55,7 @@ def test_squared_example_gradients_equal_the_float64_formula(reduction):
     expected = per_example_gradients(acts.double(), grads.double()).square().sum(0)
     got = squared_example_gradients(acts, grads)
     torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-4 * float(expected.max()))
-    assert factors_module.blockwise(acts, grads) == (reduction == "blockwise")
+    assert example_gradients_module.blockwise(acts, grads) == (reduction == "blockwise")
 
 
 @pytest.mark.parametrize("strategy", ["ekfac", "kfac", "diagonal", "identity"])
@@ -94,8 +95,8 @@ def test_preconditioned_queries_stored_transposed_equal_the_float64_precondition
     damping = 0.05
     expected = factors.precondition("layer", per_example_gradients(acts.double(), grads.double()), damping)
     rotated = factors.example_gradients_in_eigenbasis("layer", acts, grads, torch.float32, transposed=True)
-    assert factors_module.stored_transposed(rotated) == (tokens == 3)
+    assert example_gradients_module.stored_transposed(rotated) == (tokens == 3)
     got = factors.rotate_from_eigenbasis("layer", factors.precondition_in_eigenbasis("layer", rotated, damping,
                                                                                      in_place=True))
-    assert factors_module.stored_transposed(got) == (tokens == 3)
+    assert example_gradients_module.stored_transposed(got) == (tokens == 3)
     torch.testing.assert_close(got.double(), expected, rtol=0.0, atol=2e-5 * float(expected.abs().max()))

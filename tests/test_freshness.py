@@ -11,8 +11,10 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
 from lightning_influence.engine import freshness
-from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances, accumulate_eigenvalue_correction
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
+from lightning_influence.loops import protocol
 from tests.callback_models import make_module_class, planted_data
 from tests.tiny_models import classification_data, mlp
 
@@ -150,15 +152,15 @@ def test_the_halves_are_the_same_examples_however_the_data_is_batched():
     halves = {}
     for batch_size in (8, 5):
         into = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
-                                                    fisher="empirical", batch_size=batch_size, dtype=torch.float64,
-                                                    covariances_into=into)
+        accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
+                                         fisher="empirical", batch_size=batch_size, dtype=torch.float64,
+                                         covariances_into=into)
         halves[batch_size] = into
     shares = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
     for start, stop in ((0, 15), (15, 40)):  # two processes' shares, 15 and 25 examples
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
-                                                    layers, None, fisher="empirical", batch_size=8,
-                                                    dtype=torch.float64, covariances_into=shares, first_example=start)
+        accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
+                                         layers, None, fisher="empirical", batch_size=8,
+                                         dtype=torch.float64, covariances_into=shares, first_example=start)
     for one, other in ((halves[8], halves[5]), (halves[8], shares)):
         for a, b in zip(one, other):
             for name in a.state:
@@ -197,7 +199,7 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
 
 
 def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkeypatch):
-    monkeypatch.setattr(li.loop, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
+    monkeypatch.setattr(protocol, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
     with pytest.warns(RuntimeWarning, match="stale.*curvature_refresh='auto'"):
         _, callback, _, _ = _fit_with_callback(tmp_path, "never")
     assert callback.results[0].meta["curvature"]["refreshed_layers"] == []

@@ -7,7 +7,7 @@ its loss")."""
 import pytest
 
 import lightning_influence as li
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 
 transformers = pytest.importorskip("transformers")
 

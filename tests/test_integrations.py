@@ -14,7 +14,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import lightning_influence as li
-from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 

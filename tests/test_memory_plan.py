@@ -15,7 +15,7 @@ import lightning_influence as li
 from lightning_influence.engine import distributed
 from lightning_influence.cli import main
 from lightning_influence.engine.memory_plan import human_bytes, input_groups, model_on_meta
-from lightning_influence.engine.scoring import precondition_queries
+from lightning_influence.engine.queries import precondition_queries
 from lightning_influence.engine.sharding import owners_of
 from lightning_influence.analysis.sketch import SKETCH_FIELDS
 

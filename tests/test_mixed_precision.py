@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 import lightning_influence as li
-from lightning_influence.engine import factors as factors_module
+from lightning_influence.engine import statistics as statistics_module
 from lightning_influence.engine import passes
 from lightning_influence.engine import scoring
-from lightning_influence.engine.factors import accumulate_covariances
+from lightning_influence.engine.curvature_passes import accumulate_covariances
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 from tests.reliability_helpers import fit, make_callback
@@ -98,8 +98,8 @@ def test_forwards_run_in_bf16_while_statistics_and_contractions_stay_float32(mon
             return original(self_or_first, *args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(factors_module.EigenvalueCorrection, "add",
-                        spy(factors_module.EigenvalueCorrection.add))
+    monkeypatch.setattr(statistics_module.EigenvalueCorrection, "add",
+                        spy(statistics_module.EigenvalueCorrection.add))
     monkeypatch.setattr(scoring, "contract", spy(scoring.contract))
     task = li.ClassificationTask()
     statistics = accumulate_covariances(model, task, DataLoader(train, batch_size=16), li.select_layers(model),

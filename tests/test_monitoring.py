@@ -177,7 +177,8 @@ def test_ledger_subspace_queries_are_exact_within_their_span_and_report_what_the
     the share of their squared norm it keeps; chosen in the training gradients' metric, it keeps
     exactly the scores of gradients that stay where the curvature says they go."""
     from lightning_influence.loops.ledger import SubspaceQueries
-    from lightning_influence.engine.scoring import PreconditionedQueries, contract
+    from lightning_influence.engine.queries import PreconditionedQueries
+    from lightning_influence.engine.scoring import contract
     from lightning_influence.engine.tracking import TrackedLayer
 
     gen = torch.Generator().manual_seed(0)
@@ -212,7 +213,7 @@ def test_the_share_of_the_queries_the_ledger_keeps_is_a_fraction():
     """Kept whole, the share is a ratio of two sums of the same squares in another order, which
     rounded above 1 (``meta["ledger"]["captured"]`` of 1.0000000000000007)."""
     from lightning_influence.loops.ledger import SubspaceQueries
-    from lightning_influence.engine.scoring import PreconditionedQueries
+    from lightning_influence.engine.queries import PreconditionedQueries
 
     shares = []
     for seed in range(20):

@@ -10,9 +10,8 @@ from torch.utils.data import Subset
 
 import lightning_influence as li
 from lightning_influence.analysis import layer_shares, result_layer_shares
-from lightning_influence.engine.factors import per_example_gradients
-from lightning_influence.engine.scoring import (_example_gradient_batches, _not_finite, precondition_queries,
-                                         randomized_truncate, truncate)
+from lightning_influence.engine.example_gradients import per_example_gradients
+from lightning_influence.engine.queries import _example_gradient_batches, _not_finite, precondition_queries, randomized_truncate, truncate
 from lightning_influence.engine.tracking import LayerTracker, layers_by_name
 from lightning_influence.engine import passes
 from tests.tiny_models import TinyTransformer, TokenData
@@ -227,7 +226,7 @@ def test_token_scores_of_chosen_pairs_equal_the_dense_token_scores(lm, query_ran
 
 @pytest.mark.parametrize("width", [100, 300, 515])
 def test_blocked_gram_equals_the_full_product(width):
-    from lightning_influence.engine.factors import add_symmetric_gram_
+    from lightning_influence.engine.statistics import add_symmetric_gram_
     rows = torch.randn(200, width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
     total = torch.eye(width, dtype=torch.float64)
     add_symmetric_gram_(total, rows, alpha=0.5)

@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader, Subset
 import lightning_influence as li
 from lightning_influence.engine import distributed
 from lightning_influence.engine.collector import StepStatistics
-from lightning_influence.engine.factors import CovarianceStatistics, load_factors
+from lightning_influence.engine.factors import load_factors
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.engine.oracle import dense_influence, factor_block
 from lightning_influence.engine.tracking import LayerTracker, layers_by_name, select_layers
 from tests.tiny_models import regression_data

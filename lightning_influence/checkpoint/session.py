@@ -43,7 +43,9 @@ from lightning_influence.config import CurvatureConfig, ScoringConfig, check_com
 from lightning_influence.engine import distributed
 from lightning_influence.engine import passes
 from lightning_influence.engine import sharding
-from lightning_influence.engine.factors import CovarianceStatistics, Factors, fit_factors
+from lightning_influence.engine.factors import Factors
+from lightning_influence.engine.fitting import fit_factors
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.results import (
     InfluenceResult,
     finite_topk,
@@ -52,7 +54,8 @@ from lightning_influence.results import (
     save_result_with_factors,
 )
 from lightning_influence.checkpoint.pool import PoolStream, choose_pool_ids, dataset_and_collate
-from lightning_influence.engine.scoring import PreconditionedQueries, compute_influence, precondition_queries
+from lightning_influence.engine.queries import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.scoring import compute_influence
 from lightning_influence.analysis.sketch import MOMENTS, NUM_BINS, ScoreSketch
 from lightning_influence.tasks import Task
 from lightning_influence.engine.tracking import LayerTracker, TrackedLayer, TrackingError, layers_by_name

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from lightning_influence.engine import distributed
 from lightning_influence.engine import passes
-from lightning_influence.engine.factors import CovarianceStatistics
+from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.engine.sharding import owners_of
 from lightning_influence.tasks import Task, unwrap_logits
 from lightning_influence.engine.tracking import LayerTracker, TrackedLayer

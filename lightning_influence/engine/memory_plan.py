@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from lightning_influence.engine import distributed
+from lightning_influence.engine.approximations import approximation
 from lightning_influence._format import format_number
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ScoringConfig
 from lightning_influence.analysis.sketch import MOMENTS, NUM_BINS
@@ -242,8 +243,7 @@ def _activation_side_bytes(d_in: int, covariance_bytes: int, eigenbasis_bytes: i
     """``(statistics, factors)`` bytes of one input's activation covariance: the one term that sharing
     an input among layers counts once."""
     statistics = 2 * (d_in * d_in * covariance_bytes + FLOAT64_BYTES)
-    factors = {"ekfac": d_in * d_in * eigenbasis_bytes,
-               "kfac": d_in * d_in * eigenbasis_bytes + d_in * FLOAT64_BYTES}.get(strategy, 0)
+    factors = approximation(strategy).factor_bytes(0, d_in, eigenbasis_bytes)[0]
     return statistics, factors
 
 
@@ -252,9 +252,7 @@ def _gradient_side_bytes(d_out: int, d_in: int, covariance_bytes: int, eigenbasi
     """``(statistics, factors)`` bytes of one layer's own terms: the output-gradient covariance, its
     eigenbasis, and the ``[d_out, d_in]`` float64 eigenvalues (EK-FAC) or Fisher diagonal."""
     statistics = 2 * (d_out * d_out * covariance_bytes + FLOAT64_BYTES)
-    factors = {"ekfac": d_out * d_out * eigenbasis_bytes + d_out * d_in * FLOAT64_BYTES,
-               "kfac": d_out * d_out * eigenbasis_bytes + d_out * FLOAT64_BYTES,
-               "diagonal": d_out * d_in * FLOAT64_BYTES}.get(strategy, 0)
+    factors = approximation(strategy).factor_bytes(d_out, d_in, eigenbasis_bytes)[1]
     return statistics, factors
 
 

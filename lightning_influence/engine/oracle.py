@@ -117,10 +117,10 @@ def factor_block(factors: Factors, name: str) -> Tensor:
     """The strategy's curvature block for one layer as a dense ``[D, D]`` matrix (undamped)."""
     parts = factors.layers[name]
     eigenvalues = factors.eigenvalues(name)
-    if factors.strategy == "diagonal":
+    if not factors.approximation.has_curvature:
+        raise ValueError(f"the {factors.strategy} strategy has no curvature block")
+    if not factors.has_eigenbasis:  # diagonal in the layer's coordinates
         return torch.diag(eigenvalues.reshape(-1))
-    if factors.strategy == "identity":
-        raise ValueError("the identity strategy has no curvature block")
     # vec_row(Q_S X Q_Aᵀ) = (Q_S ⊗ Q_A) vec_row(X)
     basis = torch.kron(parts["q_s"], parts["q_a"])
     return basis @ torch.diag(eigenvalues.reshape(-1).to(basis.dtype)) @ basis.T

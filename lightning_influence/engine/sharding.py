@@ -35,18 +35,20 @@ from torch import Tensor, nn
 from lightning_influence.engine import distributed
 from lightning_influence.engine import freshness
 from lightning_influence.engine import passes
-from lightning_influence.engine.factors import (
-    CovarianceStatistics,
-    Factors,
-    _warn_left_out,
-    curvature_at_checkpoint,
-    factors_from_statistics,
-)
-from lightning_influence.engine.scoring import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.approximations import approximation, approximation_names
+from lightning_influence.engine.curvature_passes import _warn_left_out, curvature_at_checkpoint
+from lightning_influence.engine.factors import Factors
+from lightning_influence.engine.fitting import factors_from_statistics
+from lightning_influence.engine.statistics import CovarianceStatistics
+from lightning_influence.engine.queries import PreconditionedQueries, precondition_queries
 from lightning_influence.tasks import Task
 from lightning_influence.engine.tracking import TrackedLayer, layers_by_name
 
-SHARDED_STRATEGIES = ("ekfac", "kfac")
+def check_can_shard(strategy: str, needs: str = "sharded factors need", hint: str = "") -> None:
+    """Raise unless the approximation ``strategy`` may spread its layers over processes."""
+    if not approximation(strategy).can_shard:
+        able = " or ".join(repr(name) for name in approximation_names() if approximation(name).can_shard)
+        raise ValueError(f"{needs} strategy {able}, got {strategy!r}{hint}")
 
 
 def owners_of(layers: Sequence[TrackedLayer]) -> Dict[str, int]:
@@ -97,7 +99,8 @@ def fit_sharded_factors(model: nn.Module, task: Task, statistics: CovarianceStat
     """This process's layers of the factors (collective): ``statistics`` are its layers' totals
     (:func:`reduce_to_owners`); ``shares[r]`` and ``seeds[r]`` are the correction examples and
     sampling seed of process ``r`` in the unsharded computation, which this reproduces, refreshing
-    stale layers as :func:`~lightning_influence.engine.factors.curvature_at_checkpoint` does."""
+    stale layers as :func:`~lightning_influence.engine.curvature_passes.curvature_at_checkpoint` does."""
+    check_can_shard(strategy, hint="; set shard_factors=False")
     owners = owners_of(layers)
     mine = layers_by_name(model, list(statistics.state))
     left_out: List[int] = []

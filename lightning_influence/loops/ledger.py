@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, IterableDataset, Sampler
 
 from lightning_influence.engine import distributed
 from lightning_influence.engine import passes
-from lightning_influence.engine.scoring import PreconditionedQueries, precondition_queries
+from lightning_influence.engine.queries import PreconditionedQueries, precondition_queries
 from lightning_influence.engine.tracking import TrackedLayer
 
 # Rank of the preconditioned queries before their projection (unless query_rank is set): the
