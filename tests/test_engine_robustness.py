@@ -238,12 +238,12 @@ def test_one_damping_check_for_the_callback_compute_influence_and_the_command_li
     expected = (f"damping must be a number from 0 to 1e+30 (above, it is effectively infinite: every score shrinks "
                 f"towards zero), or None for the per-layer heuristic; got {damping!r}")
     with pytest.raises(ValueError) as config:
-        li.InfluenceConfig(task="classification", damping=damping).validate()
+        li.InfluenceConfig(task="classification", curvature=li.CurvatureConfig(damping=damping)).validate()
     model, task, data = mlp(), li.ClassificationTask(), classification_data(n=8)
     factors = li.fit_factors(model, task, data, fisher="empirical")
     with pytest.raises(ValueError) as offline:
         li.compute_influence(model, task, data, Subset(data, range(2)), factors=factors, damping=damping)
-    assert str(config.value) == str(offline.value) == expected
+    assert str(config.value) == f"curvature.{expected}" and str(offline.value) == expected
     with pytest.raises(SystemExit):
         build_parser().parse_args(["score", "--checkpoint", "c", "--model", "m:M", "--train-data", "d:t",
                                    "--query-data", "d:q", "--factors", "f", "--task", "classification",

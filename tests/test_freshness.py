@@ -200,12 +200,12 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
 
 def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkeypatch):
     monkeypatch.setattr(protocol, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
-    with pytest.warns(RuntimeWarning, match="stale.*curvature_refresh='auto'"):
+    with pytest.warns(RuntimeWarning, match="stale.*refresh='auto'"):
         _, callback, _, _ = _fit_with_callback(tmp_path, "never")
     assert callback.results[0].meta["curvature"]["refreshed_layers"] == []
 
 
 @pytest.mark.parametrize("value", ["sometimes", None, 0.2])
 def test_an_unknown_curvature_refresh_is_refused(value):
-    with pytest.raises(ValueError, match="curvature_refresh"):
-        li.InfluenceCallback(task="classification", curvature_refresh=value)
+    with pytest.raises(ValueError, match="curvature.refresh"):
+        li.InfluenceCallback(task="classification", curvature={"refresh": value})

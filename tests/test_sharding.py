@@ -166,7 +166,7 @@ def test_sharded_factors_refuse_self_influence_other_strategies_and_plain_scorin
     _, train, queries = helpers.model_and_data()
     with pytest.raises(ValueError, match="self_influence needs every layer's factors"):
         helpers.session(train, queries, shard_factors=True, self_influence=True)
-    with pytest.raises(ValueError, match="shard_factors needs strategy 'ekfac' or 'kfac'"):
+    with pytest.raises(ValueError, match="curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac'"):
         helpers.session(train, queries, shard_factors=True, strategy="diagonal")
     elsewhere = Factors("ekfac", {}, owners={"x": 1}, summaries={"x": (1.0, 4, 0.5)})
     assert elsewhere.damping_per_layer() == {"x": 0.1}  # from the owner's summary alone

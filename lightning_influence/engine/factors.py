@@ -57,11 +57,6 @@ ABSOLUTE_DAMPING_FLOOR = 1e-10
 Damping = Union[None, float, Mapping[str, float]]
 
 
-def check_strategy(strategy: str) -> str:
-    """``strategy`` if an approximation is registered under that name (else ``ValueError``)."""
-    return approximation(strategy).name
-
-
 def check_fisher(fisher: str) -> str:
     if fisher not in FISHER_KINDS:
         raise ValueError(f"unknown fisher {fisher!r}; choose one of {', '.join(FISHER_KINDS)}")
