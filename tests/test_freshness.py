@@ -198,7 +198,7 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
 
 def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkeypatch):
     monkeypatch.setattr(li.loop, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
-    with pytest.warns(RuntimeWarning, match="stale.*curvature_refresh='auto'"):
+    with pytest.warns(RuntimeWarning, match="stale.*curvature.refresh='auto'"):
         _, callback, _, _ = _fit_with_callback(tmp_path, "never")
     assert callback.results[0].meta["curvature"]["refreshed_layers"] == []
 
