@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import lightning_influence as li
-from lightning_influence.engine import freshness
+from lightning_influence.engine import factors as factors_module, freshness
+from lightning_influence.loops import protocol
 from lightning_influence.engine.factors import CovarianceStatistics, accumulate_covariances
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import make_module_class, planted_data
@@ -150,13 +151,13 @@ def test_the_halves_are_the_same_examples_however_the_data_is_batched():
     halves = {}
     for batch_size in (8, 5):
         into = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
+        factors_module.accumulate_eigenvalue_correction(model, li.ClassificationTask(), data, layers, None,
                                                     fisher="empirical", batch_size=batch_size, dtype=torch.float64,
                                                     covariances_into=into)
         halves[batch_size] = into
     shares = [CovarianceStatistics(layers, dtype=torch.float64) for _ in range(2)]
     for start, stop in ((0, 15), (15, 40)):  # two processes' shares, 15 and 25 examples
-        li.factors.accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
+        factors_module.accumulate_eigenvalue_correction(model, li.ClassificationTask(), Subset(data, range(start, stop)),
                                                     layers, None, fisher="empirical", batch_size=8,
                                                     dtype=torch.float64, covariances_into=shares, first_example=start)
     for one, other in ((halves[8], halves[5]), (halves[8], shares)):
@@ -197,7 +198,7 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
 
 
 def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkeypatch):
-    monkeypatch.setattr(li.loop, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
+    monkeypatch.setattr(protocol, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
     with pytest.warns(RuntimeWarning, match="stale.*curvature.refresh='auto'"):
         _, callback, _, _ = _fit_with_callback(tmp_path, "never")
     assert callback.results[0].meta["curvature"]["refreshed_layers"] == []
@@ -205,5 +206,5 @@ def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkey
 
 @pytest.mark.parametrize("value", ["sometimes", None, 0.2])
 def test_an_unknown_curvature_refresh_is_refused(value):
-    with pytest.raises(ValueError, match="curvature_refresh"):
-        li.InfluenceCallback(task="classification", curvature_refresh=value)
+    with pytest.raises(ValueError, match="curvature.refresh"):
+        li.InfluenceCallback(task="classification", curvature={"refresh": value})
