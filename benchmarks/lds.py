@@ -67,8 +67,9 @@ def callback_results(make_model, train: TensorDataset, query: TensorDataset, cfg
         logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
         callback = li.InfluenceCallback(task=li.ClassificationTask(), query_data=query, num_queries=len(query),
                                         train_data=train, every_n_epochs=cfg["epochs"] // cfg["checkpoints"],
-                                        on_train_end=False, output_dir=tmp, batch_size=256, report=False,
-                                        log_artifacts=False, show_progress=False, **options)
+                                        on_train_end=False, output_dir=tmp,
+                                        report=li.ReportConfig(mode="off", log_artifacts=False, show_progress=False),
+                                        **{**options, "scoring": {"batch_size": 256, **options.get("scoring", {})}})
         trainer = pl.Trainer(max_epochs=cfg["epochs"], callbacks=[callback], logger=False, enable_checkpointing=False,
                              enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
         trainer.fit(module, DataLoader(train, batch_size=TRAINING["batch_size"], shuffle=True,

@@ -1,11 +1,11 @@
 """The per-step influence ledger on the digits LDS: ledger vs single checkpoint vs checkpoint trajectory.
 
-One MLP trains on digits with ``pytorch_lightning`` and ``li.InfluenceCallback`` (``ledger=True``),
+One MLP trains on digits with ``pytorch_lightning`` and ``li.InfluenceCallback`` (``scoring.ledger=32``),
 computing influence at evenly spaced epochs. From the same run: the final checkpoint's scores, the
 trajectory (``li.aggregate`` over the checkpoints, equal shares and learning-rate weighting) and the
 ledger (the windows' per-step sums added up over training: TracIn with the curvature of the latest
 computation, examples never collected score 0). Once with the callback's default
-``collect_every_n_steps`` and once collecting every step. Ground truth: retraining the recipe on
+``curvature.collect_every_n_steps`` and once collecting every step. Ground truth: retraining the recipe on
 random half-subsets (several seeds); LDS and paired bootstrap intervals over queries as in ``lds.py``.
 
     python benchmarks/ledger_lds.py [--quick | --small] [--json PATH] [--markdown PATH]
@@ -13,7 +13,6 @@ random half-subsets (several seeds); LDS and paired bootstrap intervals over que
 
 from __future__ import annotations
 
-import inspect
 import time
 from functools import partial
 from typing import Dict, List, Optional, Sequence
@@ -28,6 +27,7 @@ from lds import TRAINING, callback_results, lds_per_query
 
 FULL = dict(num_train=1000, num_query=100, hidden=64, epochs=20, checkpoints=4, subsets=100, seeds=3)  # lds.py's
 SMALL = dict(num_train=500, num_query=60, hidden=32, epochs=20, checkpoints=4, subsets=60, seeds=2)
+LEDGER_DIRECTIONS = 32  # scoring.ledger: the shared subspace's directions per layer and side
 QUICK = dict(num_train=120, num_query=12, hidden=16, epochs=4, checkpoints=2, subsets=8, seeds=2)
 
 
@@ -59,14 +59,14 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     train, query = TensorDataset(x, y), TensorDataset(xq, yq)
     make_model = partial(benchlib.mlp, [64, cfg["hidden"], 10])
     n = cfg["num_train"]
-    defaults = inspect.signature(li.InfluenceCallback.__init__).parameters
-    default_every, subspace = defaults["collect_every_n_steps"].default, defaults["ledger_subspace"].default
+    default_every, subspace = li.CurvatureConfig().collect_every_n_steps, LEDGER_DIRECTIONS
 
     methods: Dict[str, Tensor] = {}
     covered: Dict[str, float] = {}
-    for label, every in ((f"collect_every_n_steps={default_every} (default)", default_every),
-                         ("collect_every_n_steps=1", 1)):
-        results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=every)
+    for label, every in ((f"curvature.collect_every_n_steps={default_every} (default)", default_every),
+                         ("curvature.collect_every_n_steps=1", 1)):
+        results = callback_results(make_model, train, query, cfg, curvature={"collect_every_n_steps": every},
+                                   scoring={"ledger": subspace})
         methods[f"final checkpoint | {label}"] = results[-1].scores
         methods[f"trajectory ({len(results)}), mean_abs | {label}"] = li.aggregate(results).scores
         methods[f"trajectory ({len(results)}), lr | {label}"] = li.aggregate(results, weighting="lr").scores
@@ -74,11 +74,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         covered[label] = coverage(results, n)
     # What the ledger's shared query subspace costs: the same recipe with a narrower one (half the
     # per-step cost), a wider one, and none.
-    for size in (subspace // 2, 2 * subspace, None):
-        results = callback_results(make_model, train, query, cfg, ledger=True, collect_every_n_steps=1,
-                                   ledger_subspace=size)
-        method = f"ledger, ledger_subspace={size}" if size else "ledger, ledger_subspace=None (rank-16 queries)"
-        methods[f"{method} | collect_every_n_steps=1"] = ledger_total(results, n)
+    for size in (subspace // 2, 2 * subspace, 0):
+        results = callback_results(make_model, train, query, cfg, curvature={"collect_every_n_steps": 1},
+                                   scoring={"ledger": size})
+        method = f"ledger, scoring.ledger={size}" if size else "ledger, scoring.ledger=0 (rank-16 queries)"
+        methods[f"{method} | curvature.collect_every_n_steps=1"] = ledger_total(results, n)
 
     gen = torch.Generator().manual_seed(1)
     subsets = torch.stack([torch.randperm(n, generator=gen)[: n // 2] for _ in range(cfg["subsets"])])
@@ -102,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             payload[name]["minus_final"] = {"difference": d_mean, "ci": [d_low, d_high]}
     setup = (f"{n} digits training examples, {cfg['num_query']} queries, MLP 64-{cfg['hidden']}-10 (tanh), "
              f"{cfg['epochs']} epochs of SGD (lr {TRAINING['lr']}, momentum 0.9, batch {TRAINING['batch_size']}) "
-             f"trained by `pytorch_lightning` with `li.InfluenceCallback(ledger=True)` (otherwise its defaults: "
+             f"trained by `pytorch_lightning` with `li.InfluenceCallback(scoring={{'ledger': {subspace}}})` "
+             "(otherwise its defaults: "
              f"empirical Fisher, EK-FAC) computing at {cfg['checkpoints']} evenly spaced epochs; ground truth "
              f"{cfg['subsets']} half-subsets x {cfg['seeds']} seeds. Ledger = all windows' ledgers added up "
              "(first window: plain gradients, TracIn), its queries projected onto a shared "

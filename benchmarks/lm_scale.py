@@ -220,7 +220,8 @@ def checkpoint_at_callback_defaults(model, task, queries, cfg, device, meter, st
                                                           "epoch_seconds": big_epoch}
     statistics = accumulate_covariances(model, task, big, select_layers(model), fisher="empirical", batch_size=bs,
                                         max_batches=16)
-    session = li.InfluenceSession(task, big, queries, fisher="empirical", batch_size=bs)
+    session = li.InfluenceSession(task, big, queries, curvature=li.CurvatureConfig(fisher="empirical"),
+                                  scoring=li.ScoringConfig(batch_size=bs))
     result, _ = stage(CHECKPOINT_DEFAULTS_STAGE, lambda: session.compute(model, statistics, step=1))
     stages[CHECKPOINT_DEFAULTS_STAGE]["epoch_seconds"] = big_epoch
     checkpoint_parts(stages, CHECKPOINT_DEFAULTS_STAGE, result.meta["timings"], big_epoch)
@@ -345,8 +346,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     stage("self-influence", lambda: li.compute_self_influence(model, task, pool, factors, batch_size=bs))
 
     statistics = accumulate_covariances(model, task, pool, select_layers(model), fisher="empirical", batch_size=bs)
-    session = li.InfluenceSession(task, pool, queries, fisher="empirical", query_rank=rank, batch_size=bs,
-                                  correction_batches=max(1, len(pool) // (4 * bs)))
+    session = li.InfluenceSession(task, pool, queries,
+                                  curvature=li.CurvatureConfig(fisher="empirical",
+                                                               correction_batches=max(1, len(pool) // (4 * bs))),
+                                  scoring=li.ScoringConfig(query_rank=rank, batch_size=bs))
     checkpoint, _ = stage("callback computation at a checkpoint (InfluenceSession.compute)",
                           lambda: session.compute(model, statistics, step=1))
     checkpoint_parts(stages, "callback computation at a checkpoint (InfluenceSession.compute)",

@@ -9,13 +9,13 @@ shifted by 8 tokens); the queries are 2 held-out sequences per play.
 
 Model: ``GPT2LMHeadModel`` from a config (4 blocks, width 256 by default), trained from scratch
 with AdamW 1e-3 under ``pytorch_lightning`` with ``li.InfluenceCallback(task=li.CausalLMTask(),
-loss_reduction="token_mean")`` and the LM preset's settings (``callbacks/lightning_cli/
+curvature={"loss_reduction": "token_mean"})`` and the LM preset's settings (``callbacks/lightning_cli/
 language_model.yaml``). Every row scores the whole pool against every query at the final weights:
 
 - the callback's result, for one computation at the end and for a per-epoch schedule (its final
   result, and the trajectory ``li.aggregate`` of its results), with the default covariance
-  refresh and with ``curvature_refresh="never"`` (statistics used as collected: the old behaviour);
-- the ledger (``ledger=True`` in the per-epoch run, every window added up), EK-FAC refitted at the final weights on ``refit`` pool examples
+  refresh and with ``curvature.refresh="never"`` (statistics used as collected: the old behaviour);
+- the ledger (``scoring.ledger=32`` in the per-epoch run, every window added up), EK-FAC refitted at the final weights on ``refit`` pool examples
   (``li.fit_factors``, true Fisher: the paper's recipe and the reference), kronfluence's EK-FAC on
   the same examples when it is installed, and the plain gradient dot product (``strategy="identity"``).
 
@@ -181,12 +181,16 @@ def train(cfg: Dict[str, Any], data: Dict[str, Any], *, pool: Dataset, epochs: i
     return module
 
 
-def preset_callback(**overrides: Any) -> li.InfluenceCallback:
-    """The LM preset's settings (callbacks/lightning_cli/language_model.yaml), queries given explicitly."""
+def preset_callback(curvature: Optional[Dict[str, Any]] = None, scoring: Optional[Dict[str, Any]] = None,
+                    **overrides: Any) -> li.InfluenceCallback:
+    """The LM preset's settings (callbacks/lightning_cli/language_model.yaml), queries given explicitly;
+    ``curvature`` and ``scoring`` fields are set on top of the preset's."""
     settings = dict(task=li.CausalLMTask(), every_n_epochs=None, every_n_train_steps=1000, on_checkpoint=True,
-                    on_train_end=True, strategy="ekfac", fisher="empirical", loss_reduction="token_mean",
-                    max_tokens_per_step=2048, query_rank=32, top_k=10, batch_size=16, show_progress=False,
-                    report=False)
+                    on_train_end=True,
+                    curvature=dict(strategy="ekfac", fisher="empirical", loss_reduction="token_mean",
+                                   max_tokens_per_step=2048, **(curvature or {})),
+                    scoring=dict(query_rank=32, top_k=10, batch_size=16, **(scoring or {})),
+                    report=li.ReportConfig(mode="off", show_progress=False))
     settings.update(overrides)
     return li.InfluenceCallback(**settings)
 
@@ -273,7 +277,7 @@ def kronfluence_scores(model: torch.nn.Module, pool: Dataset, queries: Dataset, 
 def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.Module, seed: int) -> Dict[str, Any]:
     """Seconds of one computation at the trained weights (the LM preset's settings, 16 correction
     batches) from statistics collected at the initial weights (stale in every layer), for each
-    ``curvature_refresh``, and of a forward+backward epoch of the pool: what the refresh costs."""
+    ``curvature.refresh``, and of a forward+backward epoch of the pool: what the refresh costs."""
     task = li.CausalLMTask()
     pool, queries = data["pool"], data["queries"]
     initial = make_model(cfg, data["vocab"], seed)
@@ -290,8 +294,9 @@ def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.M
     epoch()
     out: Dict[str, Any] = {"epoch_seconds": time.perf_counter() - started}
     for refresh in ("never", "auto", "always"):
-        session = li.InfluenceSession(task, pool, queries, fisher="empirical", query_rank=32, batch_size=16,
-                                      curvature_refresh=refresh)
+        session = li.InfluenceSession(task, pool, queries,
+                                      curvature=li.CurvatureConfig(fisher="empirical", refresh=refresh),
+                                      scoring=li.ScoringConfig(query_rank=32, batch_size=16))
         started = time.perf_counter()
         result, _ = session.compute(model, stale, step=1)
         out[refresh] = {"seconds": time.perf_counter() - started, "factors": result.meta["timings"]["factors"],
@@ -316,8 +321,8 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as scratch:
         configurations = {
             "end": dict(every_n_train_steps=None),
-            "end_stale": dict(every_n_train_steps=None, curvature_refresh="never"),
-            "epochs": dict(every_n_train_steps=None, every_n_epochs=1, ledger=True),  # the ledger changes no score
+            "end_stale": dict(every_n_train_steps=None, curvature={"refresh": "never"}),
+            "epochs": dict(every_n_train_steps=None, every_n_epochs=1, scoring={"ledger": 32}),  # the ledger changes no score
         }
         module = None
         for name, overrides in configurations.items():
@@ -379,7 +384,7 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
 
 def cost_section(cost: Dict[str, Any]) -> str:
     epoch = cost["epoch_seconds"]
-    rows = [[f"`curvature_refresh=\"{name}\"`", cost[name]["refreshed_fraction"], cost[name]["seconds"] / epoch,
+    rows = [[f"`curvature.refresh=\"{name}\"`", cost[name]["refreshed_fraction"], cost[name]["seconds"] / epoch,
              cost[name]["factors"] / epoch] for name in ("never", "auto", "always")]
     return ("One computation at the trained weights from statistics collected at the initial weights (LM preset, "
             f"16 correction batches of 16, rank-32 queries), in forward+backward epochs of the pool ({epoch:.1f} s):"
@@ -388,11 +393,11 @@ def cost_section(cost: Dict[str, Any]) -> str:
 
 LABELS = {
     "callback_end": "callback, one computation at the end (default)",
-    "callback_end_stale": "callback, one computation at the end, `curvature_refresh=\"never\"` (statistics as collected)",
+    "callback_end_stale": "callback, one computation at the end, `curvature.refresh=\"never\"` (statistics as collected)",
     "callback_epochs": "callback, `every_n_epochs=1`, final result",
     "trajectory": "callback, `every_n_epochs=1`, trajectory (`li.aggregate`, default weighting)",
     "trajectory_recency": "callback, `every_n_epochs=1`, trajectory (`weighting=\"recency\"`)",
-    "ledger": "ledger (`ledger=True`, `every_n_epochs=1`: every window's ledger added up)",
+    "ledger": "ledger (`scoring.ledger=32`, `every_n_epochs=1`: every window's ledger added up)",
     "refit": "EK-FAC refitted at the final weights (reference)",
     "identity": "plain gradient dot product (`strategy=\"identity\"`)",
     "kronfluence": "kronfluence 1.0.1 EK-FAC refitted at the final weights (same examples)",

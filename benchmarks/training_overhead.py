@@ -15,7 +15,6 @@ first 4 steps of every run (compilation, warm-up) are left out.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import statistics
 import tempfile
@@ -93,9 +92,11 @@ def run(setting, steps: int, batch_size: int, tmp: str, checkpointing: bool = Fa
         queries = torch.utils.data.Subset(data, range(setting.pop("num_query_examples", 2)))
         callbacks.insert(0, InfluenceCallback(li.CausalLMTask(), query_data=queries,
                                               train_data=torch.utils.data.Subset(data, range(4)), every_n_epochs=None,
-                                              on_checkpoint=False, report=False, show_progress=False,
+                                              on_checkpoint=False,
+                                              report=li.ReportConfig(mode="off", show_progress=False),
                                               output_dir=tempfile.mkdtemp(dir=tmp),  # a run of its own
-                                              correction_batches=1, batch_size=4, **setting))
+                                              curvature={"correction_batches": 1, **setting.pop("curvature", {})},
+                                              scoring={"batch_size": 4, **setting.pop("scoring", {})}, **setting))
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1)
@@ -123,21 +124,24 @@ def main(argv=None) -> dict:
         args.steps, args.rounds = 12, 1
     warnings.filterwarnings("ignore")
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    defaults = inspect.signature(InfluenceCallback.__init__).parameters
-    default_every = defaults["collect_every_n_steps"].default
-    default_tokens = defaults["max_tokens_per_step"].default
+    defaults = li.CurvatureConfig()
+    default_every = defaults.collect_every_n_steps
+    default_tokens = defaults.max_tokens_per_step
     # Runs alternate so that load on the machine hits every setting alike.
     settings = {"plain": None, "callback, default settings": {}}
     # Paired: collected steps against the idle steps of the same run. For the defaults the
     # amortised ratio over all steps is 1 + (paired - 1) / collect_every_n_steps.
     paired = {"callback, default settings (amortised)": {},
-              "collecting on every step": dict(collect_every_n_steps=2, max_tokens_per_step=None),
-              "collecting on every step, max 256 tokens": dict(collect_every_n_steps=2, max_tokens_per_step=256),
-              # The per-step ledger (issue 16) at defaults, with 64 queries: it scores each collected batch.
-              "callback, default settings + ledger, 64 queries (amortised)": dict(ledger=True, num_query_examples=64),
-              # Its cost is the two thin projections per layer, proportional to ledger_subspace: half of it.
-              "callback, default settings + ledger, ledger_subspace=16, 64 queries (amortised)":
-                  dict(ledger=True, ledger_subspace=16, num_query_examples=64)}
+              "collecting on every step": dict(curvature={"collect_every_n_steps": 2, "max_tokens_per_step": None}),
+              "collecting on every step, max 256 tokens":
+                  dict(curvature={"collect_every_n_steps": 2, "max_tokens_per_step": 256}),
+              # The per-step ledger (issue 16) at its usual 32 directions, with 64 queries: it scores each
+              # collected batch.
+              "callback, default settings + ledger, 64 queries (amortised)":
+                  dict(scoring={"ledger": 32}, num_query_examples=64),
+              # Its cost is the two thin projections per layer, proportional to scoring.ledger: half of it.
+              "callback, default settings + ledger, scoring.ledger=16, 64 queries (amortised)":
+                  dict(scoring={"ledger": 16}, num_query_examples=64)}
     # Training set-ups, each measured without and with the callback (default settings).
     backend = "aot_eager" if args.quick else "inductor"
     setups = {"activation checkpointing": dict(checkpointing=True),
@@ -153,9 +157,9 @@ def main(argv=None) -> dict:
                 values.extend(run({} if with_callback else None, args.steps, args.batch_size, tmp,
                                   **setups[name]).times[4:])
             for name, setting in paired.items():
-                every = setting.get("collect_every_n_steps", default_every)
+                every = setting.get("curvature", {}).get("collect_every_n_steps", default_every)
                 ratio = paired_ratio(run(setting, args.steps, args.batch_size, tmp), every)
-                amortised = "collect_every_n_steps" not in setting
+                amortised = "collect_every_n_steps" not in setting.get("curvature", {})
                 ratios[name].append(1 + (ratio - 1) / default_every if amortised else ratio)
     base = statistics.median(times["plain"])
     rows = [[name, 1000 * statistics.median(values), statistics.median(values) / base, "alternating runs"]
@@ -169,7 +173,7 @@ def main(argv=None) -> dict:
                   statistics.median(setup_times[name, True]) / own_base, f"alternating runs, vs {name}, plain"]]
     intro = (f"Training-step time of a small GPT-style transformer (2 blocks, width 128, context 64, batch "
              f"{args.batch_size}), {torch.get_num_threads()} CPU thread(s); callback defaults: "
-             f"collect_every_n_steps={default_every}, max_tokens_per_step={default_tokens}. A step is forward, "
+             f"curvature.collect_every_n_steps={default_every}, curvature.max_tokens_per_step={default_tokens}. A step is forward, "
              "backward, optimizer step and the callback's statistics; influence computations are excluded.")
     table = benchlib.markdown_table(["setting", "median step (ms)", "ratio", "measured as"], rows)
     payload = {"rows": rows, "batch_size": args.batch_size, "collect_every_n_steps": default_every,

@@ -6,7 +6,7 @@ the training corpus: the same template, operands and answer under another name a
 training problem with the query's template and operands (planted or occurring naturally) is
 *relevant*: training on it teaches exactly the query's answer (checked causally: retraining without
 the relevant problems lowers the queries' answer log-probability). A tiny GPT trains with
-``pytorch_lightning`` and ``li.InfluenceCallback`` (also ``ledger=True``), computing influence at
+``pytorch_lightning`` and ``li.InfluenceCallback`` (also ``scoring.ledger=32``), computing influence at
 evenly spaced epochs; each influence ranking of the corpus is scored per query by the average
 precision of its relevant problems, for the final checkpoint, the trajectory (``li.aggregate``,
 each weighting) and the ledger. Several training seeds; paired bootstrap intervals over
@@ -117,9 +117,10 @@ def run_seed(cfg: Dict, seed: int) -> Dict[str, Tensor]:
     train_set, query_set, relevant = corpus(cfg, seed)
     with tempfile.TemporaryDirectory() as tmp:
         callback = li.InfluenceCallback(task=li.CausalLMTask(), query_data=query_set, train_data=train_set,
-                                        every_n_epochs=cfg["every"], on_train_end=False, loss_reduction="token_mean",
-                                        ledger=True, output_dir=tmp, report=False, log_artifacts=False,
-                                        show_progress=False)
+                                        every_n_epochs=cfg["every"], on_train_end=False,
+                                        curvature={"loss_reduction": "token_mean"}, scoring={"ledger": 32},
+                                        output_dir=tmp,
+                                        report=li.ReportConfig(mode="off", log_artifacts=False, show_progress=False))
         train(cfg, seed, train_set, [callback])
         results = callback.results
         methods = {"final checkpoint": results[-1].scores,
@@ -153,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
              f"{cfg['copies']} planted near-duplicates (same template and operands, other name and object) per "
              f"query, {cfg['queries']} held-out queries (answer log-probability); TinyGPT width {cfg['width']}, 2 "
              f"blocks, AdamW lr 3e-3, {cfg['epochs']} epochs (batch {BATCH_SIZE}); `li.InfluenceCallback` "
-             f"(defaults, EK-FAC from the training steps, `ledger=True`) every {cfg['every']} epochs; "
+             f"(defaults, EK-FAC from the training steps, `scoring.ledger=32`) every {cfg['every']} epochs; "
              f"{cfg['seeds']} seeds (corpus, initialisation and order). Metric: average precision of the query's "
              f"relevant training problems (same template and operands) in the ranking by influence (chance about "
              f"{chance:.3f}); mean over seed x query pairs [95% bootstrap interval]. Ground-truth check: retraining "

@@ -223,7 +223,7 @@ class TinyGPT(pl.LightningModule):
         return loss, accuracy
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self._loss(batch)  # mean over the tokens that count: loss_reduction="token_mean"
+        loss, _ = self._loss(batch)  # mean over the tokens that count: curvature.loss_reduction="token_mean"
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

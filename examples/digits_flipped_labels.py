@@ -3,7 +3,7 @@
 A small convolutional network learns scikit-learn's bundled 8x8 digits (no download), after 10%
 of the training labels have been flipped to a wrong class. ``InfluenceCallback`` fits EK-FAC
 curvature during training and, at the end, scores every training image against a clean
-validation set and, with ``self_influence=True``, on itself (live: in the same computation, saved with
+validation set and, with ``scoring.self_influence=True``, on itself (live: in the same computation, saved with
 the result, logged as ``influence/self/...`` scalars and as the report's self-influence table). Two
 influence signals should single out the flipped labels:
 
@@ -88,7 +88,7 @@ class DigitsNet(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, labels = batch
-        loss = F.cross_entropy(self(images), labels)  # a mean over examples: loss_reduction="mean"
+        loss = F.cross_entropy(self(images), labels)  # a mean over examples: curvature.loss_reduction="mean"
         self.log("train/loss", loss)
         return loss
 

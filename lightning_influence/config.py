@@ -310,6 +310,12 @@ def check_combination(curvature: CurvatureConfig, scoring: ScoringConfig) -> Non
                              "or curvature.shard_factors=False")
 
 
+# how check_resumable's message names the fingerprint's keys (kept flat: older checkpoints store them so)
+RESUME_KEY_NAMES = {"strategy": "curvature.strategy", "fisher": "curvature.fisher",
+                    "covariance_dtype": "curvature.covariance_dtype", "loss_reduction": "curvature.loss_reduction",
+                    "window": "curvature.ema_decay's window", "max_train_examples": "scoring.max_train_examples"}
+
+
 @dataclass
 class InfluenceConfig:
     """Settings of :class:`~lightning_influence.InfluenceCallback`: the common ones flat, the advanced
@@ -499,7 +505,8 @@ class InfluenceConfig:
         :meth:`resume_fingerprint`), naming each setting that differs."""
         differ = {k: (saved.get(k), v) for k, v in self.resume_fingerprint().items() if saved.get(k) != v}
         if differ:
-            listing = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in differ.items())
+            listing = ", ".join(f"{RESUME_KEY_NAMES.get(k, k)}: checkpoint {a!r} vs now {b!r}"
+                                for k, (a, b) in differ.items())
             raise ValueError(
                 f"the checkpoint's influence statistics were collected with a different configuration ({listing}); "
                 "resume with the same InfluenceCallback settings, or start a new run"

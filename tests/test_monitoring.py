@@ -150,7 +150,7 @@ def test_ledger_refuses_a_loader_without_dataset_indices(tmp_path):
             train = planted_data()[0]
             return iter(train[i] for i in range(len(train)))
 
-    with pytest.raises(ValueError, match="ledger=True needs the training DataLoader's dataset indices"):
+    with pytest.raises(ValueError, match="scoring.ledger needs the training DataLoader's dataset indices"):
         BatchIds(DataLoader(Stream(), batch_size=8))
     loader = DataLoader(planted_data()[0], batch_size=8, shuffle=True)
     ids = BatchIds(loader)

@@ -296,8 +296,8 @@ class InfluenceSession:
                     try:
                         self.task.sample_loss_from_outputs(outputs, batch, torch.Generator(device))
                     except NotImplementedError as err:
-                        raise ValueError(f"fisher='true' needs a task that samples targets: {err}; "
-                                         "use fisher='empirical'") from err
+                        raise ValueError(f"curvature.fisher='true' needs a task that samples targets: {err}; "
+                                         "use curvature.fisher='empirical'") from err
 
     # -- one checkpoint ------------------------------------------------------------------------------
     @property

@@ -427,7 +427,7 @@ class StepStatistics:
         self._window_scale = None
 
     def reset(self) -> None:
-        """Start a new window (``window="reset"``); moving averages keep going."""
+        """Start a new window (``curvature.ema_decay=None``); moving averages keep going."""
         if self.window == "reset":
             self.stats.zero_()
             self.steps_in_window.zero_()
@@ -437,7 +437,7 @@ class StepStatistics:
         """The statistics summed over every process (collective); the local sums stay as they are."""
         if self.sharded:
             raise ValueError("statistics collected sharded (shard=True) are reduced onto their owners only: "
-                             "use InfluenceSession(shard_factors=True).reduce_statistics")
+                             "use InfluenceSession(curvature={'shard_factors': True}).reduce_statistics")
         total = CovarianceStatistics(self.layers, dtype=self.stats.state[self.layers[0].name]["a_sum"].dtype,
                                      device=self.statistics_device)
         total.share_inputs(self.stats.input_groups)
@@ -485,7 +485,8 @@ class StepStatistics:
         if saved != self.layer_shapes():
             raise ValueError(
                 f"the checkpoint's influence statistics track other layers ({[n for n, *_ in saved][:8]}) than this "
-                f"callback ({[layer.name for layer in self.layers][:8]}); resume with the same layers / exclude settings"
+                f"callback ({[layer.name for layer in self.layers][:8]}); resume with the same curvature.layers / "
+                "curvature.exclude settings"
             )
         if self.sharded:  # this process's layers, whoever held them when the checkpoint was written
             self.stats.load_state_dict({key: value for key, value in state["stats"].items()

@@ -22,7 +22,7 @@ layers. Per process (rank), in bytes:
 Layers are owned as the engine assigns them (:func:`~lightning_influence.engine.distributed.assign_owners`
 balanced by :func:`~lightning_influence.engine.distributed.factor_cost`). Not counted: transient buffers
 (float64 copies during eigendecompositions, a re-laid-out copy of a layer's queries made for the
-contraction, the all-gather of dense scores), the fresh covariances of ``curvature_refresh``, the
+contraction, the all-gather of dense scores), the fresh covariances of ``curvature.refresh``, the
 per-token scores of the top examples, and the model, optimizer and activations of training itself.
 
 Layers that read the same tensor share one activation covariance and eigenbasis, as the engine

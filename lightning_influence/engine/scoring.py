@@ -186,7 +186,7 @@ def compute_influence(model: nn.Module, task: Task, train_data: Any, query_data:
         timings["fit_factors"] = time.perf_counter() - started
     if factors.is_sharded and (prepared_queries is None or self_influence):
         raise ValueError("these factors are sharded across processes (each holds some layers): score them with "
-                         "InfluenceSession(shard_factors=True), or load them whole with load_factors(path)")
+                         "InfluenceSession(curvature={'shard_factors': True}), or load them whole with load_factors(path)")
     layers = layers_by_name(model, factors.layer_names)
     lambdas = factors.damping_per_layer(damping)
     device = passes.model_device(model)

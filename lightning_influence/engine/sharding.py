@@ -1,5 +1,5 @@
 """Curvature sharded across processes: each layer's statistics, eigenbases and preconditioned
-queries belong to one owning rank (``shard_factors=True`` under DDP), so that per-process factor
+queries belong to one owning rank (``curvature.shard_factors=True`` under DDP), so that per-process factor
 memory is about ``1/world`` of the total plus the largest layer.
 
 Per checkpoint, with ``W`` processes and layers balanced by :func:`distributed.assign_owners`:

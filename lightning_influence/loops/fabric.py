@@ -23,8 +23,8 @@ DataLoader once, ``monitor.start(loader)``) are the Lightning callback's, run by
 :class:`~lightning_influence.loops.steps.LoopProtocol`; ``optimizer=`` gives the learning rate. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
 processes and only process 0 writes and logs. Reports (figures, ``report/``, logged media) are
-completed in the background (``report_in_background``): the loggers get each one at a later
-``step`` or at ``close``.
+completed in the background (``report.mode="background"``, the default): the loggers get each one at a
+later ``step`` or at ``close`` (``report.mode="foreground"``: before the computing step returns).
 """
 
 from __future__ import annotations

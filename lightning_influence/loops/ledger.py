@@ -5,13 +5,13 @@ On each collected training step the tracker's hooks already hold every tracked l
 activations and output gradients; the ledger contracts them with the queries preconditioned at the
 last influence computation and adds, per training example and query,
 
-    weight × ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)        with weight = learning rate × collect_every_n_steps
+    weight × ∇ℓ(q)ᵀ (G + λI)⁻¹ ∇ℓ(z)    with weight = learning rate × curvature.collect_every_n_steps
 
-(each collected step stands for the ``collect_every_n_steps`` steps around it). The ledger's
+(each collected step stands for the ``curvature.collect_every_n_steps`` steps around it). The ledger's
 queries are those preconditioned queries (rank :data:`LEDGER_QUERY_RANK`) projected, per layer, onto
-one subspace shared by all queries: the top ``ledger_subspace`` (default 32) left and right singular
-directions of the stacked queries, measured in the metric of the training gradients (the curvature's
-eigenbases and second moments; exact when a layer's queries span no more). On the digits LDS this
+one subspace shared by all queries: the top ``k`` (``scoring.ledger=k``, e.g. 32; 0: no projection, the
+exact ledger) left and right singular directions of the stacked queries, measured in the metric of the
+training gradients (the curvature's eigenbases and second moments; exact when a layer's queries span no more). On the digits LDS this
 metric lifted the ledger from 0.646 to 0.674 against 0.697 without any projection
 (``benchmarks/ledger_lds.py``). A batch then costs
 ``O(B·T·k·(d_in + d_out) + B·Q·k²)`` per layer: two thin GEMMs, one batched ``k × k`` outer
@@ -88,12 +88,13 @@ class BatchIds:
         inner = getattr(batch_sampler, "sampler", None)
         if not isinstance(loader, DataLoader) or inner is None or isinstance(loader.dataset, IterableDataset):
             raise ValueError(
-                f"ledger=True needs the training DataLoader's dataset indices, but {type(loader).__name__} has no "
+                f"scoring.ledger needs the training DataLoader's dataset indices, but {type(loader).__name__} has no "
                 "batch sampler drawing from a sampler (an IterableDataset, batch_size=None, several training "
                 "loaders, or a custom batch_sampler without .sampler); train from one map-style DataLoader or set "
-                "ledger=False")
+                "scoring.ledger=None")
         if getattr(loader, "in_order", True) is False:
-            raise ValueError("ledger=True needs batches in sampler order; the training DataLoader has in_order=False")
+            raise ValueError("scoring.ledger needs batches in sampler order; the training DataLoader has "
+                             "in_order=False")
         self._queue: Deque[int] = deque()
         self._batch_sampler, self._inner = batch_sampler, inner
         batch_sampler.sampler = _RecordingSampler(inner, self._queue)

@@ -237,7 +237,7 @@ class LoopInfluence:
             self.warn_once("staleness", (
                 f"the curvature statistics used at step {step} are stale: their eigenbasis leaves {used:.0%} of the "
                 f"curvature at the scored weights off its diagonal, a basis from half of the correction examples "
-                f"{fresh:.0%}; the scores may differ from a refit's. curvature_refresh='auto' refreshes stale layers "
+                f"{fresh:.0%}; the scores may differ from a refit's. curvature.refresh='auto' refreshes stale layers "
                 "at each computation"))
 
     def _save(self, step: int, result: InfluenceResult, factors: Any) -> None:

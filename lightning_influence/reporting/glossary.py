@@ -51,7 +51,7 @@ DEFINITIONS: Dict[str, str] = {
                             "examples) that falls off the diagonal of the training-time eigenbasis, 0 (exact) to 1. "
                             "A few hundred fresh examples alone leave some off the diagonal too (fresh_staleness in the "
                             "result's curvature metadata); layers staler than that get fresh covariances "
-                            "(curvature_refresh='auto')."),
+                            "(curvature.refresh='auto')."),
     "layer_share/<layer>": ("Share of |score| carried by this layer, |s_layer| / Σ_layers |s_layer|, mean over "
                             "queries: where in depth the influence flows."),
     "epoch": "Training epoch at which the checkpoint's influence was computed.",
