@@ -14,7 +14,7 @@ from lightning_influence.engine import freshness
 from lightning_influence.engine.curvature_passes import accumulate_covariances, accumulate_eigenvalue_correction
 from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
-from lightning_influence.loops import protocol
+from lightning_influence.loops import shared
 from tests.callback_models import make_module_class, planted_data
 from tests.tiny_models import classification_data, mlp
 
@@ -199,7 +199,7 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
 
 
 def test_stale_statistics_used_without_refresh_are_warned_about(tmp_path, monkeypatch):
-    monkeypatch.setattr(protocol, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
+    monkeypatch.setattr(shared, "STALE_WARNING_GAP", -1.0)  # any measured gap is "large" here
     with pytest.warns(RuntimeWarning, match="stale.*refresh='auto'"):
         _, callback, _, _ = _fit_with_callback(tmp_path, "never")
     assert callback.results[0].meta["curvature"]["refreshed_layers"] == []

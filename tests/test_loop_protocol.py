@@ -1,4 +1,4 @@
-"""One loop protocol (``loops.steps.LoopProtocol``) under every loop: the same tiny language model
+"""One loop protocol (``loops.protocol.LoopProtocol``) under every loop: the same tiny language model
 trained with the same steps by a plain loop calling the protocol, the Lightning callback, a Fabric
 loop and the Hugging Face Trainer gives equal statistics, scores, ledgers, monitors and
 ``meta["window"]``."""
@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 
 import lightning_influence as li
 from lightning_influence.config import InfluenceConfig
-from lightning_influence.loops.steps import LoopProtocol
+from lightning_influence.loops.protocol import LoopProtocol
 from tests.test_integrations import TinyLM, TokenData, fabric_module, transformers
 
 import pytorch_lightning as pl
@@ -189,3 +189,33 @@ def test_true_fisher_from_a_fabric_loop_equals_the_plain_protocols(tmp_path, mon
         torch.testing.assert_close(sums, want, rtol=1e-5, atol=1e-7)
     for result, want in zip(results, expected, strict=True):
         torch.testing.assert_close(result.scores, want.scores, rtol=1e-4, atol=1e-6)
+
+
+def test_the_extending_page_s_loop_equals_the_plain_protocol(tmp_path, plain):
+    """The "Adding a training loop" example of docs/concepts/extending.md, run as written."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts" / "extending.md").read_text()
+    section = page.split("## Adding a training loop", 1)[1]
+    namespace: dict = {}
+    exec(section.split("```python", 1)[1].split("```", 1)[0], namespace)
+    model = TinyLM()
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR)
+    settings = {**SETTINGS, "scoring": {**SETTINGS["scoring"], "ledger": None}}  # no ids without a loader
+    loop = namespace["MyLoopInfluence"](model, li.CausalLMTask(), pool(), queries(), tmp_path / "mine",
+                                        **TRIGGERS, **settings)
+    for step, batch in enumerate(DataLoader(pool(), batch_size=BATCH)):
+        loop.batch_start(batch, step, optimizer.param_groups[0]["lr"])
+        loss = model(**batch)["loss"]
+        loop.before_backward(loss)
+        loss.backward()
+        loop.batch_end()
+        optimizer.step()
+        optimizer.zero_grad()
+        loop.optimizer_step()
+        loop.step_end(model, step + 1, 0, step + 1 == STEPS)
+    loop.train_end(model, STEPS, 0)
+    expected, _ = plain
+    assert [r.step for r in loop.results] == [r.step for r in expected] and loop.results
+    for mine, theirs in zip(loop.results, expected):
+        torch.testing.assert_close(mine.scores, theirs.scores)

@@ -1,9 +1,9 @@
 """The training loops: each translates its loop's events into the shared protocol.
 
-* :mod:`.protocol`: what every loop shares (settings, statistics, the checkpoint procedure, results
-  on disk and their publishing).
-* :mod:`.steps`: ``LoopProtocol``, the events every loop sends; it owns the collection cadence, the
-  triggers and the per-step monitors (:mod:`.monitoring`, :mod:`.ledger`).
+* :mod:`.protocol`: ``LoopProtocol``, the events every loop sends; it owns the collection cadence,
+  the triggers and the per-step monitors (:mod:`.monitoring`, :mod:`.ledger`).
+* :mod:`.shared`: what it builds on (settings, statistics, the checkpoint procedure, results on disk
+  and their publishing) and ``LoopResults``, what every loop exposes of it.
 * :mod:`.callback`: ``InfluenceCallback`` for Lightning ``Trainer`` runs (:mod:`.trainer` reads the
   trainer).
 * :mod:`.fabric`: ``InfluenceMonitor`` for Lightning Fabric loops (``pip install lightning-influence[fabric]``).

@@ -3,7 +3,7 @@
 Thin glue over the Lightning-free core: :class:`~lightning_influence.engine.collector.StepStatistics`
 turns the training steps' hooks into covariance statistics, and
 :class:`~lightning_influence.checkpoint.session.InfluenceSession` computes, writes and describes the influence
-at each checkpoint; :class:`~lightning_influence.loops.steps.LoopProtocol` owns the collection
+at each checkpoint; :class:`~lightning_influence.loops.protocol.LoopProtocol` owns the collection
 cadence, the triggers, the monitors and the ledger, as for every loop. What stays here needs
 Lightning: translating the trainer's hooks into the protocol's events, state in checkpoints,
 process ranks, and handing results and monitor scalars to the trainer.
@@ -31,8 +31,8 @@ from lightning_influence.engine.collector import StepStatistics
 from lightning_influence._deprecated import merged_group as _merged_group, regroup
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.monitoring import learning_rate, publish_scalars
-from lightning_influence.loops.protocol import MonitorState, warn_once
-from lightning_influence.loops.steps import LoopProtocol
+from lightning_influence.loops.shared import LoopResults, warn_once
+from lightning_influence.loops.protocol import LoopProtocol
 from lightning_influence.results import saved_run_id
 from lightning_influence.checkpoint.index import current_entry
 from lightning_influence.tasks import Task
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 STATE_VERSION = 3  # 2: result directories stored relative to output_dir; 3: the run id
 
 
-class InfluenceCallbackMixin(MonitorState):
+class InfluenceCallbackMixin(LoopResults):
     """Accumulate EK-FAC curvature while training; score training examples at checkpoints.
 
     The arguments are the fields of :class:`~lightning_influence.InfluenceConfig`, where each is

@@ -20,7 +20,7 @@ triggers do not apply, since the loop calls :meth:`InfluenceMonitor.compute` its
 collection cadence, the monitors (``meta["window"]``, ``meta["monitors"]``) and the per-step ledger
 (``scoring.ledger``: pass each batch's example ids, ``monitor.step(batch, ids=...)``, or the training
 DataLoader once, ``monitor.start(loader)``) are the Lightning callback's, run by
-:class:`~lightning_influence.loops.steps.LoopProtocol`; ``optimizer=`` gives the learning rate. Under DDP
+:class:`~lightning_influence.loops.protocol.LoopProtocol`; ``optimizer=`` gives the learning rate. Under DDP
 (``Fabric(strategy="ddp")``) every process calls every method; statistics are summed across
 processes and only process 0 writes and logs. Reports (figures, ``report/``, logged media) are
 completed in the background (``report.mode="background"``, the default): the loggers get each one at a
@@ -40,8 +40,8 @@ from lightning_influence.engine import passes
 from lightning_influence.engine.collector import scaler_scale
 from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.monitoring import learning_rate
-from lightning_influence.loops.protocol import MonitorState, loop_config, unwrapped
-from lightning_influence.loops.steps import LoopProtocol
+from lightning_influence.loops.shared import LoopResults, loop_config, unwrapped
+from lightning_influence.loops.protocol import LoopProtocol
 from lightning_influence.results import InfluenceResult
 from lightning_influence.tasks import Task
 
@@ -52,7 +52,7 @@ NOT_APPLICABLE = {"every_n_epochs": _TRIGGER, "every_n_train_steps": _TRIGGER, "
                   "on_train_end": _TRIGGER, "num_queries": "pass the queries themselves as query_data"}
 
 
-class InfluenceMonitor(MonitorState):
+class InfluenceMonitor(LoopResults):
     """EK-FAC statistics from a Fabric loop's own training steps, and influence when asked.
 
     Args:

@@ -21,7 +21,7 @@ that count (the label tokens of the whole optimizer step).
 
 The collection cadence, the triggers, the monitors (``meta["window"]``, ``meta["monitors"]``) and
 the per-step ledger are the Lightning callback's, run by
-:class:`~lightning_influence.loops.steps.LoopProtocol`: the learning rate is the optimizer's at
+:class:`~lightning_influence.loops.protocol.LoopProtocol`: the learning rate is the optimizer's at
 ``on_step_begin``, the ledger's example ids are traced from the sampler of the Trainer's training
 DataLoader (one process; under several processes accelerate shards the batches out of the sampler's
 sight, so ``scoring.ledger`` is refused there).
@@ -50,8 +50,8 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from lightning_influence._deprecated import merged_group, regroup
 from lightning_influence.config import CurvatureConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.monitoring import learning_rate
-from lightning_influence.loops.protocol import MonitorState, loop_config, unwrapped
-from lightning_influence.loops.steps import LoopProtocol
+from lightning_influence.loops.shared import LoopResults, loop_config, unwrapped
+from lightning_influence.loops.protocol import LoopProtocol
 from lightning_influence.tasks import Task
 
 __all__ = ["InfluenceTrainerCallback"]
@@ -60,7 +60,7 @@ NOT_APPLICABLE = {"on_checkpoint": "use on_save=True (compute when the Trainer s
                   "num_queries": "pass the queries themselves as query_data"}
 
 
-class InfluenceTrainerCallback(MonitorState, TrainerCallback):
+class InfluenceTrainerCallback(LoopResults, TrainerCallback):
     """Accumulate EK-FAC curvature from a Hugging Face Trainer's steps; score the pool at triggers.
 
     Args:

@@ -3,7 +3,7 @@ learning rate over each window (for trajectory weighting, ``meta["window"]``), a
 scalars of each new result (``meta["monitors"]``, which the Lightning callback also puts into
 ``trainer.callback_metrics`` so ``EarlyStopping`` / ``ModelCheckpoint(monitor=...)`` can act on them).
 
-Framework-free: the loop protocol (:mod:`~lightning_influence.loops.steps`) hands it each batch,
+Framework-free: the loop protocol (:mod:`~lightning_influence.loops.protocol`) hands it each batch,
 its learning rate and example ids; the numerical work lives in
 :mod:`~lightning_influence.loops.ledger` and :mod:`~lightning_influence.analysis.monitors`.
 """
