@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, out: str, cfg: Dict, query_rank: Optional[int
         for shard in (False, True):
             session = InfluenceSession(task, train, queries,
                                        curvature=li.CurvatureConfig(correction_batches=4, shard_factors=shard),
-                                       scoring=li.ScoringConfig(batch_size=BATCH, top_k=1, query_rank=query_rank))
+                                       scoring=li.ScoringConfig(batch_size=BATCH, top_k=0, query_rank=query_rank))
             distributed.traffic.update(sent=0, received=0)
             started = time.perf_counter()
             stats = session.reduce_statistics(statistics)

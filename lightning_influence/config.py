@@ -201,7 +201,8 @@ class ScoringConfig:
             first this many items.
         query_rank: rank of the low-rank query approximation (``None``: exact; the paper used 32).
         top_k: per query, the most positive / negative examples kept with per-token scores and
-            shown in tables; also the k of the top-k monitors (``drift/topk_churn@<k>``).
+            shown in tables; also the k of the top-k monitors (``drift/topk_churn@<k>``). ``0`` (an
+            :class:`~lightning_influence.InfluenceSession` only): no top examples and no per-token pass.
         keep_top_scores: keep per query only this many most positive and most negative scores
             (with their ids) and a sketch of the rest instead of every score ``[Q, N]``, for pools
             too large for that (``None``: every score). At least ``top_k``.
@@ -229,8 +230,8 @@ class ScoringConfig:
 
     def validate(self) -> "ScoringConfig":
         """Raise ``ValueError`` naming the first invalid field (``scoring.<field>``); return ``self``."""
-        for name in ("top_k", "batch_size"):
-            _check_int(f"scoring.{name}", getattr(self, name), minimum=1)
+        _check_int("scoring.top_k", self.top_k, minimum=0)  # 0: no top examples (no per-token pass)
+        _check_int("scoring.batch_size", self.batch_size, minimum=1)
         for name in ("max_train_examples", "query_rank", "keep_top_scores"):
             if getattr(self, name) is not None:
                 _check_int(f"scoring.{name}", getattr(self, name), minimum=1)
@@ -382,6 +383,9 @@ class InfluenceConfig:
         self._check_task()
         self._check_data()
         _check_int("num_queries", self.num_queries, minimum=1)
+        if self.scoring.top_k == 0:
+            raise ValueError("scoring.top_k must be at least 1 in a training loop: its reports and monitors show "
+                             "each query's top examples (scoring.top_k=0, no top examples, is for InfluenceSession)")
         for name in ("every_n_epochs", "every_n_train_steps"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)

@@ -27,7 +27,7 @@ def run(script, tmp_path):
 def test_ledger_lds_quick_compares_ledger_checkpoint_and_trajectory(tmp_path):
     payload = run(ledger_lds, tmp_path)
     methods = payload["methods"]
-    assert payload["coverage"]["collect_every_n_steps=1"] == 1.0
+    assert payload["coverage"]["curvature.collect_every_n_steps=1"] == 1.0
     assert {"final checkpoint", "ledger"} <= {name.split(" | ")[0] for name in methods}
     assert all(-1 <= m["lds"] <= 1 and m["ci"][0] <= m["lds"] <= m["ci"][1] for m in methods.values())
     assert all("minus_final" in m for name, m in methods.items() if not name.startswith("final"))

@@ -55,7 +55,7 @@ BAD_VALUE = {
     "scoring.max_train_examples": (True, "scoring.max_train_examples must be an integer >= 1, got True"),
     "seed": (2**63, "seed must be below 2**62 (derived seeds add the step and the process rank"),
     "scoring.query_rank": (0, "scoring.query_rank must be an integer >= 1, got 0"),
-    "scoring.top_k": (None, "scoring.top_k must be an integer >= 1, got None"),
+    "scoring.top_k": (None, "scoring.top_k must be an integer >= 0, got None"),
     "scoring.batch_size": ("32", "scoring.batch_size must be an integer >= 1, got '32'"),
     "report.renderer": (5, "report.renderer must be callable or have a render() method, got 5"),
     "curvature.max_layer_mb": (math.inf, "curvature.max_layer_mb must be a finite positive number of MiB or None, got inf"),
@@ -132,9 +132,10 @@ def test_a_bad_value_fails_naming_the_field(field):
     (dict(exclude=["net.0", 3]), "curvature.exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
     (dict(keep_top_scores=5, top_k=10), "scoring.keep_top_scores=5 is smaller than scoring.top_k=10"),
     (dict(pool_id_key=7), "scoring.pool_id_key must be a non-empty string"),
+    (dict(top_k=0), "scoring.top_k must be at least 1 in a training loop"),
 ], ids=["damping-huge", "damping-minus-inf", "damping-nan", "damping-string", "seed-negative", "seed-limit",
         "query-none", "train-float", "output-bytes", "task-object", "exclude-non-string", "keep-below-top-k",
-        "id-key-not-string"])
+        "id-key-not-string", "no-top-examples-in-a-loop"])
 def test_more_bad_values(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         _config(**changes).validate()

@@ -104,7 +104,7 @@ def test_lightning_cli(tmp_path):
         "--trainer.callbacks.init_args.every_n_epochs=1", "--trainer.callbacks.init_args.num_queries=2",
     ])
     callback = next(cb for cb in cli.trainer.callbacks if isinstance(cb, li.InfluenceCallback))
-    assert callback.config.fisher == "empirical" and callback.config.top_k == 10  # from the YAML
+    assert callback.config.curvature.fisher == "empirical" and callback.config.scoring.top_k == 10  # from the YAML
     results = callback.results
     assert len(results) == 1 and results[0].scores.shape == (2, len(cli.datamodule.train_set))
     assert Path(results[0].path).parent == tmp_path / "influence"
@@ -134,7 +134,7 @@ def test_hydra_typed_config_checks_fields(tmp_path):
         cfg = compose("config", overrides=["influence=typed", f"influence.output_dir={tmp_path}"])
         callback = hydra_app.build_callback(cfg.influence)
         assert isinstance(callback, li.InfluenceCallback)
-        assert callback.config.fisher == "true" and callback.config.every_n_epochs == 3
+        assert callback.config.curvature.fisher == "true" and callback.config.every_n_epochs == 3
         for bad in ("influence.num_querys=3", "influence.num_queries=many"):
             with pytest.raises(ConfigCompositionException):
                 compose("config", overrides=["influence=typed", bad])

@@ -67,7 +67,7 @@ def test_gpt2_duplicates_rank_first_with_token_scores_and_the_tied_unembedding_l
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         cb = train(tmp_path, model, pool, copies(pool, range(4)), li.CausalLMTask(), epochs=4,
-                   loss_reduction="token_mean", **AT_END)
+                   curvature={"loss_reduction": "token_mean"}, **AT_END)
     assert loss_reduction_warnings(caught) == []
     result = cb.results[-1]
     assert "model.lm_head" not in result.layer_names

@@ -105,7 +105,7 @@ def test_forwards_run_in_bf16_while_statistics_and_contractions_stay_float32(mon
     statistics = accumulate_covariances(model, task, DataLoader(train, batch_size=16), li.select_layers(model),
                                         fisher="empirical")
     model[2].register_forward_hook(lambda module, inputs, output: output_dtypes.add(output.dtype))
-    session = InfluenceSession(task, train, queries, scoring={"top_k": 1, "batch_size": 16}, autocast=torch.bfloat16)
+    session = InfluenceSession(task, train, queries, scoring={"top_k": 0, "batch_size": 16}, autocast=torch.bfloat16)
     _, fitted = session.compute(model, statistics, step=0)
     assert output_dtypes == {torch.bfloat16}
     assert handed_over == {torch.float32}
