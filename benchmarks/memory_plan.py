@@ -1,7 +1,7 @@
 """Planned per-process memory (``li.plan_memory``; planned, not run) for GPT-2 and Llama shapes on
 8 to 64 processes: replicated, sharded (``shard_factors`` and ``shard_statistics``) and sharded with
 shared inputs. The models are built on the meta device from their configurations (no weights).
-``tests/test_memory_plan.py`` checks the planner's bytes against measured tensors on small models.
+``tests/engine/test_memory_plan.py`` checks the planner's bytes against measured tensors on small models.
 
     python benchmarks/memory_plan.py [--quick] [--json PATH] [--markdown PATH]
 """

@@ -17,7 +17,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -45,6 +45,17 @@ BUILTIN_TASKS = {"classification": ClassificationTask, "regression": RegressionT
 SEED_LIMIT = 2**62
 
 
+class _SettingsGroup:
+    """What every settings group shares: building it from what a user or a YAML file hands over."""
+
+    group: ClassVar[str]  # the group's argument name ("curvature", ...), used in messages
+
+    @classmethod
+    def coerce(cls, value: Any) -> Any:
+        """From ``None`` (the defaults), an instance, a dict or a ``DictConfig``; not validated."""
+        return _group_from(cls, value, cls.group)
+
+
 def _group_from(cls: Any, value: Any, where: str) -> Any:
     """A group from ``None`` (its defaults), an instance, a dict or an OmegaConf ``DictConfig`` (unknown keys raise)."""
     if value is None:
@@ -69,7 +80,7 @@ def _group_from(cls: Any, value: Any, where: str) -> Any:
 
 
 @dataclass
-class CurvatureConfig:
+class CurvatureConfig(_SettingsGroup):
     """How the curvature is estimated: statistics collected during training, factors at each computation.
 
     Args:
@@ -112,6 +123,8 @@ class CurvatureConfig:
             accumulates only the layers it owns, from its own batches (the scores then differ a
             little from the replicated run's).
     """
+
+    group: ClassVar[str] = "curvature"
 
     strategy: str = "ekfac"
     fisher: str = "empirical"
@@ -185,14 +198,10 @@ class CurvatureConfig:
         """``"reset"`` or ``"ema"``: what the statistics' window is called in checkpoints and the collector."""
         return "reset" if self.ema_decay is None else "ema"
 
-    @classmethod
-    def coerce(cls, value: Any) -> "CurvatureConfig":
-        """From ``None`` (the defaults), a ``CurvatureConfig``, a dict or a ``DictConfig``; not validated."""
-        return _group_from(cls, value, "curvature")
 
 
 @dataclass
-class ScoringConfig:
+class ScoringConfig(_SettingsGroup):
     """What is scored at each computation, and what is kept.
 
     Args:
@@ -218,6 +227,8 @@ class ScoringConfig:
             the per-step cost whatever the number of queries); ``0``: the queries themselves
             (exact, slower). Lightning callback only.
     """
+
+    group: ClassVar[str] = "scoring"
 
     max_train_examples: Optional[int] = None
     query_rank: Optional[int] = None
@@ -252,14 +263,10 @@ class ScoringConfig:
         """The ledger's shared directions per layer and side (``None``: exact)."""
         return self.ledger or None
 
-    @classmethod
-    def coerce(cls, value: Any) -> "ScoringConfig":
-        """From ``None`` (the defaults), a ``ScoringConfig``, a dict or a ``DictConfig``; not validated."""
-        return _group_from(cls, value, "scoring")
 
 
 @dataclass
-class ReportConfig:
+class ReportConfig(_SettingsGroup):
     """What happens with each result once saved.
 
     Args:
@@ -274,6 +281,8 @@ class ReportConfig:
             shows its own (a Lightning Trainer's ``enable_progress_bar``, Hugging Face's
             ``disable_tqdm``; shown under Fabric).
     """
+
+    group: ClassVar[str] = "report"
 
     mode: str = "background"
     log_artifacts: bool = True
@@ -290,10 +299,6 @@ class ReportConfig:
             raise ValueError(f"report.renderer must be callable or have a render() method, got {_shown(self.renderer)}")
         return self
 
-    @classmethod
-    def coerce(cls, value: Any) -> "ReportConfig":
-        """From ``None`` (the defaults), a ``ReportConfig``, a dict or a ``DictConfig``; not validated."""
-        return _group_from(cls, value, "report")
 
 
 def check_combination(curvature: CurvatureConfig, scoring: ScoringConfig) -> None:

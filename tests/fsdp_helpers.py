@@ -1,6 +1,6 @@
 """A plain PyTorch training loop with StepStatistics and InfluenceSession, in one process or sharded
 over gloo processes (FSDP2 ``fully_shard`` or FSDP1 ``FullyShardedDataParallel``), for
-``tests/test_fsdp.py``. Each process trains on its share of every batch (the same examples make up
+``tests/engine/test_fsdp.py``. Each process trains on its share of every batch (the same examples make up
 each optimizer step in every mode), so the runs agree up to floating-point summation order.
 
 A module of its own: ``torch.multiprocessing.spawn`` imports the worker by name in each process.
@@ -98,15 +98,9 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
         session.check(model, statistics.layers)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         statistics.attach()
-        for x, y in DataLoader(train, batch_size=BATCH, drop_last=True):
-            statistics.begin_batch((x[rank::world], y[rank::world]))
-            loss = F.cross_entropy(model(x[rank::world]), y[rank::world])
-            statistics.begin_backward()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            statistics.end_batch()
-            statistics.commit()
+        shares = ((x[rank::world], y[rank::world]) for x, y in DataLoader(train, batch_size=BATCH, drop_last=True))
+        tiny_models.train_recorded(statistics, shares, lambda batch: F.cross_entropy(model(batch[0]), batch[1]),
+                                   optimizer)
         statistics.detach()
         forwards = []  # every process must run as many forward passes as the others
         counting = model.register_forward_pre_hook(lambda *_: forwards.append(1))

@@ -21,7 +21,7 @@ import transformers  # noqa: E402
 
 from lightning_influence.loops.hf import InfluenceTrainerCallback  # noqa: E402
 from tests.matrix_helpers import summary  # noqa: E402
-from tests.test_integrations import TokenData, tiny_gpt2  # noqa: E402
+from tests.loops.test_integrations import TokenData, tiny_gpt2  # noqa: E402
 
 OPTIONS = {
     "plain": {},

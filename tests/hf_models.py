@@ -1,5 +1,5 @@
 """Tiny Hugging Face models (built from configs: nothing is downloaded), a LightningModule around
-them, and generated token data for ``tests/test_hf_models.py``.
+them, and generated token data for ``tests/engine/test_hf_models.py``.
 
 Dropout is 0 everywhere so that two runs from the same seed are identical (what the activation
 checkpointing comparison needs)."""

@@ -103,3 +103,17 @@ class TokenData(Dataset):
     def __getitem__(self, index):
         ids = self.input_ids[index]
         return {"input_ids": ids, "attention_mask": self.attention_mask[index], "labels": ids.clone()}
+
+
+def train_recorded(statistics, batches, loss_of, optimizer) -> None:
+    """Train on ``batches`` with ``statistics`` (a ``StepStatistics``) recording every optimizer step,
+    as a user's own loop drives it: ``loss_of(batch)`` is the training loss of one batch."""
+    for batch in batches:
+        statistics.begin_batch(batch)
+        loss = loss_of(batch)
+        statistics.begin_backward()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        statistics.end_batch()
+        statistics.commit()

@@ -115,7 +115,7 @@ RANDOMIZED_ITERATIONS = 4
 # Subspace iteration stops early once an iteration adds less than this share to the squared norm each
 # query's rank-r approximation captures: a trained GPT's queries stop after two or three iterations,
 # power-law spectra i^-0.75 run all four; on i^-0.75 to i^-1.7 spectra the result stays within 2.5e-4
-# of the exact truncation (tests/test_query_memory.py). Below ~5e-7 the float32 estimate is noise.
+# of the exact truncation (tests/engine/test_query_memory.py). Below ~5e-7 the float32 estimate is noise.
 CONVERGED_ENERGY = 1e-6
 TRUNCATIONS = ("randomized", "exact")
 

@@ -247,5 +247,5 @@ def test_integrations_import_no_framework_they_do_not_need():
     code = ("import sys, lightning_influence, lightning_influence.loops, lightning_influence.loops.fabric; "
             "print(sorted(m for m in ('transformers', 'lightning', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=str(Path(__file__).resolve().parents[1]))
+                         cwd=str(Path(__file__).resolve().parents[2]))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

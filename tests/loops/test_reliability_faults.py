@@ -29,7 +29,7 @@ from tests.reliability_helpers import (COLLECT_ONLY, Classifier, assert_refused_
                                        assert_statistics_close, fit, make_callback, make_trainer,
                                        offline_statistics)
 
-KILL_SCRIPT = Path(__file__).with_name("reliability_kill_script.py")
+KILL_SCRIPT = Path(__file__).resolve().parents[1] / "reliability_kill_script.py"
 EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False)  # results at steps 6, 12, ...
 
 

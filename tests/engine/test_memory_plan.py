@@ -19,9 +19,10 @@ from lightning_influence.engine.queries import precondition_queries
 from lightning_influence.engine.sharding import owners_of
 from lightning_influence.analysis.sketch import SKETCH_FIELDS
 
-from .hf_models import loader, tiny_gpt2, tiny_llama, token_examples
+from tests.hf_models import loader, tiny_gpt2, tiny_llama, token_examples
+from tests.tiny_models import train_recorded
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,15 +57,9 @@ def train_statistics(model, task, batches, reduction, shard=False):
     statistics = li.StepStatistics(li.select_layers(model), task, loss_reduction=reduction, shard=shard)
     statistics.attach()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    for batch in batches:
-        statistics.begin_batch(batch)
-        loss = task.loss(model, batch).mean() if reduction == "mean" else model(**batch).loss
-        statistics.begin_backward()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        statistics.end_batch()
-        statistics.commit()
+    train_recorded(statistics, batches,
+                   lambda batch: task.loss(model, batch).mean() if reduction == "mean" else model(**batch).loss,
+                   optimizer)
     statistics.detach()
     assert float(statistics.steps_committed) == 2
     return statistics

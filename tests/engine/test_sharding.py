@@ -178,7 +178,7 @@ def test_sharded_factors_refuse_self_influence_other_strategies_and_plain_scorin
 def test_the_callback_under_ddp_with_sharded_factors_matches_one_process(tmp_path):
     """``InfluenceCallback(shard_factors=True)`` in a Lightning DDP run of 2 processes: the
     single process's scores and top examples, and the result's factors saved one file per owner."""
-    script = Path(__file__).with_name("ddp_script.py")
+    script = Path(__file__).resolve().parents[1] / "ddp_script.py"
     run = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ddp"), "ddp-sharded"],
                            env=dict(os.environ, PYTHONWARNINGS="ignore"), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)

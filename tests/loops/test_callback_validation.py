@@ -22,7 +22,7 @@ class CountSteps(pl.Callback):
 
 # The cases issue 8 lists (empty or mismatched queries, unknown names, nothing trackable, a loss that is
 # not per example, triggers that never fire, the pool size, manual optimisation, ...) are in
-# tests/test_reliability_input.py; these are the callback's further setup checks.
+# tests/loops/test_reliability_input.py; these are the callback's further setup checks.
 CASES = {
     "windows without statistics": (dict(collect_every_n_steps=16), {}, "collect_every_n_steps=16 is more than"),
     "no validation data for 'val'": (dict(), dict(no_val=True), "no val DataLoader"),

@@ -232,7 +232,7 @@ def test_runs_of_different_identities_still_load_and_check_same_run_names_them(t
 
 @pytest.fixture
 def arithmetic_lm():
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
     import arithmetic_lm
 
     yield arithmetic_lm

@@ -17,6 +17,7 @@ from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.engine.oracle import dense_influence, factor_block
 from lightning_influence.engine.tracking import LayerTracker, layers_by_name, select_layers
 from tests.tiny_models import regression_data
+from tests.tiny_models import train_recorded
 
 hf = pytest.importorskip("tests.hf_models")
 
@@ -32,15 +33,8 @@ def _collect(model, layers, examples, *, share: bool, steps: int = 3, **options)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
     statistics.attach()
     try:
-        for batch in list(DataLoader(examples, batch_size=4))[:steps]:
-            statistics.begin_batch(batch)
-            loss = task.loss(model, batch).mean()
-            statistics.begin_backward()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            statistics.end_batch()
-            statistics.commit()
+        train_recorded(statistics, list(DataLoader(examples, batch_size=4))[:steps],
+                       lambda batch: task.loss(model, batch).mean(), optimizer)
     finally:
         statistics.detach()
     return statistics

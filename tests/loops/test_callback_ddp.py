@@ -13,7 +13,7 @@ import torch
 
 from tests.ddp_script import main
 
-SCRIPT = Path(__file__).with_name("ddp_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "ddp_script.py"
 
 
 def test_ddp_matches_single_process(tmp_path):

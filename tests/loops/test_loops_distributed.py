@@ -26,7 +26,7 @@ import torch
 
 from tests.matrix_helpers import assert_same_result, launch
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1]  # the scripts
 FABRIC_OPTIONS = ("plain", "shard_factors", "stream", "stream_sharded", "self_influence", "keep_top_scores",
                   "query_rank")
 

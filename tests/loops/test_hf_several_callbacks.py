@@ -11,7 +11,7 @@ from lightning_influence.engine.curvature_passes import accumulate_covariances
 
 transformers = pytest.importorskip("transformers")
 
-from tests.test_integrations import TEST_SETTINGS, TokenData, assert_statistics_equal, hf_trainer, tiny_gpt2  # noqa: E402
+from tests.loops.test_integrations import TEST_SETTINGS, TokenData, assert_statistics_equal, hf_trainer, tiny_gpt2  # noqa: E402
 
 
 def test_several_hf_callbacks_each_collect_the_offline_statistics(tmp_path):

@@ -18,6 +18,7 @@ from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
 from tests.callback_models import planted_data
 from tests.reliability_helpers import Classifier, fit, make_callback, seeded
+from tests.tiny_models import train_recorded
 
 
 def test_a_plain_pytorch_loop_gets_results_through_the_session(tmp_path):
@@ -34,15 +35,8 @@ def test_a_plain_pytorch_loop_gets_results_through_the_session(tmp_path):
     statistics.attach()
     written = []
     for epoch in range(6):
-        for batch in DataLoader(train, batch_size=8):
-            statistics.begin_batch(batch)
-            loss = F.cross_entropy(model(batch[0]), batch[1])
-            statistics.begin_backward()
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            statistics.end_batch()
-            statistics.commit()
+        train_recorded(statistics, DataLoader(train, batch_size=8),
+                       lambda batch: F.cross_entropy(model(batch[0]), batch[1]), optimizer)
         if epoch % 3 == 2:
             state = torch.random.get_rng_state()
             result, factors = session.compute(model, statistics.stats, step=(epoch + 1) * 12, epoch=epoch)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 pytest_plugins = ["pytester"]
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_a_browser_skip_is_named_with_the_install_command(pytester):

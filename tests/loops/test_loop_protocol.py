@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, SequentialSampler
 import lightning_influence as li
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.loops.protocol import LoopProtocol
-from tests.test_integrations import TinyLM, TokenData, fabric_module, transformers
+from tests.loops.test_integrations import TinyLM, TokenData, fabric_module, transformers
 
 import pytorch_lightning as pl
 
@@ -195,7 +195,7 @@ def test_the_extending_page_s_loop_equals_the_plain_protocol(tmp_path, plain):
     """The "Adding a training loop" example of docs/concepts/extending.md, run as written."""
     from pathlib import Path
 
-    page = (Path(__file__).resolve().parent.parent / "docs" / "concepts" / "extending.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "concepts" / "extending.md").read_text()
     section = page.split("## Adding a training loop", 1)[1]
     namespace: dict = {}
     exec(section.split("```python", 1)[1].split("```", 1)[0], namespace)

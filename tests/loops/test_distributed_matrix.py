@@ -13,7 +13,7 @@ import torch
 
 from tests.matrix_helpers import assert_same_result, launch
 
-SCRIPT = Path(__file__).with_name("matrix_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "matrix_script.py"
 MODES = ("single", "ddp", "fsdp2")
 
 

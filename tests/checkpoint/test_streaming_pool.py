@@ -23,7 +23,7 @@ from tests.reliability_helpers import fit, make_callback
 from tests.stream_ddp_script import main as stream_ddp_main
 from tests.stream_helpers import ID_OFFSET, BlobStream, DictExamples, blob_statistics, trained_blob_model
 
-SCRIPT = Path(__file__).with_name("stream_ddp_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "stream_ddp_script.py"
 QUERIES = Subset(planted_data()[1], range(4))
 
 

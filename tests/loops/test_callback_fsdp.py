@@ -4,7 +4,7 @@ ModelParallelStrategy with FSDP2 (``fully_shard`` in ``configure_model``) trains
 (gloo) and gives the scores of the same run under DDP. Both strategies re-run ``sys.argv`` for the
 other rank (inside pytest that would be pytest), so both runs are launched as
 ``tests/fsdp_lightning_script.py`` in subprocesses, side by side. ``strategy="fsdp"`` (FSDP1) needs
-a GPU in Lightning: its core path is tested on CPU in ``tests/test_fsdp.py``. DeepSpeed is not
+a GPU in Lightning: its core path is tested on CPU in ``tests/engine/test_fsdp.py``. DeepSpeed is not
 installed here: which of its configurations the callback accepts is tested on stand-in strategies.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from lightning_influence.loops import trainer as _trainer
 
-SCRIPT = Path(__file__).with_name("fsdp_lightning_script.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "fsdp_lightning_script.py"
 
 
 def test_fully_shard_under_model_parallel_strategy_matches_ddp(tmp_path):

@@ -25,7 +25,7 @@ from tests.callback_models import planted_data
 from tests.reliability_helpers import Classifier, assert_refused_before_training, fit, make_callback, seeded
 
 EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False, batch_size=16)
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 KILL_SCRIPT = ROOT / "tests" / "reliability_kill_script.py"
 
 

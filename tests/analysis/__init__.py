@@ -1,0 +1,1 @@
+"""The analyses' tests: tails, concentration, layers, comparison, metrics."""

@@ -1,0 +1,1 @@
+"""The checkpoint procedure's tests: the session, pools, run identity, persistence safety."""

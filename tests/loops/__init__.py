@@ -1,0 +1,1 @@
+"""The training loops' tests: the Lightning callback, Fabric, the Hugging Face Trainer, the protocol, reliability."""

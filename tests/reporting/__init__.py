@@ -1,0 +1,1 @@
+"""The sinks' tests: plots, W&B, TensorBoard, the HTML report, background publishing."""
