@@ -305,7 +305,8 @@ def test_lightning_cli_introspects_the_arguments():
     parser = ArgumentParser()
     parser.add_class_arguments(InfluenceCallback, "cb")
     cfg = parser.parse_args(["--cb.task=regression", "--cb.every_n_epochs=2", '--cb.curvature={"fisher": "true"}'])
-    cb = InfluenceCallback(**cfg.cb.as_dict())
+    cb = parser.instantiate_classes(cfg).cb  # as LightningCLI builds it: the groups instantiated too
+    assert isinstance(cb, InfluenceCallback)
     assert isinstance(cb.task, li.RegressionTask) and cb.config.every_n_epochs == 2
     assert cb.config.curvature.fisher == "true"
 
