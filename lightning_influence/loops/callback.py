@@ -28,7 +28,7 @@ import pytorch_lightning as pl
 from lightning_influence.loops import trainer as _trainer
 from lightning_influence.engine import passes
 from lightning_influence.engine.collector import StepStatistics
-from lightning_influence._deprecated import merged_group as _merged_group, regroup
+from lightning_influence._deprecated import regroup
 from lightning_influence.config import CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig
 from lightning_influence.loops.monitoring import learning_rate, publish_scalars
 from lightning_influence.loops.shared import LoopResults, warn_once
@@ -83,17 +83,14 @@ class InfluenceCallbackMixin(LoopResults):
         report: Optional[Union[ReportConfig, Dict[str, Any]]] = None,
         **deprecated: Any,
     ) -> None:
-        settings = regroup(dict(deprecated, report=report), type(self).__name__)
-        report = settings.pop("report")
-        unknown = sorted(set(settings) - {"curvature", "scoring"})
+        groups = regroup(dict(deprecated, curvature=curvature, scoring=scoring, report=report), type(self).__name__)
+        unknown = sorted(set(groups) - {"curvature", "scoring", "report"})
         if unknown:
             raise TypeError(f"{type(self).__name__}() got unexpected keyword arguments {unknown}")
         self._configure(InfluenceConfig(
             task=task, query_data=query_data, num_queries=num_queries, train_data=train_data,
             every_n_epochs=every_n_epochs, every_n_train_steps=every_n_train_steps, on_checkpoint=on_checkpoint,
-            on_train_end=on_train_end, output_dir=output_dir, seed=seed, on_error=on_error,
-            curvature=_merged_group(curvature, settings.get("curvature")),
-            scoring=_merged_group(scoring, settings.get("scoring")), report=report,
+            on_train_end=on_train_end, output_dir=output_dir, seed=seed, on_error=on_error, **groups,
         ))
 
     @classmethod
