@@ -121,7 +121,7 @@ def test_real_text_quick(tmp_path, monkeypatch):
     assert rows["refit"]["pearson_refit"] == pytest.approx(1.0)
     assert all(0 <= row["same_play_p10"] <= 1 and -1 <= row["lds"] <= 1 for row in rows.values())
     assert payload["callback"]["end"]["refreshed"] is not None  # the default refreshes where stale
-    assert set(payload["checkpoint_cost"]) == {"epoch_seconds", "queries", "never", "auto", "always"}
+    assert set(payload["checkpoint_cost"]) == {"epoch_seconds", "queries", "pool", "never", "auto", "always"}
     assert payload["config"]["seed"] == 0
     rendered = tmp_path / "rendered.md"  # tables rebuilt from the saved numbers equal the run's own
     real_text.main(["--from-json", str(tmp_path / "out.json"), "--markdown", str(rendered)])
