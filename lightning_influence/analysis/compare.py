@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -168,23 +168,37 @@ def _matched_shares(result: Any, query_pos: torch.Tensor, train_pos: torch.Tenso
     return None if shares is None else shares[query_pos].nanmean(0)
 
 
-def median_alpha(scores: torch.Tensor) -> Optional[float]:
-    alphas = [fit.alpha for fit in fit_query_tails(scores, compare_alternatives=False) if fit is not None]
-    return float(np.median(alphas)) if alphas else None
+def dense_tail_fits(scores: torch.Tensor) -> List[Any]:
+    """Each query's tail fit with its verdict (the likelihood-ratio tests against log-normal and
+    exponential tails): the expensive part of a trajectory row."""
+    return fit_query_tails(scores)
 
 
-def distribution_of(result: Any, query_pos: torch.Tensor,
-                  train_pos: Optional[torch.Tensor] = None) -> Tuple[Optional[float], Dict[str, float]]:
-    """Median tail exponent and concentration over the given queries (and, of dense scores, the
-    given training examples; a result with ``keep_top_scores`` over its whole pool, from its sketch)."""
+class Distribution(NamedTuple):
+    """A result's scores over some queries: the median tail exponent, the share of queries whose
+    tail is a plausible power law (``None``: no verdict), and their concentration."""
+
+    alpha: Optional[float]
+    plausible_fraction: Optional[float]
+    spread: Dict[str, float]
+
+
+def distribution_of(result: Any, query_pos: torch.Tensor, train_pos: Optional[torch.Tensor] = None) -> Distribution:
+    """The score distribution over the given queries (and, of dense scores, the given training
+    examples; a result with ``keep_top_scores`` over its whole pool, from its sketch). The plausible
+    fraction goes beside the exponent wherever it is shown: α alone calls every heavy tail a power law."""
     kept = ScoreSketch.of(result) if result.scores is None else None
     if kept is None:
         scores = result.scores[query_pos].double()
         scores = scores if train_pos is None else scores[:, train_pos]
-        return median_alpha(scores), concentration(scores)
-    kept = kept.rows(query_pos)
-    alphas = [fit.alpha for fit in sketch_tail_fits(kept, compare_alternatives=False) if fit is not None]
-    return (float(np.median(alphas)) if alphas else None), sketch_concentration(kept)
+        fits, spread = dense_tail_fits(scores), concentration(scores)
+    else:
+        kept = kept.rows(query_pos)
+        fits, spread = sketch_tail_fits(kept), sketch_concentration(kept)
+    fits = [fit for fit in fits if fit is not None]
+    verdicts = [fit.plausible for fit in fits if fit.plausible is not None]
+    return Distribution(alpha=float(np.median([fit.alpha for fit in fits])) if fits else None,
+                        plausible_fraction=float(np.mean(verdicts)) if verdicts else None, spread=spread)
 
 
 def kept_size(result: Any) -> int:
@@ -229,6 +243,8 @@ class Comparison:
         topk_jaccard, topk_rbo: ``k ->`` mean over queries of the Jaccard overlap and of the
             rank-biased overlap (p=0.9) of the two top-k lists (``k`` above ``n_train`` left out).
         tail_alpha: median power-law exponent over queries for ``a`` and ``b`` (``None``: no fit).
+        tail_plausible_fraction: the share of queries whose tail is a plausible power law, for ``a``
+            and ``b`` (``None``: no verdict).
         concentration: :func:`~lightning_influence.analysis.concentration` of ``a`` and ``b``.
         layer_js: Jensen-Shannon divergence (bits) between the two mean layer shares, when both
             results have layer scores for the same layers.
@@ -246,6 +262,7 @@ class Comparison:
     topk_jaccard: Dict[int, float]
     topk_rbo: Dict[int, float]
     tail_alpha: Tuple[Optional[float], Optional[float]]
+    tail_plausible_fraction: Tuple[Optional[float], Optional[float]]
     concentration: Tuple[Dict[str, float], Dict[str, float]]
     layer_js: Optional[float]
     entered: List[List[int]]
@@ -267,6 +284,7 @@ class Comparison:
                 "topk_jaccard": self.topk_jaccard,
                 "topk_rbo": self.topk_rbo,
                 "tail_alpha": list(self.tail_alpha),
+                "tail_plausible_fraction": list(self.tail_plausible_fraction),
                 "concentration": list(self.concentration),
                 "layer_js": self.layer_js,
                 "query_ids": self.query_ids,
@@ -293,6 +311,7 @@ class Comparison:
             lines.append(f"  {'rbo (p=0.9)':<22}" + "".join(_cell(self.topk_rbo[k]) for k in ks))
         lines += ["", f"  {'distribution':<22}{step_a:>12}{step_b:>12}"]
         lines.append(f"  {'tail_alpha':<22}" + "".join(_cell(v, 12) for v in self.tail_alpha))
+        lines.append(f"  {'tail_plausible_fraction':<22}" + "".join(_cell(v, 12) for v in self.tail_plausible_fraction))
         for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction"):
             lines.append(f"  {key:<22}" + "".join(_cell(c.get(key), 12) for c in self.concentration))
         if self.layer_js is not None:
@@ -385,7 +404,7 @@ def compare(
         if shares_a is not None and shares_b is not None and bool(
                 torch.isfinite(shares_a).all() and torch.isfinite(shares_b).all()):
             layer_js = js_divergence(shares_a, shares_b)
-    (alpha_a, spread_a), (alpha_b, spread_b) = distribution_of(a, q_a, t_a), distribution_of(b, q_b, t_b)
+    before, after = distribution_of(a, q_a, t_a), distribution_of(b, q_b, t_b)
     return Comparison(
         steps=(a.step, b.step),
         n_query=len(q_a),
@@ -394,8 +413,9 @@ def compare(
         kendall=kendall_ab,
         topk_jaccard={k: _nanmean(topk_jaccard(scores_a, scores_b, k)) for k in valid_ks},
         topk_rbo={k: _nanmean(rank_biased_overlap(scores_a, scores_b, k)) for k in valid_ks},
-        tail_alpha=(alpha_a, alpha_b),
-        concentration=(spread_a, spread_b),
+        tail_alpha=(before.alpha, after.alpha),
+        tail_plausible_fraction=(before.plausible_fraction, after.plausible_fraction),
+        concentration=(before.spread, after.spread),
         layer_js=layer_js,
         entered=entered,
         left=left,
@@ -409,7 +429,7 @@ def compare(
 # -- a run: trajectory and latest analysis, built one result at a time ---------------------------
 
 _SPREAD_KEYS = ("top1pct_share", "top10pct_share", "gini")
-_ROW_KEYS = ("step", "epoch", "tail_alpha", *_SPREAD_KEYS, "topk_churn", "spearman_prev")
+_ROW_KEYS = ("step", "epoch", "tail_alpha", "tail_plausible_fraction", *_SPREAD_KEYS, "topk_churn", "spearman_prev")
 
 
 def with_k(name: str, k: int) -> str:
@@ -424,9 +444,10 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
 
 def _checkpoint_row(result: Any, previous: Optional[Any], k: int) -> Dict[str, Any]:
     """One checkpoint's trajectory statistics; churn and rank agreement are measured against ``previous``."""
-    alpha, spread = distribution_of(result, torch.arange(result.num_queries))
-    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": alpha}
-    row.update({key: _finite_or_none(spread[key]) for key in _SPREAD_KEYS})
+    tail = distribution_of(result, torch.arange(result.num_queries))
+    row: Dict[str, Any] = {"step": result.step, "epoch": result.epoch, "tail_alpha": tail.alpha,
+                           "tail_plausible_fraction": tail.plausible_fraction}
+    row.update({key: _finite_or_none(tail.spread[key]) for key in _SPREAD_KEYS})
     row["topk_churn"] = row["spearman_prev"] = None
     if previous is not None:
         try:
@@ -567,6 +588,7 @@ def trajectory(results: Sequence[Any], *, k: int = 10, allow_different_runs: boo
 
     Returns:
         Equal-length lists keyed ``"step"``, ``"epoch"``, ``"tail_alpha"`` (median over queries),
+        ``"tail_plausible_fraction"`` (the share of queries whose tail is a plausible power law),
         ``"top1pct_share"``, ``"top10pct_share"``, ``"gini"``, ``"topk_churn@<k>"`` (1 - mean top-k
         Jaccard with the previous checkpoint), ``"spearman_prev"`` (mean Spearman with the
         previous checkpoint) and ``"layer_share/<name>"``; ``None`` where a value is undefined

@@ -76,15 +76,14 @@ def drift_scalars(previous: Any, result: Any, k: int) -> Dict[str, float]:
         jaccard = _nanmean(topk_jaccard(torch.nan_to_num(before, nan=-math.inf),
                                         torch.nan_to_num(after, nan=-math.inf), min(k, len(t_a))))
         rank_correlation = _nanmean(spearman(before, after))
-    (alpha_before, spread_before), (alpha_after, spread_after) = (
-        distribution_of(previous, q_a, t_a), distribution_of(result, q_b, t_b))
+    before_tail, after_tail = distribution_of(previous, q_a, t_a), distribution_of(result, q_b, t_b)
     out: Dict[str, Optional[float]] = {
         "drift/spearman": rank_correlation,
         with_k("drift/topk_jaccard", k): jaccard,
         with_k("drift/topk_churn", k): 1.0 - jaccard,
-        "drift/tail_alpha_change": (alpha_after - alpha_before
-                                    if alpha_before is not None and alpha_after is not None else None),
-        "drift/top1pct_share_change": spread_after["top1pct_share"] - spread_before["top1pct_share"],
+        "drift/tail_alpha_change": (after_tail.alpha - before_tail.alpha
+                                    if before_tail.alpha is not None and after_tail.alpha is not None else None),
+        "drift/top1pct_share_change": after_tail.spread["top1pct_share"] - before_tail.spread["top1pct_share"],
     }
     before_shares, after_shares = result_layer_shares(previous), result_layer_shares(result)
     if before_shares is not None and after_shares is not None and previous.layer_names == result.layer_names:

@@ -362,7 +362,8 @@ def _comparison_section(analysis: Analysis) -> str:
         for name, values in (("Spearman", c.spearman), ("Kendall tau-b", c.kendall))
     ]
     overlap = [(k, _num(c.topk_jaccard[k]), _num(c.topk_rbo[k])) for k in c.topk_jaccard]
-    shifts = [("tail_alpha", _num(c.tail_alpha[0]), _num(c.tail_alpha[1]))]
+    shifts = [("tail_alpha", _num(c.tail_alpha[0]), _num(c.tail_alpha[1])),
+              ("tail_plausible_fraction", _num(c.tail_plausible_fraction[0]), _num(c.tail_plausible_fraction[1]))]
     shifts += [(key, _num(c.concentration[0].get(key)), _num(c.concentration[1].get(key)))
                for key in ("top1pct_share", "top10pct_share", "gini", "positive_fraction")]
     changes = [(q, " ".join(map(str, entered)), " ".join(map(str, left)))

@@ -37,8 +37,8 @@ def run_result(step, run_id, pool_size, *, path=None, seed=None):
 def tail_fits(monkeypatch):
     """Counts the per-checkpoint tail fits (the expensive part of a trajectory row)."""
     calls = []
-    real = compare_module.median_alpha
-    monkeypatch.setattr(compare_module, "median_alpha", lambda scores: calls.append(1) or real(scores))
+    real = compare_module.dense_tail_fits
+    monkeypatch.setattr(compare_module, "dense_tail_fits", lambda scores: calls.append(1) or real(scores))
     return calls
 
 

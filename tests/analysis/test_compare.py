@@ -180,3 +180,22 @@ def test_trajectory_tolerates_unmatched_and_degenerate_checkpoints(scores):
     assert series["topk_churn@10"] == [None, None] and series["spearman_prev"] == [None, None]
     assert series["tail_alpha"][1] is None and series["gini"][1] is None
     assert not math.isnan(series["gini"][0])
+
+
+def test_the_tail_exponent_is_shown_with_its_plausibility_in_the_trajectory_and_the_comparison():
+    """Where α is shown, the share of queries whose tail is a plausible power law is shown beside it
+    (issue 24): the same share the result's summary logs."""
+    from lightning_influence.analysis import summarize
+
+    generator = torch.Generator().manual_seed(1)
+    pareto = torch.rand(8, 3000, generator=generator).pow(-1 / 1.5)  # power-law tails: plausible
+    lognormal = (2.0 * torch.randn(8, 3000, generator=generator)).exp()  # a log-normal: favoured over a power law
+    results = [make_result(pareto.double(), step=10), make_result(lognormal.double(), step=20)]
+    expected = [summarize(r).scalars["tail_plausible_fraction"] for r in results]
+    assert expected[0] > expected[1]
+    traj = trajectory(results)
+    assert traj["tail_plausible_fraction"] == pytest.approx(expected)
+    comparison = compare(*results)
+    assert list(comparison.tail_plausible_fraction) == pytest.approx(expected)
+    assert comparison.to_dict()["tail_plausible_fraction"] == pytest.approx(expected)
+    assert "tail_plausible_fraction" in comparison.format_table()
