@@ -1,5 +1,5 @@
 """Fresh curvature at a checkpoint: the staleness of training-time covariances, and the refit of
-stale layers from the correction pass (``curvature_refresh``)."""
+stale layers from the correction pass (``curvature.refresh``)."""
 
 from __future__ import annotations
 

@@ -175,7 +175,7 @@ def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_pa
     """PEFT LoRA on the Llama's q_proj / v_proj: only the adapters are tracked (the frozen base
     weights are not), and influence after the first step, whose statistics saw ``lora_B = 0`` (no
     curvature for ``lora_A``: K-FAC's S eigenvalues are all 0, used as collected with
-    ``curvature_refresh="never"``), is finite under EK-FAC and K-FAC."""
+    ``curvature.refresh="never"``), is finite under EK-FAC and K-FAC."""
     peft = pytest.importorskip("peft")
     pool = token_examples(16, seed=7, min_len=8)
     for strategy in ("ekfac", "kfac"):
