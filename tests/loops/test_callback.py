@@ -318,7 +318,7 @@ def test_lightning_cli_introspects_the_arguments():
     (dict(num_queries=0), "num_queries"),
     (dict(every_n_epochs=0), "every_n_epochs"),
     (dict(curvature=dict(loss_reduction="avg")), "loss_reduction"),
-    (dict(window="sliding"), "window"),
+    (dict(window="sliding"), "window"),  # the deprecated flat name, refused before its FutureWarning
     (dict(curvature={"ema_decay": 1.0}), "ema_decay"),
     (dict(curvature=dict(covariance_dtype="bfloat16")), "covariance_dtype"),
     (dict(query_data="train"), "query_data"),
