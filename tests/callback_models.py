@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 NUM_CLASSES = 3
+SETTINGS_GROUPS = ("curvature", "scoring", "report")
 CENTRES = torch.tensor([[2.0, 0.0], [-1.0, 1.7], [-1.0, -1.7]])
 
 
@@ -32,6 +33,16 @@ def planted_data(n_train: int = 96, n_val: int = 16, seed: int = 0):
     planted = n_train // 2
     x[planted], y[planted] = xv[0] + 0.01, 2
     return TensorDataset(x, y), TensorDataset(xv, yv), planted
+
+
+def merged_settings(defaults: dict, overrides: dict) -> dict:
+    """``defaults`` updated by ``overrides``, a settings group given as a dict on both sides merged
+    field by field (``curvature={"fisher": "true"}`` keeps the defaults' other curvature fields)."""
+    merged = {**defaults, **overrides}
+    for group in SETTINGS_GROUPS:
+        if isinstance(defaults.get(group), dict) and isinstance(overrides.get(group), dict):
+            merged[group] = {**defaults[group], **overrides[group]}
+    return merged
 
 
 def make_module_class(pl):

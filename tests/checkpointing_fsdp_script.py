@@ -87,9 +87,10 @@ def fit(out: Path, sharding: str, checkpointing: bool):
         strategy = CPUFSDPStrategy(activation_checkpointing_policy={nn.Linear} if checkpointing else None,
                                    auto_wrap_policy={nn.Linear}, use_orig_params=True)
     callback = InfluenceCallback(li.ClassificationTask(), num_queries=4, every_n_epochs=None,
-                                 output_dir=str(out / "influence"), on_checkpoint=False, report=False,
-                                 show_progress=False, on_error="raise", max_train_examples=33, batch_size=16,
-                                 collect_every_n_steps=1, top_k=3, self_influence=True)
+                                 output_dir=str(out / "influence"), on_checkpoint=False, on_error="raise",
+                                 curvature=dict(collect_every_n_steps=1),
+                                 scoring=dict(max_train_examples=33, batch_size=16, top_k=3, self_influence=True),
+                                 report=dict(mode="off", show_progress=False))
     trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1 if single else 2, strategy=strategy, callbacks=[callback],
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, default_root_dir=str(out),

@@ -35,9 +35,9 @@ def main(out: Path, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
     train, val, planted = planted_data()
     callback = InfluenceCallback(li.ClassificationTask(), num_queries=4, output_dir=str(out / "influence"),
-                                 every_n_epochs=None, on_checkpoint=False, report=False, show_progress=False,
-                                 on_error="raise", max_train_examples=45, collect_every_n_steps=1,
-                                 shard_factors=mode == "ddp-sharded")
+                                 every_n_epochs=None, on_checkpoint=False, on_error="raise",
+                                 curvature=dict(collect_every_n_steps=1, shard_factors=mode == "ddp-sharded"),
+                                 scoring=dict(max_train_examples=45), report=dict(mode="off", show_progress=False))
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2 if ddp else 1, strategy="ddp" if ddp else "auto",
         callbacks=[callback, ModelCheckpoint(dirpath=out / "ckpt", save_top_k=-1)], logger=False,

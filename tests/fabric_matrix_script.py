@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Subset  # noqa: E402
 
 import lightning_influence as li  # noqa: E402
 from lightning_influence.loops.fabric import InfluenceMonitor  # noqa: E402
-from tests.callback_models import planted_data  # noqa: E402
+from tests.callback_models import merged_settings, planted_data  # noqa: E402
 from tests.fsdp_helpers import IndexedStream  # noqa: E402
 from tests.matrix_helpers import summary  # noqa: E402
 
@@ -33,12 +33,13 @@ BATCH = 16
 def options(train) -> dict:
     return {
         "plain": {},
-        "shard_factors": {"shard_factors": True},
+        "shard_factors": {"curvature": {"shard_factors": True}},
         "stream": {"train_data": IndexedStream(Subset(train, range(POOL)))},
-        "stream_sharded": {"train_data": IndexedStream(Subset(train, range(POOL))), "shard_factors": True},
-        "self_influence": {"self_influence": True},
-        "keep_top_scores": {"keep_top_scores": 8},
-        "query_rank": {"query_rank": 2},
+        "stream_sharded": {"train_data": IndexedStream(Subset(train, range(POOL))),
+                           "curvature": {"shard_factors": True}},
+        "self_influence": {"scoring": {"self_influence": True}},
+        "keep_top_scores": {"scoring": {"keep_top_scores": 8}},
+        "query_rank": {"scoring": {"query_rank": 2}},
     }
 
 
@@ -76,10 +77,10 @@ def train_and_compute(fabric: Fabric, out: Path, option: str, settings: dict, tr
     rank, world = fabric.global_rank, fabric.world_size
     model = fabric.setup_module(classifier())
     optimizer = fabric.setup_optimizers(torch.optim.SGD(model.parameters(), lr=0.0))
-    settings = {"train_data": Subset(train, range(POOL)), **settings}
-    monitor = InfluenceMonitor(fabric, model, li.ClassificationTask(), query_data=queries,
-                               output_dir=out / option, report=False, show_progress=False, on_error="raise",
-                               batch_size=BATCH, collect_every_n_steps=1, top_k=3, **settings)
+    common = dict(train_data=Subset(train, range(POOL)), curvature=dict(collect_every_n_steps=1),
+                  scoring=dict(batch_size=BATCH, top_k=3), report=dict(mode="off", show_progress=False))
+    monitor = InfluenceMonitor(fabric, model, li.ClassificationTask(), query_data=queries, output_dir=out / option,
+                               on_error="raise", **merged_settings(common, settings))
     for _ in range(2):
         for x, y in DataLoader(train, batch_size=BATCH):
             batch = (x[rank::world], y[rank::world])

@@ -93,8 +93,9 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
         train, val, planted = planted_data(n_train=TRAIN)
         task = li.ClassificationTask()
         statistics = StepStatistics(li.select_layers(model), task, loss_reduction="mean")
-        session = InfluenceSession(task, train, Subset(val, range(4)), top_k=3, batch_size=BATCH,
-                                   correction_batches=None, shard_factors=shard_factors)
+        curvature = dict(correction_batches=None, shard_factors=shard_factors)
+        session = InfluenceSession(task, train, Subset(val, range(4)), curvature=curvature,
+                                   scoring=dict(top_k=3, batch_size=BATCH))
         session.check(model, statistics.layers)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         statistics.attach()
@@ -117,8 +118,8 @@ def train_and_score(rank: int, world: int, port: int, out: str, sharding: str, s
             last_layer = session.score(model, factors_of_last).scores
         session.pool_ids = torch.tensor([ONE_EXAMPLE])
         single = session.score(model, factors)
-        streaming = InfluenceSession(task, IndexedStream(train), Subset(val, range(4)), top_k=3, batch_size=BATCH,
-                                     correction_batches=None, shard_factors=shard_factors)
+        streaming = InfluenceSession(task, IndexedStream(train), Subset(val, range(4)), curvature=curvature,
+                                     scoring=dict(top_k=3, batch_size=BATCH))
         streamed, _ = streaming.compute(model, streaming.reduce_statistics(statistics), step=6,
                                         layers=statistics.layers)
         counting.remove()

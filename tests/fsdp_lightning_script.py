@@ -40,8 +40,10 @@ def main(out: Path, mode: str) -> None:
     pl.seed_everything(0, verbose=False)
     train, val, planted = planted_data()
     callback = InfluenceCallback(li.ClassificationTask(), num_queries=4, output_dir=str(out / "influence"),
-                                 every_n_epochs=None, on_checkpoint=False, report=False, show_progress=False,
-                                 on_error="raise", max_train_examples=33, batch_size=16, collect_every_n_steps=1)
+                                 every_n_epochs=None, on_checkpoint=False, on_error="raise",
+                                 curvature=dict(collect_every_n_steps=1),
+                                 scoring=dict(max_train_examples=33, batch_size=16),
+                                 report=dict(mode="off", show_progress=False))
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1) if mode == "fsdp2" else "ddp"
     trainer = pl.Trainer(
         max_epochs=2, accelerator="cpu", devices=2, strategy=strategy, callbacks=[callback], logger=False,

@@ -20,24 +20,26 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lightning_influence.loops.hf import InfluenceTrainerCallback  # noqa: E402
+from tests.callback_models import merged_settings  # noqa: E402
 from tests.matrix_helpers import summary  # noqa: E402
 from tests.loops.test_integrations import TokenData, tiny_gpt2  # noqa: E402
 
 OPTIONS = {
     "plain": {},
-    "shard_factors": {"shard_factors": True},
-    "self_influence": {"self_influence": True},
-    "keep_top_scores": {"keep_top_scores": 8},
-    "query_rank": {"query_rank": 2},
+    "shard_factors": {"curvature": {"shard_factors": True}},
+    "self_influence": {"scoring": {"self_influence": True}},
+    "keep_top_scores": {"scoring": {"keep_top_scores": 8}},
+    "query_rank": {"scoring": {"query_rank": 2}},
 }
 
 
 def main(out: Path, mode: str) -> None:
     distributed = mode == "ddp"
+    common = dict(curvature=dict(collect_every_n_steps=1, max_tokens_per_step=None),
+                  scoring=dict(top_k=3, batch_size=8), report=dict(mode="off", show_progress=False))
     callbacks = {option: InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), output_dir=str(out / option),
-                                                  on_train_end=True, report=False, show_progress=False,
-                                                  on_error="raise", collect_every_n_steps=1, top_k=3, batch_size=8,
-                                                  max_tokens_per_step=None, **settings)
+                                                  on_train_end=True, on_error="raise",
+                                                  **merged_settings(common, settings))
                  for option, settings in OPTIONS.items()}
     args = transformers.TrainingArguments(
         output_dir=str(out / "hf"), per_device_train_batch_size=2 if distributed else 4, gradient_accumulation_steps=2,

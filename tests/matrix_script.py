@@ -24,7 +24,7 @@ from pytorch_lightning.strategies import ModelParallelStrategy  # noqa: E402
 import lightning_influence as li  # noqa: E402
 from lightning_influence.engine.distributed import gather_objects  # noqa: E402
 from lightning_influence.loops.callback import InfluenceCallback  # noqa: E402
-from tests.callback_models import make_module_class, planted_data  # noqa: E402
+from tests.callback_models import make_module_class, merged_settings, planted_data  # noqa: E402
 from tests.ddp_script import UnshuffledData  # noqa: E402
 from tests.fsdp_helpers import IndexedStream  # noqa: E402
 from tests.fsdp_lightning_script import ShardedClassifier  # noqa: E402
@@ -50,22 +50,25 @@ class OptionCallback(InfluenceCallback):
 def options(train) -> dict:
     return {
         "plain": {},
-        "shard_factors": {"shard_factors": True},
+        "shard_factors": {"curvature": {"shard_factors": True}},
         "stream": {"train_data": IndexedStream(train)},
-        "stream_sharded": {"train_data": IndexedStream(train), "shard_factors": True},
-        "ledger": {"ledger": True},
-        "self_influence": {"self_influence": True},
-        "keep_top_scores": {"keep_top_scores": 8},
-        "query_rank": {"query_rank": 2},
-        "shard_statistics": {"shard_factors": True, "shard_statistics": True},  # approximate: own batches
+        "stream_sharded": {"train_data": IndexedStream(train), "curvature": {"shard_factors": True}},
+        "ledger": {"scoring": {"ledger": 32}},
+        "self_influence": {"scoring": {"self_influence": True}},
+        "keep_top_scores": {"scoring": {"keep_top_scores": 8}},
+        "query_rank": {"scoring": {"query_rank": 2}},
+        # approximate: each process collects from its own batches
+        "shard_statistics": {"curvature": {"shard_factors": True, "shard_statistics": True}},
     }
 
 
 def callbacks(out: Path, train, chosen) -> list:
-    return [OptionCallback(option, task=li.ClassificationTask(), num_queries=4, every_n_epochs=None,
-                           output_dir=str(out / option), on_checkpoint=False, report=False, show_progress=False,
-                           on_error="raise", max_train_examples=POOL, batch_size=16, collect_every_n_steps=1,
-                           top_k=3, **settings)
+    common = dict(num_queries=4, every_n_epochs=None, on_checkpoint=False, on_error="raise",
+                  curvature=dict(collect_every_n_steps=1),
+                  scoring=dict(max_train_examples=POOL, batch_size=16, top_k=3),
+                  report=dict(mode="off", show_progress=False))
+    return [OptionCallback(option, task=li.ClassificationTask(), output_dir=str(out / option),
+                           **merged_settings(common, settings))
             for option, settings in options(train).items() if option in chosen]
 
 

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Subset
 import lightning_influence as li
 from lightning_influence.loops.callback import InfluenceCallback
 from lightning_influence.engine.curvature_passes import accumulate_covariances
-from tests.callback_models import make_datamodule_class, make_module_class, planted_data
+from tests.callback_models import make_datamodule_class, make_module_class, merged_settings, planted_data
 
 Classifier = make_module_class(pl)
 BlobData = make_datamodule_class(pl)
@@ -26,11 +26,10 @@ COLLECT_ONLY = dict(every_n_epochs=None, every_n_train_steps=1000, on_checkpoint
 def make_callback(tmp_path, **kwargs) -> InfluenceCallback:
     """The callback with test defaults: 4 queries, files under ``tmp_path``, errors raised, every
     training step collected in full (so statistics can be compared with an offline pass)."""
-    settings = dict(task=li.ClassificationTask(), num_queries=4, output_dir=str(tmp_path / "influence"),
-                    on_error="raise", show_progress=False, report=False, collect_every_n_steps=1,
-                    max_tokens_per_step=None)
-    settings.update(kwargs)
-    return InfluenceCallback(**settings)
+    defaults = dict(task=li.ClassificationTask(), num_queries=4, output_dir=str(tmp_path / "influence"),
+                    on_error="raise", report=dict(mode="off", show_progress=False),
+                    curvature=dict(collect_every_n_steps=1, max_tokens_per_step=None))
+    return InfluenceCallback(**merged_settings(defaults, kwargs))
 
 
 def make_trainer(tmp_path, callbacks: Sequence[pl.Callback], **kwargs) -> pl.Trainer:

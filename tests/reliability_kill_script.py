@@ -63,8 +63,8 @@ def main(mode: str, run_dir: str) -> None:
     elif mode == "kill-after-checkpoint":  # the background worker never finishes drawing step 6's report
         publisher.ResultPublisher._complete = lambda *args: threading.Event().wait()
         callbacks.append(KillInSecondEpoch())
-    cb = make_callback(run, every_n_epochs=1, on_checkpoint=False, on_train_end=False, batch_size=16,
-                       report=mode == "kill-after-checkpoint")
+    cb = make_callback(run, every_n_epochs=1, on_checkpoint=False, on_train_end=False, scoring=dict(batch_size=16),
+                       report=dict(mode="background" if mode == "kill-after-checkpoint" else "off"))
     ckpt = str(run / "ckpt" / "epoch=0-step=6.ckpt") if mode == "resume" else None
     fit(run, cb, callbacks=callbacks, batch_size=16, max_epochs=2, enable_checkpointing=True, ckpt_path=ckpt)
 

@@ -18,6 +18,7 @@ import lightning_influence as li
 from lightning_influence.engine import distributed
 from lightning_influence.engine.collector import StepStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
+from tests.callback_models import merged_settings
 
 BATCH = 8
 
@@ -55,8 +56,8 @@ def collect(model, train, rank: int = 0, world: int = 1, statistics_device=None)
 
 
 def session(train, queries, **settings) -> InfluenceSession:
-    return InfluenceSession(li.ClassificationTask(), train, queries, batch_size=BATCH, correction_batches=None,
-                            top_k=2, **settings)
+    defaults = dict(curvature=dict(correction_batches=None), scoring=dict(batch_size=BATCH, top_k=2))
+    return InfluenceSession(li.ClassificationTask(), train, queries, **merged_settings(defaults, settings))
 
 
 def _init(rank: int, world: int, out: str) -> None:
@@ -75,7 +76,7 @@ def fit_and_score(rank: int, world: int, out: str, variants) -> None:
         statistics = collect(model, train, rank, world)
         saved = {}
         for fisher, shard in variants:
-            run = session(train, queries, fisher=fisher, shard_factors=shard)
+            run = session(train, queries, curvature=dict(fisher=fisher, shard_factors=shard))
             distributed.traffic.update(sent=0, received=0)
             stats = run.reduce_statistics(statistics)
             factors = run.fit_factors(model, stats, step=3, layers=statistics.layers)
@@ -101,7 +102,8 @@ def load_and_score(rank: int, world: int, out: str, saved: str) -> None:
     try:
         model, train, queries = model_and_data()
         factors = li.load_factors(saved, shard=True)
-        result = session(train, queries, fisher="empirical", shard_factors=True).score(model, factors, step=3)
+        run = session(train, queries, curvature=dict(fisher="empirical", shard_factors=True))
+        result = run.score(model, factors, step=3)
         torch.save({"scores": result.scores, "held": sorted(factors.layers), "owners": factors.owners},
                    f"{out}/rank{rank}.pt")
     finally:

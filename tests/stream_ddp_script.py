@@ -24,7 +24,8 @@ def main(out: Path, rank: int, world: int, port: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     model = trained_blob_model()
     session = InfluenceSession(li.ClassificationTask(), BlobStream(), Subset(planted_data()[1], range(4)),
-                               top_k=3, batch_size=8, correction_batches=3, max_train_examples=91)
+                               curvature=dict(correction_batches=3),
+                               scoring=dict(top_k=3, batch_size=8, max_train_examples=91))
     streams = []
     make_stream = session.pool_stream
     session.pool_stream = lambda *args, **kwargs: streams.append(make_stream(*args, **kwargs)) or streams[-1]

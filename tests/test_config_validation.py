@@ -9,7 +9,6 @@ import dataclasses
 import json
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -17,7 +16,6 @@ from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_influence as li
-from lightning_influence._deprecated import regroup
 from lightning_influence.config import (
     BUILTIN_TASKS, SEED_LIMIT, CurvatureConfig, InfluenceConfig, ReportConfig, ScoringConfig,
 )
@@ -79,11 +77,9 @@ BAD_VALUE = {
 
 
 def _config(**changes) -> InfluenceConfig:
-    """A config from flat fields, ``"<group>.<field>"`` keys and the old flat names (translated quietly)."""
+    """A config from flat fields and ``"<group>.<field>"`` keys."""
     dotted = {key: value for key, value in changes.items() if "." in key}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        settings = regroup({"task": "classification", **{k: v for k, v in changes.items() if k not in dotted}})
+    settings = {"task": "classification", **{k: v for k, v in changes.items() if k not in dotted}}
     for key, value in dotted.items():
         group, name = key.split(".")
         settings[group] = {**(settings.get(group) or {}), name: value}
@@ -91,19 +87,20 @@ def _config(**changes) -> InfluenceConfig:
 
 
 @pytest.mark.parametrize("changes, message", [
-    (dict(strategy="diagonal"), "curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac' (got 'diagonal')"),
-    (dict(self_influence=True), "scoring.self_influence needs every layer's factors on every process"),
-    (dict(ledger=True), "scoring.ledger needs every layer's factors on every process"),
+    ({"curvature.strategy": "diagonal"},
+     "curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac' (got 'diagonal')"),
+    ({"scoring.self_influence": True}, "scoring.self_influence needs every layer's factors on every process"),
+    ({"scoring.ledger": 32}, "scoring.ledger needs every layer's factors on every process"),
 ])
 def test_sharded_factors_refuse_what_needs_every_layer_on_every_process(changes, message):
     with pytest.raises(ValueError, match=re.escape(message)):
-        _config(shard_factors=True, **changes).validate()
+        _config(**{"curvature.shard_factors": True}, **changes).validate()
 
 
 def test_sharded_statistics_need_sharded_factors():
     with pytest.raises(ValueError, match="curvature.shard_statistics needs curvature.shard_factors=True"):
-        _config(shard_statistics=True).validate()
-    _config(shard_statistics=True, shard_factors=True).validate()
+        _config(**{"curvature.shard_statistics": True}).validate()
+    _config(**{"curvature.shard_statistics": True, "curvature.shard_factors": True}).validate()
 
 
 def test_the_table_has_a_bad_value_for_every_field():
@@ -118,10 +115,10 @@ def test_a_bad_value_fails_naming_the_field(field):
 
 
 @pytest.mark.parametrize("changes,message", [
-    (dict(damping=1e300), "or None for the per-layer heuristic; got 1e+300"),
-    (dict(damping=-math.inf), "or None for the per-layer heuristic; got -inf"),
-    (dict(damping=math.nan), "or None for the per-layer heuristic; got nan"),
-    (dict(damping="1e-3"), "or None for the per-layer heuristic; got '1e-3'"),
+    ({"curvature.damping": 1e300}, "or None for the per-layer heuristic; got 1e+300"),
+    ({"curvature.damping": -math.inf}, "or None for the per-layer heuristic; got -inf"),
+    ({"curvature.damping": math.nan}, "or None for the per-layer heuristic; got nan"),
+    ({"curvature.damping": "1e-3"}, "or None for the per-layer heuristic; got '1e-3'"),
     (dict(seed=-1), "seed must be an integer >= 0, got -1"),
     (dict(seed=SEED_LIMIT), "seed must be below 2**62"),
     (dict(query_data=None), "query_data must be 'val', 'test', a Dataset or a DataLoader, got None"),
@@ -129,10 +126,11 @@ def test_a_bad_value_fails_naming_the_field(field):
     (dict(output_dir=b"/tmp/out"), "output_dir must be a path (str or os.PathLike)"),
     (dict(task=object()), "task must be a lightning_influence.Task or one of ('classification', 'regression', "
                           "'causal_lm'), got <object objec"),
-    (dict(exclude=["net.0", 3]), "curvature.exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
-    (dict(keep_top_scores=5, top_k=10), "scoring.keep_top_scores=5 is smaller than scoring.top_k=10"),
-    (dict(pool_id_key=7), "scoring.pool_id_key must be a non-empty string"),
-    (dict(top_k=0), "scoring.top_k must be at least 1 in a training loop"),
+    ({"curvature.exclude": ["net.0", 3]},
+     "curvature.exclude must be a list of module names or glob patterns, got ['net.0', 3]"),
+    ({"scoring.keep_top_scores": 5, "scoring.top_k": 10}, "scoring.keep_top_scores=5 is smaller than scoring.top_k=10"),
+    ({"scoring.pool_id_key": 7}, "scoring.pool_id_key must be a non-empty string"),
+    ({"scoring.top_k": 0}, "scoring.top_k must be at least 1 in a training loop"),
 ], ids=["damping-huge", "damping-minus-inf", "damping-nan", "damping-string", "seed-negative", "seed-limit",
         "query-none", "train-float", "output-bytes", "task-object", "exclude-non-string", "keep-below-top-k",
         "id-key-not-string", "no-top-examples-in-a-loop"])
@@ -142,12 +140,12 @@ def test_more_bad_values(changes, message):
 
 
 def test_equivalent_spellings_are_accepted_and_normalised(tmp_path):
-    config = _config(output_dir=tmp_path / "out", exclude=None, layers=("net.0",), damping=1e30,
-                     seed=SEED_LIMIT - 1).validate()
+    config = _config(output_dir=tmp_path / "out", seed=SEED_LIMIT - 1, **{
+        "curvature.exclude": None, "curvature.layers": ("net.0",), "curvature.damping": 1e30}).validate()
     assert config.output_dir == str(tmp_path / "out") and isinstance(config.output_dir, str)
     assert config.curvature.exclude == () and config.curvature.layers == ["net.0"]
-    assert _config(exclude=["net.2"]).validate().curvature.exclude == ("net.2",)
-    assert _config(exclude=OmegaConf.create(["net.2"])).validate().curvature.exclude == ("net.2",)
+    assert _config(**{"curvature.exclude": ["net.2"]}).validate().curvature.exclude == ("net.2",)
+    assert _config(**{"curvature.exclude": OmegaConf.create(["net.2"])}).validate().curvature.exclude == ("net.2",)
     json.dumps(config.to_dict())  # the normalised settings are JSON as they are
 
 
@@ -210,7 +208,7 @@ def test_coerce_refuses_naming_what_is_wrong(value, message):
 
 # -- fingerprint ---------------------------------------------------------------------------------------
 def test_resume_fingerprint_holds_what_changes_the_statistics():
-    assert _config(fisher="true", seed=5).resume_fingerprint() == {
+    assert _config(seed=5, **{"curvature.fisher": "true"}).resume_fingerprint() == {
         "task": "ClassificationTask", "strategy": "ekfac", "fisher": "true", "covariance_dtype": "float32",
         "loss_reduction": "mean", "window": "reset", "max_train_examples": None, "seed": 5}
 
@@ -235,7 +233,7 @@ def test_a_sound_schedule_has_nothing_to_say():
     (dict(every_n_epochs=None, on_train_end=False), dict(saves_checkpoints=False),
      "on_checkpoint is the only trigger but the trainer saves no checkpoints (no ModelCheckpoint); enable "
      "checkpointing or another trigger"),
-    (dict(collect_every_n_steps=16), dict(steps_per_epoch=6),
+    ({"curvature.collect_every_n_steps": 16}, dict(steps_per_epoch=6),
      "curvature.collect_every_n_steps=16 is more than the 6 optimizer steps between influence computations "
      "(every_n_epochs=1): some windows would hold no statistics; lower curvature.collect_every_n_steps"),
 ], ids=["epochs", "steps", "collect", "checkpoints", "empty-windows"])
@@ -247,8 +245,9 @@ def test_a_schedule_that_never_computes_is_refused(changes, run, message):
 def test_windows_are_judged_over_all_the_epochs_between_computations():
     """16 collections apart, every 2 epochs of 8 steps: every window holds a collected step;
     a moving average has no windows to empty."""
-    assert _config(collect_every_n_steps=16, every_n_epochs=2).check_schedule(**{**RUN, "steps_per_epoch": 8}) == []
-    assert _config(collect_every_n_steps=16, window="ema").check_schedule(**{**RUN, "steps_per_epoch": 6}) == []
+    every_16 = {"curvature.collect_every_n_steps": 16}
+    assert _config(every_n_epochs=2, **every_16).check_schedule(**{**RUN, "steps_per_epoch": 8}) == []
+    assert _config(**every_16, **{"curvature.ema_decay": 0.99}).check_schedule(**{**RUN, "steps_per_epoch": 6}) == []
 
 
 def test_a_step_trigger_beyond_the_run_as_the_only_trigger_warns():

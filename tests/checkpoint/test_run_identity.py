@@ -21,17 +21,17 @@ from torch.utils.data import Subset
 import lightning_influence as li
 from lightning_influence.loops.callback import STATE_VERSION
 from lightning_influence.checkpoint.run_dir import LOCK_FILE
-from tests.callback_models import planted_data
+from tests.callback_models import merged_settings, planted_data
 from tests.reliability_helpers import Classifier, assert_refused_before_training, fit, make_callback, seeded
 
-EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False, batch_size=16)
+EPOCHS = dict(every_n_epochs=1, on_checkpoint=False, on_train_end=False, scoring=dict(batch_size=16))
 ROOT = Path(__file__).resolve().parents[2]
 KILL_SCRIPT = ROOT / "tests" / "reliability_kill_script.py"
 
 
 def train(run: Path, cb=None, *, epochs: int = 1, ckpt_path=None, callbacks=(), default_root_dir=None, **settings):
     """Train the blob classifier with a checkpoint per epoch under ``run/ckpt``; returns the callback."""
-    cb = cb if cb is not None else make_callback(run, **dict(EPOCHS, **settings))
+    cb = cb if cb is not None else make_callback(run, **merged_settings(EPOCHS, settings))
     fit(run, cb, batch_size=16, max_epochs=epochs, enable_checkpointing=True, ckpt_path=ckpt_path,
         callbacks=[ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1), *callbacks],
         **({"default_root_dir": default_root_dir} if default_root_dir else {}))
@@ -97,7 +97,8 @@ def test_a_resume_keeps_its_run_id_through_settings_scores_do_not_depend_on(tmp_
     saved, key = influence_state(checkpoint)
     assert saved["callbacks"][key]["run_id"] == first.run_id and saved["callbacks"][key]["version"] == STATE_VERSION
 
-    resumed = train(tmp_path, epochs=2, ckpt_path=str(checkpoint), **dict(EPOCHS, every_n_epochs=2, show_progress=True))
+    resumed = train(tmp_path, epochs=2, ckpt_path=str(checkpoint),
+                    **dict(EPOCHS, every_n_epochs=2, report=dict(show_progress=True)))
     assert resumed.run_id == first.run_id
     results = resumed.results
     assert [r.step for r in results] == [6, 12]
@@ -221,7 +222,7 @@ def test_kill_after_a_checkpoint_then_resume_delivers_every_report_at_its_own_st
     assert not (out / "step=6" / "report" / "summary.json").exists()  # killed before its report was complete
 
     logger = WandbLogger(offline=True, save_dir=str(tmp_path), project="li-test")
-    cb = make_callback(run, **dict(EPOCHS, report=True))
+    cb = make_callback(run, **dict(EPOCHS, report=dict(mode="background")))
     fit(run, cb, batch_size=16, max_epochs=2, enable_checkpointing=True, logger=logger,
         callbacks=[ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1)],
         ckpt_path=str(run / "ckpt" / "epoch=0-step=6.ckpt"))

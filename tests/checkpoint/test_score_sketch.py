@@ -52,7 +52,8 @@ def digits_run():
 
 def _score(run, keep):
     model, task, train, queries, factors = run
-    return InfluenceSession(task, train, queries, top_k=5, batch_size=128, keep_top_scores=keep).score(model, factors)
+    session = InfluenceSession(task, train, queries, scoring=dict(top_k=5, batch_size=128, keep_top_scores=keep))
+    return session.score(model, factors)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_a_kept_result_saves_loads_compares_and_reports(digits_run, tmp_path):
 def test_the_callback_keeps_top_scores_when_asked(tmp_path):
     """A real Trainer with keep_top_scores: the saved result holds the sketch, no dense scores, and
     its top examples with their token scores."""
-    cb = make_callback(tmp_path, keep_top_scores=12, top_k=3, every_n_epochs=None)
+    cb = make_callback(tmp_path, scoring=dict(keep_top_scores=12, top_k=3), every_n_epochs=None)
     fit(tmp_path, cb)
     result = cb.results[-1]
     assert result.scores is None and result.get("kept_top_scores").shape == (4, 12)

@@ -29,7 +29,8 @@ def test_a_plain_pytorch_loop_gets_results_through_the_session(tmp_path):
     model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3))
     task = li.ClassificationTask()
     statistics = StepStatistics(li.select_layers(model), task, loss_reduction="mean")
-    session = InfluenceSession(task, train, torch.utils.data.Subset(val, range(4)), top_k=3, batch_size=16)
+    session = InfluenceSession(task, train, torch.utils.data.Subset(val, range(4)),
+                               scoring=dict(top_k=3, batch_size=16))
     session.check(model, statistics.layers)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
     statistics.attach()
@@ -73,7 +74,8 @@ DATA_MODULE = textwrap.dedent(
 def test_cli_score_reproduces_the_callbacks_result(tmp_path, monkeypatch, capsys):
     """The callback's result at the end of training, re-scored from the final checkpoint and the
     factors saved with it: the same scores, top examples and per-token scores."""
-    cb = make_callback(tmp_path, every_n_epochs=None, on_checkpoint=False, on_train_end=True, top_k=3)
+    cb = make_callback(tmp_path, every_n_epochs=None, on_checkpoint=False, on_train_end=True,
+                       scoring=dict(top_k=3))
     trainer, _ = fit(tmp_path, cb, seeded(Classifier), max_epochs=2)
     checkpoint = tmp_path / "final.ckpt"
     trainer.save_checkpoint(checkpoint)

@@ -18,7 +18,7 @@ from torch.utils.data import Subset
 
 import lightning_influence as li
 from lightning_influence.checkpoint.session import InfluenceSession
-from tests.callback_models import planted_data
+from tests.callback_models import merged_settings, planted_data
 from tests.reliability_helpers import fit, make_callback
 from tests.stream_ddp_script import main as stream_ddp_main
 from tests.stream_helpers import ID_OFFSET, BlobStream, DictExamples, blob_statistics, trained_blob_model
@@ -27,8 +27,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "stream_ddp_script.py"
 QUERIES = Subset(planted_data()[1], range(4))
 
 
-def _session(pool, **kwargs):
-    return InfluenceSession(li.ClassificationTask(), pool, QUERIES, **{"top_k": 3, "batch_size": 16, **kwargs})
+def _session(pool, **settings):
+    defaults = dict(scoring=dict(top_k=3, batch_size=16))
+    return InfluenceSession(li.ClassificationTask(), pool, QUERIES, **merged_settings(defaults, settings))
 
 
 @pytest.mark.parametrize("keep_top_scores", [None, 20])
@@ -37,8 +38,8 @@ def test_a_stream_gives_the_map_style_scores_under_its_ids(keep_top_scores):
     the map-style pool, keyed by the stream's ids (sorted), dense or with keep_top_scores."""
     model = trained_blob_model()
     factors = li.fit_factors(model, li.ClassificationTask(), DictExamples(), fisher="empirical")
-    mapped = _session(DictExamples(), keep_top_scores=keep_top_scores).score(model, factors)
-    streamed = _session(BlobStream(), keep_top_scores=keep_top_scores).score(model, factors)
+    mapped = _session(DictExamples(), scoring=dict(keep_top_scores=keep_top_scores)).score(model, factors)
+    streamed = _session(BlobStream(), scoring=dict(keep_top_scores=keep_top_scores)).score(model, factors)
     assert torch.equal(streamed.train_ids, mapped.train_ids + ID_OFFSET)
     assert streamed.meta["streaming_pool"] and streamed.meta["run"]["pool_size"] == 96
     for name in ("top_ids", "bottom_ids", "kept_top_ids", "kept_bottom_ids"):
@@ -55,7 +56,7 @@ def test_the_correction_pass_reads_the_streams_first_batches():
     stream's first 32 items, as fit_factors gives on exactly those examples."""
     model = trained_blob_model()
     statistics = blob_statistics(model)
-    session = _session(BlobStream(), correction_batches=2)
+    session = _session(BlobStream(), curvature=dict(correction_batches=2))
     fitted = session.fit_factors(model, statistics)
     first_items = Subset(DictExamples(), list(reversed(range(96)))[:32])
     expected = li.fit_factors(model, li.ClassificationTask(), first_items, "ekfac", "empirical",
@@ -69,7 +70,7 @@ def test_max_train_examples_reads_only_the_first_items():
     model = trained_blob_model()
     factors = li.fit_factors(model, li.ClassificationTask(), DictExamples(), fisher="empirical")
     stream = BlobStream()
-    result = _session(stream, max_train_examples=40, top_k=0).score(model, factors)
+    result = _session(stream, scoring=dict(max_train_examples=40, top_k=0)).score(model, factors)
     assert result.train_ids.tolist() == [ID_OFFSET + index for index in range(56, 96)]
     assert stream.yielded == 40  # nothing past the limit is read
 
@@ -91,13 +92,14 @@ def test_items_without_a_usable_id_are_refused(stream, message):
 def test_another_id_key_is_read_and_the_memory_estimate_says_what_grows():
     model = trained_blob_model()
     layers = li.select_layers(model)
-    session = _session(BlobStream(id_key="row"), pool_id_key="row")
+    session = _session(BlobStream(id_key="row"), scoring=dict(pool_id_key="row"))
     session.check(model, layers)  # the check's batch is read without its id too
     assert "scores 4 bytes x 4 queries per streamed training example (set keep_top_scores" in \
         session.memory_estimate(layers)
     assert "scores 0.0637 MiB (top/bottom 10 per query and a sketch of the rest, 4 queries" in \
-        _session(BlobStream(), keep_top_scores=10).memory_estimate(layers)
-    assert "(4 queries x 40 training examples" in _session(BlobStream(), max_train_examples=40).memory_estimate(layers)
+        _session(BlobStream(), scoring=dict(keep_top_scores=10)).memory_estimate(layers)
+    assert "(4 queries x 40 training examples" in \
+        _session(BlobStream(), scoring=dict(max_train_examples=40)).memory_estimate(layers)
 
 
 def _free_port() -> int:
@@ -135,8 +137,8 @@ def test_two_processes_score_each_streamed_example_once(tmp_path):
 def test_the_callback_scores_a_streaming_pool_with_kept_top_scores(tmp_path):
     """A real Trainer with a streaming train_data and keep_top_scores: the saved result is keyed by
     the stream's ids and reported (its tables show ids: a stream cannot be indexed)."""
-    cb = make_callback(tmp_path, train_data=BlobStream(), keep_top_scores=10, top_k=3, every_n_epochs=None,
-                       report=True)
+    cb = make_callback(tmp_path, train_data=BlobStream(), scoring=dict(keep_top_scores=10, top_k=3),
+                       every_n_epochs=None, report=dict(mode="background"))
     fit(tmp_path, cb)
     (result,) = cb.results
     assert torch.equal(result.train_ids, torch.arange(96) + ID_OFFSET) and result.meta["n_pool"] == 96

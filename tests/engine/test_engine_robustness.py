@@ -68,7 +68,8 @@ def test_the_session_names_a_nonfinite_example_by_its_dataset_index_in_every_war
     torch.manual_seed(0)
     model, task, clean = mlp(), li.ClassificationTask(), classification_data(n=40)
     session = li.InfluenceSession(task, _poisoned(clean, {7: math.nan}), Subset(clean, range(3)),
-                                  fisher="empirical", batch_size=8, correction_batches=None, top_k=2)
+                                  curvature=dict(fisher="empirical", correction_batches=None),
+                                  scoring=dict(batch_size=8, top_k=2))
     assert session.correction_ids().tolist().index(7) != 7  # shuffled: position and index differ
     layers = li.select_layers(model)
     statistics = accumulate_covariances(model, task, clean, layers, fisher="empirical")

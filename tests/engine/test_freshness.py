@@ -1,5 +1,5 @@
 """Fresh curvature at a checkpoint: the staleness of training-time covariances, and the refit of
-stale layers from the correction pass (``curvature_refresh``)."""
+stale layers from the correction pass (``curvature.refresh``)."""
 
 from __future__ import annotations
 
@@ -175,8 +175,8 @@ def _fit_with_callback(tmp_path, refresh: str, lr: float = 0.5):
     module = make_module_class(pl)(lr=lr)
     callback = li.InfluenceCallback(task="classification", query_data=Subset(val, range(4)), train_data=train,
                                     every_n_epochs=None, on_train_end=True, output_dir=str(tmp_path / "influence"),
-                                    collect_every_n_steps=1, correction_batches=2, batch_size=16, top_k=2,
-                                    curvature_refresh=refresh, report=False, show_progress=False)
+                                    curvature=dict(collect_every_n_steps=1, correction_batches=2, refresh=refresh),
+                                    scoring=dict(batch_size=16, top_k=2), report=dict(mode="off", show_progress=False))
     trainer = pl.Trainer(max_epochs=3, callbacks=[callback], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, DataLoader(train, batch_size=8, shuffle=True), DataLoader(val, batch_size=8))
@@ -188,7 +188,8 @@ def test_the_callbacks_result_when_always_refreshing_equals_a_refit_at_its_weigh
     those of EK-FAC fitted from scratch on those examples at the final weights."""
     module, callback, train, queries = _fit_with_callback(tmp_path, "always")
     (result,) = callback.results
-    session = InfluenceSession(li.ClassificationTask(), train, queries, batch_size=16, correction_batches=2)
+    session = InfluenceSession(li.ClassificationTask(), train, queries, curvature=dict(correction_batches=2),
+                               scoring=dict(batch_size=16))
     correction = Subset(train, session.correction_ids().tolist())
     refit = li.fit_factors(module, li.ClassificationTask(), correction, "ekfac", "empirical", batch_size=16)
     expected = li.compute_influence(module, li.ClassificationTask(), train, queries, factors=refit, batch_size=16)

@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 
 import lightning_influence as li
+from tests.callback_models import merged_settings
 from tests.hf_models import (HFModule, batch_encoding_collate, enable_activation_checkpointing, loader, repadded,
                              tiny_bert, tiny_gpt2, tiny_llama, token_examples)
 from tests.reliability_helpers import assert_statistics_close, make_callback, make_trainer
@@ -26,7 +27,7 @@ def train(tmp_path, model, examples, queries, task, *, epochs: int = 1, max_step
     """Fit ``HFModule(model)`` on ``examples`` (unshuffled, batches of 8) with the callback; returns
     it, with ``statistics_at_end``: its statistics when training ended (before computing influence
     resets them)."""
-    settings = {"num_queries": len(queries), "top_k": 3, **settings}
+    settings = merged_settings({"num_queries": len(queries), "scoring": {"top_k": 3}}, settings)
     cb = make_callback(tmp_path, task=task, query_data=loader(queries, collate=collate), **settings)
     snapshot = StatisticsAtTrainEnd(cb)
     torch.manual_seed(0)
@@ -88,7 +89,7 @@ def test_llama_duplicates_rank_first_with_batch_encoding_batches(tmp_path):
     ``transformers.BatchEncoding``, as tokenizers' padding collators do."""
     pool = token_examples(24, seed=2, min_len=8)
     cb = train(tmp_path, tiny_llama(), pool, copies(pool, range(4)), li.CausalLMTask(), epochs=4,
-               collate=batch_encoding_collate, loss_reduction="token_mean", **AT_END)
+               collate=batch_encoding_collate, curvature={"loss_reduction": "token_mean"}, **AT_END)
     result = cb.results[-1]
     assert "model.lm_head" in result.layer_names and "model.model.layers.1.self_attn.q_proj" in result.layer_names
     assert result.top_k(1).indices[:, 0].tolist() == [0, 1, 2, 3]
@@ -118,10 +119,10 @@ def test_extra_padding_changes_neither_statistics_nor_scores(tmp_path, name):
         # is rank-deficient (16 examples) and EK-FAC's corrected eigenvalues depend on the arbitrary
         # basis of its null space; and the heuristic damping is ~1e-8 on the lower layers. Both amplify
         # rounding differences into score differences of several percent.
-        build, task, settings = tiny_bert, li.ClassificationTask(), {"strategy": "kfac", "damping": 1e-4}
+        build, task, settings = tiny_bert, li.ClassificationTask(), {"curvature": {"strategy": "kfac", "damping": 1e-4}}
         labels = [i % 2 for i in range(16)]
     else:
-        build, task, settings = tiny_gpt2, li.CausalLMTask(), {"loss_reduction": "token_mean"}
+        build, task, settings = tiny_gpt2, li.CausalLMTask(), {"curvature": {"loss_reduction": "token_mean"}}
         labels = None
     pool = token_examples(16, seed=4, min_len=6, labels=labels)
     # SGD: Adam's normalised steps would blow up float rounding differences in near-zero gradients
@@ -139,7 +140,7 @@ def test_a_loss_reduction_that_does_not_match_hf_loss_is_warned(tmp_path):
     first collected step, with the right setting named."""
     pool = token_examples(8, seed=5)
     with pytest.warns(RuntimeWarning, match="set loss_reduction='token_mean'"):
-        train(tmp_path, tiny_gpt2(), pool, pool[:2], li.CausalLMTask(), loss_reduction="mean", **AT_END)
+        train(tmp_path, tiny_gpt2(), pool, pool[:2], li.CausalLMTask(), curvature={"loss_reduction": "mean"}, **AT_END)
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -159,7 +160,7 @@ def test_hf_activation_checkpointing_collects_the_same_statistics(tmp_path, name
         layer = model.transformer.h[0].attn.c_attn if name == "gpt2" else model.model.layers[0].self_attn.q_proj
         layer.register_forward_hook(lambda module, *_: calls.append(module.training))
         runs.append(train(tmp_path / str(checkpointed), model, pool, pool[:3], li.CausalLMTask(),
-                          loss_reduction="token_mean", **AT_END))
+                          curvature={"loss_reduction": "token_mean"}, **AT_END))
         block_calls.append(sum(calls))  # forwards in training mode
     plain, checkpointed = runs
     assert block_calls[1] > block_calls[0]  # the blocks were recomputed in the backward passes
@@ -174,15 +175,15 @@ def test_lora_adapters_are_tracked_and_score_finitely_from_initialisation(tmp_pa
     """PEFT LoRA on the Llama's q_proj / v_proj: only the adapters are tracked (the frozen base
     weights are not), and influence after the first step, whose statistics saw ``lora_B = 0`` (no
     curvature for ``lora_A``: K-FAC's S eigenvalues are all 0, used as collected with
-    ``curvature_refresh="never"``), is finite under EK-FAC and K-FAC."""
+    ``curvature.refresh="never"``), is finite under EK-FAC and K-FAC."""
     peft = pytest.importorskip("peft")
     pool = token_examples(16, seed=7, min_len=8)
     for strategy in ("ekfac", "kfac"):
         model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                                                                    target_modules=["q_proj", "v_proj"]))
-        cb = train(tmp_path / strategy, model, pool, pool[:3], li.CausalLMTask(), loss_reduction="token_mean",
-                   strategy=strategy, every_n_epochs=None, every_n_train_steps=1, on_checkpoint=False,
-                   on_train_end=False, max_steps=2, curvature_refresh="never")
+        cb = train(tmp_path / strategy, model, pool, pool[:3], li.CausalLMTask(),
+                   curvature={"loss_reduction": "token_mean", "strategy": strategy, "refresh": "never"},
+                   every_n_epochs=None, every_n_train_steps=1, on_checkpoint=False, on_train_end=False, max_steps=2)
         results = cb.results
         assert [r.step for r in results] == [1, 2]
         names = results[0].layer_names

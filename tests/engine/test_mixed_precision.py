@@ -47,7 +47,8 @@ def trained_classifier():
 def session_scores(model, task, train, queries, autocast):
     statistics = accumulate_covariances(model, task, DataLoader(train, batch_size=16), li.select_layers(model),
                                         fisher="empirical")
-    session = InfluenceSession(task, train, queries, top_k=3, batch_size=16, self_influence=True, autocast=autocast)
+    session = InfluenceSession(task, train, queries, scoring=dict(top_k=3, batch_size=16, self_influence=True),
+                               autocast=autocast)
     result, _ = session.compute(model, statistics, step=0)
     return result
 
@@ -179,6 +180,6 @@ def test_fabric_monitor_uses_fabrics_bf16_autocast(tmp_path):
     model, train, queries, _ = trained_classifier()
     fabric = fabric_module.Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
     monitor = InfluenceMonitor(fabric, fabric.setup_module(model), "classification", train, queries,
-                               output_dir=tmp_path, show_progress=False)
+                               output_dir=tmp_path, report=dict(show_progress=False))
     assert monitor.session.autocast == torch.bfloat16
     monitor.close()

@@ -157,7 +157,7 @@ def test_layer_sums_give_the_layer_shares_of_the_dense_layer_scores(lm):
 
 def test_session_keeps_sums_and_top_examples_and_their_layer_shares_are_unchanged(lm, tmp_path):
     model, task, data, factors = lm
-    session = li.InfluenceSession(task, data, Subset(data, range(3)), top_k=5, batch_size=8)
+    session = li.InfluenceSession(task, data, Subset(data, range(3)), scoring=dict(top_k=5, batch_size=8))
     dense = session.score(model, factors, per_layer=True)
     compact = session.score(model, factors)
     assert compact.layer_scores is None and compact.get("top_layer_scores").shape == (len(factors.layer_names), 3, 5)

@@ -25,7 +25,7 @@ def reference():
     """One process that saw every batch (the sums the sharded runs must reproduce)."""
     model, train, queries = helpers.model_and_data()
     statistics = helpers.collect(model, train)
-    run = helpers.session(train, queries, fisher="empirical")
+    run = helpers.session(train, queries, curvature=dict(fisher="empirical"))
     stats = run.reduce_statistics(statistics)
     factors = run.fit_factors(model, stats, step=3)
     return {"model": model, "train": train, "queries": queries, "stats": stats, "factors": factors,
@@ -165,9 +165,9 @@ def test_eigenbases_in_lower_precision_stay_within_tolerance_of_float64(referenc
 def test_sharded_factors_refuse_self_influence_other_strategies_and_plain_scoring():
     _, train, queries = helpers.model_and_data()
     with pytest.raises(ValueError, match="self_influence needs every layer's factors"):
-        helpers.session(train, queries, shard_factors=True, self_influence=True)
+        helpers.session(train, queries, curvature=dict(shard_factors=True), scoring=dict(self_influence=True))
     with pytest.raises(ValueError, match="curvature.shard_factors needs curvature.strategy 'ekfac' or 'kfac'"):
-        helpers.session(train, queries, shard_factors=True, strategy="diagonal")
+        helpers.session(train, queries, curvature=dict(shard_factors=True, strategy="diagonal"))
     elsewhere = Factors("ekfac", {}, owners={"x": 1}, summaries={"x": (1.0, 4, 0.5)})
     assert elsewhere.damping_per_layer() == {"x": 0.1}  # from the owner's summary alone
     model, train, queries = helpers.model_and_data()

@@ -17,7 +17,7 @@ import lightning_influence as li
 from lightning_influence.loops.callback import InfluenceCallback
 from lightning_influence.config import InfluenceConfig
 from lightning_influence.engine.curvature_passes import accumulate_covariances
-from tests.callback_models import make_datamodule_class, make_module_class, planted_data
+from tests.callback_models import make_datamodule_class, make_module_class, merged_settings, planted_data
 
 Classifier = make_module_class(pl)
 BlobData = make_datamodule_class(pl)
@@ -27,9 +27,9 @@ QUIET = dict(logger=False, enable_progress_bar=False, enable_model_summary=False
 
 def callback(tmp_path, **kwargs):
     defaults = dict(task=li.ClassificationTask(), num_queries=4, output_dir=str(tmp_path / "influence"),
-                    on_error="raise", show_progress=False, report=False, collect_every_n_steps=1)
-    defaults.update(kwargs)
-    return InfluenceCallback(**defaults)
+                    on_error="raise", report=dict(mode="off", show_progress=False),
+                    curvature=dict(collect_every_n_steps=1))
+    return InfluenceCallback(**merged_settings(defaults, kwargs))
 
 
 def fit(tmp_path, cb, *, max_epochs=3, model_kwargs=None, data_kwargs=None, callbacks=(), seed=0, **trainer_kwargs):
@@ -92,7 +92,7 @@ def test_lightning_pytorch_import_path(tmp_path):
     lpl.seed_everything(0, verbose=False)
     train, val, planted = planted_data()
     cb = LightningInfluenceCallback(li.ClassificationTask(), num_queries=2, output_dir=str(tmp_path / "out"),
-                                    on_error="raise", show_progress=False, report=False, every_n_epochs=None,
+                                    on_error="raise", report=dict(mode="off", show_progress=False), every_n_epochs=None,
                                     on_checkpoint=False)
     trainer = lpl.Trainer(max_epochs=4, callbacks=[cb], default_root_dir=str(tmp_path), **QUIET)
     trainer.fit(make_module_class(lpl)(), make_datamodule_class(lpl)(train, val))
@@ -105,8 +105,8 @@ def test_lightning_pytorch_import_path(tmp_path):
 def test_final_weights_identical_with_and_without_callback(tmp_path, fisher):
     run = dict(max_epochs=2, model_kwargs=dict(dropout=0.3), precision="32-true")
     _, plain, _ = fit(tmp_path / "plain", None, **run)
-    cb = callback(tmp_path, every_n_train_steps=4, every_n_epochs=None, on_checkpoint=False, fisher=fisher,
-                  max_tokens_per_step=8)
+    cb = callback(tmp_path, every_n_train_steps=4, every_n_epochs=None, on_checkpoint=False,
+                  curvature=dict(fisher=fisher, max_tokens_per_step=8))
     trainer, tracked, _ = fit(tmp_path / "tracked", cb, **run)
     assert [r.step for r in cb.results] == [4, 8, 12]  # computations mid-training happened
     for (name, a), (_, b) in zip(plain.state_dict().items(), tracked.state_dict().items()):
@@ -158,8 +158,8 @@ def test_training_statistics_equal_offline_pass(tmp_path, reduction, accumulate)
             x, y = batch
             return F.cross_entropy(self(x), y, reduction="sum")
 
-    cb = callback(tmp_path, loss_reduction=reduction, every_n_epochs=None, on_checkpoint=False, on_train_end=False,
-                  every_n_train_steps=1000, collect_every_n_steps=1)
+    cb = callback(tmp_path, every_n_epochs=None, on_checkpoint=False, on_train_end=False, every_n_train_steps=1000,
+                  curvature=dict(loss_reduction=reduction, collect_every_n_steps=1))
     pl.seed_everything(0, verbose=False)
     train, val, _ = planted_data()
     model = (SumLoss if reduction == "sum" else Classifier)(lr=0.0)
@@ -178,8 +178,8 @@ def test_true_fisher_reuses_outputs_or_runs_an_extra_pass(tmp_path):
     """Sampling from the step's outputs and from an extra forward give the same statistics (no dropout)."""
     stats = []
     for call_self in (True, False):  # training_step calls self(x) (outputs reused) or self.net(x) (extra pass)
-        cb = callback(tmp_path / str(call_self), fisher="true", every_n_epochs=None, on_checkpoint=False,
-                      on_train_end=False, every_n_train_steps=1000)
+        cb = callback(tmp_path / str(call_self), every_n_epochs=None, on_checkpoint=False, on_train_end=False,
+                      every_n_train_steps=1000, curvature=dict(fisher="true"))
         fit(tmp_path / str(call_self), cb, max_epochs=1, model_kwargs=dict(call_self=call_self))
         stats.append(cb.statistics.state)
     for name in stats[0]:
@@ -198,7 +198,7 @@ class _Kill(pl.Callback):
 
 
 def test_resume_from_epoch_checkpoint_matches_uninterrupted_run(tmp_path):
-    settings = dict(every_n_epochs=2, on_checkpoint=False, max_train_examples=40)
+    settings = dict(every_n_epochs=2, on_checkpoint=False, scoring=dict(max_train_examples=40))
     run = dict(data_kwargs=dict(shuffle=False), max_epochs=4)
 
     full = callback(tmp_path / "full", **settings)
@@ -233,8 +233,8 @@ def test_resume_with_other_configuration_is_refused(tmp_path):
     fit(tmp_path, cb, max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt")])
     ckpt = next((tmp_path / "ckpt").glob("*.ckpt"))
     train, val, _ = planted_data()
-    for changed, match in ((dict(strategy="kfac"), "strategy: checkpoint 'ekfac' vs now 'kfac'"),
-                           (dict(layers=["net.2"]), "track other layers")):
+    for changed, match in ((dict(curvature=dict(strategy="kfac")), "strategy: checkpoint 'ekfac' vs now 'kfac'"),
+                           (dict(curvature=dict(layers=["net.2"])), "track other layers")):
         other = callback(tmp_path, every_n_epochs=1, **changed)
         trainer = pl.Trainer(callbacks=[other], max_epochs=2, default_root_dir=str(tmp_path), **QUIET)
         with pytest.raises(ValueError, match=match):
@@ -243,7 +243,7 @@ def test_resume_with_other_configuration_is_refused(tmp_path):
 
 # -- trajectory ----------------------------------------------------------------------------------------
 def test_aggregate_callback_results(tmp_path):
-    cb = callback(tmp_path, max_train_examples=30)
+    cb = callback(tmp_path, scoring=dict(max_train_examples=30))
     fit(tmp_path, cb, max_epochs=3)
     results = cb.results
     combined = li.aggregate(results)
@@ -258,7 +258,7 @@ def test_results_are_published_to_loggers_and_report_files(tmp_path):
     from pytorch_lightning.loggers import CSVLogger
 
     cb = InfluenceCallback(li.ClassificationTask(), num_queries=1, every_n_epochs=None, on_checkpoint=False,
-                           on_error="raise", show_progress=False, top_k=3)
+                           on_error="raise", scoring=dict(top_k=3), report=dict(show_progress=False))
     fit(tmp_path, cb, max_epochs=1, logger=CSVLogger(tmp_path, name="csv"))
     (result,) = cb.results
     assert Path(result.path).parent == Path(tmp_path / "csv" / "version_0" / "influence")  # <log_dir>/influence
@@ -312,21 +312,22 @@ def test_lightning_cli_introspects_the_arguments():
 
 
 @pytest.mark.parametrize("kwargs,field", [
-    (dict(strategy="ekfca"), "strategy"),
-    (dict(fisher="exact"), "fisher"),
-    (dict(damping=-1.0), "damping"),
+    (dict(curvature=dict(strategy="ekfca")), "strategy"),
+    (dict(curvature=dict(fisher="exact")), "fisher"),
+    (dict(curvature=dict(damping=-1.0)), "damping"),
     (dict(num_queries=0), "num_queries"),
     (dict(every_n_epochs=0), "every_n_epochs"),
-    (dict(loss_reduction="avg"), "loss_reduction"),
-    (dict(window="sliding"), "window"),
+    (dict(curvature=dict(loss_reduction="avg")), "loss_reduction"),
+    (dict(window="sliding"), "window"),  # the deprecated flat name, refused before its FutureWarning
     (dict(curvature={"ema_decay": 1.0}), "ema_decay"),
-    (dict(covariance_dtype="bfloat16"), "covariance_dtype"),
+    (dict(curvature=dict(covariance_dtype="bfloat16")), "covariance_dtype"),
     (dict(query_data="train"), "query_data"),
     (dict(task="translation"), "task"),
-    (dict(layers="net.0"), "layers"),
-    (dict(max_train_examples=-3), "max_train_examples"),
+    (dict(curvature=dict(layers="net.0")), "layers"),
+    (dict(scoring=dict(max_train_examples=-3)), "max_train_examples"),
     (dict(every_n_epochs=None, on_checkpoint=False, on_train_end=False), "trigger"),
-    (dict(every_n_train_steps=2, collect_every_n_steps=5, every_n_epochs=None), "collect_every_n_steps"),
+    (dict(every_n_train_steps=2, curvature=dict(collect_every_n_steps=5), every_n_epochs=None),
+     "collect_every_n_steps"),
 ])
 def test_invalid_arguments_fail_in_init_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):

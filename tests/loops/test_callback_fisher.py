@@ -29,9 +29,9 @@ def test_scores_correlate_with_dense_gauss_newton_oracle(tmp_path, fisher):
     pl.seed_everything(0, verbose=False)
     x, y = blobs(128, 0)
     xv, yv = blobs(16, 100)
-    cb = InfluenceCallback("classification", num_queries=16, fisher=fisher, every_n_epochs=1, on_checkpoint=False,
-                           report=False, show_progress=False, on_error="raise", output_dir=str(tmp_path),
-                           correction_batches=None, collect_every_n_steps=1)
+    cb = InfluenceCallback("classification", num_queries=16, every_n_epochs=1, on_checkpoint=False, on_error="raise",
+                           output_dir=str(tmp_path), report=dict(mode="off", show_progress=False),
+                           curvature=dict(fisher=fisher, correction_batches=None, collect_every_n_steps=1))
     trainer = pl.Trainer(max_epochs=5, callbacks=[cb], logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
     model = make_module_class(pl)(hidden=16, lr=0.1)

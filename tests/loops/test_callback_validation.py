@@ -24,9 +24,10 @@ class CountSteps(pl.Callback):
 # not per example, triggers that never fire, the pool size, manual optimisation, ...) are in
 # tests/loops/test_reliability_input.py; these are the callback's further setup checks.
 CASES = {
-    "windows without statistics": (dict(collect_every_n_steps=16), {}, "collect_every_n_steps=16 is more than"),
+    "windows without statistics": (dict(curvature=dict(collect_every_n_steps=16)), {},
+                                   "collect_every_n_steps=16 is more than"),
     "no validation data for 'val'": (dict(), dict(no_val=True), "no val DataLoader"),
-    "fisher='true' with a task that cannot sample": (dict(fisher="true", task=type("T", (li.ClassificationTask,), {
+    "fisher='true' with a task that cannot sample": (dict(curvature=dict(fisher="true"), task=type("T", (li.ClassificationTask,), {
         "sample_loss_from_outputs": li.Task.sample_loss_from_outputs})()), {}, "fisher='true' needs a task"),
 }
 
@@ -41,7 +42,7 @@ def test_rejected_before_training(tmp_path, name):
     if trainer_kwargs.pop("no_val", False):
         data.val_dataloader = None
         data = None
-    settings = dict(task=li.ClassificationTask(), output_dir=str(tmp_path), report=False, show_progress=False)
+    settings = dict(task=li.ClassificationTask(), output_dir=str(tmp_path), report=dict(mode="off", show_progress=False))
     settings.update(kwargs)
     counter = CountSteps()
     trainer = pl.Trainer(callbacks=[InfluenceCallback(**settings), counter], logger=False, enable_progress_bar=False,

@@ -61,7 +61,7 @@ def test_compiled_model_gets_the_eager_scores(tmp_path, fisher):
     scores = {}
     for name, model in [("eager", seeded(Classifier)),
                         ("compiled", torch.compile(seeded(Classifier), backend=FAST_BACKEND))]:
-        cb = make_callback(tmp_path / name, fisher=fisher, **EPOCHS)
+        cb = make_callback(tmp_path / name, curvature=dict(fisher=fisher), **EPOCHS)
         fit(tmp_path / name, cb, model)
         assert [r.step for r in cb.results] == [12]
         scores[name] = cb.results[0].scores

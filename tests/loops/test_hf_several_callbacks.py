@@ -18,9 +18,9 @@ def test_several_hf_callbacks_each_collect_the_offline_statistics(tmp_path):
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     callbacks = [InfluenceTrainerCallback(li.CausalLMTask(), TokenData(4, seed=1), on_train_end=False,
-                                          every_n_train_steps=1000, output_dir=str(tmp_path / f"influence{index}"), report=False,
+                                          every_n_train_steps=1000, output_dir=str(tmp_path / f"influence{index}"),
                                           **TEST_SETTINGS, **settings)
-                 for index, settings in enumerate([{}, {"query_rank": 2}])]
+                 for index, settings in enumerate([{}, {"scoring": {"query_rank": 2}}])]
     model = tiny_gpt2()
     trainer = hf_trainer(tmp_path, model, callbacks[0], accumulation=2)
     trainer.add_callback(callbacks[1])

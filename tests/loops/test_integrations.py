@@ -17,9 +17,11 @@ import lightning_influence as li
 from lightning_influence.engine.curvature_passes import accumulate_covariances
 from lightning_influence.engine.statistics import CovarianceStatistics
 from lightning_influence.checkpoint.session import InfluenceSession
-from tests.callback_models import planted_data
+from tests.callback_models import merged_settings, planted_data
 
-TEST_SETTINGS = dict(on_error="raise", show_progress=False, collect_every_n_steps=1, max_tokens_per_step=None)
+# no report unless a test turns it on (report={"mode": "background"}, merged with merged_settings)
+TEST_SETTINGS = dict(on_error="raise", report=dict(mode="off", show_progress=False),
+                     curvature=dict(collect_every_n_steps=1, max_tokens_per_step=None))
 
 
 def assert_statistics_equal(collected, offline):
@@ -69,7 +71,7 @@ def test_fabric_statistics_equal_offline_pass(tmp_path, accumulation):
     train, val, _ = planted_data()
     model, optimizer = fabric.setup(classifier(), torch.optim.SGD(classifier().parameters(), lr=0.0))
     monitor = InfluenceMonitor(fabric, model, li.ClassificationTask(), train, Subset(val, range(4)),
-                               output_dir=tmp_path, report=False, **TEST_SETTINGS)
+                               output_dir=tmp_path, **TEST_SETTINGS)
     fabric_fit(fabric, monitor, model, optimizer, train, epochs=1, accumulation=accumulation)
     offline = accumulate_covariances(model.module, li.ClassificationTask(), train, li.select_layers(model.module),
                                      fisher="empirical", batch_size=8)
@@ -90,8 +92,9 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
     queries = Subset(val, range(4))
     net = classifier()
     model, optimizer = fabric.setup(net, torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.5))
-    monitor = InfluenceMonitor(fabric, model, "classification", train, queries, top_k=3, batch_size=16,
-                               output_dir=tmp_path / "influence", **TEST_SETTINGS)
+    monitor = InfluenceMonitor(fabric, model, "classification", train, queries, output_dir=tmp_path / "influence",
+                               **merged_settings(TEST_SETTINGS, dict(scoring=dict(top_k=3, batch_size=16),
+                                                                     report=dict(mode="background"))))
     fabric_fit(fabric, monitor, model, optimizer, train, epochs=6)
     statistics = copied(monitor.statistics, li.select_layers(net))
     result = monitor.compute(epoch=5)
@@ -100,7 +103,7 @@ def test_fabric_results_rank_the_planted_copy_first_and_equal_the_sessions(tmp_p
     (saved,) = li.load_results(tmp_path / "influence")
     assert saved.step == 72 and saved.epoch == 5 and saved.path.name == "step=72"
     assert int(saved.top_k(1).indices[0, 0]) == planted and int(saved.get("top_ids")[0, 0]) == planted
-    session = InfluenceSession(li.ClassificationTask(), train, queries, top_k=3, batch_size=16)
+    session = InfluenceSession(li.ClassificationTask(), train, queries, scoring=dict(top_k=3, batch_size=16))
     expected, _ = session.compute(net, statistics, step=72)
     torch.testing.assert_close(saved.scores, expected.scores, rtol=1e-6, atol=1e-8)
     assert torch.equal(saved.get("top_ids"), expected.get("top_ids"))
@@ -122,7 +125,7 @@ def test_fabric_refuses_callback_only_settings_and_a_ledger_without_ids(tmp_path
     with pytest.raises(ValueError, match="query_data='val' names a Lightning Trainer's split"):
         InfluenceMonitor(fabric, classifier(), "classification", train, "val")
     monitor = InfluenceMonitor(fabric, classifier(), "classification", train, val, scoring={"ledger": 32},
-                               report=False, output_dir=tmp_path / "ledger", **TEST_SETTINGS)
+                               output_dir=tmp_path / "ledger", **TEST_SETTINGS)
     with pytest.raises(ValueError, match=r"scoring.ledger weighs each step by its learning rate: pass monitor.step"):
         with monitor.step(next(iter(DataLoader(train, batch_size=4)))):
             pass
@@ -202,7 +205,7 @@ def test_hf_trainer_statistics_equal_offline_pass(tmp_path, make_model):
     from lightning_influence.loops.hf import InfluenceTrainerCallback
 
     callback = InfluenceTrainerCallback(li.CausalLMTask(), TokenData(4, seed=1), on_train_end=False,
-                                        every_n_train_steps=1000, report=False, **TEST_SETTINGS)
+                                        every_n_train_steps=1000, **TEST_SETTINGS)
     model = make_model()
     trainer = hf_trainer(tmp_path, model, callback, accumulation=4)
     trainer.train()
@@ -220,9 +223,9 @@ def test_hf_trainer_writes_results_and_logs_to_wandb(tmp_path, monkeypatch):
     from tests import wandb_reader
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    callback = InfluenceTrainerCallback("causal_lm", TokenData(3, seed=1), every_n_train_steps=3, top_k=2,
-                                        log_artifacts=False, collect_every_n_steps=1, on_error="raise",
-                                        show_progress=False)
+    callback = InfluenceTrainerCallback("causal_lm", TokenData(3, seed=1), every_n_train_steps=3, on_error="raise",
+                                        curvature=dict(collect_every_n_steps=1), scoring=dict(top_k=2),
+                                        report=dict(log_artifacts=False, show_progress=False))
     trainer = hf_trainer(tmp_path, tiny_gpt2(), callback, learning_rate=1e-2, report_to=["wandb"], size=20)
     trainer.train()
     run_dir = Path(wandb.run.dir).parent

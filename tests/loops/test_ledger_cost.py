@@ -26,7 +26,7 @@ def _ledger_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(session, "precondition_queries", counted)
     monkeypatch.setattr(ledger, "precondition_queries", counted)
-    cb = make_callback(tmp_path, ledger=True, query_rank=1, **EPOCHS)
+    cb = make_callback(tmp_path, scoring=dict(ledger=32, query_rank=1), **EPOCHS)
     fit(tmp_path, cb, max_epochs=2)
     return cb.results, len(calls)
 

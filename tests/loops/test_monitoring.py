@@ -73,7 +73,7 @@ def test_live_self_influence_ranks_the_planted_mislabel_first_and_is_reported(tm
     """The planted training example (blob 0 with label 2) is the one the model must bend for: it
     tops the self-influence ranking, which is saved, logged as scalars and as a report table."""
     _, _, planted = planted_data()
-    cb = make_callback(tmp_path, self_influence=True, report=True, **EPOCHS)
+    cb = make_callback(tmp_path, scoring=dict(self_influence=True), report=dict(mode="background"), **EPOCHS)
     trainer, _ = fit(tmp_path, cb, max_epochs=2)
     latest = cb.results[-1]
     assert latest.self_scores is not None and latest.self_scores.shape == (96,)
@@ -127,7 +127,7 @@ def test_ledger_equals_the_learning_rate_weighted_per_step_scores(tmp_path, shuf
     before the first computation, preconditioned ones after — also with a shuffled loader (ids
     traced through the sampler)."""
     train, val, _ = planted_data()
-    cb = make_callback(tmp_path, ledger=True, **EPOCHS)
+    cb = make_callback(tmp_path, scoring=dict(ledger=32), **EPOCHS)
     spy = _StepSpy(cb)
     model = Classifier()
     fit(tmp_path, cb, model, callbacks=[spy], max_epochs=2, datamodule=BlobData(train, val, batch_size=8,

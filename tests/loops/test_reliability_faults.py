@@ -102,7 +102,7 @@ class _BrokenLogger(Logger):
 def test_failing_logger_warns_once_and_results_on_disk_are_complete(tmp_path):
     train, val, _ = planted_data()
     logger = _BrokenLogger()
-    cb = make_callback(tmp_path, query_data=Subset(val, range(2)), report=True, **EPOCHS)
+    cb = make_callback(tmp_path, query_data=Subset(val, range(2)), report=dict(mode="background"), **EPOCHS)
     trainer = make_trainer(tmp_path, [cb], logger=logger, max_epochs=2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -154,7 +154,7 @@ def test_crash_inside_a_computation_leaves_no_partial_result(tmp_path, monkeypat
                     "writing scores": (lightning_influence.results, "save_tensors"),
                     "writing factors": (lightning_influence.engine.factors, "save_tensors")}[where]
     _fail_at_step(monkeypatch, module, name, step=12, truncate=where != "scoring")
-    cb = make_callback(tmp_path, on_error="warn", batch_size=16, **EPOCHS)
+    cb = make_callback(tmp_path, on_error="warn", scoring=dict(batch_size=16), **EPOCHS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, _ = fit(tmp_path, None, batch_size=16, callbacks=[_StepClock(), cb], max_epochs=3)
@@ -184,7 +184,7 @@ def test_sigkill_while_writing_then_the_next_run_continues(tmp_path):
         with pytest.raises(FormatError):
             li.InfluenceResult.load(directory)
 
-    cb = make_callback(run, batch_size=16, **EPOCHS)
+    cb = make_callback(run, scoring=dict(batch_size=16), **EPOCHS)
     fit(run, cb, batch_size=16, max_epochs=2, enable_checkpointing=True,
         callbacks=[ModelCheckpoint(dirpath=run / "ckpt", save_top_k=-1)],
         ckpt_path=str(run / "ckpt" / "epoch=0-step=6.ckpt"))
@@ -215,7 +215,7 @@ def test_disk_full_while_writing_warns_and_training_is_unharmed(tmp_path, monkey
 
     monkeypatch.setattr(lightning_influence.results, "save_tensors", disk_full_at_step_6)
     _, plain = fit(tmp_path / "plain", None, batch_size=16, max_epochs=2)
-    cb = make_callback(tmp_path, batch_size=16, on_error="warn", **EPOCHS)
+    cb = make_callback(tmp_path, scoring=dict(batch_size=16), on_error="warn", **EPOCHS)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer, tracked = fit(tmp_path, None, batch_size=16, callbacks=[_StepClock(), cb], max_epochs=2)
@@ -238,11 +238,11 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.mark.parametrize("changed,reported", [
-    (dict(fisher="true"), "fisher: checkpoint 'empirical' vs now 'true'"),
-    (dict(loss_reduction="sum"), "loss_reduction: checkpoint 'mean' vs now 'sum'"),
-    (dict(covariance_dtype="float64"), "covariance_dtype: checkpoint 'float32' vs now 'float64'"),
-    (dict(max_train_examples=50), "max_train_examples: checkpoint None vs now 50"),
-    (dict(exclude=["net.0"]), "track other layers"),
+    (dict(curvature=dict(fisher="true")), "fisher: checkpoint 'empirical' vs now 'true'"),
+    (dict(curvature=dict(loss_reduction="sum")), "loss_reduction: checkpoint 'mean' vs now 'sum'"),
+    (dict(curvature=dict(covariance_dtype="float64")), "covariance_dtype: checkpoint 'float32' vs now 'float64'"),
+    (dict(scoring=dict(max_train_examples=50)), "max_train_examples: checkpoint None vs now 50"),
+    (dict(curvature=dict(exclude=["net.0"])), "track other layers"),
     (dict(task=type("OtherTask", (li.ClassificationTask,), {})()), "task: checkpoint 'ClassificationTask' vs now 'OtherTask'"),
 ])
 def test_resume_with_another_configuration_is_refused(tmp_path, checkpoint, changed, reported):

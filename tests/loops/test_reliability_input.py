@@ -30,13 +30,13 @@ PACKAGE = Path(li.__file__).parent
 def test_negative_damping():
     with pytest.raises(ValueError, match=r"damping must be a number from 0 to 1e\+30 .*or None for the per-layer "
                                          r"heuristic; got -0.1"):
-        InfluenceCallback("classification", damping=-0.1)
+        InfluenceCallback("classification", curvature=dict(damping=-0.1))
 
 
 def test_unknown_strategy():
     with pytest.raises(ValueError, match="strategy must be one of 'ekfac', 'kfac', 'diagonal', 'identity', "
                                          "got 'ekfca'"):
-        InfluenceCallback("classification", strategy="ekfca")
+        InfluenceCallback("classification", curvature=dict(strategy="ekfca"))
 
 
 # -- bad input: refused at setup, before the first training batch -----------------------------------
@@ -68,10 +68,10 @@ def test_query_set_the_model_cannot_take(tmp_path, queries, error):
 
 
 def test_unknown_module_names_suggest_close_matches(tmp_path):
-    assert_refused_before_training(tmp_path, make_callback(tmp_path, layers=["net.3"]),
+    assert_refused_before_training(tmp_path, make_callback(tmp_path, curvature=dict(layers=["net.3"])),
                                    "include: no module named or matching 'net.3' in the model; did you mean "
                                    "'net.2', 'net.1', 'net.0'")
-    assert_refused_before_training(tmp_path, make_callback(tmp_path, exclude=["nett.2"]),
+    assert_refused_before_training(tmp_path, make_callback(tmp_path, curvature=dict(exclude=["nett.2"])),
                                    "exclude: no module named or matching 'nett.2' in the model; did you mean 'net.2'")
 
 
@@ -128,7 +128,7 @@ def test_step_trigger_beyond_an_epoch_bounded_run_warns(tmp_path):
 
 
 def test_max_train_examples_larger_than_the_pool(tmp_path):
-    assert_refused_before_training(tmp_path, make_callback(tmp_path, max_train_examples=500),
+    assert_refused_before_training(tmp_path, make_callback(tmp_path, scoring=dict(max_train_examples=500)),
                                    r"max_train_examples=500 is larger than the candidate pool \(96 examples\); "
                                    "lower it or set it to None")
 
@@ -164,7 +164,7 @@ def test_memory_estimate_is_logged_at_setup(tmp_path, caplog):
 
 def test_layers_over_the_per_layer_limit_are_skipped_with_a_warning(tmp_path):
     limit = (_layer_bytes(2, 16) + _layer_bytes(16, 3)) / 2 / 2**20  # between the two layers' sizes
-    cb = make_callback(tmp_path, max_layer_mb=limit, every_n_epochs=None, on_checkpoint=False)
+    cb = make_callback(tmp_path, curvature=dict(max_layer_mb=limit), every_n_epochs=None, on_checkpoint=False)
     with pytest.warns(UserWarning, match=r"skipping layers over the per-layer limit of 0.00126 MiB: net.2 "
                                          r"\(0.00133 MiB\)$"):
         fit(tmp_path, cb, max_steps=2)
@@ -173,7 +173,7 @@ def test_layers_over_the_per_layer_limit_are_skipped_with_a_warning(tmp_path):
 
 
 def test_memory_budget_refused_up_front_naming_the_costliest_layers(tmp_path):
-    message = assert_refused_before_training(tmp_path, make_callback(tmp_path, memory_budget_mb=1.5),
+    message = assert_refused_before_training(tmp_path, make_callback(tmp_path, curvature=dict(memory_budget_mb=1.5)),
                                              "over the memory budget of 1.5 MiB", Classifier(hidden=512))
     assert "need 2.02 MiB" in message
     assert "costliest layers: net.2 (1.01 MiB), net.0 (1.01 MiB). Exclude some of them" in message

@@ -90,7 +90,7 @@ class _OverflowingSideBranch(Classifier):
 def test_fp16_step_skipped_by_the_scaler_alone_is_dropped(tmp_path):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
     recorder = _ScaleRecorder()
-    cb = make_callback(tmp_path, exclude=["aux"], **COLLECT_ONLY)
+    cb = make_callback(tmp_path, curvature=dict(exclude=["aux"]), **COLLECT_ONLY)
     trainer, model = fit(tmp_path, cb, seeded(_OverflowingSideBranch), callbacks=[recorder],
                          plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     assert [i for i, (before, after) in enumerate(recorder.scales) if after < before] == [3]
@@ -134,7 +134,7 @@ def test_partly_frozen_model_tracks_the_trainable_layers(tmp_path):
 
     frozen = Classifier()
     frozen.net[0].requires_grad_(False)
-    assert_refused_before_training(tmp_path, make_callback(tmp_path, layers=["net.0"]),
+    assert_refused_before_training(tmp_path, make_callback(tmp_path, curvature=dict(layers=["net.0"])),
                                    r"module 'net.0' \(Linear\) cannot be tracked.*trainable weight", frozen)
 
 
@@ -156,7 +156,7 @@ def test_module_called_twice_is_refused_then_excluded(tmp_path):
                                              _SharedWeights())
     assert "mix (x2)" in message and "exclude them" in message
     model = _SharedWeights(lr=0.0)
-    cb = make_callback(tmp_path, exclude=["mix"], **COLLECT_ONLY)
+    cb = make_callback(tmp_path, curvature=dict(exclude=["mix"]), **COLLECT_ONLY)
     fit(tmp_path, cb, model)
     assert [layer.name for layer in cb._collector.layers] == ["net.0", "net.2"]
     assert cb._collector.miscounted == {}

@@ -85,7 +85,7 @@ class SumLossClassifier(Classifier):
     ((1.0, "mean"), "sum", r"is 0\.125x what loss_reduction='sum' predicts .*; set loss_reduction='mean'"),
 ])
 def test_a_loss_reduced_otherwise_than_declared_is_reported_once(tmp_path, model_args, declared, expected):
-    cb = make_callback(tmp_path, loss_reduction=declared, **COLLECT_ONLY)
+    cb = make_callback(tmp_path, curvature=dict(loss_reduction=declared), **COLLECT_ONLY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, cb, seeded(SumLossClassifier, *model_args))
@@ -96,7 +96,7 @@ def test_a_loss_reduced_otherwise_than_declared_is_reported_once(tmp_path, model
 
 @pytest.mark.parametrize("declared", ["mean", "sum"])
 def test_a_matching_loss_reduction_is_not_reported(tmp_path, declared):
-    cb = make_callback(tmp_path, loss_reduction=declared, **COLLECT_ONLY)
+    cb = make_callback(tmp_path, curvature=dict(loss_reduction=declared), **COLLECT_ONLY)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit(tmp_path, cb, seeded(SumLossClassifier, 1.0, declared))
@@ -183,7 +183,8 @@ def test_a_non_finite_pool_example_is_reported_and_never_ranked(tmp_path):
     x, y = train.tensors
     pool_x = x.clone()
     pool_x[5] = float("nan")
-    cb = make_callback(tmp_path, train_data=TensorDataset(pool_x, y), correction_batches=None, top_k=3, **EPOCHS)
+    cb = make_callback(tmp_path, train_data=TensorDataset(pool_x, y), curvature=dict(correction_batches=None),
+                       scoring=dict(top_k=3), **EPOCHS)
     with pytest.warns(UserWarning, match="non-finite"):
         fit(tmp_path, cb, seeded(Classifier), max_epochs=3)
     result = cb.results[-1]

@@ -66,8 +66,8 @@ OFFLINE_SCORINGS: List[Tuple[str, str, Dict[str, Any]]] = [
 OFFLINE_SELF_INFLUENCE = "ekfac_true"  # li.compute_self_influence with this fit
 REGRESSION_SETTINGS = (dict(strategy="ekfac", fisher="exact", batch_size=16), dict(per_layer=True))
 
-CALLBACK_SETTINGS: Dict[str, Any] = dict(  # li.InfluenceCallback; curvature_refresh etc. at their defaults
-    num_queries=4, collect_every_n_steps=2, on_error="raise", show_progress=False, report=False,
+CALLBACK_SETTINGS: Dict[str, Any] = dict(  # li.InfluenceCallback; curvature.refresh etc. at their defaults
+    num_queries=4, on_error="raise", curvature=dict(collect_every_n_steps=2), report=dict(mode="off", show_progress=False),
 )
 CALLBACK_EPOCHS = 2
 CALLBACK_TRAINER = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,

@@ -124,16 +124,17 @@ def test_synchronous_publishing_is_unchanged(tmp_path, gated_histogram):
 
 # -- in a training run --------------------------------------------------------------------------------
 # Two computations (steps 6 and 12 of one 12-step epoch), one query: five figures each, to keep the runs short.
-TRAINING_REPORTS = dict(report=True, num_queries=1, every_n_epochs=None, every_n_train_steps=6, on_checkpoint=False,
-                        on_train_end=False)
+TRAINING_REPORTS = dict(report=dict(mode="background"), num_queries=1, every_n_epochs=None, every_n_train_steps=6,
+                        on_checkpoint=False, on_train_end=False)
 
 
 def _fit_with_reports(tmp_path, callbacks=(), model=None, **settings):
     from pytorch_lightning.loggers import CSVLogger
 
+    from tests.callback_models import merged_settings
     from tests.reliability_helpers import fit, make_callback
 
-    cb = make_callback(tmp_path, **dict(TRAINING_REPORTS, **settings))
+    cb = make_callback(tmp_path, **merged_settings(TRAINING_REPORTS, settings))
     csv = CSVLogger(str(tmp_path / "csv"), name="run")
     fit(tmp_path, cb, model=model, max_epochs=1, logger=csv, callbacks=callbacks)
     return cb, csv
@@ -206,6 +207,6 @@ def test_report_in_background_false_publishes_on_the_training_thread(tmp_path, m
         return original(*args, **kwargs)
 
     monkeypatch.setattr(plots, "score_histograms", recording)
-    cb, _ = _fit_with_reports(tmp_path, report_in_background=False)
+    cb, _ = _fit_with_reports(tmp_path, report=dict(mode="foreground"))
     assert len(drawn_on) == 2 and set(drawn_on) == {threading.main_thread()}
     assert cb._loop._publisher.background is False and worker_threads() == []
