@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
@@ -60,6 +61,21 @@ NOT_APPLICABLE = {"on_checkpoint": "use on_save=True (compute when the Trainer s
                   "num_queries": "pass the queries themselves as query_data"}
 
 
+def _loss_reduction(flat: Optional[str], curvature: Any) -> str:
+    """The loss reduction the callback's own argument or its curvature group sets (a group's
+    dataclass default does not count as set), else Hugging Face's: the mean over labelled tokens."""
+    if curvature is None:
+        grouped = None
+    elif isinstance(curvature, Mapping):  # dicts and OmegaConf's DictConfig
+        grouped = curvature.get("loss_reduction")
+    else:
+        grouped = getattr(curvature, "loss_reduction", None)
+        grouped = None if grouped == CurvatureConfig.loss_reduction else grouped
+    if flat is not None and grouped is not None and flat != grouped:
+        raise ValueError(f"loss_reduction={flat!r} and curvature.loss_reduction={grouped!r} disagree; set one")
+    return flat or grouped or "token_mean"
+
+
 class InfluenceTrainerCallback(LoopResults, TrainerCallback):
     """Accumulate EK-FAC curvature from a Hugging Face Trainer's steps; score the pool at triggers.
 
@@ -75,9 +91,9 @@ class InfluenceTrainerCallback(LoopResults, TrainerCallback):
         output_dir: refused when it holds another run's results; default ``<args.output_dir>/influence``,
             or its next version ``influence-v1``, ... when another run has it.
         loss_reduction: how the model's own loss reduces the micro-batch: ``"token_mean"``
-            (Hugging Face's losses: mean over the labels that count, which for one label per
-            example is the mean over examples), ``"mean"`` or ``"sum"``.
-            Sets ``curvature.loss_reduction`` (the loop knows its loss).
+            (the default, Hugging Face's losses: mean over the labels that count, which for one
+            label per example is the mean over examples), ``"mean"`` or ``"sum"``. The same as
+            ``curvature.loss_reduction``; set either.
         seed, on_error, curvature, scoring, report: as :class:`~lightning_influence.InfluenceCallback`'s
             (the groups as dataclasses or dicts;
             ``report.show_progress=None`` follows ``args.disable_tqdm``).
@@ -88,7 +104,7 @@ class InfluenceTrainerCallback(LoopResults, TrainerCallback):
     def __init__(self, task: Union[Task, str], query_data: Union[Dataset, DataLoader], *,
                  train_data: Optional[Union[Dataset, DataLoader]] = None, every_n_train_steps: Optional[int] = None,
                  every_n_epochs: Optional[int] = None, on_save: bool = False, on_train_end: bool = True,
-                 output_dir: Optional[str] = None, loss_reduction: str = "token_mean", seed: int = 0,
+                 output_dir: Optional[str] = None, loss_reduction: Optional[str] = None, seed: int = 0,
                  on_error: str = "warn", curvature: Optional[Union[CurvatureConfig, Dict[str, Any]]] = None,
                  scoring: Optional[Union[ScoringConfig, Dict[str, Any]]] = None,
                  report: Optional[Union[ReportConfig, Dict[str, Any]]] = None, **deprecated: Any) -> None:
@@ -97,7 +113,8 @@ class InfluenceTrainerCallback(LoopResults, TrainerCallback):
                 raise ValueError(f"{name} does not apply here: {instead}")
         settings = regroup(dict(deprecated, curvature=curvature, scoring=scoring, report=report),
                            "InfluenceTrainerCallback")
-        settings["curvature"] = merged_group(settings["curvature"], {"loss_reduction": loss_reduction})
+        settings["curvature"] = merged_group(settings["curvature"], {
+            "loss_reduction": _loss_reduction(loss_reduction, settings["curvature"])})
         self._settings = settings
         self._arguments = dict(task=task, query_data=query_data, every_n_train_steps=every_n_train_steps,
                                every_n_epochs=every_n_epochs, on_checkpoint=on_save, on_train_end=on_train_end,

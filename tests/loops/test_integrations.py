@@ -198,6 +198,23 @@ def test_hf_accepts_the_ledger():
     assert InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), scoring={"ledger": 32}).config.scoring.ledger == 32  # was refused
 
 
+def test_hf_takes_the_loss_reduction_from_the_curvature_group_too():
+    """``curvature={"loss_reduction": ...}`` is honoured (the flat argument's default used to
+    override it silently); Hugging Face's token mean stays the default, and two different values refuse."""
+    from lightning_influence.loops.hf import InfluenceTrainerCallback
+
+    def reduction(**settings):
+        return InfluenceTrainerCallback("causal_lm", TokenData(4, seed=1), **settings).config.curvature.loss_reduction
+
+    assert reduction() == "token_mean"
+    assert reduction(curvature={"strategy": "kfac"}) == "token_mean"
+    assert reduction(curvature={"loss_reduction": "sum"}) == "sum"
+    assert reduction(curvature=li.CurvatureConfig(loss_reduction="sum")) == "sum"
+    assert reduction(loss_reduction="sum") == "sum"
+    with pytest.raises(ValueError, match="loss_reduction='sum' and curvature.loss_reduction='token_mean'"):
+        reduction(loss_reduction="sum", curvature={"loss_reduction": "token_mean"})
+
+
 @pytest.mark.parametrize("make_model", [tiny_gpt2, TinyLM], ids=["gpt2-num_items_in_batch", "module-divided-loss"])
 def test_hf_trainer_statistics_equal_offline_pass(tmp_path, make_model):
     """lr=0, 6 micro-batches with 4 accumulated per step (so the last step accumulates 2): the
