@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from lightning_influence.analysis.arrays import ArrayLike, as_numpy, as_tensor
+from lightning_influence.analysis.sketch import ScoreSketch
+from lightning_influence.analysis.sketch import concentration as sketch_concentration
+from lightning_influence.analysis.sketch import tail_fits as sketch_tail_fits
+from lightning_influence.analysis.tails import fit_query_tails
 
 Groups = Union[int, Sequence[Sequence[int]]]
 SPURIOUS_L2_L1 = 2.0 / 3.0  # the paper's threshold on the tokenwise L2/L1 ratio
@@ -178,3 +182,34 @@ def token_distribution(token_scores: ArrayLike, token_mask: Optional[ArrayLike] 
     }
 
 
+def dense_tail_fits(scores: torch.Tensor) -> List[Any]:
+    """Each query's tail fit with its verdict (the likelihood-ratio tests against log-normal and
+    exponential tails): the expensive part of a trajectory row."""
+    return fit_query_tails(scores)
+
+
+class Distribution(NamedTuple):
+    """A result's scores over some queries: the median tail exponent, the share of queries whose
+    tail is a plausible power law (``None``: no verdict), and their concentration."""
+
+    alpha: Optional[float]
+    plausible_fraction: Optional[float]
+    spread: Dict[str, float]
+
+
+def distribution_of(result: Any, query_pos: torch.Tensor, train_pos: Optional[torch.Tensor] = None) -> Distribution:
+    """The score distribution over the given queries (and, of dense scores, the given training
+    examples; a result with ``keep_top_scores`` over its whole pool, from its sketch). The plausible
+    fraction goes beside the exponent wherever it is shown: α alone calls every heavy tail a power law."""
+    kept = ScoreSketch.of(result) if result.scores is None else None
+    if kept is None:
+        scores = result.scores[query_pos].double()
+        scores = scores if train_pos is None else scores[:, train_pos]
+        fits, spread = dense_tail_fits(scores), concentration(scores)
+    else:
+        kept = kept.rows(query_pos)
+        fits, spread = sketch_tail_fits(kept), sketch_concentration(kept)
+    fits = [fit for fit in fits if fit is not None]
+    verdicts = [fit.plausible for fit in fits if fit.plausible is not None]
+    return Distribution(alpha=float(np.median([fit.alpha for fit in fits])) if fits else None,
+                        plausible_fraction=float(np.mean(verdicts)) if verdicts else None, spread=spread)

@@ -16,9 +16,8 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from lightning_influence.analysis.distribution import concentration, result_layer_shares
+from lightning_influence.analysis.distribution import concentration, distribution_of, result_layer_shares
 from lightning_influence.analysis.compare import (
-    distribution_of,
     with_k,
     kept_size,
     top_rank_rows,

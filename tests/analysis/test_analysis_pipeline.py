@@ -21,6 +21,7 @@ from lightning_influence.results import InfluenceResult, check_same_run
 from tests.reporting_helpers import make_result
 
 compare_module = importlib.import_module("lightning_influence.analysis.compare")  # li.compare is the function
+distribution_module = importlib.import_module("lightning_influence.analysis.distribution")
 
 
 def run_result(step, run_id, pool_size, *, path=None, seed=None):
@@ -37,8 +38,8 @@ def run_result(step, run_id, pool_size, *, path=None, seed=None):
 def tail_fits(monkeypatch):
     """Counts the per-checkpoint tail fits (the expensive part of a trajectory row)."""
     calls = []
-    real = compare_module.dense_tail_fits
-    monkeypatch.setattr(compare_module, "dense_tail_fits", lambda scores: calls.append(1) or real(scores))
+    real = distribution_module.dense_tail_fits
+    monkeypatch.setattr(distribution_module, "dense_tail_fits", lambda scores: calls.append(1) or real(scores))
     return calls
 
 
