@@ -13,7 +13,7 @@ from lightning_influence.analysis.arrays import ArrayLike, as_numpy, as_tensor
 from lightning_influence.analysis.sketch import ScoreSketch
 from lightning_influence.analysis.sketch import concentration as sketch_concentration
 from lightning_influence.analysis.sketch import tail_fits as sketch_tail_fits
-from lightning_influence.analysis.tails import fit_query_tails
+from lightning_influence.analysis.tails import fit_query_tails, plausible_fraction
 
 Groups = Union[int, Sequence[Sequence[int]]]
 SPURIOUS_L2_L1 = 2.0 / 3.0  # the paper's threshold on the tokenwise L2/L1 ratio
@@ -182,12 +182,6 @@ def token_distribution(token_scores: ArrayLike, token_mask: Optional[ArrayLike] 
     }
 
 
-def dense_tail_fits(scores: torch.Tensor) -> List[Any]:
-    """Each query's tail fit with its verdict (the likelihood-ratio tests against log-normal and
-    exponential tails): the expensive part of a trajectory row."""
-    return fit_query_tails(scores)
-
-
 class Distribution(NamedTuple):
     """A result's scores over some queries: the median tail exponent, the share of queries whose
     tail is a plausible power law (``None``: no verdict), and their concentration."""
@@ -205,11 +199,10 @@ def distribution_of(result: Any, query_pos: torch.Tensor, train_pos: Optional[to
     if kept is None:
         scores = result.scores[query_pos].double()
         scores = scores if train_pos is None else scores[:, train_pos]
-        fits, spread = dense_tail_fits(scores), concentration(scores)
+        fits, spread = fit_query_tails(scores), concentration(scores)
     else:
         kept = kept.rows(query_pos)
         fits, spread = sketch_tail_fits(kept), sketch_concentration(kept)
-    fits = [fit for fit in fits if fit is not None]
-    verdicts = [fit.plausible for fit in fits if fit.plausible is not None]
-    return Distribution(alpha=float(np.median([fit.alpha for fit in fits])) if fits else None,
-                        plausible_fraction=float(np.mean(verdicts)) if verdicts else None, spread=spread)
+    alphas = [fit.alpha for fit in fits if fit is not None]
+    return Distribution(alpha=float(np.median(alphas)) if alphas else None,
+                        plausible_fraction=plausible_fraction(fits), spread=spread)

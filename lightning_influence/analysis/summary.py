@@ -13,7 +13,7 @@ import torch
 from lightning_influence._io import json_ready
 from lightning_influence.analysis import sketch as score_sketch
 from lightning_influence.analysis.distribution import SPURIOUS_L2_L1, concentration, result_layer_shares, token_distribution
-from lightning_influence.analysis.tails import PowerLawFit, fit_query_tails
+from lightning_influence.analysis.tails import PowerLawFit, fit_query_tails, plausible_fraction
 
 # -- one-call summary ----------------------------------------------------------------------------
 
@@ -89,10 +89,10 @@ def summarize(result: Any, *, bootstrap: int = 0, top_k_layers: Optional[int] = 
         scores = result.scores.double()
         fits = fit_query_tails(scores, use="positive", bootstrap=bootstrap)
         abs_fits = fit_query_tails(scores, use="abs", compare_alternatives=False)
-    verdicts = [f.plausible for f in fits if f and f.plausible is not None]
+    plausible = plausible_fraction(fits)
     scalars: Dict[str, float] = {
         "tail_alpha": _median([f.alpha for f in fits if f]),
-        "tail_plausible_fraction": float(np.mean(verdicts)) if verdicts else math.nan,  # beside alpha
+        "tail_plausible_fraction": math.nan if plausible is None else plausible,  # beside alpha
         "tail_xmin": _median([f.xmin for f in fits if f]),
         "tail_ks": _median([f.ks for f in fits if f]),
         "tail_n": _median([f.n_tail for f in fits if f]),

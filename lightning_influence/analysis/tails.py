@@ -384,3 +384,9 @@ def fit_query_tails(scores: ArrayLike, *, use: str = "positive", **kwargs: Any) 
             fits.append(None)
     return fits
 
+
+def plausible_fraction(fits: List[Optional[PowerLawFit]]) -> Optional[float]:
+    """The share of fitted queries whose tail is a plausible power law (``None``: no verdict):
+    the one definition of ``tail_plausible_fraction``, shown beside every median exponent."""
+    verdicts = [fit.plausible for fit in fits if fit is not None and fit.plausible is not None]
+    return float(np.mean(verdicts)) if verdicts else None

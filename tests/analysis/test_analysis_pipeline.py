@@ -38,8 +38,8 @@ def run_result(step, run_id, pool_size, *, path=None, seed=None):
 def tail_fits(monkeypatch):
     """Counts the per-checkpoint tail fits (the expensive part of a trajectory row)."""
     calls = []
-    real = distribution_module.dense_tail_fits
-    monkeypatch.setattr(distribution_module, "dense_tail_fits", lambda scores: calls.append(1) or real(scores))
+    real = distribution_module.fit_query_tails
+    monkeypatch.setattr(distribution_module, "fit_query_tails", lambda scores: calls.append(1) or real(scores))
     return calls
 
 
